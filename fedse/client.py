@@ -1,0 +1,174 @@
+"""Client side: Message in -> restore private state -> train or evaluate -> Message out.
+
+The reply to a train message carries the *shared* keys only; the private keys
+(excitation MLPs under the default policy) are written to ``context.state`` and
+never put into a message. :func:`make_client_app` wraps these handlers in a
+Flower :class:`~flwr.clientapp.ClientApp` (``clients/app.py`` exposes it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .config import Config, config_from_dict
+from .federated import ClientShard, build_federated_data
+from .models import SEResNet, create_model
+from .records import ARRAYS, CLIENT, CONFIG, METRICS, check_arrays, from_arrays, to_arrays
+from .split import Split, split_model
+from .state import digest, load_private, save_private
+from .train import default_device, evaluate, train
+
+__all__ = ["CONFIG_JSON", "build_model", "make_client_app", "handle_evaluate", "handle_train"]
+
+CONFIG_JSON = "fedse-config"  # ConfigRecord key holding the run's configuration (JSON)
+
+
+def build_model(cfg: Config, num_classes: int, in_channels: int, image_size: int) -> SEResNet:
+    """The run's model, initialised from ``cfg.seed``: the server and every client build
+    the same initial weights, so a client's first private state is the common init."""
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    return create_model(
+        m.name,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        width=m.width,
+        reduction=m.reduction,
+        norm=m.norm,
+        image_size=image_size,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_config(text: str) -> Config:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"message config '{CONFIG_JSON}' is not valid JSON: {err}") from None
+    return config_from_dict(raw)
+
+
+@dataclass
+class _Setup:
+    cfg: Config
+    client_id: int
+    shard: ClientShard
+    model: SEResNet
+    split: Split
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _client_id(context: Context, cfg: Config) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError(
+            "this SuperNode has no 'partition-id' in its node config; start it with "
+            "--node-config 'partition-id=<0..N-1>' (simulation sets it for every virtual client)"
+        )
+    cid = int(context.node_config["partition-id"])
+    if not 0 <= cid < cfg.partition.num_clients:
+        raise ValueError(f"partition-id {cid} out of range 0..{cfg.partition.num_clients - 1}")
+    return cid
+
+
+def _setup(msg: Message, context: Context) -> _Setup:
+    """Parse the config, load this client's shard, build the model with the received
+    shared weights and this client's own private weights."""
+    if CONFIG not in msg.content.config_records or CONFIG_JSON not in msg.content[CONFIG]:
+        raise ValueError(f"message has no '{CONFIG}.{CONFIG_JSON}' record; is the server a fedse ServerApp?")
+    cfg = _parse_config(str(msg.content[CONFIG][CONFIG_JSON]))
+    cid = _client_id(context, cfg)
+    fed = build_federated_data(cfg)
+    ds = fed.dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    split = split_model(model, cfg.personalization.policy)
+    state = model.state_dict()
+    received = msg.content[ARRAYS]
+    if problems := check_arrays(received, {k: tuple(state[k].shape) for k in split.shared}):
+        raise ValueError(f"server sent invalid shared weights: {'; '.join(problems)}")
+    update = from_arrays(received)
+    private = load_private(context)
+    if private is not None:
+        if set(private) != set(split.private):
+            raise ValueError("stored private state does not match this run's private keys; "
+                             "was the policy or model changed mid-run?")
+        update.update(private)
+    model.load_state_dict(update, strict=False)
+    return _Setup(cfg, cid, fed.shard(cid), model, split, ds.mean, ds.std)
+
+
+def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict) -> Message:
+    content = RecordDict({METRICS: MetricRecord(metrics), CLIENT: ConfigRecord(client)})
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train locally; keep private keys in ``context.state``; reply with shared keys only."""
+    s = _setup(msg, context)
+    t = s.cfg.train
+    private_in = s.split.private_state(s.model)
+    anchor = s.split.shared_state(s.model) if "proximal-mu" in msg.content[CONFIG] else None
+    result = train(
+        s.model,
+        s.shard.train_images,
+        s.shard.train_labels,
+        mean=s.mean,
+        std=s.std,
+        epochs=t.local_epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        proximal_mu=float(msg.content[CONFIG].get("proximal-mu", 0.0)),
+        anchor=anchor,
+        augment=s.cfg.data.augment,
+        seed=s.cfg.seed * 100_003 + s.client_id * 1_009 + int(msg.content[CONFIG].get("server-round", 0)),
+        device=default_device(),
+    )
+    s.model.cpu()
+    private_out = s.split.private_state(s.model)
+    save_private(context, private_out)
+    client = {"partition-id": s.client_id}
+    if s.cfg.evaluate.private_digest:
+        client |= {"private-digest-in": digest(private_in), "private-digest-out": digest(private_out)}
+    metrics = {
+        "num-examples": result.num_examples // t.local_epochs,
+        "train-loss": result.loss,
+        "train-acc": result.accuracy,
+    }
+    return _reply(msg, to_arrays(s.split.shared_state(s.model)), metrics, client)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Personalized model (received shared + own private) on the client's own test part,
+    and, when asked, on the pooled test set of all clients."""
+    s = _setup(msg, context)
+    device = default_device()
+    local = evaluate(s.model, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device)
+    metrics: dict[str, float | int] = {
+        "num-examples": local.num_examples,
+        "local-acc": local.accuracy,
+        "local-loss": local.loss,
+    }
+    if bool(msg.content[CONFIG].get("pooled", False)):
+        fed = build_federated_data(s.cfg)
+        x, y = fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)
+        pooled = evaluate(s.model, x, y, mean=s.mean, std=s.std, device=device)
+        metrics |= {"pooled-acc": pooled.accuracy, "pooled-loss": pooled.loss}
+    client = {"partition-id": s.client_id, "num-train": len(s.shard.train_labels)}
+    return _reply(msg, None, metrics, client)
+
+
+def make_client_app() -> ClientApp:
+    app = ClientApp()
+    app.train()(handle_train)
+    app.evaluate()(handle_evaluate)
+    return app

@@ -1,0 +1,307 @@
+"""Typed configuration: YAML -> frozen dataclass tree, validated on the way in.
+
+Defaults live here and only here; the files in ``configs/`` hold what differs.
+Every error names the key, the bad value and what is allowed. Command-line
+overrides (``--set partition.alpha=0.1``) are parsed as YAML scalars and go
+through the same validation as the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "parse_overrides"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["digits", "mnist", "fashion-mnist", "cifar10", "imagefolder"] = "digits"
+    # Directory holding the dataset files (None: $FEDSE_DATA, then the standard places).
+    root: str | None = None
+    # Fetch the official files when missing (needs a network).
+    download: bool = False
+    # Random crop (and horizontal flip for colour images) on training batches.
+    augment: bool = False
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    scheme: Literal["iid", "dirichlet", "pathological", "quantity"] = "dirichlet"
+    num_clients: int = field(default=10, metadata=_range(1, 100_000))
+    # Dirichlet concentration for label ('dirichlet') or size ('quantity') skew; smaller = more skewed.
+    alpha: float = field(default=0.5, metadata=_range(0, None, lo_open=True))
+    # Classes per client for 'pathological'.
+    classes_per_client: int = field(default=2, metadata=_range(1, None))
+    # Every client gets at least this many samples (train + test) or the partition is redrawn.
+    min_size: int = field(default=10, metadata=_range(1, None))
+    # Share of each client's data held out as its own test part (same label distribution).
+    test_fraction: float = field(default=0.25, metadata=_range(0, 1, lo_open=True))
+    # Feature skew: each client's images pass through its own fixed transformation.
+    feature_skew: tuple[Literal["rotation", "contrast", "brightness", "noise", "color"], ...] = ()
+    feature_skew_strength: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["se_resnet8", "se_resnet14", "se_resnet20", "se_resnet32", "se_resnet18", "se_resnet34"] = (
+        "se_resnet8"
+    )
+    # Width of the first stage (None: 16 for CIFAR-style, 64 for ImageNet-style).
+    width: int | None = field(default=None, metadata=_range(1, None))
+    # SE reduction ratio r: excitation hidden width h = C / r (rounded, at least 4).
+    reduction: int = field(default=16, metadata=_range(1, None))
+    # groupnorm is required for sample-level DP (Opacus).
+    norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    # Which parts stay on the client: see fedse.split.POLICIES.
+    policy: Literal["fedse", "fedavg", "fedbn", "fedper", "fedse-bn", "fedse-head"] = "fedse"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = field(default=1, metadata=_range(1, None))
+    batch_size: int = field(default=32, metadata=_range(1, None))
+    lr: float = field(default=0.05, metadata=_range(0, None, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0, 1))
+    weight_decay: float = field(default=5e-4, metadata=_range(0, None))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Flower strategy aggregating the shared keys.
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    rounds: int = field(default=5, metadata=_range(1, None))
+    fraction_train: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
+    fraction_evaluate: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
+    min_train_clients: int = field(default=2, metadata=_range(1, None))
+    min_evaluate_clients: int = field(default=2, metadata=_range(1, None))
+    # FedProx proximal term mu (strategy: fedprox).
+    proximal_mu: float = field(default=0.01, metadata=_range(0, None))
+    # FedAdam server learning rate eta (strategy: fedadam).
+    server_lr: float = field(default=0.01, metadata=_range(0, None, lo_open=True))
+    # Seconds to wait for client replies in one round.
+    round_timeout: float = field(default=3600.0, metadata=_range(0, None, lo_open=True))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    # Evaluate on the pooled test set of all clients every N rounds (0: last round only).
+    pooled_every: int = field(default=0, metadata=_range(0, None))
+    # Cap on the pooled test set (stratified by client, seeded); keeps evaluation cheap.
+    pooled_max_samples: int = field(default=2000, metadata=_range(1, None))
+    # Clients report a CRC32 of their private state before and after each round (reveals
+    # no weights; lets a run verify that private state persists across rounds).
+    private_digest: bool = False
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    # CPU cores reserved per virtual client (Ray resources); also torch threads per client.
+    client_cpus: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    # Share of one GPU per virtual client; used only when CUDA is present.
+    client_gpu_fraction: float = field(default=0.0, metadata=_range(0, 1))
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    # Parent directory of run folders.
+    dir: str = "runs"
+    # Run folder name (None: <config name>-<timestamp>).
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = field(default=0, metadata=_range(0, None))
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    personalization: PersonalizationConfig = PersonalizationConfig()
+    train: TrainConfig = TrainConfig()
+    server: ServerConfig = ServerConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    simulation: SimulationConfig = SimulationConfig()
+    output: OutputConfig = OutputConfig()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of ({_type_name(typing.get_args(tp)[0])})"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp) and isinstance(value, str | int):
+            return value
+    elif origin is tuple:
+        if isinstance(value, list | tuple):
+            return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}); allowed: {_type_name(tp)}")
+
+
+def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
+    if "range" not in meta or value is None:
+        return
+    lo, hi, lo_open = meta["range"]
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and value > hi
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        bounds = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {bounds}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' in {where}; "
+                          f"allowed keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+            _check_range(kwargs[name], dict(fields[name].metadata), key)
+    return cls(**kwargs)
+
+
+def _check_cross(cfg: Config) -> None:
+    """Rules that involve more than one key."""
+    p, s = cfg.partition, cfg.server
+    if s.min_train_clients > p.num_clients:
+        raise ConfigError(
+            f"config key 'server.min_train_clients': {s.min_train_clients} exceeds "
+            f"partition.num_clients={p.num_clients}; allowed: at most the number of clients"
+        )
+    if s.min_evaluate_clients > p.num_clients:
+        raise ConfigError(
+            f"config key 'server.min_evaluate_clients': {s.min_evaluate_clients} exceeds "
+            f"partition.num_clients={p.num_clients}; allowed: at most the number of clients"
+        )
+    if cfg.data.dataset == "imagefolder" and cfg.data.root is None:
+        raise ConfigError("config key 'data.root': dataset 'imagefolder' needs data.root=<dir with train/<class>/...>")
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    """Validate a plain mapping (keys may be omitted: defaults fill them)."""
+    cfg = _build(Config, raw or {}, "")
+    _check_cross(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain, JSON/YAML-serialisable mapping (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.lr=0.1", "partition.feature_skew=[rotation]"]`` -> nested mapping."""
+    raw: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. partition.alpha=0.1)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+        _set_path(raw, key.strip(), value)
+    return raw
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file (if any) <- ``--set`` overrides, validated once."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(_merge(raw, parse_overrides(overrides)))

@@ -1,0 +1,401 @@
+"""Datasets from their standard on-disk formats, as in-memory uint8 tensors.
+
+* ``digits``: scikit-learn's bundled handwritten digits (8x8, no download);
+* ``mnist`` / ``fashion-mnist``: the four IDX files (``.gz`` or not);
+* ``cifar10``: the official python pickle batches, an image-folder tree
+  ``{train,test}/<class>/*.jpg|png``, or ``cifar10-{train,test}.tar.gz`` of
+  such a tree (decoded once, cached as ``.npz``);
+* ``imagefolder``: the user's own ``<root>/{train,test}/<class>/*``.
+
+A :class:`Dataset` pools the official train and test splits (train first):
+fedse partitions the pool across clients and gives every client its own
+train/test split. Files are looked for in ``root``, ``$FEDSE_DATA``, the
+Debian dataset directory (Fashion-MNIST) and ``../shared/data``; a missing
+file raises :class:`DatasetError` naming it, the places searched and how to
+get it. ``download=True`` fetches the official files where a network exists.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .io import atomic_save, atomic_write_bytes
+
+__all__ = ["DATASETS", "Dataset", "DatasetError", "augment", "load_dataset", "normalize"]
+
+
+class DatasetError(RuntimeError):
+    """A dataset's files are missing or malformed; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    images: torch.Tensor  # uint8 (N, C, H, W), official train split first, then test
+    labels: torch.Tensor  # int64 (N,)
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, of images / 255
+    std: tuple[float, ...]
+    num_train: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[2])
+
+
+def _make(name: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], num_train: int) -> Dataset:
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if x.ndim != 4 or len(x) != len(y):
+        raise DatasetError(f"{name}: images {tuple(x.shape)} and labels {tuple(y.shape)} do not match")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+        raise DatasetError(f"{name}: labels outside 0..{len(classes) - 1}")
+    sums = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(sums)
+    for start in range(0, len(x), 8192):  # float64 moments in chunks: no full float copy
+        chunk = x[start : start + 8192].to(torch.float64) / 255.0
+        sums += chunk.sum(dim=(0, 2, 3))
+        squares += (chunk**2).sum(dim=(0, 2, 3))
+    count = len(x) * x.shape[2] * x.shape[3]
+    mean = sums / count
+    std = (squares / count - mean**2).clamp_min(1e-12).sqrt()
+    return Dataset(name, x, y, tuple(classes), tuple(mean.tolist()), tuple(std.tolist()), num_train)
+
+
+# ----------------------------------------------------------------------------- search paths
+
+
+def _candidates(root: Path | None, subdir: str, extra: Sequence[Path] = ()) -> list[Path]:
+    bases = [root] if root is not None else []
+    if root is None:
+        if env := os.environ.get("FEDSE_DATA"):
+            bases.append(Path(env))
+        bases += list(extra)
+        bases.append(Path.cwd().parent / "shared" / "data")
+    out = []
+    for base in bases:
+        out += [base, base / subdir]
+    return out
+
+
+def _missing(name: str, searched: Sequence[Path], files: Sequence[str], how: str = "") -> DatasetError:
+    return DatasetError(
+        f"{name}: missing file(s) {list(files)}; searched {[str(p) for p in searched]}. "
+        f"{how}Point fedse at them with --set data.root=DIR or the FEDSE_DATA environment variable, "
+        "or use --set data.download=true where a network exists."
+    )
+
+
+def _download(urls: dict[str, tuple[str, str]], directory: Path) -> None:
+    for filename, (url, md5) in urls.items():
+        target = directory / filename
+        if target.exists():
+            continue
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (official URLs)
+                payload = response.read()
+        except OSError as err:
+            raise DatasetError(f"download of {url} failed ({err}); no network? fetch it by hand into {directory}")
+        if hashlib.md5(payload).hexdigest() != md5:  # noqa: S324 (checksum, not security)
+            raise DatasetError(f"download of {url}: MD5 mismatch, expected {md5}; file not written")
+        atomic_write_bytes(target, payload)
+
+
+def _download_dir(root: Path | None) -> Path:
+    if root is not None:
+        return root
+    return Path(os.environ.get("FEDSE_DATA") or Path.home() / ".cache" / "fedse" / "data")
+
+
+# ----------------------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def read_idx(path: Path, expect_magic: int) -> np.ndarray:
+    """Strict IDX reader (uint8 data): magic number, dimensions and length are checked."""
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 8:
+        raise DatasetError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expect_magic:
+        raise DatasetError(f"{path}: IDX magic number {magic}, expected {expect_magic}; not the right file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) != header + int(np.prod(dims)):
+        raise DatasetError(f"{path}: {len(raw) - header} data bytes, expected {int(np.prod(dims))} for dims {dims}; "
+                           "truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(name: str, root: Path | None, subdir: str, extra: Sequence[Path], how: str) -> dict[str, Path]:
+    searched = _candidates(root, subdir, extra)
+    for directory in searched:
+        found = {}
+        for stem in IDX_FILES:
+            for candidate in (directory / f"{stem}.gz", directory / stem):
+                if candidate.is_file():
+                    found[stem] = candidate
+                    break
+        if len(found) == len(IDX_FILES):
+            return found
+        if found:  # a partial set: name exactly what is missing here
+            raise _missing(name, [directory], [f"{s}.gz" for s in IDX_FILES if s not in found], how)
+    raise _missing(name, searched, [f"{s}.gz" for s in IDX_FILES], how)
+
+
+def _load_idx_dataset(name: str, classes: Sequence[str], root: Path | None, download: bool,
+                      urls: dict[str, tuple[str, str]], extra: Sequence[Path] = (), how: str = "") -> Dataset:
+    subdir = name
+    if download:
+        try:
+            return _load_idx_dataset(name, classes, root, False, urls, extra, how)
+        except DatasetError:
+            directory = _download_dir(root) / subdir
+            _download(urls, directory)
+            root = directory
+    files = _find_idx(name, root, subdir, extra, how)
+    train_x, test_x = read_idx(files[IDX_FILES[0]], 2051), read_idx(files[IDX_FILES[2]], 2051)
+    train_y, test_y = read_idx(files[IDX_FILES[1]], 2049), read_idx(files[IDX_FILES[3]], 2049)
+    for x, y, which in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
+        if len(x) != len(y):
+            raise DatasetError(f"{name}: {which} has {len(x)} images but {len(y)} labels")
+    images = np.concatenate([train_x, test_x])[:, None]
+    return _make(name, images, np.concatenate([train_y, test_y]), classes, len(train_x))
+
+
+def _idx_urls(base: str, md5s: Sequence[str]) -> dict[str, tuple[str, str]]:
+    return {f"{stem}.gz": (f"{base}{stem}.gz", md5) for stem, md5 in zip(IDX_FILES, md5s, strict=True)}
+
+
+MNIST_URLS = _idx_urls("https://ossci-datasets.s3.amazonaws.com/mnist/", (
+    "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+    "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))
+FASHION_URLS = _idx_urls("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", (
+    "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+    "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12e480ee83cd310"))
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_URL = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+
+
+def load_mnist(root: Path | None, download: bool) -> Dataset:
+    return _load_idx_dataset("mnist", [str(i) for i in range(10)], root, download, MNIST_URLS)
+
+
+def load_fashion_mnist(root: Path | None, download: bool) -> Dataset:
+    return _load_idx_dataset("fashion-mnist", FASHION_CLASSES, root, download, FASHION_URLS,
+                             extra=[Path("/usr/share/datasets/fashion-mnist")],
+                             how="On Debian: apt-get install dataset-fashion-mnist "
+                                 "(files land in /usr/share/datasets/fashion-mnist). ")
+
+
+def load_digits_dataset(root: Path | None, download: bool) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return _make("digits", images, digits.target, [str(i) for i in range(10)], len(images))
+
+
+# ----------------------------------------------------------------------------- image folders, CIFAR-10
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _decode(handle: io.BytesIO | Path, where: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(handle) as image:
+            return np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+    except OSError as err:
+        raise DatasetError(f"{where}: not a readable image ({err})") from None
+
+
+def _stack(arrays: list[np.ndarray], where: list[str]) -> np.ndarray:
+    """(N, C, H, W) from HW or HWC arrays; grey only when every image is grey."""
+    grey = all(a.ndim == 2 for a in arrays)
+    out = []
+    for a, name in zip(arrays, where, strict=True):
+        if not grey and a.ndim == 2:
+            a = np.repeat(a[:, :, None], 3, axis=2)
+        if a.shape != (arrays[0].shape if grey or arrays[0].ndim == 3 else (*arrays[0].shape, 3)):
+            raise DatasetError(f"{name}: size {a.shape} differs from the first image's {arrays[0].shape}; "
+                               "all images must have the same size")
+        out.append(a[None] if grey else a.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def _read_folder_split(directory: Path, classes: Sequence[str] | None) -> tuple[list[np.ndarray], list[int], list[str],
+                                                                                  list[str]]:
+    found = sorted(p.name for p in directory.iterdir() if p.is_dir())
+    classes = list(classes or found)
+    arrays, labels, names = [], [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((directory / cls).glob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                arrays.append(_decode(path, str(path)))
+                labels.append(label)
+                names.append(str(path))
+    return arrays, labels, names, classes
+
+
+def load_image_folder(root: Path, name: str = "imagefolder", classes: Sequence[str] | None = None) -> Dataset:
+    if not (root / "train").is_dir():
+        raise _missing(name, [root], ["train/<class>/*.jpg|png"])
+    arrays, labels, names, classes = _read_folder_split(root / "train", classes)
+    num_train = len(arrays)
+    if (root / "test").is_dir():
+        a, lab, n, _ = _read_folder_split(root / "test", classes)
+        arrays, labels, names = arrays + a, labels + lab, names + n
+    if not arrays:
+        raise DatasetError(f"{name}: no {IMAGE_SUFFIXES} images under {root}/train/<class>/")
+    return _make(name, _stack(arrays, names), np.asarray(labels), classes, num_train)
+
+
+def _read_tar_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    arrays, classes_of, names = [], [], []
+    with tarfile.open(path) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)),
+                         key=lambda m: m.name)
+        for m in members:
+            arrays.append(_decode(io.BytesIO(tar.extractfile(m).read()), f"{path}:{m.name}"))
+            classes_of.append(Path(m.name).parent.name)
+            names.append(f"{path}:{m.name}")
+    if not arrays:
+        raise DatasetError(f"{path}: no images inside (expected <split>/<class>/*.jpg)")
+    classes = sorted(set(classes_of))
+    return _stack(arrays, names), np.asarray([classes.index(c) for c in classes_of]), classes
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FEDSE_CACHE") or Path.home() / ".cache" / "fedse")
+
+
+def _load_cifar_tarballs(train_tar: Path, test_tar: Path) -> Dataset:
+    stat = [train_tar.stat(), test_tar.stat()]
+    key = hashlib.sha256(repr([(str(p.resolve()), s.st_size, s.st_mtime_ns)
+                               for p, s in zip((train_tar, test_tar), stat, strict=True)]).encode()).hexdigest()[:16]
+    cache = _cache_dir() / f"cifar10-{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            return _make("cifar10", z["images"], z["labels"], CIFAR_CLASSES, int(z["num_train"]))
+    train_x, train_y, train_classes = _read_tar_split(train_tar)
+    test_x, test_y, test_classes = _read_tar_split(test_tar)
+    if train_classes != test_classes:
+        raise DatasetError(f"{train_tar} and {test_tar} hold different classes: {train_classes} vs {test_classes}")
+    images, labels = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
+    atomic_save(cache, lambda f: np.savez(f, images=images, labels=labels, num_train=len(train_x)))
+    return _make("cifar10", images, labels, train_classes, len(train_x))
+
+
+def _load_cifar_pickles(directory: Path) -> Dataset:
+    def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
+        path = directory / name
+        if not path.is_file():
+            raise _missing("cifar10", [directory], [name])
+        with path.open("rb") as handle:
+            entry = pickle.load(handle, encoding="bytes")  # noqa: S301 (the official format is pickle)
+        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return data, np.asarray(entry[b"labels"])
+
+    parts = [batch(f"data_batch_{i}") for i in range(1, 6)] + [batch("test_batch")]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return _make("cifar10", images, labels, CIFAR_CLASSES, sum(len(p[1]) for p in parts[:5]))
+
+
+def load_cifar10(root: Path | None, download: bool) -> Dataset:
+    searched = _candidates(root, "cifar10")
+    for directory in searched:
+        if (directory / "cifar-10-batches-py").is_dir():
+            return _load_cifar_pickles(directory / "cifar-10-batches-py")
+        if (directory / "data_batch_1").is_file():
+            return _load_cifar_pickles(directory)
+        for tree in (directory, directory / "cifar10"):
+            if (tree / "train").is_dir():
+                return load_image_folder(tree, "cifar10", CIFAR_CLASSES)
+        train_tar, test_tar = directory / "cifar10-train.tar.gz", directory / "cifar10-test.tar.gz"
+        if train_tar.is_file() and test_tar.is_file():
+            return _load_cifar_tarballs(train_tar, test_tar)
+    if download:
+        directory = _download_dir(root)
+        _download({"cifar-10-python.tar.gz": CIFAR_URL}, directory)
+        with tarfile.open(directory / "cifar-10-python.tar.gz") as tar:
+            tar.extractall(directory, filter="data")
+        return _load_cifar_pickles(directory / "cifar-10-batches-py")
+    raise _missing("cifar10", searched, ["cifar-10-batches-py/data_batch_1..5, test_batch",
+                                         "or cifar10-train.tar.gz + cifar10-test.tar.gz",
+                                         "or train/<class>/*.jpg"])
+
+
+def load_imagefolder(root: Path | None, download: bool) -> Dataset:
+    if root is None:
+        raise DatasetError("imagefolder: set data.root to a directory holding train/<class>/*.jpg|png")
+    return load_image_folder(root)
+
+
+DATASETS: dict[str, Callable[[Path | None, bool], Dataset]] = {
+    "digits": load_digits_dataset,
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
+}
+
+
+def load_dataset(name: str, root: str | os.PathLike[str] | None = None, download: bool = False) -> Dataset:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
+    return DATASETS[name](Path(root).expanduser() if root is not None else None, download)
+
+
+# ----------------------------------------------------------------------------- tensor transforms
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, *, crop_padding: int = 2, flip: bool) -> torch.Tensor:
+    """Random crop after zero padding (a per-sample shift) and optional horizontal flip."""
+    n, _, h, w = x.shape
+    if crop_padding > 0:
+        padded = F.pad(x, (crop_padding,) * 4)
+        dy = torch.randint(0, 2 * crop_padding + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * crop_padding + 1, (n,), generator=generator)
+        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)
+        cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device)
+        idx = torch.arange(n, device=x.device).view(n, 1, 1)
+        x = padded.permute(0, 2, 3, 1)[idx, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
+    if flip:
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+    return x.contiguous()

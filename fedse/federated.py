@@ -1,0 +1,115 @@
+"""A dataset split across virtual clients: the one place config turns into shards.
+
+``config -> load dataset -> partition (seeded) -> each client's own train/test
+split (same label distribution) -> each client's fixed feature style``. Every
+process (the simulation driver, each Ray actor, a test) that builds it from
+the same configuration gets the same shards, so nothing but the configuration
+travels between them. Results are cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import Config
+from .data import Dataset, load_dataset
+from .partition import (
+    ClientStyle,
+    apply_style,
+    create_partition,
+    label_counts,
+    make_client_styles,
+    split_train_test,
+)
+
+__all__ = ["ClientShard", "FederatedData", "build_federated_data"]
+
+
+@dataclass(frozen=True)
+class ClientShard:
+    client_id: int
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    dataset: Dataset
+    train_parts: tuple[np.ndarray, ...]
+    test_parts: tuple[np.ndarray, ...]
+    styles: tuple[ClientStyle, ...] | None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.train_parts)
+
+    def _take(self, client: int, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(index)
+        images = self.dataset.images[idx]
+        if self.styles is not None:
+            images = apply_style(images, self.styles[client])
+        return images, self.dataset.labels[idx]
+
+    def shard(self, client: int) -> ClientShard:
+        if not 0 <= client < self.num_clients:
+            raise ValueError(f"client id {client} out of range; this federation has clients 0..{self.num_clients - 1}")
+        return ClientShard(client, *self._take(client, self.train_parts[client]), *self._take(client, self.test_parts[client]))
+
+    def pooled_test(self, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Union of every client's test part (each in its own feature style), cut to
+        ``max_samples`` by taking the same share from every client (seeded)."""
+        total = sum(len(p) for p in self.test_parts)
+        share = min(1.0, max_samples / max(total, 1))
+        rng = np.random.default_rng(seed)
+        images, labels = [], []
+        for client, part in enumerate(self.test_parts):
+            keep = np.sort(rng.permutation(part)[: int(round(len(part) * share))])
+            x, y = self._take(client, keep)
+            images.append(x)
+            labels.append(y)
+        return torch.cat(images), torch.cat(labels)
+
+    def label_counts(self, which: str = "all") -> np.ndarray:
+        """(clients x classes) sample counts of the train, test or both parts."""
+        parts = {
+            "train": self.train_parts,
+            "test": self.test_parts,
+            "all": tuple(np.concatenate(p) for p in zip(self.train_parts, self.test_parts, strict=True)),
+        }[which]
+        return label_counts(self.dataset.labels.numpy(), list(parts), self.dataset.num_classes)
+
+
+def _key(cfg: Config) -> tuple:
+    return (cfg.seed, cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.partition)
+
+
+@functools.lru_cache(maxsize=4)
+def _build(key: tuple) -> FederatedData:
+    seed, name, root, download, p = key
+    dataset = load_dataset(name, root=root, download=download)
+    labels = dataset.labels.numpy()
+    params: dict[str, float | int] = {
+        "iid": {},
+        "dirichlet": {"alpha": p.alpha, "min_size": p.min_size},
+        "quantity": {"alpha": p.alpha, "min_size": p.min_size},
+        "pathological": {"classes_per_client": p.classes_per_client},
+    }[p.scheme]
+    parts = create_partition(p.scheme, labels, p.num_clients, seed=seed, **params)
+    train, test = split_train_test(parts, labels, test_fraction=p.test_fraction, seed=seed)
+    styles = None
+    if p.feature_skew:
+        styles = tuple(
+            make_client_styles(p.num_clients, kinds=p.feature_skew, strength=p.feature_skew_strength, seed=seed)
+        )
+    return FederatedData(dataset, tuple(train), tuple(test), styles)
+
+
+def build_federated_data(cfg: Config) -> FederatedData:
+    """The federation described by ``cfg`` (cached: same config, same object)."""
+    return _build(_key(cfg))

@@ -1,0 +1,238 @@
+"""SE-ResNet family: ResNets whose residual blocks carry squeeze-and-excitation.
+
+Squeeze-and-Excitation Networks, Hu, Shen, Albanie, Sun, Wu (CVPR 2018,
+https://arxiv.org/abs/1709.01507). An SE block squeezes each channel of a
+feature map to one number (global average pooling over H x W), passes the
+vector through an excitation MLP ``C -> h -> C`` (Linear, ReLU, Linear,
+sigmoid) and rescales each channel by its gate. In a residual block the SE
+block sits on the residual branch, after the last convolution and norm and
+before the skip addition, so the identity path stays clean.
+
+Two families:
+
+* CIFAR-style (He et al. 2016, section 4.2): depth ``6n + 2``, three stages of
+  widths ``w, 2w, 4w``, a 3x3 stem. ``se_resnet8/14/20/32``. Small enough to
+  train federated on two CPU cores.
+* ImageNet-style ``se_resnet18/34``: four stages ``64..512`` (times ``width/64``).
+  For small images (<= 64 px) the stem is a 3x3 convolution with no max-pool,
+  as in the CIFAR ResNet-18 used across the personalized-FL literature.
+
+Fixed attribute names make state-dict keys predictable, which is what the
+shared/private split (:mod:`fedse.split`) relies on: every SE block is
+``<block>.se`` (keys ``layer1.0.se.fc1.weight``), the classifier is ``fc``,
+a projection shortcut is ``<block>.downsample`` (``Sequential(conv, norm)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MODELS",
+    "SEBlock",
+    "SEResNet",
+    "BasicBlock",
+    "create_model",
+    "make_divisible",
+    "make_norm",
+    "se_hidden_width",
+]
+
+NORMS = ("batchnorm", "groupnorm")
+
+
+def make_divisible(value: float, divisor: int = 4, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` (at least ``min_value``).
+
+    As in timm's ``make_divisible``: rounding never goes more than 10% below
+    ``value``, so a stage never loses much width.
+    """
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+def se_hidden_width(channels: int, reduction: int, divisor: int = 4) -> int:
+    """Hidden width ``h`` of the excitation MLP: ``C / r`` rounded to a multiple of
+    ``divisor`` and at least ``divisor``, so narrow stages (C=16, r=16) still get
+    a 4-unit bottleneck rather than a 1-unit one."""
+    return make_divisible(channels / reduction, divisor)
+
+
+def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
+    """``batchnorm`` -> BatchNorm2d; ``groupnorm`` -> GroupNorm with ``gcd(C, groups)``
+    groups (Opacus-compatible: no cross-sample statistics)."""
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if kind == "groupnorm":
+        return nn.GroupNorm(math.gcd(channels, groups), channels)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class SEBlock(nn.Module):
+    """Squeeze (GAP) -> excitation MLP ``C -> h -> C`` (ReLU, sigmoid) -> channel scale.
+
+    Parameters: ``2*C*h + h + C`` (two weight matrices and two biases).
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, divisor: int = 4) -> None:
+        super().__init__()
+        hidden = se_hidden_width(channels, reduction, divisor)
+        self.channels, self.hidden = channels, hidden
+        self.fc1 = nn.Linear(channels, hidden)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden, channels)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeezed = x.mean(dim=(2, 3))
+        weights = self.gate(self.fc2(self.act(self.fc1(squeezed))))
+        return x * weights[:, :, None, None]
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-norm-relu-conv3x3-norm-SE, plus the (projected) shortcut, then ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int,
+        norm: Callable[[int], nn.Module],
+        reduction: int | None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = norm(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = norm(channels)
+        self.se = SEBlock(channels, reduction) if reduction else nn.Identity()
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), norm(channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        return self.relu(out + shortcut)
+
+
+class SEResNet(nn.Module):
+    """Stem -> stages of :class:`BasicBlock` -> global average pool -> ``fc``."""
+
+    def __init__(
+        self,
+        blocks_per_stage: tuple[int, ...],
+        widths: tuple[int, ...],
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        reduction: int | None = 16,
+        norm: str = "batchnorm",
+        stem: str = "cifar",
+        norm_groups: int = 8,
+    ) -> None:
+        super().__init__()
+        norm_fn = lambda c: make_norm(norm, c, norm_groups)  # noqa: E731
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        elif stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        self.bn1 = norm_fn(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        stages, in_ch = [], widths[0]
+        for index, (count, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
+            layers = []
+            for block in range(count):
+                stride = 2 if index > 0 and block == 0 else 1
+                layers.append(BasicBlock(in_ch, width, stride, norm_fn, reduction))
+                in_ch = width
+            stages.append(nn.Sequential(*layers))
+        self.stages = len(stages)
+        for index, stage in enumerate(stages, start=1):
+            self.add_module(f"layer{index}", stage)
+        self.fc = nn.Linear(in_ch, num_classes)
+        self.num_features = in_ch
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for index in range(1, self.stages + 1):
+            x = getattr(self, f"layer{index}")(x)
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The classification head (FedPer/FedRep keep it private)."""
+        return self.fc
+
+
+@dataclass(frozen=True)
+class _Arch:
+    blocks: tuple[int, ...]
+    width_multipliers: tuple[int, ...]
+    family: str  # "cifar" (widths w,2w,4w) or "imagenet" (widths 64..512 scaled)
+
+
+MODELS: dict[str, _Arch] = {
+    "se_resnet8": _Arch((1, 1, 1), (1, 2, 4), "cifar"),
+    "se_resnet14": _Arch((2, 2, 2), (1, 2, 4), "cifar"),
+    "se_resnet20": _Arch((3, 3, 3), (1, 2, 4), "cifar"),
+    "se_resnet32": _Arch((5, 5, 5), (1, 2, 4), "cifar"),
+    "se_resnet18": _Arch((2, 2, 2, 2), (1, 2, 4, 8), "imagenet"),
+    "se_resnet34": _Arch((3, 4, 6, 3), (1, 2, 4, 8), "imagenet"),
+}
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    width: int | None = None,
+    reduction: int | None = 16,
+    norm: str = "batchnorm",
+    image_size: int = 32,
+) -> SEResNet:
+    """Build a registered SE-ResNet.
+
+    ``width`` is the first stage's width (default 16 for CIFAR-style, 64 for
+    ImageNet-style). ``reduction=None`` builds the plain ResNet (no SE).
+    ImageNet-style models use the 3x3 stem without max-pool for images of at
+    most 64 pixels.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {sorted(MODELS)}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    arch = MODELS[name]
+    base = width if width is not None else (16 if arch.family == "cifar" else 64)
+    stem = "cifar" if arch.family == "cifar" or image_size <= 64 else "imagenet"
+    return SEResNet(
+        arch.blocks,
+        tuple(base * m for m in arch.width_multipliers),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        reduction=reduction,
+        norm=norm,
+        stem=stem,
+    )

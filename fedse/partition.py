@@ -1,0 +1,322 @@
+"""Non-IID partitioners: seeded pure functions of (labels, clients, parameters, seed).
+
+* ``iid``: a seeded shuffle cut into equal parts.
+* ``dirichlet``: label skew, Hsu, Qi, Brown 2019 (arXiv:1909.06335): each
+  class is split across clients with proportions drawn from Dirichlet(alpha);
+  the whole draw is repeated until every client holds ``min_size`` samples.
+* ``pathological``: ``k`` classes per client, McMahan et al. 2017 (shards).
+* ``quantity``: client sizes from Dirichlet(alpha), labels IID within a client
+  (NIID-Bench, Li et al. 2022).
+* feature skew (FedBN, Li et al. 2021): each client's images pass through its
+  own fixed transformation (:class:`ClientStyle`), independent of the index
+  partition, so it combines with any scheme.
+
+Each returns one sorted int64 index array per client; the arrays are disjoint
+and cover every sample. Every function owns its ``np.random.default_rng(seed)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .io import atomic_save
+
+__all__ = [
+    "PARTITIONERS",
+    "STYLE_KINDS",
+    "ClientStyle",
+    "PartitionError",
+    "apply_style",
+    "create_partition",
+    "dirichlet",
+    "iid",
+    "label_counts",
+    "make_client_styles",
+    "pathological",
+    "plot_label_counts",
+    "quantity_skew",
+    "split_train_test",
+]
+
+
+class PartitionError(ValueError):
+    """The requested partition cannot be made; the message says what to change."""
+
+
+def _finish(parts: list[list[int]] | list[np.ndarray]) -> list[np.ndarray]:
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _check_clients(labels: np.ndarray, num_clients: int, min_size: int) -> None:
+    if num_clients < 1:
+        raise PartitionError(f"num_clients must be >= 1, got {num_clients}")
+    if num_clients * min_size > len(labels):
+        raise PartitionError(
+            f"{num_clients} clients x min_size {min_size} = {num_clients * min_size} samples needed, "
+            f"but the dataset has {len(labels)}; use fewer clients or a smaller min_size"
+        )
+
+
+def iid(labels: np.ndarray, num_clients: int, *, seed: int, min_size: int = 1) -> list[np.ndarray]:
+    """Uniformly random, equal-sized parts (sizes differ by at most one)."""
+    labels = np.asarray(labels)
+    _check_clients(labels, num_clients, min_size)
+    rng = np.random.default_rng(seed)
+    return _finish(np.array_split(rng.permutation(len(labels)), num_clients))
+
+
+def _by_proportions(index: np.ndarray, proportions: np.ndarray) -> list[np.ndarray]:
+    cuts = (np.cumsum(proportions)[:-1] * len(index)).astype(int)
+    return np.split(index, cuts)
+
+
+def dirichlet(
+    labels: np.ndarray, num_clients: int, *, alpha: float, seed: int, min_size: int = 10, max_retries: int = 100
+) -> list[np.ndarray]:
+    """Label skew: every class split across clients by Dirichlet(alpha) proportions."""
+    labels = np.asarray(labels)
+    if alpha <= 0:
+        raise PartitionError(f"dirichlet alpha must be > 0, got {alpha}")
+    _check_clients(labels, num_clients, min_size)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    smallest = 0
+    for _ in range(max_retries):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for c in classes:
+            index = rng.permutation(np.flatnonzero(labels == c))
+            proportions = rng.dirichlet(np.full(num_clients, alpha))
+            for client, chunk in enumerate(_by_proportions(index, proportions)):
+                parts[client].extend(chunk.tolist())
+        smallest = min(len(p) for p in parts)
+        if smallest >= min_size:
+            return _finish(parts)
+    raise PartitionError(
+        f"dirichlet(alpha={alpha}) over {num_clients} clients: after {max_retries} retries the smallest "
+        f"client still had {smallest} < min_size={min_size} samples; use a larger alpha, fewer clients "
+        "or a smaller min_size"
+    )
+
+
+def quantity_skew(
+    labels: np.ndarray, num_clients: int, *, alpha: float, seed: int, min_size: int = 10, max_retries: int = 100
+) -> list[np.ndarray]:
+    """Quantity skew: client sizes by Dirichlet(alpha); labels IID within a client."""
+    labels = np.asarray(labels)
+    if alpha <= 0:
+        raise PartitionError(f"quantity alpha must be > 0, got {alpha}")
+    _check_clients(labels, num_clients, min_size)
+    rng = np.random.default_rng(seed)
+    smallest = 0
+    for _ in range(max_retries):
+        parts = _by_proportions(rng.permutation(len(labels)), rng.dirichlet(np.full(num_clients, alpha)))
+        smallest = min(len(p) for p in parts)
+        if smallest >= min_size:
+            return _finish(parts)
+    raise PartitionError(
+        f"quantity(alpha={alpha}) over {num_clients} clients: after {max_retries} retries the smallest "
+        f"client still had {smallest} < min_size={min_size} samples; use a larger alpha, fewer clients "
+        "or a smaller min_size"
+    )
+
+
+def pathological(
+    labels: np.ndarray, num_clients: int, *, classes_per_client: int, seed: int, min_size: int = 1
+) -> list[np.ndarray]:
+    """Each client holds exactly ``classes_per_client`` classes; each class is split evenly
+    among the clients holding it; classes are dealt round-robin after a seeded shuffle."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    k = classes_per_client
+    if not 1 <= k <= len(classes):
+        raise PartitionError(f"classes_per_client must be in [1, {len(classes)}] (the number of classes), got {k}")
+    if num_clients * k < len(classes):
+        raise PartitionError(
+            f"{num_clients} clients x {k} classes each = {num_clients * k} slots < {len(classes)} classes: "
+            "some class would belong to no client; raise classes_per_client or num_clients"
+        )
+    _check_clients(labels, num_clients, min_size)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(classes)
+    owners: dict[int, list[int]] = {int(c): [] for c in classes}
+    for client in range(num_clients):
+        for j in range(k):
+            owners[int(order[(client * k + j) % len(classes)])].append(client)
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for c, holders in owners.items():
+        index = rng.permutation(np.flatnonzero(labels == c))
+        for client, chunk in zip(holders, np.array_split(index, len(holders)), strict=True):
+            parts[client].extend(chunk.tolist())
+    smallest = min(len(p) for p in parts)
+    if smallest < min_size:
+        raise PartitionError(f"pathological split left a client with {smallest} < min_size={min_size} samples; "
+                             "use fewer clients")
+    return _finish(parts)
+
+
+PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
+    "iid": iid,
+    "dirichlet": dirichlet,
+    "pathological": pathological,
+    "quantity": quantity_skew,
+}
+
+
+def create_partition(name: str, labels: np.ndarray, num_clients: int, *, seed: int, **params) -> list[np.ndarray]:
+    if name not in PARTITIONERS:
+        raise ValueError(f"unknown partition scheme {name!r}; valid schemes: {sorted(PARTITIONERS)}")
+    fn = PARTITIONERS[name]
+    accepted = [p for p in inspect.signature(fn).parameters if p not in ("labels", "num_clients", "seed")]
+    if unknown := sorted(set(params) - set(accepted)):
+        raise ValueError(f"partition scheme {name!r} takes {accepted}, not {unknown}")
+    return fn(labels, num_clients, seed=seed, **params)
+
+
+def split_train_test(
+    parts: Sequence[np.ndarray], labels: np.ndarray, *, test_fraction: float = 0.25, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split every client's indices into its own train and test part, stratified by class:
+    ``round(n_c * test_fraction)`` of each class go to test, keeping at least one sample of
+    a class with two or more on each side."""
+    if not 0 < test_fraction < 1:
+        raise PartitionError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for part in parts:
+        part = np.asarray(part)
+        tr, te = [], []
+        for c in np.unique(labels[part]):
+            index = rng.permutation(part[labels[part] == c])
+            n_test = int(math.floor(len(index) * test_fraction + 0.5))
+            if len(index) >= 2:
+                n_test = min(max(n_test, 1), len(index) - 1)
+            te.append(index[:n_test])
+            tr.append(index[n_test:])
+        train.append(np.sort(np.concatenate(tr)).astype(np.int64) if tr else np.empty(0, np.int64))
+        test.append(np.sort(np.concatenate(te)).astype(np.int64) if te else np.empty(0, np.int64))
+    return train, test
+
+
+def label_counts(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """(clients x classes) sample counts."""
+    labels = np.asarray(labels)
+    return np.stack([np.bincount(labels[np.asarray(p, dtype=np.int64)], minlength=num_classes) for p in parts]).astype(
+        np.int64
+    )
+
+
+def plot_label_counts(counts: np.ndarray, path: str | Path, *, class_names: Sequence[str] | None = None,
+                      title: str | None = None) -> None:
+    """Heatmap of samples per client (rows) and class (columns), written as PNG atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients, classes = counts.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * classes + 2), max(3.0, 0.3 * clients + 1.5)))
+    image = ax.imshow(counts, aspect="auto", cmap="viridis")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_xticks(range(classes))
+    ax.set_xticklabels(class_names if class_names is not None else range(classes), rotation=45, ha="right",
+                       fontsize=7)
+    ax.set_yticks(range(clients))
+    ax.tick_params(axis="y", labelsize=7)
+    if clients <= 20 and classes <= 10:
+        high = counts.max() if counts.size else 0
+        for i in range(clients):
+            for j in range(classes):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6,
+                        color="black" if counts[i, j] > 0.6 * high else "white")
+    fig.colorbar(image, ax=ax, label="samples")
+    ax.set_title(title or "samples per client and class", fontsize=9)
+    fig.tight_layout()
+    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- feature skew
+
+STYLE_KINDS = ("rotation", "contrast", "brightness", "noise", "color")
+
+
+@dataclass(frozen=True)
+class ClientStyle:
+    """One client's fixed image transformation (identity: all defaults)."""
+
+    rotation: float = 0.0  # degrees, counter-clockwise
+    contrast: float = 1.0  # factor around the image's mean
+    brightness: float = 0.0  # additive, in [0, 1] pixel units
+    noise_std: float = 0.0  # Gaussian noise std, [0, 1] pixel units, fixed per-client seed
+    channel_gain: tuple[float, ...] = ()  # per-channel factor (colour shift); () = none
+    seed: int = 0
+
+
+def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
+    """n values evenly spaced over [lo, hi], in a seeded random order over clients."""
+    return rng.permutation(np.linspace(lo, hi, n)) if n > 1 else np.array([(lo + hi) / 2])
+
+
+def make_client_styles(num_clients: int, *, kinds: Sequence[str], strength: float, seed: int) -> list[ClientStyle]:
+    """Styles spread evenly over clients. At ``strength`` s: rotation in [-45s, 45s] degrees,
+    contrast in [1-0.6s, 1+0.6s], brightness in [-0.3s, 0.3s], noise std in [0, 0.3s],
+    per-channel gains in [1-0.5s, 1+0.5s]."""
+    if unknown := sorted(set(kinds) - set(STYLE_KINDS)):
+        raise ValueError(f"unknown feature-skew kind(s) {unknown}; valid kinds: {list(STYLE_KINDS)}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"feature-skew strength must be in (0, 1], got {strength}")
+    rng = np.random.default_rng(seed)
+    n = num_clients
+    zeros, ones = np.zeros(n), np.ones(n)
+    rotation = _spread(rng, n, -45 * strength, 45 * strength) if "rotation" in kinds else zeros
+    contrast = _spread(rng, n, 1 - 0.6 * strength, 1 + 0.6 * strength) if "contrast" in kinds else ones
+    brightness = _spread(rng, n, -0.3 * strength, 0.3 * strength) if "brightness" in kinds else zeros
+    noise = _spread(rng, n, 0.0, 0.3 * strength) if "noise" in kinds else zeros
+    gains = rng.uniform(1 - 0.5 * strength, 1 + 0.5 * strength, size=(n, 3)) if "color" in kinds else None
+    return [
+        ClientStyle(
+            rotation=float(rotation[i]),
+            contrast=float(contrast[i]),
+            brightness=float(brightness[i]),
+            noise_std=float(noise[i]),
+            channel_gain=tuple(float(g) for g in gains[i]) if gains is not None else (),
+            seed=seed * 1_000_003 + i,
+        )
+        for i in range(n)
+    ]
+
+
+def apply_style(images: torch.Tensor, style: ClientStyle) -> torch.Tensor:
+    """Apply ``style`` to uint8 images (N, C, H, W); deterministic; identity returns the input."""
+    if style == ClientStyle(seed=style.seed):
+        return images
+    x = images.float() / 255.0
+    if style.rotation:
+        theta = math.radians(style.rotation)
+        cos, sin = math.cos(theta), math.sin(theta)
+        matrix = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0]], dtype=x.dtype).expand(len(x), 2, 3)
+        grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if style.contrast != 1.0:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * style.contrast + mean
+    if style.brightness:
+        x = x + style.brightness
+    if style.channel_gain:
+        gain = torch.tensor(style.channel_gain[: x.shape[1]] if x.shape[1] > 1 else style.channel_gain[:1],
+                            dtype=x.dtype)
+        x = x * gain.view(1, -1, 1, 1)
+    if style.noise_std:
+        g = torch.Generator().manual_seed(style.seed)
+        x = x + style.noise_std * torch.randn(x.shape, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)

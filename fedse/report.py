@@ -1,0 +1,191 @@
+"""Reports: per-round and per-client tables, summary statistics, files and plots.
+
+Everything here reads a :class:`~fedse.strategy.RunLog`; the run folder is
+written file by file, each atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .io import atomic_save, atomic_write_json, atomic_write_text
+from .strategy import RunLog
+
+__all__ = [
+    "client_rows",
+    "format_table",
+    "plot_accuracy",
+    "round_rows",
+    "summarize",
+    "write_csv",
+    "write_run",
+]
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """mean, std (population), median, worst-10% (mean of the lowest ceil(10%) values), best."""
+    if not values:
+        return {}
+    arr = np.sort(np.asarray(values, dtype=float))
+    k = max(1, math.ceil(0.1 * len(arr)))
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std()),
+        "median": float(np.median(arr)),
+        "worst10": float(arr[:k].mean()),
+        "best": float(arr[-1]),
+    }
+
+
+def _weighted(rows: Mapping[int, Mapping[str, Any]], key: str) -> float | None:
+    pairs = [(r[key], r.get("num-examples", 1)) for r in rows.values() if key in r]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def round_rows(log: RunLog) -> list[dict[str, Any]]:
+    """One row per round: train loss/accuracy (sample-weighted), personalized accuracy
+    (mean over clients), pooled accuracy where measured, seconds, dropped and failed replies."""
+    rows = []
+    for rnd in sorted(set(log.train) | set(log.evaluate)):
+        train, ev = log.train.get(rnd, {}), log.evaluate.get(rnd, {})
+        local = [r["local-acc"] for r in ev.values() if "local-acc" in r]
+        pooled = [r["pooled-acc"] for r in ev.values() if "pooled-acc" in r]
+        rows.append({
+            "round": rnd,
+            "clients": len(train),
+            "train_loss": _weighted(train, "train-loss"),
+            "train_acc": _weighted(train, "train-acc"),
+            "local_acc_mean": float(np.mean(local)) if local else None,
+            "local_acc_weighted": _weighted(ev, "local-acc"),
+            "pooled_acc_mean": float(np.mean(pooled)) if pooled else None,
+            "seconds": log.round_seconds.get(rnd),
+            "dropped": sum(d["round"] == rnd for d in log.dropped),
+            "failed": sum(f["round"] == rnd for f in log.failed),
+        })
+    return rows
+
+
+def client_rows(log: RunLog) -> list[dict[str, Any]]:
+    """Per client, from the last round it was evaluated in: samples, personalized
+    local-test accuracy, pooled-test accuracy."""
+    latest: dict[int, tuple[int, dict[str, Any]]] = {}
+    for rnd in sorted(log.evaluate):
+        for cid, row in log.evaluate[rnd].items():
+            latest[cid] = (rnd, row)
+    return [
+        {
+            "client": cid,
+            "round": rnd,
+            "train_samples": row.get("num-train"),
+            "test_samples": row.get("num-examples"),
+            "local_acc": row.get("local-acc"),
+            "pooled_acc": row.get("pooled-acc"),
+        }
+        for cid, (rnd, row) in sorted(latest.items())
+    ]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Plain-text table (also valid GitHub Markdown)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def client_summary_rows(clients: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """mean / std / median / worst 10% / best over clients, for local and pooled accuracy."""
+    local = summarize([c["local_acc"] for c in clients if c["local_acc"] is not None])
+    pooled = summarize([c["pooled_acc"] for c in clients if c["pooled_acc"] is not None])
+    return [{"client": name, "local_acc": local.get(key), "pooled_acc": pooled.get(key)}
+            for name, key in (("mean", "mean"), ("std", "std"), ("median", "median"),
+                              ("worst 10%", "worst10"), ("best", "best"))]
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("local_acc_mean", "personalized (own test, mean over clients)"),
+                       ("pooled_acc_mean", "pooled test (mean over clients)"),
+                       ("train_acc", "train (sample-weighted)")):
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_run(
+    run_dir: Path,
+    *,
+    config: Mapping[str, Any],
+    log: RunLog,
+    split_summary: Mapping[str, Any],
+    shared_state: Mapping[str, torch.Tensor] | None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the run folder; returns the summary written to ``summary.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
+    rounds, clients = round_rows(log), client_rows(log)
+    atomic_write_json(run_dir / "rounds.json", rounds)
+    write_csv(run_dir / "rounds.csv", rounds)
+    atomic_write_json(run_dir / "clients.json", clients)
+    write_csv(run_dir / "clients.csv", clients)
+    plot_accuracy(rounds, run_dir / "accuracy.png", title=str(split_summary.get("policy", "")))
+    if shared_state is not None:
+        atomic_save(run_dir / "shared_weights.pt", lambda f: torch.save(dict(shared_state), f))
+    summary = {
+        "split": dict(split_summary),
+        "clients": {row["client"]: {k: v for k, v in row.items() if k != "client"}
+                    for row in client_summary_rows(clients)},
+        "last_round": rounds[-1] if rounds else None,
+        "best_round_local_acc_mean": max((r["local_acc_mean"] for r in rounds if r["local_acc_mean"] is not None),
+                                         default=None),
+        "dropped_replies": log.dropped,
+        "failed_replies": log.failed,
+        **(extra or {}),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

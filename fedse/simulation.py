@@ -1,0 +1,145 @@
+"""Run a federation of virtual clients on Flower's simulation engine (Ray backend).
+
+``fedse simulate`` calls :func:`simulate`: the federation is built once here
+(so a missing dataset fails before Ray starts), the label distribution is
+plotted, then :func:`flwr.simulation.run_simulation` runs the ServerApp
+(:func:`fedse.server.run_server`, in this process) against one ClientApp per
+virtual client (:func:`fedse.client.make_client_app`, in Ray actors).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from .client import make_client_app
+from .config import Config
+from .federated import FederatedData, build_federated_data
+from .io import atomic_write_json
+from .partition import plot_label_counts
+from .report import round_rows
+from .server import ServerOutcome, final_tables, run_server
+from .strategy import RunLog
+
+__all__ = ["SimulationResult", "backend_config", "make_run_dir", "simulate"]
+
+log = logging.getLogger("fedse")
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    run_dir: Path | None
+    outcome: ServerOutcome
+    wall_seconds: float
+
+
+def backend_config(cfg: Config) -> dict[str, Any]:
+    """Ray resources per virtual client; a GPU fraction only where CUDA is present."""
+    gpus = cfg.simulation.client_gpu_fraction if torch.cuda.is_available() else 0.0
+    return {
+        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": gpus},
+        "init_args": {"include_dashboard": False},
+    }
+
+
+def make_run_dir(cfg: Config, config_name: str) -> Path:
+    name = cfg.output.name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.output.dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run folder {str(run_dir)!r} already exists and is not empty; "
+                              "choose another output.name or remove it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_partition(fed: FederatedData, run_dir: Path) -> None:
+    counts = fed.label_counts()
+    atomic_write_json(run_dir / "label_counts.json", {
+        "classes": list(fed.dataset.classes),
+        "train": fed.label_counts("train").tolist(),
+        "test": fed.label_counts("test").tolist(),
+    })
+    plot_label_counts(counts, run_dir / "label_distribution.png", class_names=list(fed.dataset.classes),
+                      title=f"{fed.dataset.name}: samples per client and class")
+
+
+class _Progress:
+    """One line per round, with a rich progress bar where a terminal is attached."""
+
+    def __init__(self, rounds: int, quiet: bool) -> None:
+        self.rounds, self.quiet, self.bar = rounds, quiet, None
+        if not quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TextColumn
+
+            self.bar = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self.task = self.bar.add_task("rounds", total=rounds)
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, server_round: int, run_log: RunLog) -> None:
+        row = round_rows(run_log)[-1]
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        text = (f"round {server_round}/{self.rounds}: clients {row['clients']}, train loss {fmt(row['train_loss'])}, "
+                f"personalized acc {fmt(row['local_acc_mean'])}, pooled acc {fmt(row['pooled_acc_mean'])}, "
+                f"{row['seconds']:.1f}s" + (f", dropped {row['dropped']}" if row["dropped"] else "")
+                + (f", failed {row['failed']}" if row["failed"] else ""))
+        if self.bar is not None:
+            self.bar.console.print(text)
+            self.bar.advance(self.task)
+        else:
+            log.info(text)
+
+
+def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = None, quiet: bool = False,
+             verbose: bool = False) -> SimulationResult:
+    """Run the whole simulation described by ``cfg``; write the run folder."""
+    started = time.perf_counter()
+    fed = build_federated_data(cfg)
+    run_dir = run_dir if run_dir is not None else make_run_dir(cfg, config_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_partition(fed, run_dir)
+    holder: dict[str, ServerOutcome] = {}
+    server_app = ServerApp()
+
+    with _Progress(cfg.server.rounds, quiet) as progress:
+
+        @server_app.main()
+        def _main(grid: Grid, context: Context) -> None:
+            holder["outcome"] = run_server(grid, cfg, fed, run_dir, on_round=progress)
+
+        flwr_logger = logging.getLogger("flwr")
+        level = flwr_logger.level
+        if not verbose:
+            flwr_logger.setLevel(logging.WARNING)
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=make_client_app(),
+                num_supernodes=cfg.partition.num_clients,
+                backend_config=backend_config(cfg),
+                verbose_logging=verbose,
+            )
+        finally:
+            flwr_logger.setLevel(level)
+    if "outcome" not in holder:
+        raise RuntimeError("the simulation ended without a result from the ServerApp; rerun with --verbose")
+    outcome = holder["outcome"]
+    if not quiet:
+        print(final_tables(outcome.log))
+        print(f"\nrun folder: {run_dir}")
+    return SimulationResult(run_dir, outcome, time.perf_counter() - started)

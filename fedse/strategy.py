@@ -1,0 +1,157 @@
+"""Server side: Flower's own strategies over the shared keys, behind a guard.
+
+:func:`create_strategy` picks a strategy from Flower (FedAvg, FedProx, FedAdam);
+:class:`GuardedStrategy` wraps any Flower strategy and, before it aggregates,
+refuses (logs and drops) every reply whose arrays carry a key outside the shared
+set, miss a shared key, have a wrong shape or hold non-finite values. It also
+records each client's metrics per round for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from .config import Config
+from .records import ARRAYS, CLIENT, METRICS, check_arrays
+
+__all__ = ["STRATEGIES", "GuardedStrategy", "RunLog", "create_strategy"]
+
+log = logging.getLogger("fedse")
+
+
+def _common(cfg: Config) -> dict[str, Any]:
+    s = cfg.server
+    return {
+        "fraction_train": s.fraction_train,
+        "fraction_evaluate": s.fraction_evaluate,
+        "min_train_nodes": s.min_train_clients,
+        "min_evaluate_nodes": s.min_evaluate_clients,
+        "min_available_nodes": max(s.min_train_clients, s.min_evaluate_clients),
+    }
+
+
+STRATEGIES: dict[str, Callable[[Config], Strategy]] = {
+    "fedavg": lambda cfg: FedAvg(**_common(cfg)),
+    "fedprox": lambda cfg: FedProx(**_common(cfg), proximal_mu=cfg.server.proximal_mu),
+    "fedadam": lambda cfg: FedAdam(**_common(cfg), eta=cfg.server.server_lr),
+}
+
+
+def create_strategy(cfg: Config) -> Strategy:
+    name = cfg.server.strategy
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid strategies: {sorted(STRATEGIES)}")
+    return STRATEGIES[name](cfg)
+
+
+@dataclass
+class RunLog:
+    """What the server saw, per round and per client."""
+
+    train: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # round -> client -> metrics
+    evaluate: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # refused replies
+    failed: list[dict[str, Any]] = field(default_factory=list)  # error replies
+    round_seconds: dict[int, float] = field(default_factory=dict)
+
+
+def _client_of(msg: Message) -> dict[str, Any]:
+    content = msg.content
+    info = dict(content[CLIENT]) if CLIENT in content.config_records else {}
+    info.setdefault("node-id", msg.metadata.src_node_id)
+    return info
+
+
+class GuardedStrategy(Strategy):
+    """Wrap ``inner``; drop replies that are not exactly the shared keys, well shaped and finite."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        shared_shapes: Mapping[str, tuple[int, ...]],
+        *,
+        num_rounds: int,
+        pooled_every: int = 0,
+        on_round: Callable[[int, RunLog], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.shared_shapes = dict(shared_shapes)
+        self.num_rounds = num_rounds
+        self.pooled_every = pooled_every
+        self.on_round = on_round
+        self.log = RunLog()
+        self._round_start = time.perf_counter()
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._round_start = time.perf_counter()
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Replies that pass the guard; the others are logged and recorded as dropped."""
+        kept = []
+        for msg in replies:
+            if msg.has_error():
+                self.log.failed.append({"round": server_round, "node-id": msg.metadata.src_node_id,
+                                        "reason": msg.error.reason})
+                kept.append(msg)  # the inner strategy counts and logs failures itself
+                continue
+            if ARRAYS not in msg.content.array_records:
+                problems = [f"no '{ARRAYS}' record"]
+            else:
+                problems = check_arrays(msg.content[ARRAYS], self.shared_shapes)
+            if problems:
+                who = _client_of(msg)
+                log.warning("round %d: dropping reply from %s: %s", server_round, who, "; ".join(problems))
+                self.log.dropped.append({"round": server_round, **who, "problems": problems})
+                continue
+            kept.append(msg)
+        return kept
+
+    def _record(self, table: dict[int, dict[int, dict[str, Any]]], server_round: int, replies: list[Message]) -> None:
+        rows = table.setdefault(server_round, {})
+        for msg in replies:
+            if msg.has_error() or METRICS not in msg.content.metric_records:
+                continue
+            info = _client_of(msg)
+            cid = int(info.get("partition-id", info["node-id"]))
+            rows[cid] = {**info, **dict(msg.content[METRICS])}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept = self.screen(server_round, replies)
+        self._record(self.log.train, server_round, kept)
+        return self.inner.aggregate_train(server_round, kept)
+
+    def wants_pooled(self, server_round: int) -> bool:
+        if server_round == self.num_rounds:
+            return True
+        return self.pooled_every > 0 and server_round % self.pooled_every == 0
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config["pooled"] = self.wants_pooled(server_round)
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._record(self.log.evaluate, server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        self.log.round_seconds[server_round] = time.perf_counter() - self._round_start
+        if self.on_round is not None:
+            self.on_round(server_round, self.log)
+        return metrics

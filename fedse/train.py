@@ -1,0 +1,158 @@
+"""The one training loop and the one evaluation loop.
+
+Every policy, client and baseline trains through :func:`train` and measures
+through :func:`evaluate`; what varies is which parameters train (``trainable``)
+and the optional FedProx anchor, never the loop.
+
+Data are in-memory uint8 image tensors; normalisation (and light augmentation)
+happen per batch on the device, so nothing float-sized is kept per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import augment as augment_batch
+from .data import normalize
+from .split import NORM_TYPES
+
+__all__ = ["EvalResult", "TrainResult", "batches", "default_device", "evaluate", "train"]
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    """Index batches over ``range(n)``: shuffled when a generator is given.
+
+    A trailing batch of one sample is dropped in training (BatchNorm cannot
+    normalise a single sample); evaluation (no generator) keeps every sample.
+    """
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size]
+        if generator is not None and len(index) == 1 and n > 1:
+            return
+        yield index
+
+
+def _freeze_untrained_norms(model: nn.Module, trainable: set[str]) -> None:
+    """Keep norm layers whose parameters do not train in eval mode, so their running
+    statistics do not move either (a partial step must not drift what it does not train)."""
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+            if own and not any(p in trainable for p in own):
+                module.eval()
+
+
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    trainable: set[str] | None = None,
+    proximal_mu: float = 0.0,
+    anchor: dict[str, torch.Tensor] | None = None,
+    augment: bool = False,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """SGD on (images, labels) for ``epochs`` epochs; returns mean loss and accuracy.
+
+    ``trainable``: parameter names that train (None: all). Frozen norm layers
+    keep their running statistics. ``proximal_mu`` with ``anchor`` adds the
+    FedProx term ``mu/2 * ||w - w_anchor||^2`` over the anchored parameters.
+    """
+    device = device or default_device()
+    model.to(device).train()
+    names = {n for n, _ in model.named_parameters()}
+    trainable = names if trainable is None else set(trainable)
+    if unknown := trainable - names:
+        raise ValueError(f"trainable names not in the model: {sorted(unknown)[:5]}")
+    _freeze_untrained_norms(model, trainable)
+    params = [p for n, p in model.named_parameters() if n in trainable]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    anchored = []
+    if proximal_mu > 0 and anchor:
+        anchored = [(p, anchor[n].to(device)) for n, p in model.named_parameters() if n in anchor and n in trainable]
+    generator = torch.Generator().manual_seed(seed)
+    flip = images.shape[1] == 3
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    for _ in range(epochs):
+        for index in batches(len(labels), batch_size, generator):
+            x = normalize(images[index].to(device), mean, std)
+            if augment:
+                x = augment_batch(x, generator, flip=flip)
+            y = labels[index].to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            objective = loss
+            if anchored:
+                objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in anchored)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            steps += 1
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, steps)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 256,
+    device: torch.device | None = None,
+) -> EvalResult:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode."""
+    device = device or default_device()
+    model.to(device).eval()
+    total_loss, correct = 0.0, 0
+    for index in batches(len(labels), batch_size, None):
+        x = normalize(images[index].to(device), mean, std)
+        y = labels[index].to(device)
+        logits = model(x)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    n = len(labels)
+    return EvalResult(total_loss / max(n, 1), correct / max(n, 1), n)

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny federation config and Flower's task identity for hand-made Messages."""
+
+from pathlib import Path
+
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedse.config import config_from_dict
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def task_identity():
+    """Messages created outside a Flower process need a run/node/task identity."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def tiny_config(**sections):
+    """Digits, 3 clients, a narrow se_resnet8: a federation that trains in a second."""
+    raw = {
+        "partition": {"num_clients": 3, "scheme": "dirichlet", "alpha": 1.0},
+        "model": {"width": 8},
+        "train": {"batch_size": 64},
+        "server": {"rounds": 2},
+        "evaluate": {"private_digest": True, "pooled_max_samples": 200},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return config_from_dict(raw)

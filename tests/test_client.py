@@ -1,0 +1,109 @@
+"""The real ClientApp on real Messages: private keys never leave, private state persists."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from conftest import tiny_config
+from fedse.client import CONFIG_JSON, build_model, make_client_app
+from fedse.config import config_to_dict
+from fedse.federated import build_federated_data
+from fedse.records import to_arrays
+from fedse.split import split_model
+from fedse.state import PRIVATE_KEY, digest, load_private
+
+
+def _setup(policy="fedse"):
+    cfg = tiny_config(personalization={"policy": policy})
+    ds = build_federated_data(cfg).dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    return cfg, model, split_model(model, policy)
+
+
+def _message(cfg, arrays, message_type=MessageType.TRAIN, **config):
+    record = ConfigRecord({CONFIG_JSON: json.dumps(config_to_dict(cfg)), "server-round": 1, **config})
+    return Message(RecordDict({"arrays": arrays, "config": record}), dst_node_id=7, message_type=message_type)
+
+
+def _context(pid):
+    return Context(run_id=1, node_id=7, node_config={"partition-id": pid}, state=RecordDict(), run_config={})
+
+
+def _all_keys(content: RecordDict) -> set[str]:
+    keys = set()
+    for record in list(content.array_records.values()) + list(content.config_records.values()) + list(
+        content.metric_records.values()
+    ):
+        keys |= set(record.keys())
+    return keys
+
+
+@pytest.mark.parametrize("policy", ["fedse", "fedbn", "fedse-head"])
+def test_train_reply_carries_shared_keys_only(task_identity, policy):
+    cfg, model, split = _setup(policy)
+    app = make_client_app()
+    reply = app(_message(cfg, to_arrays(split.shared_state(model))), _context(0))
+    assert not reply.has_error()
+    assert list(reply.content.array_records) == ["arrays"]
+    assert set(reply.content["arrays"].keys()) == set(split.shared)
+    assert not set(split.private) & _all_keys(reply.content)  # no private key anywhere in the reply
+    assert reply.content["metrics"]["num-examples"] == len(build_federated_data(cfg).shard(0).train_labels)
+
+
+def test_private_state_is_kept_and_restored_across_rounds(task_identity):
+    cfg, model, split = _setup()
+    app, ctx = make_client_app(), _context(1)
+    initial_private = split.private_state(model)
+    r1 = app(_message(cfg, to_arrays(split.shared_state(model))), ctx)
+    stored = load_private(ctx)
+    assert set(stored) == set(split.private) and PRIVATE_KEY in ctx.state
+    assert any(not torch.equal(stored[k], initial_private[k]) for k in stored)  # it trained
+    assert r1.content["client"]["private-digest-in"] == digest(initial_private)
+    assert r1.content["client"]["private-digest-out"] == digest(stored)
+    r2 = app(_message(cfg, r1.content["arrays"], **{"server-round": 2}), ctx)
+    assert r2.content["client"]["private-digest-in"] == r1.content["client"]["private-digest-out"]
+
+
+def test_evaluate_reports_personalized_local_and_pooled_accuracy(task_identity):
+    cfg, model, split = _setup()
+    app, ctx = make_client_app(), _context(2)
+    app(_message(cfg, to_arrays(split.shared_state(model))), ctx)
+    reply = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=True), ctx)
+    m = reply.content["metrics"]
+    assert 0.0 <= m["local-acc"] <= 1.0 and 0.0 <= m["pooled-acc"] <= 1.0
+    assert m["num-examples"] == len(build_federated_data(cfg).shard(2).test_labels)
+    assert not reply.content.array_records  # evaluation sends no weights at all
+    no_pooled = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=False), ctx)
+    assert "pooled-acc" not in no_pooled.content["metrics"]
+
+
+def test_evaluate_uses_the_clients_own_private_weights(task_identity):
+    cfg, model, split = _setup()
+    app = make_client_app()
+    shared = to_arrays(split.shared_state(model))
+    trained, fresh = _context(0), _context(0)
+    for _ in range(3):
+        app(_message(cfg, shared), trained)
+    a = app(_message(cfg, shared, MessageType.EVALUATE), trained).content["metrics"]["local-loss"]
+    b = app(_message(cfg, shared, MessageType.EVALUATE), fresh).content["metrics"]["local-loss"]
+    assert a != b  # same shared weights, different private state, different model
+
+
+def test_bad_server_message_is_refused_with_a_reason(task_identity):
+    cfg, model, split = _setup()
+    state = split.shared_state(model)
+    app = make_client_app()
+    wrong = dict(state)
+    wrong["fc.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"fc\.weight: shape \(3, 3\)"):
+        app(_message(cfg, to_arrays(wrong)), _context(0))
+    with pytest.raises(ValueError, match="keys outside the shared set"):
+        app(_message(cfg, to_arrays({**state, **split.private_state(model)})), _context(0))
+    with pytest.raises(ValueError, match="partition-id 5 out of range"):
+        app(_message(cfg, to_arrays(state)), _context(5))
+    no_config = Message(RecordDict({"arrays": to_arrays(state)}), dst_node_id=7, message_type=MessageType.TRAIN)
+    with pytest.raises(ValueError, match="fedse-config"):
+        app(no_config, _context(0))

@@ -1,0 +1,85 @@
+"""SE-ResNet: SE block arithmetic, placement, shapes, Opacus compatibility."""
+
+import pytest
+import torch
+from torch import nn
+
+from fedse.models import MODELS, BasicBlock, SEBlock, create_model, make_divisible, se_hidden_width
+
+
+@pytest.mark.parametrize("channels,reduction,hidden", [(64, 16, 4), (256, 16, 16), (512, 16, 32), (16, 16, 4), (32, 4, 8)])
+def test_se_block_parameter_count_matches_formula(channels, reduction, hidden):
+    se = SEBlock(channels, reduction)
+    assert se.hidden == hidden == se_hidden_width(channels, reduction)
+    expected = 2 * channels * hidden + hidden + channels
+    assert sum(p.numel() for p in se.parameters()) == expected
+    if channels % (reduction * 4) == 0:  # h == C/r exactly: 2C^2/r plus biases
+        assert expected == 2 * channels**2 // reduction + channels // reduction + channels
+
+
+def test_make_divisible_keeps_a_minimum_and_rounds():
+    assert make_divisible(1.0) == 4  # C=16, r=16 -> still 4 hidden units
+    assert make_divisible(16.0) == 16
+    assert make_divisible(18.0) == 20  # nearest multiple of 4
+    assert make_divisible(9.0, 8) == 16  # 8 would lose more than 10%
+
+
+def test_se_block_scales_channels_by_sigmoid_gate():
+    se = SEBlock(8, reduction=2)
+    x = torch.randn(2, 8, 5, 5)
+    gate = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean(dim=(2, 3))))))
+    torch.testing.assert_close(se(x), x * gate[:, :, None, None])
+
+
+def test_se_sits_on_residual_branch_before_skip_addition():
+    block = BasicBlock(8, 8, 1, nn.BatchNorm2d, reduction=2).eval()
+    x = torch.randn(2, 8, 6, 6)
+    branch = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+    expected = torch.relu(block.se(branch) + x)  # identity path untouched
+    torch.testing.assert_close(block(x), expected)
+    # Zeroing the gate (sigmoid -> 0) leaves exactly relu(identity).
+    nn.init.zeros_(block.se.fc2.weight)
+    nn.init.constant_(block.se.fc2.bias, -1e4)
+    torch.testing.assert_close(block(x), torch.relu(x))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("in_channels,size", [(1, 8), (3, 32)])
+def test_output_shapes(name, in_channels, size):
+    model = create_model(name, num_classes=7, in_channels=in_channels, image_size=size).eval()
+    out = model(torch.randn(2, in_channels, size, size))
+    assert out.shape == (2, 7)
+    n_se = sum(isinstance(m, SEBlock) for m in model.modules())
+    assert n_se == sum(MODELS[name].blocks)  # one SE block per residual block
+
+
+def test_every_se_block_is_named_se_and_head_is_fc():
+    model = create_model("se_resnet14", num_classes=10)
+    names = [n for n, m in model.named_modules() if isinstance(m, SEBlock)]
+    assert names and all(n.endswith(".se") for n in names)
+    assert "layer1.0.se.fc1.weight" in model.state_dict()
+    assert model.get_classifier() is model.fc
+
+
+def test_reduction_changes_private_width():
+    small = create_model("se_resnet20", num_classes=10, reduction=16)
+    wide = create_model("se_resnet20", num_classes=10, reduction=4)
+    count = lambda m: sum(p.numel() for mod in m.modules() if isinstance(mod, SEBlock) for p in mod.parameters())  # noqa: E731
+    assert count(wide) > count(small)
+
+
+def test_groupnorm_variant_passes_opacus_validator_and_batchnorm_does_not():
+    from opacus.validators import ModuleValidator
+
+    gn = create_model("se_resnet8", num_classes=10, norm="groupnorm")
+    assert ModuleValidator.validate(gn, strict=False) == []
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gn.modules())
+    bn = create_model("se_resnet8", num_classes=10, norm="batchnorm")
+    assert ModuleValidator.validate(bn, strict=False)  # lists the BatchNorm layers
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="se_resnet99.*valid models"):
+        create_model("se_resnet99", num_classes=10)
+    with pytest.raises(ValueError, match="layernorm"):
+        create_model("se_resnet8", num_classes=10, norm="layernorm")

@@ -1,0 +1,72 @@
+"""The shared/private split: disjoint, covering, and exactly what each policy says."""
+
+import pytest
+from torch import nn
+
+from fedse.models import SEBlock, create_model
+from fedse.split import POLICIES, create_policy, split_model
+
+
+@pytest.fixture(scope="module", params=["se_resnet8", "se_resnet18"])
+def model(request):
+    return create_model(request.param, num_classes=10, in_channels=3)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_split_is_disjoint_and_covers_state_dict(model, policy):
+    split = split_model(model, policy)
+    keys = set(model.state_dict())
+    assert set(split.shared).isdisjoint(split.private)
+    assert set(split.shared) | set(split.private) == keys
+    assert len(split.shared) + len(split.private) == len(keys)
+
+
+def _module_keys(model, predicate):
+    return {f"{n}.{k}" for n, m in model.named_modules() if predicate(m) for k in m.state_dict()}
+
+
+def test_fedse_keeps_exactly_the_excitation_private(model):
+    split = split_model(model, "fedse")
+    assert set(split.private) == _module_keys(model, lambda m: isinstance(m, SEBlock))
+    assert all(".se.fc" in k for k in split.private)
+
+
+def test_fedavg_keeps_nothing_private(model):
+    assert split_model(model, "fedavg").private == ()
+
+
+def test_fedbn_keeps_every_norm_including_shortcut_norms_and_buffers(model):
+    split = split_model(model, "fedbn")
+    assert set(split.private) == _module_keys(model, lambda m: isinstance(m, nn.BatchNorm2d))
+    assert "layer2.0.downsample.1.running_mean" in split.private  # no "bn" in that name
+    assert "layer2.0.downsample.1.num_batches_tracked" in split.private
+
+
+def test_fedper_keeps_exactly_the_classifier(model):
+    assert set(split_model(model, "fedper").private) == {"fc.weight", "fc.bias"}
+
+
+def test_combined_policies_are_unions(model):
+    se = set(split_model(model, "fedse").private)
+    bn = set(split_model(model, "fedbn").private)
+    head = set(split_model(model, "fedper").private)
+    assert set(split_model(model, "fedse-bn").private) == se | bn
+    assert set(split_model(model, "fedse-head").private) == se | head
+
+
+def test_private_share_is_about_one_percent_for_small_resnets():
+    model = create_model("se_resnet20", num_classes=10)
+    s = split_model(model, "fedse").summary(model)
+    assert s["private_params"] == 3 * ((2 * 16 * 4 + 4 + 16) + (2 * 32 * 4 + 4 + 32) + (2 * 64 * 4 + 4 + 64))
+    assert 0.5 < s["private_percent"] < 2.0
+
+
+def test_unknown_policy_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid policies"):
+        create_policy("fedfoo")
+
+
+def test_fedse_on_a_model_without_se_is_an_error():
+    model = create_model("se_resnet8", num_classes=10, reduction=None)
+    with pytest.raises(ValueError, match="no such modules"):
+        split_model(model, "fedse")
