@@ -89,7 +89,7 @@ class TrainConfig:
 class ServerConfig:
     # Flower strategy aggregating the shared keys.
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    rounds: int = field(default=5, metadata=_range(1, None))
+    rounds: int = field(default=20, metadata=_range(1, None))
     fraction_train: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
     min_train_clients: int = field(default=2, metadata=_range(1, None))

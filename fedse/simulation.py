@@ -10,6 +10,7 @@ virtual client (:func:`fedse.client.make_client_app`, in Ray actors).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,16 @@ class SimulationResult:
     wall_seconds: float
 
 
-def backend_config(cfg: Config) -> dict[str, Any]:
-    """Ray resources per virtual client; a GPU fraction only where CUDA is present."""
+def backend_config(cfg: Config, verbose: bool = False) -> dict[str, Any]:
+    """Ray resources per virtual client; a GPU fraction only where CUDA is present.
+
+    Client failures reach the server as error replies (counted per round in the
+    report), so actors' own logs go to the terminal only with ``verbose``."""
     gpus = cfg.simulation.client_gpu_fraction if torch.cuda.is_available() else 0.0
     return {
         "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": gpus},
-        "init_args": {"include_dashboard": False},
+        "init_args": {"include_dashboard": False, "log_to_driver": verbose,
+                      "logging_level": "INFO" if verbose else "ERROR"},
     }
 
 
@@ -94,10 +99,10 @@ class _Progress:
     def __call__(self, server_round: int, run_log: RunLog) -> None:
         row = round_rows(run_log)[-1]
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        text = (f"round {server_round}/{self.rounds}: clients {row['clients']}, train loss {fmt(row['train_loss'])}, "
-                f"personalized acc {fmt(row['local_acc_mean'])}, pooled acc {fmt(row['pooled_acc_mean'])}, "
-                f"{row['seconds']:.1f}s" + (f", dropped {row['dropped']}" if row["dropped"] else "")
-                + (f", failed {row['failed']}" if row["failed"] else ""))
+        text = (f"round {server_round}/{self.rounds}  clients {row['clients']}  loss {fmt(row['train_loss'])}  "
+                f"pers-acc {fmt(row['local_acc_mean'])}  pooled {fmt(row['pooled_acc_mean'])}  "
+                f"{row['seconds']:.1f}s" + (f"  dropped {row['dropped']}" if row["dropped"] else "")
+                + (f"  failed {row['failed']}" if row["failed"] else ""))
         if self.bar is not None:
             self.bar.console.print(text)
             self.bar.advance(self.task)
@@ -124,14 +129,15 @@ def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = No
 
         flwr_logger = logging.getLogger("flwr")
         level = flwr_logger.level
-        if not verbose:
-            flwr_logger.setLevel(logging.WARNING)
+        if not verbose:  # Flower's INFO lines and its run_simulation deprecation notice
+            flwr_logger.setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning
         try:
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(),
                 num_supernodes=cfg.partition.num_clients,
-                backend_config=backend_config(cfg),
+                backend_config=backend_config(cfg, verbose),
                 verbose_logging=verbose,
             )
         finally:
