@@ -304,7 +304,7 @@ def apply_style(images: torch.Tensor, style: ClientStyle) -> torch.Tensor:
     if style.rotation:
         theta = math.radians(style.rotation)
         cos, sin = math.cos(theta), math.sin(theta)
-        matrix = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0]], dtype=x.dtype).expand(len(x), 2, 3)
+        matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype).expand(len(x), 2, 3)
         grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if style.contrast != 1.0:

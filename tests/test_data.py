@@ -1,0 +1,167 @@
+"""Dataset readers on hand-made files in every supported format, plus the real copies when present."""
+
+import gzip
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_DATA
+from fedse.data import DatasetError, augment, load_dataset, normalize
+
+
+def _idx(images: np.ndarray | None = None, labels: np.ndarray | None = None) -> bytes:
+    if images is not None:
+        n, h, w = images.shape
+        return (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, h, w)) + images.tobytes()
+    return (2049).to_bytes(4, "big") + len(labels).to_bytes(4, "big") + labels.astype(np.uint8).tobytes()
+
+
+def _write_idx(directory, train=5, test=3, gz=True, size=4):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (train + test, size, size), dtype=np.uint8)
+    y = rng.integers(0, 10, train + test).astype(np.uint8)
+    files = {
+        "train-images-idx3-ubyte": _idx(x[:train]), "train-labels-idx1-ubyte": _idx(labels=y[:train]),
+        "t10k-images-idx3-ubyte": _idx(x[train:]), "t10k-labels-idx1-ubyte": _idx(labels=y[train:]),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, payload in files.items():
+        (directory / (name + (".gz" if gz else ""))).write_bytes(gzip.compress(payload) if gz else payload)
+    return x, y
+
+
+def test_digits_ship_with_scikit_learn():
+    from sklearn.datasets import load_digits
+
+    ds = load_dataset("digits")
+    assert ds.images.shape == (1797, 1, 8, 8) and ds.images.dtype == torch.uint8
+    assert int(ds.images.max()) == 255 and ds.num_classes == 10
+    assert torch.equal(ds.labels, torch.from_numpy(load_digits().target).long())
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip(tmp_path, gz):
+    x, y = _write_idx(tmp_path / "mnist", gz=gz)
+    ds = load_dataset("mnist", root=tmp_path)  # found in <root>/mnist
+    assert ds.num_train == 5 and ds.images.shape == (8, 1, 4, 4)
+    assert np.array_equal(ds.images[:, 0].numpy(), x) and np.array_equal(ds.labels.numpy(), y)
+    expected_mean = x.astype(np.float64).mean() / 255
+    assert ds.mean[0] == pytest.approx(expected_mean)
+
+
+def test_bad_or_truncated_idx_names_the_file(tmp_path):
+    _write_idx(tmp_path)
+    bad = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    bad.write_bytes(gzip.compress((1234).to_bytes(4, "big") + (3).to_bytes(4, "big") + b"abc"))
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte\.gz: IDX magic number 1234, expected 2049"):
+        load_dataset("fashion-mnist", root=tmp_path)
+    _write_idx(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-5]))
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz: .*truncated"):
+        load_dataset("mnist", root=tmp_path)
+
+
+def test_missing_file_is_named_with_the_directory(tmp_path):
+    _write_idx(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DatasetError, match=r"missing file\(s\) \['t10k-images-idx3-ubyte.gz'\].*" + str(tmp_path)):
+        load_dataset("mnist", root=tmp_path)
+    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", root=tmp_path / "nothing")
+
+
+def test_cifar_pickle_batches_keep_channel_order(tmp_path):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        data = np.zeros((2, 3072), dtype=np.uint8)
+        data[0, 1024 + 32 * 5 + 7] = 200 + i  # channel 1 (green), row 5, column 7
+        with (d / name).open("wb") as f:
+            pickle.dump({b"data": data, b"labels": [i % 10, 9]}, f)
+    ds = load_dataset("cifar10", root=tmp_path)
+    assert ds.images.shape == (12, 3, 32, 32) and ds.num_train == 10
+    assert int(ds.images[0, 1, 5, 7]) == 200 and int(ds.images[10, 1, 5, 7]) == 205
+    assert ds.labels.tolist()[:2] == [0, 9]
+
+
+def _png_tree(root, split, pixels):
+    for cls, values in pixels.items():
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for i, v in enumerate(values):
+            Image.fromarray(np.full((4, 4, 3), v, dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+
+
+def test_image_folder_and_tarball_read_the_same_pixels(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    _png_tree(tree, "train", {"cat": [10, 20], "dog": [30]})
+    _png_tree(tree, "test", {"cat": [40], "dog": [50]})
+    folder = load_dataset("imagefolder", root=tree)
+    assert folder.classes == ("cat", "dog") and folder.num_train == 3
+    assert folder.images[:, 0, 0, 0].tolist() == [10, 20, 30, 40, 50]
+    assert folder.labels.tolist() == [0, 0, 1, 0, 1]
+
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(tars / f"cifar10-{split}.tar.gz", "w:gz") as tar:
+            tar.add(tree / split, arcname=f"cifar10/{split}")
+    monkeypatch.setenv("FEDSE_CACHE", str(tmp_path / "cache"))
+    from_tar = load_dataset("cifar10", root=tars)
+    assert torch.equal(from_tar.images, folder.images) and torch.equal(from_tar.labels, folder.labels)
+    assert len(list((tmp_path / "cache").glob("cifar10-*.npz"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tarball re-read despite the cache")
+
+    monkeypatch.setattr(tarfile, "open", refuse)
+    cached = load_dataset("cifar10", root=tars)
+    assert torch.equal(cached.images, folder.images)
+
+
+def test_image_folder_rejects_mixed_sizes_naming_the_file(tmp_path):
+    _png_tree(tmp_path, "train", {"a": [1]})
+    Image.fromarray(np.zeros((5, 5, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / "odd.png")
+    with pytest.raises(DatasetError, match=r"odd\.png: size"):
+        load_dataset("imagefolder", root=tmp_path)
+
+
+def test_normalize_and_augment():
+    x = torch.tensor([[[[51]]]], dtype=torch.uint8)
+    assert normalize(x, (0.1,), (0.5,)).item() == pytest.approx((51 / 255 - 0.1) / 0.5)
+    batch = torch.randn(6, 3, 5, 5)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(batch, g, crop_padding=0, flip=False), batch)
+    flipped = augment(batch, torch.Generator().manual_seed(1), crop_padding=0, flip=True)
+    kinds = [torch.equal(f, b) or torch.equal(f, b.flip(2)) for f, b in zip(flipped, batch)]
+    assert all(kinds) and not torch.equal(flipped, batch)
+    shifted = augment(batch, torch.Generator().manual_seed(2), crop_padding=1, flip=False)
+    assert shifted.shape == batch.shape
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'.*valid datasets"):
+        load_dataset("svhn")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="../shared/data/mnist not present")
+def test_real_mnist():
+    ds = load_dataset("mnist", root=SHARED_DATA)
+    assert len(ds.labels) == 70000 and ds.num_train == 60000
+    counts = torch.bincount(ds.labels[:60000], minlength=10).tolist()
+    assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_real_fashion_mnist_from_debian():
+    from pathlib import Path
+
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist not installed")
+    ds = load_dataset("fashion-mnist")
+    assert len(ds.labels) == 70000 and ds.classes[9] == "Ankle boot"
+    assert torch.bincount(ds.labels).tolist() == [7000] * 10

@@ -1,0 +1,131 @@
+"""Partitioners: seeded, disjoint, covering, min size, skew vs alpha, clear errors; feature skew."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedse.partition import (
+    ClientStyle,
+    PartitionError,
+    apply_style,
+    create_partition,
+    label_counts,
+    make_client_styles,
+    plot_label_counts,
+    split_train_test,
+)
+
+LABELS = np.repeat(np.arange(10), 100)  # 10 classes x 100 samples
+PARAMS = {
+    "iid": {},
+    "dirichlet": {"alpha": 0.5, "min_size": 10},
+    "pathological": {"classes_per_client": 2},
+    "quantity": {"alpha": 1.0, "min_size": 10},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_seeded_disjoint_covering_min_size(name):
+    a = create_partition(name, LABELS, 10, seed=1, **PARAMS[name])
+    b = create_partition(name, LABELS, 10, seed=1, **PARAMS[name])
+    c = create_partition(name, LABELS, 10, seed=2, **PARAMS[name])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert len(a) == 10
+    assert np.array_equal(np.sort(np.concatenate(a)), np.arange(len(LABELS)))  # disjoint and covering
+    assert min(len(p) for p in a) >= PARAMS[name].get("min_size", 1)
+    assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in a)
+
+
+def _skew(alpha):
+    """Mean total-variation distance between client label distributions and the global one."""
+    values = []
+    for seed in range(5):
+        counts = label_counts(LABELS, create_partition("dirichlet", LABELS, 10, seed=seed, alpha=alpha, min_size=1), 10)
+        dist = counts / counts.sum(1, keepdims=True)
+        values.append(0.5 * np.abs(dist - 0.1).sum(1).mean())
+    return float(np.mean(values))
+
+
+def test_dirichlet_skew_grows_as_alpha_falls():
+    skew = [_skew(a) for a in (100.0, 1.0, 0.1)]
+    assert skew[0] < skew[1] < skew[2]
+    assert skew[0] < 0.1 and skew[2] > 0.5
+
+
+def test_pathological_gives_exactly_k_classes_per_client():
+    parts = create_partition("pathological", LABELS, 10, seed=0, classes_per_client=3)
+    counts = label_counts(LABELS, parts, 10)
+    assert ((counts > 0).sum(1) == 3).all()
+
+
+@pytest.mark.parametrize("k,clients,pattern", [(0, 10, "classes_per_client must be in \\[1, 10\\].*got 0"),
+                                               (11, 10, "got 11"),
+                                               (2, 4, "4 clients x 2 classes each = 8 slots < 10 classes")])
+def test_pathological_impossible_settings(k, clients, pattern):
+    with pytest.raises(PartitionError, match=pattern):
+        create_partition("pathological", LABELS, clients, seed=0, classes_per_client=k)
+
+
+def test_impossible_min_size_is_a_clear_error():
+    small = np.repeat(np.arange(10), 5)  # 50 samples
+    with pytest.raises(PartitionError, match="min_size 10 = 100 samples needed, but the dataset has 50"):
+        create_partition("dirichlet", small, 10, seed=0, alpha=0.1, min_size=10)
+    with pytest.raises(PartitionError, match=r"after 7 retries.*min_size=30.*larger alpha"):
+        from fedse.partition import dirichlet
+
+        dirichlet(LABELS, 20, alpha=0.01, seed=0, min_size=30, max_retries=7)
+    with pytest.raises(PartitionError, match="quantity"):
+        create_partition("quantity", LABELS, 20, seed=0, alpha=0.01, min_size=40)
+    with pytest.raises(PartitionError, match="3 clients x min_size 1 = 3 samples needed"):
+        create_partition("iid", np.array([0, 1]), 3, seed=0)
+
+
+def test_registry_errors_name_the_bad_name_or_parameter():
+    with pytest.raises(ValueError, match="unknown partition scheme 'shards'.*valid schemes"):
+        create_partition("shards", LABELS, 10, seed=0)
+    with pytest.raises(ValueError, match="'iid' takes .*not \\['alpha'\\]"):
+        create_partition("iid", LABELS, 10, seed=0, alpha=0.1)
+
+
+def test_split_train_test_is_stratified_hand_computed():
+    labels = np.array([0] * 8 + [1] * 4)
+    train, test = split_train_test([np.arange(12)], labels, test_fraction=0.25, seed=0)
+    assert np.bincount(labels[test[0]], minlength=2).tolist() == [2, 1]
+    assert np.bincount(labels[train[0]], minlength=2).tolist() == [6, 3]
+    assert np.array_equal(np.sort(np.concatenate([train[0], test[0]])), np.arange(12))
+    again = split_train_test([np.arange(12)], labels, test_fraction=0.25, seed=0)
+    assert np.array_equal(again[1][0], test[0])
+
+
+def test_label_counts_hand_made():
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    counts = label_counts(labels, [np.array([0, 2, 3]), np.array([1, 4, 5])], 3)
+    assert counts.tolist() == [[1, 1, 1], [1, 0, 2]]
+
+
+def test_plot_is_a_png(tmp_path):
+    path = tmp_path / "plot.png"
+    plot_label_counts(np.array([[1, 2], [3, 0]]), path, class_names=["a", "b"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_client_styles_deterministic_distinct_and_validated():
+    a = make_client_styles(4, kinds=["rotation", "noise"], strength=0.5, seed=0)
+    assert a == make_client_styles(4, kinds=["rotation", "noise"], strength=0.5, seed=0)
+    assert len({s.rotation for s in a}) == 4 and max(abs(s.rotation) for s in a) == pytest.approx(22.5)
+    with pytest.raises(ValueError, match="unknown feature-skew kind.*'blur'"):
+        make_client_styles(4, kinds=["blur"], strength=0.5, seed=0)
+
+
+def test_apply_style_identity_rotation_contrast_noise():
+    img = torch.arange(9, dtype=torch.uint8).view(1, 1, 3, 3) * 20
+    assert torch.equal(apply_style(img, ClientStyle()), img)
+    rotated = apply_style(img, ClientStyle(rotation=90.0))
+    assert torch.equal(rotated, torch.rot90(img, 1, dims=(2, 3)))  # counter-clockwise
+    flat = torch.full((1, 1, 2, 2), 100, dtype=torch.uint8)
+    assert apply_style(flat, ClientStyle(contrast=2.0)).unique().tolist() == [100]  # constant image: mean kept
+    assert apply_style(flat, ClientStyle(brightness=0.2)).unique().tolist() == [151]  # round((100/255+0.2)*255)
+    noisy = apply_style(flat, ClientStyle(noise_std=0.1, seed=3))
+    assert torch.equal(noisy, apply_style(flat, ClientStyle(noise_std=0.1, seed=3)))
+    assert not torch.equal(noisy, apply_style(flat, ClientStyle(noise_std=0.1, seed=4)))
