@@ -20,9 +20,10 @@ from .config import Config, config_from_dict
 from .federated import ClientShard, build_federated_data
 from .models import SEResNet, create_model
 from .records import ARRAYS, CLIENT, CONFIG, METRICS, check_arrays, from_arrays, to_arrays
-from .split import Split, split_model
+from .local import adapt, local_update
+from .split import Policy, Split, create_policy, split_model
 from .state import digest, load_private, save_private
-from .train import default_device, evaluate, train
+from .train import default_device, evaluate
 
 __all__ = ["CONFIG_JSON", "build_model", "make_client_app", "handle_evaluate", "handle_train"]
 
@@ -61,6 +62,7 @@ class _Setup:
     shard: ClientShard
     model: SEResNet
     split: Split
+    policy: Policy
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -100,7 +102,8 @@ def _setup(msg: Message, context: Context) -> _Setup:
                              "was the policy or model changed mid-run?")
         update.update(private)
     model.load_state_dict(update, strict=False)
-    return _Setup(cfg, cid, fed.shard(cid), model, split, ds.mean, ds.std)
+    policy = create_policy(cfg.personalization.policy)
+    return _Setup(cfg, cid, fed.shard(cid), model, split, policy, ds.mean, ds.std)
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict) -> Message:
@@ -110,28 +113,18 @@ def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict
     return Message(content=content, reply_to=msg)
 
 
+def _seed(cfg: Config, client_id: int, msg: Message) -> int:
+    return cfg.seed * 100_003 + client_id * 1_009 + int(msg.content[CONFIG].get("server-round", 0))
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Train locally; keep private keys in ``context.state``; reply with shared keys only."""
     s = _setup(msg, context)
-    t = s.cfg.train
     private_in = s.split.private_state(s.model)
-    anchor = s.split.shared_state(s.model) if "proximal-mu" in msg.content[CONFIG] else None
-    result = train(
-        s.model,
-        s.shard.train_images,
-        s.shard.train_labels,
-        mean=s.mean,
-        std=s.std,
-        epochs=t.local_epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
-        proximal_mu=float(msg.content[CONFIG].get("proximal-mu", 0.0)),
-        anchor=anchor,
-        augment=s.cfg.data.augment,
-        seed=s.cfg.seed * 100_003 + s.client_id * 1_009 + int(msg.content[CONFIG].get("server-round", 0)),
-        device=default_device(),
+    mu = float(msg.content[CONFIG].get("proximal-mu", 0.0))
+    result = local_update(
+        s.model, s.split, s.policy, s.shard, s.cfg, seed=_seed(s.cfg, s.client_id, msg), mean=s.mean, std=s.std,
+        proximal_mu=mu, anchor=s.split.shared_state(s.model) if mu > 0 else None,
     )
     s.model.cpu()
     private_out = s.split.private_state(s.model)
@@ -140,7 +133,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     if s.cfg.evaluate.private_digest:
         client |= {"private-digest-in": digest(private_in), "private-digest-out": digest(private_out)}
     metrics = {
-        "num-examples": result.num_examples // t.local_epochs,
+        "num-examples": len(s.shard.train_labels),
         "train-loss": result.loss,
         "train-acc": result.accuracy,
     }
@@ -152,6 +145,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     and, when asked, on the pooled test set of all clients."""
     s = _setup(msg, context)
     device = default_device()
+    if s.policy.finetune:  # fedavg-ft: fine-tune a copy of the received model; nothing is kept
+        adapt(s.model, None, s.shard, s.cfg, epochs=s.cfg.personalization.finetune_epochs,
+              seed=_seed(s.cfg, s.client_id, msg), mean=s.mean, std=s.std)
     local = evaluate(s.model, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device)
     metrics: dict[str, float | int] = {
         "num-examples": local.num_examples,

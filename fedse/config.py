@@ -73,12 +73,18 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PersonalizationConfig:
     # Which parts stay on the client: see fedse.split.POLICIES.
-    policy: Literal["fedse", "fedavg", "fedbn", "fedper", "fedse-bn", "fedse-head"] = "fedse"
+    policy: Literal[
+        "fedse", "fedavg", "fedavg-ft", "fedbn", "fedper", "fedrep", "local", "fedse-bn", "fedse-head"
+    ] = "fedse"
+    # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
+    finetune_epochs: int = field(default=1, metadata=_range(1, None))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     local_epochs: int = field(default=1, metadata=_range(1, None))
+    # Epochs the private part trains alone before the shared part (private-first policies: fedrep).
+    private_epochs: int = field(default=1, metadata=_range(1, None))
     batch_size: int = field(default=32, metadata=_range(1, None))
     lr: float = field(default=0.05, metadata=_range(0, None, lo_open=True))
     momentum: float = field(default=0.9, metadata=_range(0, 1))

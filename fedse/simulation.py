@@ -111,8 +111,11 @@ class _Progress:
 
 
 def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = None, quiet: bool = False,
-             verbose: bool = False) -> SimulationResult:
-    """Run the whole simulation described by ``cfg``; write the run folder."""
+             verbose: bool = False, clients: int | None = None) -> SimulationResult:
+    """Run the whole simulation described by ``cfg``; write the run folder.
+
+    ``clients``: how many of the partitions take part (the first ones; default all),
+    so the others can be held out as new clients."""
     started = time.perf_counter()
     fed = build_federated_data(cfg)
     run_dir = run_dir if run_dir is not None else make_run_dir(cfg, config_name)
@@ -136,7 +139,7 @@ def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = No
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(),
-                num_supernodes=cfg.partition.num_clients,
+                num_supernodes=clients or cfg.partition.num_clients,
                 backend_config=backend_config(cfg, verbose),
                 verbose_logging=verbose,
             )

@@ -41,11 +41,18 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm
 
 @dataclass(frozen=True)
 class Policy:
-    """Which parts of the model stay on the client."""
+    """Which parts of the model stay on the client, and how a client trains them.
+
+    ``schedule``: ``joint`` (everything trains together) or ``private-first``
+    (the private part alone, then the shared part alone: FedRep).
+    ``finetune``: fine-tune the received model locally before evaluating it.
+    """
 
     name: str
     private_parts: frozenset[str]
     reference: str
+    schedule: str = "joint"
+    finetune: bool = False
 
 
 POLICIES: dict[str, Policy] = {
@@ -53,12 +60,25 @@ POLICIES: dict[str, Policy] = {
     for p in (
         Policy("fedavg", frozenset(), "McMahan et al., AISTATS 2017 (FedAvg): one global model."),
         Policy(
+            "fedavg-ft",
+            frozenset(),
+            "FedAvg + local fine-tuning before evaluation (e.g. Wang et al. 2019, arXiv:1910.10252).",
+            finetune=True,
+        ),
+        Policy(
             "fedse",
             frozenset({"excitation"}),
             "fedse: excitation MLPs private; cf. ChannelFed (GLOBECOM 2022), channel attention kept local.",
         ),
         Policy("fedbn", frozenset({"norm"}), "Li et al., ICLR 2021 (FedBN): normalisation layers private."),
         Policy("fedper", frozenset({"head"}), "Arivazhagan et al., 2019 (FedPer): classifier head private."),
+        Policy(
+            "fedrep",
+            frozenset({"head"}),
+            "Collins et al., ICML 2021 (FedRep): head private, trained first with the body frozen, then the body.",
+            schedule="private-first",
+        ),
+        Policy("local", frozenset({"all"}), "Local-only training: nothing shared, each client alone."),
         Policy("fedse-bn", frozenset({"excitation", "norm"}), "fedse + FedBN: excitation and normalisation private."),
         Policy("fedse-head", frozenset({"excitation", "head"}), "fedse + FedPer: excitation and head private."),
     )

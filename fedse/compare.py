@@ -1,0 +1,241 @@
+"""Personalized vs global: every method under the identical partition, seeds, model and budget.
+
+``fedse compare --config FILE --methods fedavg,fedbn,fedper,local,fedse --seeds 0,1,2``
+runs one simulation per (seed, method) that differ only in
+``personalization.policy``, then writes a comparison folder: the method table
+(Markdown and CSV), per-client accuracies and gains over ``fedavg``, and plots.
+
+Cold start (``--holdout K``): the last K partitions never train. After
+training, each adapts a copy of the final model on its own train part and is
+evaluated on its own test part three ways: the received model as is
+(``global``), only its private keys adapted (``private``), every key adapted
+(``full``), each for ``personalization.finetune_epochs`` epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .client import build_model
+from .config import Config, ConfigError, config_to_dict
+from .federated import build_federated_data
+from .io import atomic_save, atomic_write_json, atomic_write_text
+from .local import adapt
+from .partition import plot_label_counts
+from .report import client_rows, format_table, round_rows, summarize, write_csv
+from .simulation import simulate
+from .split import POLICIES, split_model
+from .train import evaluate
+
+__all__ = ["compare", "gain_table", "method_table"]
+
+
+@dataclass
+class MethodRun:
+    method: str
+    seed: int
+    rounds: list[dict[str, Any]]
+    clients: list[dict[str, Any]]
+    holdout: list[dict[str, Any]]
+    split: dict[str, Any]
+    upload_bytes: int
+    seconds: float
+
+
+def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
+    fed = build_federated_data(cfg)
+    ds = fed.dataset
+    rows = []
+    for cid in range(first, cfg.partition.num_clients):
+        shard = fed.shard(cid)
+        base = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+        split = split_model(base, cfg.personalization.policy)
+        base.load_state_dict(shared, strict=False)
+        row: dict[str, Any] = {"client": cid, "train_samples": len(shard.train_labels)}
+        kinds = {"global": None, "private": split.private, "full": tuple(base.state_dict())}
+        for kind, keys in kinds.items():
+            model = copy.deepcopy(base)
+            if keys:  # an empty private set (fedavg) means no adaptation: same as global
+                adapt(model, keys, shard, cfg, epochs=cfg.personalization.finetune_epochs, seed=cfg.seed + cid,
+                      mean=ds.mean, std=ds.std)
+            row[f"{kind}_acc"] = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean,
+                                          std=ds.std).accuracy
+        rows.append(row)
+    return rows
+
+
+def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> MethodRun:
+    run_cfg = replace(
+        cfg,
+        seed=seed,
+        personalization=replace(cfg.personalization, policy=method),
+        output=replace(cfg.output, dir=str(out / "runs"), name=f"{method}-seed{seed}"),
+    )
+    trained = cfg.partition.num_clients - holdout
+    result = simulate(run_cfg, quiet=True, clients=trained)
+    fed = build_federated_data(run_cfg)
+    model = build_model(run_cfg, fed.dataset.num_classes, fed.dataset.channels, fed.dataset.image_size)
+    split = split_model(model, method)
+    state = model.state_dict()
+    upload = sum(state[k].numel() * state[k].element_size() for k in split.shared)
+    hold = _holdout(run_cfg, result.outcome.shared_state, trained) if holdout else []
+    return MethodRun(method, seed, round_rows(result.outcome.log), client_rows(result.outcome.log), hold,
+                     split.summary(model), upload, result.wall_seconds)
+
+
+def _pm(values: Sequence[float | None], scale: float = 100.0, digits: int = 2) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    mean = float(np.mean(vals)) * scale
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {float(np.std(vals)) * scale:.{digits}f}"
+
+
+def method_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
+    """One row per method; accuracies in %, mean ± std over seeds where several."""
+    rows = []
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = [r for r in runs if r.method == method]
+        stats = [summarize([c["local_acc"] for c in r.clients if c["local_acc"] is not None]) for r in mine]
+        best_round = [max((x["local_acc_mean"] for x in r.rounds if x["local_acc_mean"] is not None), default=None)
+                      for r in mine]
+        pooled = [summarize([c["pooled_acc"] for c in r.clients if c["pooled_acc"] is not None]).get("mean")
+                  for r in mine]
+        rows.append({
+            "method": method,
+            "personalized_mean_last": _pm([s.get("mean") for s in stats]),
+            "personalized_mean_best_round": _pm(best_round),
+            "std_over_clients": _pm([s.get("std") for s in stats]),
+            "median": _pm([s.get("median") for s in stats]),
+            "worst_10pct": _pm([s.get("worst10") for s in stats]),
+            "best_client": _pm([s.get("best") for s in stats]),
+            "pooled_test": _pm(pooled),
+            "private_params": mine[0].split["private_params"],
+            "private_pct": f"{mine[0].split['private_percent']:.2f}",
+            "upload_bytes_per_client_round": mine[0].upload_bytes,
+            "seeds": len(mine),
+            "wall_s_per_run": f"{np.mean([r.seconds for r in mine]):.0f}",
+        })
+    return rows
+
+
+def per_client(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
+    """Per client: each method's personalized accuracy, averaged over seeds."""
+    methods = list(dict.fromkeys(r.method for r in runs))
+    acc: dict[str, dict[int, list[float]]] = {m: {} for m in methods}
+    for r in runs:
+        for c in r.clients:
+            if c["local_acc"] is not None:
+                acc[r.method].setdefault(c["client"], []).append(c["local_acc"])
+    clients = sorted({c for m in methods for c in acc[m]})
+    return [{"client": c, **{m: float(np.mean(acc[m][c])) if c in acc[m] else None for m in methods}}
+            for c in clients]
+
+
+def gain_table(rows: Sequence[dict[str, Any]], reference: str = "fedavg") -> list[dict[str, Any]]:
+    """Per method: mean gain over ``reference`` in points, and how many clients gain, tie, lose."""
+    if not rows or reference not in rows[0]:
+        return []
+    out = []
+    for method in [k for k in rows[0] if k not in ("client", reference)]:
+        diffs = [r[method] - r[reference] for r in rows if r[method] is not None and r[reference] is not None]
+        out.append({
+            "method": method,
+            "mean_gain_points": 100.0 * float(np.mean(diffs)) if diffs else None,
+            "clients_gain": sum(d > 1e-12 for d in diffs),
+            "clients_tie": sum(abs(d) <= 1e-12 for d in diffs),
+            "clients_lose": sum(d < -1e-12 for d in diffs),
+        })
+    return out
+
+
+def holdout_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
+    rows = []
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = [r for r in runs if r.method == method and r.holdout]
+        if mine:
+            rows.append({"method": method, "clients": len(mine[0].holdout),
+                         **{f"{k}_acc": _pm([float(np.mean([h[f"{k}_acc"] for h in r.holdout])) for r in mine])
+                            for k in ("global", "private", "full")}})
+    return rows
+
+
+def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r.method for r in runs))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        curves = [[x["local_acc_mean"] for x in r.rounds] for r in runs if r.method == method]
+        length = min(len(c) for c in curves)
+        mean = np.mean([c[:length] for c in curves], axis=0)
+        ax.plot(range(1, length + 1), mean, marker=".", label=method)
+    ax.set(xlabel="round", ylabel="personalized accuracy (mean over clients)", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save(out / "accuracy_per_round.png", lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    if "fedavg" in methods:
+        fig, ax = plt.subplots(figsize=(5.5, 5.5))
+        for method in methods:
+            if method == "fedavg":
+                continue
+            pts = [(c["fedavg"], c[method]) for c in clients if c["fedavg"] is not None and c[method] is not None]
+            if pts:
+                ax.scatter(*zip(*pts), s=18, label=method, alpha=0.8)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        ax.set(xlabel="global accuracy (fedavg, own test part)", ylabel="personalized accuracy (own test part)",
+               xlim=(0, 1.02), ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        atomic_save(out / "personalized_vs_global.png", lambda f: fig.savefig(f, format="png", dpi=110))
+        plt.close(fig)
+
+
+def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path, *, holdout: int = 0,
+            command: str = "") -> dict[str, Any]:
+    """Run every (seed, method); write the comparison folder ``out``; return its summary."""
+    if unknown := [m for m in methods if m not in POLICIES]:
+        raise ConfigError(f"unknown method(s) {unknown}; valid methods: {sorted(POLICIES)}")
+    trained = cfg.partition.num_clients - holdout
+    if holdout < 0 or trained < max(cfg.server.min_train_clients, 1):
+        raise ConfigError(f"--holdout {holdout} leaves {trained} training clients; need at least "
+                          f"server.min_train_clients={cfg.server.min_train_clients}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [_run(cfg, m, s, out, holdout) for s in seeds for m in methods]
+    fed = build_federated_data(replace(cfg, seed=seeds[0]))
+    plot_label_counts(fed.label_counts(), out / "label_distribution.png", class_names=list(fed.dataset.classes),
+                      title=f"{fed.dataset.name}, seed {seeds[0]}: samples per client and class")
+    table, clients = method_table(runs), per_client(runs)
+    gains, hold = gain_table(clients), holdout_table(runs)
+    for name, rows in (("table", table), ("per_client", clients), ("gains", gains), ("holdout", hold)):
+        if rows:
+            write_csv(out / f"{name}.csv", rows)
+    md = [f"# Comparison: {', '.join(methods)}", "", f"`{command}`" if command else "",
+          f"seeds {list(seeds)}; accuracies in %, mean ± std over seeds; personalized = each client's own test part",
+          "", format_table(table)]
+    if gains:
+        md += ["", "## Gain over fedavg (per client, mean over seeds)", "", format_table(gains)]
+    if hold:
+        md += ["", f"## Cold start: {holdout} held-out clients", "", format_table(hold)]
+    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
+    _plots(runs, clients, out)
+    summary = {"config": config_to_dict(cfg), "methods": list(methods), "seeds": list(seeds), "holdout": holdout,
+               "table": table, "gains": gains, "holdout_table": hold,
+               "runs": [{"method": r.method, "seed": r.seed, "seconds": r.seconds, "rounds": r.rounds,
+                         "clients": r.clients, "holdout": r.holdout} for r in runs]}
+    atomic_write_json(out / "comparison.json", summary)
+    return summary

@@ -1,0 +1,61 @@
+"""What a client does locally under a policy: phases of the one training loop.
+
+* ``joint`` (FedAvg, FedBN, FedPer, fedse, ...): every parameter trains together
+  for ``train.local_epochs``.
+* ``private-first`` (FedRep, Collins et al. 2021): the private part trains
+  alone for ``train.private_epochs`` (the shared body frozen, its norm
+  statistics too), then the shared part alone for ``train.local_epochs``.
+
+:func:`adapt` trains only a chosen set of keys for a few epochs: the
+fine-tuning step of ``fedavg-ft`` before evaluation and the cold-start
+adaptation of a new client. Frozen norm layers keep their running statistics
+(:func:`fedse.train.train`), so a few label-skewed batches cannot drag the
+statistics of a model part that does not train.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Config
+from .federated import ClientShard
+from .split import Policy, Split
+from .train import TrainResult, default_device, train
+
+__all__ = ["adapt", "local_update"]
+
+
+def _param_names(model: nn.Module, keys: tuple[str, ...]) -> set[str]:
+    params = {n for n, _ in model.named_parameters()}
+    return {k for k in keys if k in params}
+
+
+def _run(model: nn.Module, shard: ClientShard, cfg: Config, *, epochs: int, trainable: set[str] | None, seed: int,
+         mean: tuple[float, ...], std: tuple[float, ...], proximal_mu: float = 0.0,
+         anchor: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    t = cfg.train
+    return train(model, shard.train_images, shard.train_labels, mean=mean, std=std, epochs=epochs,
+                 batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                 trainable=trainable, proximal_mu=proximal_mu, anchor=anchor, augment=cfg.data.augment,
+                 seed=seed, device=default_device())
+
+
+def local_update(model: nn.Module, split: Split, policy: Policy, shard: ClientShard, cfg: Config, *, seed: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], proximal_mu: float = 0.0,
+                 anchor: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """One round of local training under ``policy``; returns the last phase's result."""
+    if policy.schedule == "private-first" and split.private and split.shared:
+        _run(model, shard, cfg, epochs=cfg.train.private_epochs, trainable=_param_names(model, split.private),
+             seed=seed, mean=mean, std=std)
+        return _run(model, shard, cfg, epochs=cfg.train.local_epochs, trainable=_param_names(model, split.shared),
+                    seed=seed + 1, mean=mean, std=std, proximal_mu=proximal_mu, anchor=anchor)
+    return _run(model, shard, cfg, epochs=cfg.train.local_epochs, trainable=None, seed=seed, mean=mean, std=std,
+                proximal_mu=proximal_mu, anchor=anchor)
+
+
+def adapt(model: nn.Module, keys: tuple[str, ...] | None, shard: ClientShard, cfg: Config, *, epochs: int, seed: int,
+          mean: tuple[float, ...], std: tuple[float, ...]) -> TrainResult:
+    """Train only ``keys`` (None: every parameter) for ``epochs`` on the client's train part."""
+    trainable = None if keys is None else _param_names(model, keys)
+    return _run(model, shard, cfg, epochs=epochs, trainable=trainable, seed=seed, mean=mean, std=std)

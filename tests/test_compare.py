@@ -1,0 +1,45 @@
+"""The comparison: gain arithmetic by hand, and a real two-method run writing every file."""
+
+import json
+
+import pytest
+
+from conftest import tiny_config
+from fedse.compare import compare, gain_table
+
+pytestmark = pytest.mark.slow
+
+
+def test_gain_table_hand_computed():
+    rows = [
+        {"client": 0, "fedavg": 0.50, "fedse": 0.70, "fedper": 0.40},
+        {"client": 1, "fedavg": 0.80, "fedse": 0.80, "fedper": 0.90},
+        {"client": 2, "fedavg": 0.60, "fedse": 0.50, "fedper": 0.90},
+    ]
+    gains = {g["method"]: g for g in gain_table(rows)}
+    assert gains["fedse"]["mean_gain_points"] == pytest.approx((20 + 0 - 10) / 3)
+    assert (gains["fedse"]["clients_gain"], gains["fedse"]["clients_tie"], gains["fedse"]["clients_lose"]) == (1, 1, 1)
+    assert gains["fedper"]["mean_gain_points"] == pytest.approx((-10 + 10 + 30) / 3)
+    assert (gains["fedper"]["clients_gain"], gains["fedper"]["clients_lose"]) == (2, 1)
+    assert gain_table([{"client": 0, "fedse": 0.5}]) == []  # no fedavg: no gains
+
+
+def test_two_method_comparison_writes_every_file(tmp_path):
+    cfg = tiny_config(partition={"num_clients": 4}, output={"dir": str(tmp_path)})
+    out = tmp_path / "cmp"
+    summary = compare(cfg, ["fedavg", "fedse"], [0], out, holdout=1)
+    files = {p.name for p in out.iterdir()}
+    assert files >= {"table.md", "table.csv", "per_client.csv", "gains.csv", "holdout.csv", "comparison.json",
+                     "accuracy_per_round.png", "personalized_vs_global.png", "label_distribution.png", "runs"}
+    # Identical partitions across methods: the same label counts per client.
+    counts = [json.loads((out / "runs" / f"{m}-seed0" / "label_counts.json").read_text()) for m in ("fedavg", "fedse")]
+    assert counts[0] == counts[1]
+    table = {row["method"]: row for row in summary["table"]}
+    assert table["fedavg"]["private_params"] == 0 and table["fedse"]["private_params"] > 0
+    assert table["fedse"]["upload_bytes_per_client_round"] < table["fedavg"]["upload_bytes_per_client_round"]
+    # Three clients trained, one held out and adapted at the end.
+    assert all(len(r["clients"]) == 3 for r in summary["runs"])
+    hold = summary["runs"][1]["holdout"]
+    assert [h["client"] for h in hold] == [3] and all(0 <= h["private_acc"] <= 1 for h in hold)
+    fedavg_hold = summary["runs"][0]["holdout"][0]
+    assert fedavg_hold["private_acc"] == fedavg_hold["global_acc"]  # nothing private to adapt
