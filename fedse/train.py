@@ -81,6 +81,7 @@ def train(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     trainable: set[str] | None = None,
+    lr_scale: dict[str, float] | None = None,
     proximal_mu: float = 0.0,
     anchor: dict[str, torch.Tensor] | None = None,
     augment: bool = False,
@@ -90,7 +91,8 @@ def train(
     """SGD on (images, labels) for ``epochs`` epochs; returns mean loss and accuracy.
 
     ``trainable``: parameter names that train (None: all). Frozen norm layers
-    keep their running statistics. ``proximal_mu`` with ``anchor`` adds the
+    keep their running statistics. ``lr_scale``: per-parameter multipliers of
+    ``lr`` (e.g. a faster private part); absent names use ``lr``. ``proximal_mu`` with ``anchor`` adds the
     FedProx term ``mu/2 * ||w - w_anchor||^2`` over the anchored parameters.
     """
     device = device or default_device()
@@ -100,10 +102,14 @@ def train(
     if unknown := trainable - names:
         raise ValueError(f"trainable names not in the model: {sorted(unknown)[:5]}")
     _freeze_untrained_norms(model, trainable)
-    params = [p for n, p in model.named_parameters() if n in trainable]
+    scale = lr_scale or {}
+    groups: dict[float, list[torch.nn.Parameter]] = {}
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if n in trainable:
+            groups.setdefault(lr * scale.get(n, 1.0), []).append(p)
+    optimizer = torch.optim.SGD([{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
+                                lr=lr, momentum=momentum, weight_decay=weight_decay)
     anchored = []
     if proximal_mu > 0 and anchor:
         anchored = [(p, anchor[n].to(device)) for n, p in model.named_parameters() if n in anchor and n in trainable]

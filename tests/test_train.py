@@ -79,3 +79,16 @@ def test_same_seed_same_result():
         train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.05, seed=3, augment=True)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_lr_scale_sets_a_per_parameter_learning_rate():
+    torch.manual_seed(0)
+    model = create_model("se_resnet8", num_classes=2, in_channels=1, width=8)
+    private = set(split_model(model, "fedse").private)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _toy(64)
+    train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, momentum=0.0,
+          lr_scale={k: 0.0 for k in private}, seed=0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in private)  # scale 0: frozen in place
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
