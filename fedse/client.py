@@ -19,7 +19,8 @@ from flwr.clientapp import ClientApp
 from .config import Config, config_from_dict
 from .federated import ClientShard, build_federated_data
 from .models import SEResNet, create_model
-from .records import ARRAYS, CLIENT, CONFIG, METRICS, check_arrays, from_arrays, to_arrays
+from .privacy import SampleDP, check_dp_model, epsilon_of, load_accountant, sample_noise_multiplier, save_accountant
+from .records import ARRAYS, CLIENT, CONFIG, METRICS, UNIT_WEIGHT, check_arrays, from_arrays, to_arrays
 from .local import adapt, local_update
 from .split import Policy, Split, create_policy, split_model
 from .state import digest, load_private, save_private
@@ -122,9 +123,15 @@ def handle_train(msg: Message, context: Context) -> Message:
     s = _setup(msg, context)
     private_in = s.split.private_state(s.model)
     mu = float(msg.content[CONFIG].get("proximal-mu", 0.0))
+    pr = s.cfg.privacy
+    dp = None
+    if pr.mode == "sample":
+        check_dp_model(s.model)
+        dp = SampleDP(sample_noise_multiplier(s.cfg, len(s.shard.train_labels)), pr.max_grad_norm, pr.accountant,
+                      load_accountant(context))
     result = local_update(
         s.model, s.split, s.policy, s.shard, s.cfg, seed=_seed(s.cfg, s.client_id, msg), mean=s.mean, std=s.std,
-        proximal_mu=mu, anchor=s.split.shared_state(s.model) if mu > 0 else None,
+        proximal_mu=mu, anchor=s.split.shared_state(s.model) if mu > 0 else None, dp=dp,
     )
     s.model.cpu()
     private_out = s.split.private_state(s.model)
@@ -132,11 +139,14 @@ def handle_train(msg: Message, context: Context) -> Message:
     client = {"partition-id": s.client_id}
     if s.cfg.evaluate.private_digest:
         client |= {"private-digest-in": digest(private_in), "private-digest-out": digest(private_out)}
-    metrics = {
-        "num-examples": len(s.shard.train_labels),
-        "train-loss": result.loss,
-        "train-acc": result.accuracy,
-    }
+    metrics: dict[str, float | int] = {"num-examples": len(s.shard.train_labels)}
+    if pr.mode == "client":
+        metrics[UNIT_WEIGHT] = 1
+    if dp is None:
+        metrics |= {"train-loss": result.loss, "train-acc": result.accuracy}
+    else:  # training-set statistics are not DP: only the cumulative epsilon is reported
+        save_accountant(context, dp.history)
+        metrics["dp-epsilon"] = epsilon_of(dp.history, pr.delta, pr.accountant)
     return _reply(msg, to_arrays(s.split.shared_state(s.model)), metrics, client)
 
 
@@ -154,6 +164,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         "local-acc": local.accuracy,
         "local-loss": local.loss,
     }
+    if s.cfg.privacy.mode == "client":
+        metrics[UNIT_WEIGHT] = 1
     if bool(msg.content[CONFIG].get("pooled", False)):
         fed = build_federated_data(s.cfg)
         x, y = fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)

@@ -130,6 +130,23 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    # none | sample (Opacus DP-SGD on every client) | client (Flower's DP wrappers on the server).
+    mode: Literal["none", "sample", "client"] = "none"
+    # Gaussian noise multiplier sigma; or leave null and set target_epsilon for the whole run.
+    noise_multiplier: float | None = field(default=None, metadata=_range(0, None))
+    # Epsilon to reach after server.rounds rounds (sigma is derived from it); exclusive with noise_multiplier.
+    target_epsilon: float | None = field(default=None, metadata=_range(0, None, lo_open=True))
+    delta: float = field(default=1e-5, metadata=_range(0, 1, lo_open=True))
+    # sample: per-sample gradient clipping bound (L2 over every trained parameter).
+    max_grad_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    accountant: Literal["rdp", "prv"] = "rdp"
+    # client: clipping of each client's update to the shared weights (fixed bound, or adaptive from it).
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    clipping_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     # Parent directory of run folders.
     dir: str = "runs"
@@ -148,6 +165,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     simulation: SimulationConfig = SimulationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
 
 
@@ -247,6 +265,19 @@ def _check_cross(cfg: Config) -> None:
             f"config key 'server.min_evaluate_clients': {s.min_evaluate_clients} exceeds "
             f"partition.num_clients={p.num_clients}; allowed: at most the number of clients"
         )
+    pr = cfg.privacy
+    if pr.mode != "none" and (pr.noise_multiplier is None) == (pr.target_epsilon is None):
+        raise ConfigError(
+            f"config key 'privacy': mode '{pr.mode}' needs exactly one of privacy.noise_multiplier "
+            f"or privacy.target_epsilon (got noise_multiplier={pr.noise_multiplier}, "
+            f"target_epsilon={pr.target_epsilon})"
+        )
+    if pr.mode == "sample" and s.strategy == "fedprox":
+        raise ConfigError("config key 'server.strategy': 'fedprox' cannot be combined with privacy.mode=sample "
+                          "(the proximal term's gradient is not per-sample); allowed: fedavg, fedadam")
+    if pr.mode == "client" and pr.clipping == "adaptive" and pr.target_epsilon is not None:
+        raise ConfigError("config key 'privacy.target_epsilon': not supported with clipping=adaptive "
+                          "(its accounting depends on the clipped-count noise); set privacy.noise_multiplier")
     if cfg.data.dataset == "imagefolder" and cfg.data.root is None:
         raise ConfigError("config key 'data.root': dataset 'imagefolder' needs data.root=<dir with train/<class>/...>")
 

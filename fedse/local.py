@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import Config
 from .federated import ClientShard
+from .privacy import SampleDP
 from .split import Policy, Split
 from .train import TrainResult, default_device, train
 
@@ -33,26 +34,28 @@ def _param_names(model: nn.Module, keys: tuple[str, ...]) -> set[str]:
 
 def _run(model: nn.Module, shard: ClientShard, cfg: Config, *, epochs: int, trainable: set[str] | None, seed: int,
          mean: tuple[float, ...], std: tuple[float, ...], proximal_mu: float = 0.0,
-         anchor: dict[str, torch.Tensor] | None = None, private: tuple[str, ...] = ()) -> TrainResult:
+         anchor: dict[str, torch.Tensor] | None = None, private: tuple[str, ...] = (),
+         dp: SampleDP | None = None) -> TrainResult:
     t = cfg.train
     lr_scale = {k: t.private_lr_scale for k in private} if t.private_lr_scale != 1.0 else None
     return train(model, shard.train_images, shard.train_labels, mean=mean, std=std, epochs=epochs,
                  batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                  trainable=trainable, lr_scale=lr_scale, proximal_mu=proximal_mu, anchor=anchor,
-                 augment=cfg.data.augment, seed=seed, device=default_device())
+                 augment=cfg.data.augment, seed=seed, device=default_device(), dp=dp)
 
 
 def local_update(model: nn.Module, split: Split, policy: Policy, shard: ClientShard, cfg: Config, *, seed: int,
                  mean: tuple[float, ...], std: tuple[float, ...], proximal_mu: float = 0.0,
-                 anchor: dict[str, torch.Tensor] | None = None) -> TrainResult:
-    """One round of local training under ``policy``; returns the last phase's result."""
+                 anchor: dict[str, torch.Tensor] | None = None, dp: SampleDP | None = None) -> TrainResult:
+    """One round of local training under ``policy``; returns the last phase's result.
+    With ``dp`` every phase is a DP-SGD phase and ``dp.history`` accumulates all their steps."""
     if policy.schedule == "private-first" and split.private and split.shared:
         _run(model, shard, cfg, epochs=cfg.train.private_epochs, trainable=_param_names(model, split.private),
-             seed=seed, mean=mean, std=std, private=split.private)
+             seed=seed, mean=mean, std=std, private=split.private, dp=dp)
         return _run(model, shard, cfg, epochs=cfg.train.local_epochs, trainable=_param_names(model, split.shared),
-                    seed=seed + 1, mean=mean, std=std, proximal_mu=proximal_mu, anchor=anchor)
+                    seed=seed + 1, mean=mean, std=std, proximal_mu=proximal_mu, anchor=anchor, dp=dp)
     return _run(model, shard, cfg, epochs=cfg.train.local_epochs, trainable=None, seed=seed, mean=mean, std=std,
-                proximal_mu=proximal_mu, anchor=anchor, private=split.private)
+                proximal_mu=proximal_mu, anchor=anchor, private=split.private, dp=dp)
 
 
 def adapt(model: nn.Module, keys: tuple[str, ...] | None, shard: ClientShard, cfg: Config, *, epochs: int, seed: int,

@@ -87,7 +87,7 @@ class SEBlock(nn.Module):
         hidden = se_hidden_width(channels, reduction, divisor)
         self.channels, self.hidden = channels, hidden
         self.fc1 = nn.Linear(channels, hidden)
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden, channels)
         self.gate = nn.Sigmoid()
 
@@ -111,7 +111,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn1 = norm(channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = norm(channels)
         self.se = SEBlock(channels, reduction) if reduction else nn.Identity()
@@ -154,7 +154,7 @@ class SEResNet(nn.Module):
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.bn1 = norm_fn(widths[0])
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         stages, in_ch = [], widths[0]
         for index, (count, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
             layers = []

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord
 __all__ = ["check_arrays", "from_arrays", "to_arrays"]
 
 ARRAYS, METRICS, CONFIG, CLIENT = "arrays", "metrics", "config", "client"
+UNIT_WEIGHT = "unit-weight"  # client-level DP averages updates uniformly (its sensitivity analysis needs it)
 
 
 def to_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

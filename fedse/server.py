@@ -26,7 +26,8 @@ from .federated import FederatedData
 from .records import from_arrays, to_arrays
 from .report import client_rows, client_summary_rows, format_table, write_run
 from .split import split_model
-from .strategy import GuardedStrategy, RunLog, create_strategy
+from .privacy import check_dp_model, client_level_epsilon
+from .strategy import GuardedStrategy, RunLog, client_noise_multiplier, clients_per_round, create_strategy
 
 __all__ = ["ServerOutcome", "run_server"]
 
@@ -40,21 +41,45 @@ class ServerOutcome:
     summary: dict[str, Any]
 
 
+def privacy_report(cfg: Config, run_log: RunLog, num_clients: int) -> dict[str, Any]:
+    """What DP guarantees this run gave: mode, epsilon, delta and how it was obtained."""
+    pr = cfg.privacy
+    if pr.mode == "none":
+        return {"mode": "none"}
+    if pr.mode == "sample":
+        eps = [r["dp-epsilon"] for rows in run_log.train.values() for r in rows.values() if "dp-epsilon" in r]
+        return {"mode": "sample", "level": "one training example of one client", "delta": pr.delta,
+                "epsilon_max_over_clients": max(eps, default=0.0), "accountant": pr.accountant,
+                "max_grad_norm": pr.max_grad_norm}
+    sigma = client_noise_multiplier(cfg, num_clients)
+    q = min(1.0, clients_per_round(cfg, num_clients) / num_clients)
+    rounds = len(run_log.train)
+    return {"mode": "client", "level": "all data of one client", "delta": pr.delta,
+            "epsilon": client_level_epsilon(sigma, q, rounds, pr.delta), "noise_multiplier": sigma,
+            "sample_rate": q, "rounds": rounds, "clipping": pr.clipping, "clipping_norm": pr.clipping_norm,
+            "accountant": "rdp"}
+
+
 def run_server(
     grid: Grid,
     cfg: Config,
     fed: FederatedData,
     run_dir: Path | None,
     on_round: Callable[[int, RunLog], None] | None = None,
+    num_clients: int | None = None,
 ) -> ServerOutcome:
-    """Run ``cfg.server.rounds`` rounds on ``grid``; write the run folder when ``run_dir`` is set."""
+    """Run ``cfg.server.rounds`` rounds on ``grid``; write the run folder when ``run_dir`` is set.
+    ``num_clients``: clients taking part (default ``partition.num_clients``)."""
     ds = fed.dataset
+    num_clients = num_clients or cfg.partition.num_clients
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    if cfg.privacy.mode == "sample":
+        check_dp_model(model)
     split = split_model(model, cfg.personalization.policy)
     log.info("%s", split.describe(model))
     shared = split.shared_state(model)
     strategy = GuardedStrategy(
-        create_strategy(cfg),
+        create_strategy(cfg, num_clients),
         {k: tuple(v.shape) for k, v in shared.items()},
         num_rounds=cfg.server.rounds,
         pooled_every=cfg.evaluate.pooled_every,
@@ -71,7 +96,10 @@ def run_server(
         evaluate_config=ConfigRecord({CONFIG_JSON: payload}),
     )
     final = from_arrays(result.arrays) if len(result.arrays) else shared
-    summary: dict[str, Any] = {}
+    privacy = privacy_report(cfg, strategy.log, num_clients)
+    if privacy["mode"] != "none":
+        log.info("privacy: %s", privacy)
+    summary: dict[str, Any] = {"privacy": privacy}
     if run_dir is not None:
         summary = write_run(
             run_dir,
@@ -79,13 +107,21 @@ def run_server(
             log=strategy.log,
             split_summary=split.summary(model),
             shared_state=final,
-            extra={"wall_seconds": time.perf_counter() - started},
+            extra={"wall_seconds": time.perf_counter() - started, "privacy": privacy},
         )
     return ServerOutcome(strategy.log, final, summary)
 
 
 def final_tables(outcome_log: RunLog) -> str:
-    """The per-client table and its summary lines, as printed at the end of a run."""
+    """The per-client table and its summary lines, as printed at the end of a run, then
+    any refused or failed replies (with the first failure's reason)."""
     clients = client_rows(outcome_log)
     cols = ["client", "train_samples", "local_acc", "pooled_acc"]
-    return format_table(clients, cols) + "\n\n" + format_table(client_summary_rows(clients))
+    text = format_table(clients, cols) + "\n\n" + format_table(client_summary_rows(clients))
+    if outcome_log.dropped:
+        text += f"\n\n{len(outcome_log.dropped)} replies refused by the guard; first: {outcome_log.dropped[0]}"
+    if outcome_log.failed:
+        reason = str(outcome_log.failed[0]["reason"]).replace("\\n", "\n").strip().splitlines()
+        text += (f"\n\n{len(outcome_log.failed)} client replies failed (see rounds.json / summary.json); "
+                 f"first reason: {reason[-1][:300] if reason else '?'}")
+    return text

@@ -128,7 +128,7 @@ def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = No
 
         @server_app.main()
         def _main(grid: Grid, context: Context) -> None:
-            holder["outcome"] = run_server(grid, cfg, fed, run_dir, on_round=progress)
+            holder["outcome"] = run_server(grid, cfg, fed, run_dir, on_round=progress, num_clients=clients)
 
         flwr_logger = logging.getLogger("flwr")
         level = flwr_logger.level
@@ -150,5 +150,7 @@ def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = No
     outcome = holder["outcome"]
     if not quiet:
         print(final_tables(outcome.log))
+        if outcome.summary.get("privacy", {}).get("mode", "none") != "none":
+            print(f"\nprivacy: {outcome.summary['privacy']}")
         print(f"\nrun folder: {run_dir}")
     return SimulationResult(run_dir, outcome, time.perf_counter() - started)

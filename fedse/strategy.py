@@ -17,12 +17,20 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 from .config import Config
-from .records import ARRAYS, CLIENT, METRICS, check_arrays
+from .records import ARRAYS, CLIENT, METRICS, UNIT_WEIGHT, check_arrays
 
-__all__ = ["STRATEGIES", "GuardedStrategy", "RunLog", "create_strategy"]
+__all__ = ["STRATEGIES", "GuardedStrategy", "RunLog", "client_noise_multiplier", "clients_per_round",
+           "create_strategy"]
 
 log = logging.getLogger("fedse")
 
@@ -30,6 +38,7 @@ log = logging.getLogger("fedse")
 def _common(cfg: Config) -> dict[str, Any]:
     s = cfg.server
     return {
+        "weighted_by_key": UNIT_WEIGHT if cfg.privacy.mode == "client" else "num-examples",
         "fraction_train": s.fraction_train,
         "fraction_evaluate": s.fraction_evaluate,
         "min_train_nodes": s.min_train_clients,
@@ -45,11 +54,39 @@ STRATEGIES: dict[str, Callable[[Config], Strategy]] = {
 }
 
 
-def create_strategy(cfg: Config) -> Strategy:
+def create_strategy(cfg: Config, num_clients: int | None = None) -> Strategy:
+    """The configured Flower strategy; under client-level DP wrapped in Flower's server-side
+    DP wrapper (fixed or adaptive clipping of each client's update, Gaussian noise on the mean)."""
     name = cfg.server.strategy
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid strategies: {sorted(STRATEGIES)}")
-    return STRATEGIES[name](cfg)
+    strategy = STRATEGIES[name](cfg)
+    pr = cfg.privacy
+    if pr.mode == "client":
+        sampled = clients_per_round(cfg, num_clients or cfg.partition.num_clients)
+        sigma = client_noise_multiplier(cfg, num_clients or cfg.partition.num_clients)
+        if pr.clipping == "fixed":
+            return DifferentialPrivacyServerSideFixedClipping(strategy, sigma, pr.clipping_norm, sampled)
+        return DifferentialPrivacyServerSideAdaptiveClipping(strategy, sigma, sampled,
+                                                             initial_clipping_norm=pr.clipping_norm)
+    return strategy
+
+
+def clients_per_round(cfg: Config, num_clients: int) -> int:
+    """How many clients Flower's FedAvg samples per round (its own rule)."""
+    return max(int(num_clients * cfg.server.fraction_train), cfg.server.min_train_clients)
+
+
+def client_noise_multiplier(cfg: Config, num_clients: int) -> float:
+    """sigma for client-level DP: configured, or derived from target_epsilon over the rounds."""
+    pr = cfg.privacy
+    if pr.noise_multiplier is not None:
+        return pr.noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier
+
+    q = min(1.0, clients_per_round(cfg, num_clients) / num_clients)
+    return get_noise_multiplier(target_epsilon=pr.target_epsilon, target_delta=pr.delta, sample_rate=q,
+                                steps=cfg.server.rounds, accountant="rdp")
 
 
 @dataclass

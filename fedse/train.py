@@ -19,6 +19,7 @@ from torch import nn
 
 from .data import augment as augment_batch
 from .data import normalize
+from .privacy import SampleDP, privatize
 from .split import NORM_TYPES
 
 __all__ = ["EvalResult", "TrainResult", "batches", "default_device", "evaluate", "train"]
@@ -87,6 +88,7 @@ def train(
     augment: bool = False,
     seed: int = 0,
     device: torch.device | None = None,
+    dp: SampleDP | None = None,
 ) -> TrainResult:
     """SGD on (images, labels) for ``epochs`` epochs; returns mean loss and accuracy.
 
@@ -94,6 +96,9 @@ def train(
     keep their running statistics. ``lr_scale``: per-parameter multipliers of
     ``lr`` (e.g. a faster private part); absent names use ``lr``. ``proximal_mu`` with ``anchor`` adds the
     FedProx term ``mu/2 * ||w - w_anchor||^2`` over the anchored parameters.
+    ``dp``: train with DP-SGD (Opacus: Poisson sampling, per-sample clipping of
+    every trainable parameter's gradient, Gaussian noise); ``dp.history``
+    carries the accountant across calls and is updated in place.
     """
     device = device or default_device()
     model.to(device).train()
@@ -114,15 +119,26 @@ def train(
     if proximal_mu > 0 and anchor:
         anchored = [(p, anchor[n].to(device)) for n, p in model.named_parameters() if n in anchor and n in trainable]
     generator = torch.Generator().manual_seed(seed)
+    net: nn.Module = model
+    if dp is not None:
+        if anchored:
+            raise ValueError("FedProx's proximal term cannot be combined with sample-level DP "
+                             "(its gradient is not per-sample); use server.strategy=fedavg")
+        net, optimizer, loader, engine = privatize(model, optimizer, images, labels, batch_size, dp, generator)
+        epoch_batches = lambda: iter(loader)  # noqa: E731
+    else:
+        epoch_batches = lambda: ((images[i], labels[i]) for i in batches(len(labels), batch_size, generator))  # noqa: E731
     flip = images.shape[1] == 3
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for _ in range(epochs):
-        for index in batches(len(labels), batch_size, generator):
-            x = normalize(images[index].to(device), mean, std)
+        for xb, yb in epoch_batches():
+            if len(yb) == 0:  # an empty Poisson batch: probability (1 - q)^n, about e^-batch_size
+                continue
+            x = normalize(xb.to(device), mean, std)
             if augment:
                 x = augment_batch(x, generator, flip=flip)
-            y = labels[index].to(device)
-            logits = model(x)
+            y = yb.to(device)
+            logits = net(x)
             loss = F.cross_entropy(logits, y)
             objective = loss
             if anchored:
@@ -134,6 +150,10 @@ def train(
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             steps += 1
+    if dp is not None:
+        dp.history = [tuple(h) for h in engine.accountant.history]
+        net.remove_hooks()
+        net.del_grad_sample()
     for p in model.parameters():
         p.requires_grad_(True)
     return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, steps)
