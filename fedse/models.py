@@ -66,11 +66,25 @@ def se_hidden_width(channels: int, reduction: int, divisor: int = 4) -> int:
     return make_divisible(channels / reduction, divisor)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose integer step counter stays out of the state dict.
+
+    With ``momentum`` set (0.1 here) the counter is never read; an integer
+    counter is nothing to average, clip or add noise to, so it is a
+    non-persistent buffer: every tensor fedse exchanges is a float tensor.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        counter = self._buffers.pop("num_batches_tracked")
+        self.register_buffer("num_batches_tracked", counter, persistent=False)
+
+
 def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
-    """``batchnorm`` -> BatchNorm2d; ``groupnorm`` -> GroupNorm with ``gcd(C, groups)``
+    """``batchnorm`` -> :class:`BatchNorm2d`; ``groupnorm`` -> GroupNorm with ``gcd(C, groups)``
     groups (Opacus-compatible: no cross-sample statistics)."""
     if kind == "batchnorm":
-        return nn.BatchNorm2d(channels)
+        return BatchNorm2d(channels)
     if kind == "groupnorm":
         return nn.GroupNorm(math.gcd(channels, groups), channels)
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")

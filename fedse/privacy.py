@@ -16,6 +16,7 @@ rate, rounds).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.validators import ModuleValidator
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import Config, ConfigError
@@ -36,6 +38,7 @@ __all__ = [
     "client_level_epsilon",
     "epsilon_of",
     "load_accountant",
+    "poisson_rate",
     "privatize",
     "sample_noise_multiplier",
     "save_accountant",
@@ -55,13 +58,15 @@ class SampleDP:
 
 
 def check_dp_model(model: nn.Module) -> None:
-    """Opacus can only train modules without cross-sample statistics (no BatchNorm)."""
-    errors = ModuleValidator.validate(model, strict=False)
+    """Opacus can only train modules without cross-sample statistics (no BatchNorm): Opacus's
+    ModuleValidator, plus a type check that also catches BatchNorm subclasses."""
+    errors = [str(e) for e in ModuleValidator.validate(model, strict=False)]
+    errors += [f"{name or type(model).__name__} is a {type(m).__name__} (BatchNorm)"
+               for name, m in model.named_modules() if isinstance(m, _BatchNorm)][:1]
     if errors:
-        names = sorted({type(e).__name__ for e in errors})
         raise ConfigError(
-            f"privacy.mode=sample needs a model Opacus can privatize, but this one fails validation "
-            f"({names}: {str(errors[0])[:160]}); use --set model.norm=groupnorm"
+            f"privacy.mode=sample needs a model Opacus can privatize, but this one has "
+            f"{errors[0][:160]}; use --set model.norm=groupnorm"
         )
 
 
@@ -71,11 +76,18 @@ def sample_noise_multiplier(cfg: Config, num_train: int) -> float:
     p = cfg.privacy
     if p.noise_multiplier is not None:
         return p.noise_multiplier
-    sample_rate = min(1.0, cfg.train.batch_size / max(num_train, 1))
+    sample_rate, steps_per_epoch = poisson_rate(num_train, cfg.train.batch_size)
     epochs = cfg.train.local_epochs + (cfg.train.private_epochs if _private_first(cfg) else 0)
-    steps = cfg.server.rounds * epochs * max(1, round(1 / sample_rate))
+    steps = cfg.server.rounds * epochs * steps_per_epoch
     return get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=sample_rate,
                                 steps=steps, accountant=p.accountant)
+
+
+def poisson_rate(num_train: int, batch_size: int) -> tuple[float, int]:
+    """Opacus's Poisson sampling of a loader with ``ceil(n / batch)`` batches: each example
+    joins each step with probability ``1 / ceil(n / batch)``; that many steps per epoch."""
+    steps = max(1, math.ceil(num_train / batch_size))
+    return 1.0 / steps, steps
 
 
 def _private_first(cfg: Config) -> bool:

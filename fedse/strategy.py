@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -126,6 +127,7 @@ class GuardedStrategy(Strategy):
         self.on_round = on_round
         self.log = RunLog()
         self._round_start = time.perf_counter()
+        self._sent: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -134,7 +136,17 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
+        self._sent = {k: v.numpy() for k, v in arrays.items()}
         return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def _update_norm(self, msg: Message) -> float | None:
+        """L2 norm of a reply's update (its shared arrays minus what was sent), over all keys."""
+        if not self._sent or msg.has_error() or ARRAYS not in msg.content.array_records:
+            return None
+        record = msg.content[ARRAYS]
+        total = sum(float(np.sum((record[k].numpy().astype(np.float64) - self._sent[k]) ** 2))
+                    for k in record.keys() if k in self._sent)
+        return float(np.sqrt(total))
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Replies that pass the guard; the others are logged and recorded as dropped."""
@@ -171,7 +183,19 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.screen(server_round, replies)
         self._record(self.log.train, server_round, kept)
-        return self.inner.aggregate_train(server_round, kept)
+        received = {id(m): self._update_norm(m) for m in kept}
+        result = self.inner.aggregate_train(server_round, kept)
+        # Flower's DP wrappers clip replies in place: the norm after aggregation is the clipped one.
+        rows = self.log.train.get(server_round, {})
+        for msg in kept:
+            if msg.has_error() or METRICS not in msg.content.metric_records:
+                continue
+            info = _client_of(msg)
+            row = rows.get(int(info.get("partition-id", info["node-id"])))
+            if row is not None:
+                row["update-norm"] = received[id(msg)]
+                row["update-norm-aggregated"] = self._update_norm(msg)
+        return result
 
     def wants_pooled(self, server_round: int) -> bool:
         if server_round == self.num_rounds:

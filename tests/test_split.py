@@ -35,11 +35,16 @@ def test_fedavg_keeps_nothing_private(model):
     assert split_model(model, "fedavg").private == ()
 
 
+def test_every_exchanged_tensor_is_floating_point(model):
+    # BatchNorm's integer step counter is not in the state dict (unused with momentum set).
+    assert all(t.is_floating_point() for t in model.state_dict().values())
+
+
 def test_fedbn_keeps_every_norm_including_shortcut_norms_and_buffers(model):
     split = split_model(model, "fedbn")
     assert set(split.private) == _module_keys(model, lambda m: isinstance(m, nn.BatchNorm2d))
     assert "layer2.0.downsample.1.running_mean" in split.private  # no "bn" in that name
-    assert "layer2.0.downsample.1.num_batches_tracked" in split.private
+    assert "layer2.0.downsample.1.running_var" in split.private
 
 
 def test_fedper_keeps_exactly_the_classifier(model):

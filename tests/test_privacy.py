@@ -1,0 +1,150 @@
+"""Differential privacy: DP step == plain step without noise, model check, cumulative epsilon,
+pinned epsilon, client-level clipping bound, no private key leaves."""
+
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus.accountants import RDPAccountant
+
+from conftest import tiny_config
+from fedse.client import CONFIG_JSON, build_model, make_client_app
+from fedse.config import ConfigError, config_to_dict
+from fedse.federated import build_federated_data
+from fedse.models import create_model
+from fedse.privacy import (
+    SampleDP,
+    check_dp_model,
+    client_level_epsilon,
+    epsilon_of,
+    load_accountant,
+    poisson_rate,
+    sample_noise_multiplier,
+)
+from fedse.records import to_arrays
+from fedse.split import split_model
+from fedse.train import train
+
+MEAN, STD = (0.5,), (0.25,)
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_dp_step_without_noise_and_with_loose_clipping_equals_plain_step():
+    x, y = _data()
+    models = []
+    for dp in (None, SampleDP(noise_multiplier=0.0, max_grad_norm=1e6)):
+        torch.manual_seed(0)
+        model = create_model("se_resnet8", num_classes=3, in_channels=1, width=8, norm="groupnorm")
+        # batch = n: Poisson rate 1 includes every example, so both take one full-batch step.
+        train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=len(y), lr=0.1, momentum=0.0, seed=0, dp=dp)
+        models.append(model.state_dict())
+    for key in models[0]:
+        torch.testing.assert_close(models[0][key], models[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_dp_with_tight_clipping_differs_from_plain():
+    x, y = _data()
+    states = []
+    for dp in (None, SampleDP(noise_multiplier=0.0, max_grad_norm=1e-3)):
+        torch.manual_seed(0)
+        model = create_model("se_resnet8", num_classes=3, in_channels=1, width=8, norm="groupnorm")
+        train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=len(y), lr=0.1, momentum=0.0, seed=0, dp=dp)
+        states.append(model.state_dict()["fc.weight"])
+    assert not torch.allclose(states[0], states[1])
+
+
+def test_batchnorm_model_with_dp_is_a_clear_error():
+    with pytest.raises(ConfigError, match="model.norm=groupnorm"):
+        check_dp_model(create_model("se_resnet8", num_classes=10, norm="batchnorm"))
+    check_dp_model(create_model("se_resnet8", num_classes=10, norm="groupnorm"))
+
+
+def test_pinned_rdp_epsilon():
+    # sigma 1.0, sample rate 0.01, 1000 steps, delta 1e-5 (Opacus RDP accountant).
+    assert epsilon_of([(1.0, 0.01, 1000)], 1e-5, "rdp") == pytest.approx(2.1013652716, abs=1e-9)
+    assert client_level_epsilon(1.0, 0.01, 1000, 1e-5) == pytest.approx(2.1013652716, abs=1e-9)
+    assert epsilon_of([], 1e-5) == 0.0 and math.isinf(client_level_epsilon(0.0, 1.0, 5, 1e-5))
+
+
+def test_target_epsilon_gives_a_noise_multiplier_that_reaches_it():
+    cfg = tiny_config(model={"norm": "groupnorm"}, server={"rounds": 4},
+                      privacy={"mode": "sample", "target_epsilon": 3.0})
+    sigma = sample_noise_multiplier(cfg, 300)
+    q, steps = poisson_rate(300, cfg.train.batch_size)
+    eps = epsilon_of([(sigma, q, 4 * steps)], cfg.privacy.delta)
+    assert 2.9 < eps <= 3.0 + 1e-6
+
+
+def _msg(cfg, arrays, rnd):
+    record = ConfigRecord({CONFIG_JSON: json.dumps(config_to_dict(cfg)), "server-round": rnd})
+    return Message(RecordDict({"arrays": arrays, "config": record}), dst_node_id=3, message_type=MessageType.TRAIN)
+
+
+def test_epsilon_accumulates_over_rounds_and_matches_the_accountant(task_identity):
+    cfg = tiny_config(model={"norm": "groupnorm"}, privacy={"mode": "sample", "noise_multiplier": 1.2})
+    fed = build_federated_data(cfg)
+    ds = fed.dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    split = split_model(model, "fedse")
+    app = make_client_app()
+    ctx = Context(run_id=1, node_id=3, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    shared = to_arrays(split.shared_state(model))
+    r1 = app(_msg(cfg, shared, 1), ctx)
+    r2 = app(_msg(cfg, r1.content["arrays"], 2), ctx)
+    eps1, eps2 = r1.content["metrics"]["dp-epsilon"], r2.content["metrics"]["dp-epsilon"]
+    assert 0 < eps1 < eps2
+    # The accountant's figure for the combined steps of both rounds, computed independently.
+    q, steps = poisson_rate(len(fed.shard(0).train_labels), cfg.train.batch_size)
+    accountant = RDPAccountant()
+    for _ in range(2 * steps):
+        accountant.step(noise_multiplier=1.2, sample_rate=q)
+    assert eps2 == pytest.approx(accountant.get_epsilon(cfg.privacy.delta), rel=1e-12)
+    assert load_accountant(ctx) == [(1.2, q, 2 * steps)]
+    # Under DP no statistic of the training data is sent, and no private key.
+    assert set(r2.content["metrics"].keys()) == {"num-examples", "dp-epsilon"}
+    assert set(r2.content["arrays"].keys()) == set(split.shared)
+
+
+def test_client_with_batchnorm_and_sample_dp_refuses(task_identity):
+    cfg = tiny_config(privacy={"mode": "sample", "noise_multiplier": 1.0})
+    ds = build_federated_data(cfg).dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    split = split_model(model, "fedse")
+    ctx = Context(run_id=1, node_id=3, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="groupnorm"):
+        make_client_app()(_msg(cfg, to_arrays(split.shared_state(model)), 1), ctx)
+
+
+@pytest.mark.parametrize("raw,pattern", [
+    ({"privacy": {"mode": "sample"}}, "exactly one of privacy.noise_multiplier or privacy.target_epsilon"),
+    ({"privacy": {"mode": "client", "noise_multiplier": 1.0, "target_epsilon": 2.0}}, "exactly one"),
+    ({"privacy": {"mode": "sample", "noise_multiplier": 1.0}, "server": {"strategy": "fedprox"}}, "fedprox"),
+    ({"privacy": {"mode": "laplace"}}, "'privacy.mode'"),
+    ({"privacy": {"delta": 0}}, r"'privacy\.delta': 0\.0 is out of range"),
+])
+def test_privacy_config_errors(raw, pattern):
+    from fedse.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(raw)
+
+
+@pytest.mark.slow
+def test_client_level_updates_are_clipped_to_the_bound(tmp_path):
+    from fedse.simulation import simulate
+
+    bound = 0.5
+    cfg = tiny_config(server={"rounds": 2}, output={"dir": str(tmp_path), "name": "cdp"},
+                      privacy={"mode": "client", "noise_multiplier": 0.0, "clipping_norm": bound})
+    result = simulate(cfg, quiet=True)
+    rows = [r for rnd in result.outcome.log.train.values() for r in rnd.values()]
+    assert len(rows) == 6 and not result.outcome.log.failed
+    assert any(r["update-norm"] > bound for r in rows)  # clipping had work to do
+    assert all(r["update-norm-aggregated"] <= bound * (1 + 1e-5) for r in rows)
+    assert result.outcome.summary["privacy"]["mode"] == "client"
