@@ -63,7 +63,7 @@ def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
             model = copy.deepcopy(base)
             if keys:  # an empty private set (fedavg) means no adaptation: same as global
                 adapt(model, keys, shard, cfg, epochs=cfg.personalization.finetune_epochs, seed=cfg.seed + cid,
-                      mean=ds.mean, std=ds.std)
+                      mean=ds.mean, std=ds.std, private=split.private)
             row[f"{kind}_acc"] = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean,
                                           std=ds.std).accuracy
         rows.append(row)

@@ -89,8 +89,8 @@ class TrainConfig:
     lr: float = field(default=0.05, metadata=_range(0, None, lo_open=True))
     momentum: float = field(default=0.9, metadata=_range(0, 1))
     weight_decay: float = field(default=5e-4, metadata=_range(0, None))
-    # Learning-rate multiplier for the private part (1: same as the shared part).
-    private_lr_scale: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    # Learning-rate multiplier for the private part (null: the policy's own, 10 for the fedse family, else 1).
+    private_lr_scale: float | None = field(default=None, metadata=_range(0, None, lo_open=True))
 
 
 @dataclass(frozen=True)

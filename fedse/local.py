@@ -21,7 +21,7 @@ from torch import nn
 from .config import Config
 from .federated import ClientShard
 from .privacy import SampleDP
-from .split import Policy, Split
+from .split import Policy, Split, create_policy
 from .train import TrainResult, default_device, train
 
 __all__ = ["adapt", "local_update"]
@@ -37,11 +37,19 @@ def _run(model: nn.Module, shard: ClientShard, cfg: Config, *, epochs: int, trai
          anchor: dict[str, torch.Tensor] | None = None, private: tuple[str, ...] = (),
          dp: SampleDP | None = None) -> TrainResult:
     t = cfg.train
-    lr_scale = {k: t.private_lr_scale for k in private} if t.private_lr_scale != 1.0 else None
+    scale = private_lr_scale(cfg)
+    lr_scale = {k: scale for k in private} if scale != 1.0 else None
     return train(model, shard.train_images, shard.train_labels, mean=mean, std=std, epochs=epochs,
                  batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                  trainable=trainable, lr_scale=lr_scale, proximal_mu=proximal_mu, anchor=anchor,
                  augment=cfg.data.augment, seed=seed, device=default_device(), dp=dp)
+
+
+def private_lr_scale(cfg: Config) -> float:
+    """``train.private_lr_scale`` when set, else the policy's own."""
+    if cfg.train.private_lr_scale is not None:
+        return cfg.train.private_lr_scale
+    return create_policy(cfg.personalization.policy).private_lr_scale
 
 
 def local_update(model: nn.Module, split: Split, policy: Policy, shard: ClientShard, cfg: Config, *, seed: int,
@@ -59,7 +67,9 @@ def local_update(model: nn.Module, split: Split, policy: Policy, shard: ClientSh
 
 
 def adapt(model: nn.Module, keys: tuple[str, ...] | None, shard: ClientShard, cfg: Config, *, epochs: int, seed: int,
-          mean: tuple[float, ...], std: tuple[float, ...]) -> TrainResult:
-    """Train only ``keys`` (None: every parameter) for ``epochs`` on the client's train part."""
+          mean: tuple[float, ...], std: tuple[float, ...], private: tuple[str, ...] = ()) -> TrainResult:
+    """Train only ``keys`` (None: every parameter) for ``epochs`` on the client's train part;
+    keys in ``private`` train at the policy's private learning rate."""
     trainable = None if keys is None else _param_names(model, keys)
-    return _run(model, shard, cfg, epochs=epochs, trainable=trainable, seed=seed, mean=mean, std=std)
+    return _run(model, shard, cfg, epochs=epochs, trainable=trainable, seed=seed, mean=mean, std=std,
+                private=private)
