@@ -2,21 +2,31 @@
 
 In simulation (and in a SuperNode's process) the state lives in Flower's
 ``context.state``, a RecordDict that the engine keeps per client across rounds.
+On disk (a deployed client's state directory) :class:`StateStore` keeps it in
+one file written atomically (temporary file, fsync, rename) with a SHA-256 of
+its payload: a crash leaves the previous file intact, and a corrupt file is a
+clear error, never a silent re-initialisation.
 A digest (CRC32 over keys, dtypes, shapes and bytes) identifies a state without
 revealing it; it is used to verify continuity across rounds and restarts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import zlib
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import Context
 
+from .io import atomic_write_bytes
 from .records import from_arrays, to_arrays
 
-__all__ = ["PRIVATE_KEY", "digest", "load_private", "save_private"]
+__all__ = ["PRIVATE_KEY", "StateCorruptError", "StateStore", "digest", "load_private", "save_private"]
 
 PRIVATE_KEY = "fedse.private"
 
@@ -40,3 +50,55 @@ def digest(state: Mapping[str, torch.Tensor]) -> int:
         crc = zlib.crc32(f"{key}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
         crc = zlib.crc32(t.numpy().tobytes(), crc)
     return crc
+
+
+MAGIC = b"FEDSE-STATE\n"
+
+
+class StateCorruptError(RuntimeError):
+    """A state file failed its checksum or cannot be parsed; nothing was re-initialised."""
+
+
+class StateStore:
+    """One client's private state on disk: ``<directory>/private_state.bin``.
+
+    Layout: ``MAGIC``, one JSON header line (format, SHA-256 and length of the
+    payload, metadata), then the payload (``torch.save`` of the tensors).
+    """
+
+    FILENAME = "private_state.bin"
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / self.FILENAME
+
+    def save(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> None:
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buffer)
+        payload = buffer.getvalue()
+        header = {"format": 1, "sha256": hashlib.sha256(payload).hexdigest(), "length": len(payload),
+                  "meta": dict(meta or {})}
+        atomic_write_bytes(self.path, MAGIC + json.dumps(header).encode() + b"\n" + payload)
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(tensors, metadata), or None when this client has no state yet."""
+        if not self.path.exists():
+            return None
+        raw = self.path.read_bytes()
+        advice = (f"restore {self.path} from a backup, or delete it to start this client from the common "
+                  "initialisation (its personalization is then lost)")
+        if not raw.startswith(MAGIC) or b"\n" not in raw[len(MAGIC):]:
+            raise StateCorruptError(f"{self.path} is not a fedse state file (bad header); {advice}")
+        line, _, payload = raw[len(MAGIC):].partition(b"\n")
+        try:
+            header = json.loads(line)
+        except json.JSONDecodeError:
+            raise StateCorruptError(f"{self.path}: unreadable header; {advice}") from None
+        actual = hashlib.sha256(payload).hexdigest()
+        if len(payload) != header.get("length") or actual != header.get("sha256"):
+            raise StateCorruptError(
+                f"{self.path}: checksum mismatch (expected sha256 {header.get('sha256')}, "
+                f"{header.get('length')} bytes; found {actual}, {len(payload)} bytes); {advice}"
+            )
+        tensors = torch.load(io.BytesIO(payload), weights_only=True)
+        return tensors, header.get("meta", {})
