@@ -49,7 +49,8 @@ def _int_list(text: str, what: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedse").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

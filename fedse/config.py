@@ -144,6 +144,8 @@ class PrivacyConfig:
     # client: clipping of each client's update to the shared weights (fixed bound, or adaptive from it).
     clipping: Literal["fixed", "adaptive"] = "fixed"
     clipping_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    # adaptive clipping: noise std of the clipped-count query (null: Flower's default, sampled clients / 20).
+    clipped_count_stddev: float | None = field(default=None, metadata=_range(0, None, lo_open=True))
 
 
 @dataclass(frozen=True)

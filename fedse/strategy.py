@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from .config import Config
+from .config import Config, ConfigError
 from .records import ARRAYS, CLIENT, METRICS, UNIT_WEIGHT, check_arrays
 
 __all__ = ["STRATEGIES", "GuardedStrategy", "RunLog", "client_noise_multiplier", "clients_per_round",
@@ -68,8 +68,13 @@ def create_strategy(cfg: Config, num_clients: int | None = None) -> Strategy:
         sigma = client_noise_multiplier(cfg, num_clients or cfg.partition.num_clients)
         if pr.clipping == "fixed":
             return DifferentialPrivacyServerSideFixedClipping(strategy, sigma, pr.clipping_norm, sampled)
-        return DifferentialPrivacyServerSideAdaptiveClipping(strategy, sigma, sampled,
-                                                             initial_clipping_norm=pr.clipping_norm)
+        try:
+            return DifferentialPrivacyServerSideAdaptiveClipping(
+                strategy, sigma, sampled, initial_clipping_norm=pr.clipping_norm,
+                clipped_count_stddev=pr.clipped_count_stddev,
+            )
+        except ValueError as err:  # Flower's own rule, e.g. clipped_count_stddev too low for sigma
+            raise ConfigError(f"config key 'privacy.clipped_count_stddev' / 'privacy.noise_multiplier': {err}") from None
     return strategy
 
 

@@ -52,3 +52,31 @@ def test_guard_with_only_bad_replies_aggregates_nothing(task_identity):
 def test_pooled_evaluation_is_requested_on_schedule():
     guard = GuardedStrategy(FedAvg(), SHAPES, num_rounds=6, pooled_every=4)
     assert [guard.wants_pooled(r) for r in range(1, 7)] == [False, False, False, True, False, True]
+
+
+@pytest.mark.parametrize("name,cls", [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam")])
+def test_strategy_registry_builds_flowers_own_strategies(name, cls):
+    from fedse.strategy import create_strategy
+    from conftest import tiny_config
+
+    strategy = create_strategy(tiny_config(server={"strategy": name, "min_train_clients": 3}))
+    assert type(strategy).__name__ == cls and strategy.min_train_nodes == 3
+    if name == "fedprox":
+        assert strategy.proximal_mu == 0.01
+
+
+def test_client_level_dp_wraps_the_strategy_with_flowers_wrapper():
+    from fedse.strategy import create_strategy
+    from conftest import tiny_config
+
+    fixed = create_strategy(tiny_config(privacy={"mode": "client", "noise_multiplier": 1.0, "clipping_norm": 2.0}))
+    assert type(fixed).__name__ == "DifferentialPrivacyServerSideFixedClipping"
+    assert fixed.clipping_norm == 2.0 and fixed.num_sampled_clients == 3
+    assert fixed.strategy.weighted_by_key == "unit-weight"
+    adaptive = create_strategy(tiny_config(privacy={"mode": "client", "noise_multiplier": 1.0, "clipping": "adaptive",
+                                                    "clipped_count_stddev": 1.0}))
+    assert type(adaptive).__name__ == "DifferentialPrivacyServerSideAdaptiveClipping"
+    from fedse.config import ConfigError
+
+    with pytest.raises(ConfigError, match="clipped_count_stddev"):  # Flower's default 3/20 is too low here
+        create_strategy(tiny_config(privacy={"mode": "client", "noise_multiplier": 1.0, "clipping": "adaptive"}))
