@@ -78,6 +78,22 @@ def _by_proportions(index: np.ndarray, proportions: np.ndarray) -> list[np.ndarr
     return np.split(index, cuts)
 
 
+def _redraw(draw: Callable[[np.random.Generator], list], rng: np.random.Generator, *, scheme: str, alpha: float,
+            num_clients: int, min_size: int, max_retries: int) -> list[np.ndarray]:
+    """Repeat a whole seeded draw until every client holds ``min_size`` samples (bounded)."""
+    smallest = 0
+    for _ in range(max_retries):
+        parts = draw(rng)
+        smallest = min(len(p) for p in parts)
+        if smallest >= min_size:
+            return _finish(parts)
+    raise PartitionError(
+        f"{scheme}(alpha={alpha}) over {num_clients} clients: after {max_retries} retries the smallest "
+        f"client still had {smallest} < min_size={min_size} samples; use a larger alpha, fewer clients "
+        "or a smaller min_size"
+    )
+
+
 def dirichlet(
     labels: np.ndarray, num_clients: int, *, alpha: float, seed: int, min_size: int = 10, max_retries: int = 100
 ) -> list[np.ndarray]:
@@ -86,24 +102,18 @@ def dirichlet(
     if alpha <= 0:
         raise PartitionError(f"dirichlet alpha must be > 0, got {alpha}")
     _check_clients(labels, num_clients, min_size)
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    smallest = 0
-    for _ in range(max_retries):
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+
+    def draw(rng: np.random.Generator) -> list[list[int]]:
         parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for c in classes:
-            index = rng.permutation(np.flatnonzero(labels == c))
-            proportions = rng.dirichlet(np.full(num_clients, alpha))
-            for client, chunk in enumerate(_by_proportions(index, proportions)):
+        for members in by_class:
+            index = rng.permutation(members)
+            for client, chunk in enumerate(_by_proportions(index, rng.dirichlet(np.full(num_clients, alpha)))):
                 parts[client].extend(chunk.tolist())
-        smallest = min(len(p) for p in parts)
-        if smallest >= min_size:
-            return _finish(parts)
-    raise PartitionError(
-        f"dirichlet(alpha={alpha}) over {num_clients} clients: after {max_retries} retries the smallest "
-        f"client still had {smallest} < min_size={min_size} samples; use a larger alpha, fewer clients "
-        "or a smaller min_size"
-    )
+        return parts
+
+    return _redraw(draw, np.random.default_rng(seed), scheme="dirichlet", alpha=alpha, num_clients=num_clients,
+                   min_size=min_size, max_retries=max_retries)
 
 
 def quantity_skew(
@@ -114,18 +124,12 @@ def quantity_skew(
     if alpha <= 0:
         raise PartitionError(f"quantity alpha must be > 0, got {alpha}")
     _check_clients(labels, num_clients, min_size)
-    rng = np.random.default_rng(seed)
-    smallest = 0
-    for _ in range(max_retries):
-        parts = _by_proportions(rng.permutation(len(labels)), rng.dirichlet(np.full(num_clients, alpha)))
-        smallest = min(len(p) for p in parts)
-        if smallest >= min_size:
-            return _finish(parts)
-    raise PartitionError(
-        f"quantity(alpha={alpha}) over {num_clients} clients: after {max_retries} retries the smallest "
-        f"client still had {smallest} < min_size={min_size} samples; use a larger alpha, fewer clients "
-        "or a smaller min_size"
-    )
+
+    def draw(rng: np.random.Generator) -> list[np.ndarray]:
+        return _by_proportions(rng.permutation(len(labels)), rng.dirichlet(np.full(num_clients, alpha)))
+
+    return _redraw(draw, np.random.default_rng(seed), scheme="quantity", alpha=alpha, num_clients=num_clients,
+                   min_size=min_size, max_retries=max_retries)
 
 
 def pathological(
