@@ -1,11 +1,14 @@
 """Shared fixtures: a tiny federation config and Flower's task identity for hand-made Messages."""
 
+import os
 from pathlib import Path
 
-import pytest
-from flwr.supercore.task_identity import TaskIdentity
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"  # tests send network traffic to loopback only
 
-from fedse.config import config_from_dict
+import pytest  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedse.config import config_from_dict  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
