@@ -189,15 +189,17 @@ def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) 
     plt.close(fig)
     if "fedavg" in methods:
         fig, ax = plt.subplots(figsize=(5.5, 5.5))
+        values = [v for c in clients for m in methods if (v := c[m]) is not None]
+        lo = max(0.0, min(values, default=0.0) - 0.03)
         for method in methods:
             if method == "fedavg":
                 continue
             pts = [(c["fedavg"], c[method]) for c in clients if c["fedavg"] is not None and c[method] is not None]
             if pts:
                 ax.scatter(*zip(*pts), s=18, label=method, alpha=0.8)
-        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        ax.plot([lo, 1], [lo, 1], color="grey", linestyle="--", linewidth=1)
         ax.set(xlabel="global accuracy (fedavg, own test part)", ylabel="personalized accuracy (own test part)",
-               xlim=(0, 1.02), ylim=(0, 1.02))
+               xlim=(lo, 1.005), ylim=(lo, 1.005))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
