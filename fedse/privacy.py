@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -97,11 +98,19 @@ def _private_first(cfg: Config) -> bool:
 
 
 def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-              batch_size: int, dp: SampleDP, generator: torch.Generator):
-    """Wrap (model, optimizer, data) with Opacus; returns (dp_model, dp_optimizer, loader, engine)."""
+              batch_size: int, dp: SampleDP):
+    """Wrap (model, optimizer, data) with Opacus; returns (dp_model, dp_optimizer, loader, engine).
+
+    Poisson sampling and noise draw from a generator seeded from ``os.urandom``, never
+    from the run's seed: noise or batches predictable from the configuration would void
+    the guarantee (and the subsampling amplification). DP runs are therefore not
+    bit-reproducible. (Opacus's ``secure_mode`` would use a cryptographic generator; it
+    needs torchcsprng, which is not installed here.)
+    """
     engine = PrivacyEngine(accountant=dp.accountant)
     if dp.history:
         engine.accountant.history = [tuple(h) for h in dp.history]
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, generator=generator)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,

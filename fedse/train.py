@@ -124,7 +124,7 @@ def train(
         if anchored:
             raise ValueError("FedProx's proximal term cannot be combined with sample-level DP "
                              "(its gradient is not per-sample); use server.strategy=fedavg")
-        net, optimizer, loader, engine = privatize(model, optimizer, images, labels, batch_size, dp, generator)
+        net, optimizer, loader, engine = privatize(model, optimizer, images, labels, batch_size, dp)
         epoch_batches = lambda: iter(loader)  # noqa: E731
     else:
         epoch_batches = lambda: ((images[i], labels[i]) for i in batches(len(labels), batch_size, generator))  # noqa: E731
