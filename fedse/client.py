@@ -19,11 +19,11 @@ from flwr.clientapp import ClientApp
 from .config import Config, config_from_dict
 from .federated import ClientShard, build_federated_data
 from .models import SEResNet, create_model
-from .privacy import SampleDP, check_dp_model, epsilon_of, load_accountant, sample_noise_multiplier, save_accountant
+from .privacy import SampleDP, check_dp_model, epsilon_of, sample_noise_multiplier
 from .records import ARRAYS, CLIENT, CONFIG, METRICS, UNIT_WEIGHT, check_arrays, from_arrays, to_arrays
 from .local import adapt, local_update
 from .split import Policy, Split, create_policy, split_model
-from .state import digest, load_private, save_private
+from .state import digest, load_accountant, persist, restore, save_accountant
 from .train import default_device, evaluate
 
 __all__ = ["CONFIG_JSON", "build_model", "make_client_app", "handle_evaluate", "handle_train"]
@@ -96,7 +96,7 @@ def _setup(msg: Message, context: Context) -> _Setup:
     if problems := check_arrays(received, {k: tuple(state[k].shape) for k in split.shared}):
         raise ValueError(f"server sent invalid shared weights: {'; '.join(problems)}")
     update = from_arrays(received)
-    private = load_private(context)
+    private = restore(context)
     if private is not None:
         if set(private) != set(split.private):
             raise ValueError("stored private state does not match this run's private keys; "
@@ -135,7 +135,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     s.model.cpu()
     private_out = s.split.private_state(s.model)
-    save_private(context, private_out)
+    if dp is not None:
+        save_accountant(context, dp.history)
+    persist(context, private_out)
     client = {"partition-id": s.client_id}
     if s.cfg.evaluate.private_digest:
         client |= {"private-digest-in": digest(private_in), "private-digest-out": digest(private_out)}
@@ -145,7 +147,6 @@ def handle_train(msg: Message, context: Context) -> Message:
     if dp is None:
         metrics |= {"train-loss": result.loss, "train-acc": result.accuracy}
     else:  # training-set statistics are not DP: only the cumulative epsilon is reported
-        save_accountant(context, dp.history)
         metrics["dp-epsilon"] = epsilon_of(dp.history, pr.delta, pr.accountant)
     return _reply(msg, to_arrays(s.split.shared_state(s.model)), metrics, client)
 

@@ -21,7 +21,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, Context
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -33,19 +32,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from .config import Config, ConfigError
 
 __all__ = [
-    "ACCOUNTANT_KEY",
     "SampleDP",
     "check_dp_model",
     "client_level_epsilon",
     "epsilon_of",
-    "load_accountant",
     "poisson_rate",
     "privatize",
     "sample_noise_multiplier",
-    "save_accountant",
 ]
-
-ACCOUNTANT_KEY = "fedse.accountant"
 
 
 @dataclass
@@ -126,16 +120,6 @@ def epsilon_of(history: list[tuple[float, float, int]] | None, delta: float, acc
     acc = create_accountant(accountant)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))
-
-
-def load_accountant(context: Context) -> list[tuple[float, float, int]]:
-    if ACCOUNTANT_KEY not in context.state.config_records:
-        return []
-    return [tuple(h) for h in json.loads(str(context.state.config_records[ACCOUNTANT_KEY]["history"]))]
-
-
-def save_accountant(context: Context, history: list[tuple[float, float, int]]) -> None:
-    context.state[ACCOUNTANT_KEY] = ConfigRecord({"history": json.dumps([list(h) for h in history])})
 
 
 def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:

@@ -21,14 +21,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 
 from .io import atomic_write_bytes
 from .records import from_arrays, to_arrays
 
-__all__ = ["PRIVATE_KEY", "StateCorruptError", "StateStore", "digest", "load_private", "save_private"]
+__all__ = [
+    "ACCOUNTANT_KEY",
+    "PRIVATE_KEY",
+    "StateCorruptError",
+    "StateStore",
+    "digest",
+    "load_accountant",
+    "load_private",
+    "persist",
+    "restore",
+    "save_accountant",
+    "save_private",
+]
 
 PRIVATE_KEY = "fedse.private"
+ACCOUNTANT_KEY = "fedse.accountant"
+STATE_DIR = "state-dir"  # node config key of a deployed client's state directory
 
 
 def load_private(context: Context) -> dict[str, torch.Tensor] | None:
@@ -40,6 +54,48 @@ def load_private(context: Context) -> dict[str, torch.Tensor] | None:
 
 def save_private(context: Context, state: Mapping[str, torch.Tensor]) -> None:
     context.state[PRIVATE_KEY] = to_arrays(state)
+
+
+def load_accountant(context: Context) -> list[tuple[float, float, int]]:
+    """This client's DP accountant history (noise multiplier, sample rate, steps); [] before any DP step."""
+    if ACCOUNTANT_KEY not in context.state.config_records:
+        return []
+    return [tuple(h) for h in json.loads(str(context.state.config_records[ACCOUNTANT_KEY]["history"]))]
+
+
+def save_accountant(context: Context, history: list[tuple[float, float, int]]) -> None:
+    context.state[ACCOUNTANT_KEY] = ConfigRecord({"history": json.dumps([list(h) for h in history])})
+
+
+def _store(context: Context) -> StateStore | None:
+    directory = context.node_config.get(STATE_DIR)
+    return StateStore(str(directory)) if directory else None
+
+
+def restore(context: Context) -> dict[str, torch.Tensor] | None:
+    """This client's private tensors: from ``context.state`` within a run; else, for a client
+    with a ``state-dir``, from disk (with its accountant history), so a restarted client resumes
+    bit-identically. None on a client's very first round. A corrupt file raises."""
+    private = load_private(context)
+    if private is not None:
+        return private
+    store = _store(context)
+    loaded = store.load() if store is not None else None
+    if loaded is None:
+        return None
+    tensors, meta = loaded
+    save_private(context, tensors)
+    save_accountant(context, [tuple(h) for h in meta.get("accountant", [])])
+    return tensors
+
+
+def persist(context: Context, private: Mapping[str, torch.Tensor]) -> None:
+    """Keep the private tensors (and the accountant) in ``context.state`` and, for a client with
+    a ``state-dir``, on disk atomically."""
+    save_private(context, private)
+    store = _store(context)
+    if store is not None:
+        store.save(private, {"accountant": [list(h) for h in load_accountant(context)]})
 
 
 def digest(state: Mapping[str, torch.Tensor]) -> int:

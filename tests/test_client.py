@@ -107,3 +107,25 @@ def test_bad_server_message_is_refused_with_a_reason(task_identity):
     no_config = Message(RecordDict({"arrays": to_arrays(state)}), dst_node_id=7, message_type=MessageType.TRAIN)
     with pytest.raises(ValueError, match="fedse-config"):
         app(no_config, _context(0))
+
+
+def test_client_with_state_dir_restarts_with_bit_identical_private_weights(task_identity, tmp_path):
+    from fedse.state import StateCorruptError, StateStore
+
+    cfg, model, split = _setup()
+    app = make_client_app()
+    node_config = {"partition-id": 1, "state-dir": str(tmp_path / "client1")}
+    first = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+    r1 = app(_message(cfg, to_arrays(split.shared_state(model))), first)
+    # The process dies; a new run starts with a fresh context.state and the same state directory.
+    restarted = Context(run_id=2, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+    r2 = app(_message(cfg, r1.content["arrays"], **{"server-round": 2}), restarted)
+    assert r2.content["client"]["private-digest-in"] == r1.content["client"]["private-digest-out"]
+    tensors, _ = StateStore(tmp_path / "client1").load()
+    assert digest(tensors) == r2.content["client"]["private-digest-out"]
+    # A corrupt state file is an error, never a silent re-initialisation.
+    path = StateStore(tmp_path / "client1").path
+    path.write_bytes(path.read_bytes()[:-3] + b"xyz")
+    fresh = Context(run_id=3, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+    with pytest.raises(StateCorruptError, match="checksum mismatch"):
+        app(_message(cfg, r1.content["arrays"]), fresh)

@@ -19,12 +19,12 @@ from fedse.privacy import (
     check_dp_model,
     client_level_epsilon,
     epsilon_of,
-    load_accountant,
     poisson_rate,
     sample_noise_multiplier,
 )
 from fedse.records import to_arrays
 from fedse.split import split_model
+from fedse.state import load_accountant
 from fedse.train import train
 
 MEAN, STD = (0.5,), (0.25,)
