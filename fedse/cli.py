@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", type=Path, default=None, help="YAML file (default: built-in defaults)")
     sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set partition.alpha=0.1 (repeatable)")
+    sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue RUN_DIR's run from its last checkpoint (its config.yaml, plus --set)")
     sim.add_argument("--quiet", action="store_true", help="no progress display or tables")
     sim.add_argument("--verbose", action="store_true", help="Flower's own INFO/DEBUG logs")
     cmp = sub.add_parser("compare", help="run several methods under the identical partition and budget")
@@ -51,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedse").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    resume = getattr(args, "resume", None)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if resume is not None and not (resume / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; is it a fedse run folder?")
+        cfg = load_config(resume / "config.yaml" if resume else args.config, args.overrides)
     except ConfigError as err:
         print(f"fedse: error: {err}", file=sys.stderr)
         return 2
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             from .simulation import simulate
 
-            simulate(cfg, config_name=name, quiet=args.quiet, verbose=args.verbose)
+            simulate(cfg, config_name=name, quiet=args.quiet, verbose=args.verbose, run_dir=resume,
+                     resume=resume is not None)
         elif args.command == "compare":
             import time
 
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                               command="fedse " + " ".join(argv if argv is not None else sys.argv[1:]))
             print((out / "table.md").read_text())
             print(f"comparison folder: {out}")
-    except (ConfigError, DatasetError, PartitionError, FileExistsError) as err:
+    except (ConfigError, DatasetError, PartitionError, FileExistsError, FileNotFoundError) as err:
         print(f"fedse: error: {err}", file=sys.stderr)
         return 2
     return 0

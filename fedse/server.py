@@ -8,6 +8,7 @@ data and a partition id.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from .client import CONFIG_JSON, build_model
 from .config import Config, config_to_dict
 from .federated import FederatedData
+from .io import atomic_save
 from .records import from_arrays, to_arrays
 from .report import client_rows, client_summary_rows, format_table, write_run
 from .split import split_model
@@ -60,6 +62,38 @@ def privacy_report(cfg: Config, run_log: RunLog, num_clients: int) -> dict[str, 
             "accountant": "rdp"}
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(run_dir: Path, cfg: Config, server_round: int, arrays: ArrayRecord, run_log: RunLog) -> None:
+    """The shared weights, the round and the run log so far, written atomically."""
+    payload = {"round": server_round, "config": config_to_dict(cfg), "shared": from_arrays(arrays),
+               "log": dataclasses.asdict(run_log)}
+    atomic_save(run_dir / CHECKPOINT, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(run_dir: Path, cfg: Config) -> tuple[int, dict[str, torch.Tensor], RunLog]:
+    """(rounds done, shared weights, run log) of ``run_dir``'s checkpoint for a resumed run."""
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist (no round of that run completed)")
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch raises several types for a bad file)
+        raise ValueError(f"cannot resume: {path} is unreadable ({err})") from None
+    saved, now = dict(payload["config"]), config_to_dict(cfg)
+    saved.pop("output", None), now.pop("output", None)
+    if {k: v for k, v in saved.items() if k != "server"} != {k: v for k, v in now.items() if k != "server"}:
+        raise ValueError(f"cannot resume {run_dir}: the configuration differs from the checkpoint's "
+                         "(only server.* and output.* may change)")
+    raw = payload["log"]
+    run_log = RunLog(**{k: ({int(r): {int(c): row for c, row in rows.items()} for r, rows in v.items()}
+                            if k in ("train", "evaluate") else
+                            {int(r): x for r, x in v.items()} if k == "round_seconds" else v)
+                        for k, v in raw.items()})
+    return int(payload["round"]), payload["shared"], run_log
+
+
 def run_server(
     grid: Grid,
     cfg: Config,
@@ -67,8 +101,10 @@ def run_server(
     run_dir: Path | None,
     on_round: Callable[[int, RunLog], None] | None = None,
     num_clients: int | None = None,
+    resume: bool = False,
 ) -> ServerOutcome:
-    """Run ``cfg.server.rounds`` rounds on ``grid``; write the run folder when ``run_dir`` is set.
+    """Run ``cfg.server.rounds`` rounds on ``grid``; write the run folder when ``run_dir`` is set,
+    with a checkpoint after every round. ``resume``: continue ``run_dir``'s run from its checkpoint.
     ``num_clients``: clients taking part (default ``partition.num_clients``)."""
     ds = fed.dataset
     num_clients = num_clients or cfg.partition.num_clients
@@ -78,19 +114,28 @@ def run_server(
     split = split_model(model, cfg.personalization.policy)
     log.info("%s", split.describe(model))
     shared = split.shared_state(model)
+    done, run_log = 0, None
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume needs the run folder to continue")
+        done, shared, run_log = load_checkpoint(run_dir, cfg)
+        log.info("resuming %s after round %d of %d", run_dir, done, cfg.server.rounds)
     strategy = GuardedStrategy(
         create_strategy(cfg, num_clients),
-        {k: tuple(v.shape) for k, v in shared.items()},
+        {k: tuple(v.shape) for k, v in split.shared_state(model).items()},
         num_rounds=cfg.server.rounds,
         pooled_every=cfg.evaluate.pooled_every,
         on_round=on_round,
+        on_aggregated=(lambda rnd, arrays, rl: save_checkpoint(run_dir, cfg, rnd, arrays, rl)) if run_dir else None,
+        round_offset=done,
+        log=run_log,
     )
     payload = json.dumps(config_to_dict(cfg))
     started = time.perf_counter()
     result = strategy.start(
         grid=grid,
         initial_arrays=to_arrays(shared),
-        num_rounds=cfg.server.rounds,
+        num_rounds=max(cfg.server.rounds - done, 0),
         timeout=cfg.server.round_timeout,
         train_config=ConfigRecord({CONFIG_JSON: payload}),
         evaluate_config=ConfigRecord({CONFIG_JSON: payload}),

@@ -111,11 +111,12 @@ class _Progress:
 
 
 def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = None, quiet: bool = False,
-             verbose: bool = False, clients: int | None = None) -> SimulationResult:
+             verbose: bool = False, clients: int | None = None, resume: bool = False) -> SimulationResult:
     """Run the whole simulation described by ``cfg``; write the run folder.
 
     ``clients``: how many of the partitions take part (the first ones; default all),
-    so the others can be held out as new clients."""
+    so the others can be held out as new clients. ``resume``: continue the run in ``run_dir``
+    from its last checkpoint."""
     started = time.perf_counter()
     fed = build_federated_data(cfg)
     run_dir = run_dir if run_dir is not None else make_run_dir(cfg, config_name)
@@ -128,7 +129,8 @@ def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = No
 
         @server_app.main()
         def _main(grid: Grid, context: Context) -> None:
-            holder["outcome"] = run_server(grid, cfg, fed, run_dir, on_round=progress, num_clients=clients)
+            holder["outcome"] = run_server(grid, cfg, fed, run_dir, on_round=progress, num_clients=clients,
+                                           resume=resume)
 
         flwr_logger = logging.getLogger("flwr")
         level = flwr_logger.level

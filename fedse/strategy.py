@@ -124,15 +124,24 @@ class GuardedStrategy(Strategy):
         num_rounds: int,
         pooled_every: int = 0,
         on_round: Callable[[int, RunLog], None] | None = None,
+        on_aggregated: Callable[[int, ArrayRecord, RunLog], None] | None = None,
+        round_offset: int = 0,
+        log: RunLog | None = None,
     ) -> None:
+        """``num_rounds``: the run's last round. ``round_offset``: rounds done before this start
+        (a resumed run): Flower's round r is recorded as ``r + round_offset``. ``on_aggregated``
+        receives each round's new shared arrays (checkpoints)."""
         self.inner = inner
         self.shared_shapes = dict(shared_shapes)
         self.num_rounds = num_rounds
         self.pooled_every = pooled_every
         self.on_round = on_round
-        self.log = RunLog()
+        self.on_aggregated = on_aggregated
+        self.round_offset = round_offset
+        self.log = log if log is not None else RunLog()
         self._round_start = time.perf_counter()
         self._sent: dict[str, np.ndarray] = {}
+        self._client_of_node: dict[int, int] = {}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -158,8 +167,9 @@ class GuardedStrategy(Strategy):
         kept = []
         for msg in replies:
             if msg.has_error():
-                self.log.failed.append({"round": server_round, "node-id": msg.metadata.src_node_id,
-                                        "reason": msg.error.reason})
+                node = msg.metadata.src_node_id
+                self.log.failed.append({"round": server_round, "node-id": node,
+                                        "client": self._client_of_node.get(node), "reason": msg.error.reason})
                 kept.append(msg)  # the inner strategy counts and logs failures itself
                 continue
             if ARRAYS not in msg.content.array_records:
@@ -181,15 +191,17 @@ class GuardedStrategy(Strategy):
                 continue
             info = _client_of(msg)
             cid = int(info.get("partition-id", info["node-id"]))
+            self._client_of_node[int(info["node-id"])] = cid
             rows[cid] = {**info, **dict(msg.content[METRICS])}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        local_round, server_round = server_round, server_round + self.round_offset
         kept = self.screen(server_round, replies)
         self._record(self.log.train, server_round, kept)
         received = {id(m): self._update_norm(m) for m in kept}
-        result = self.inner.aggregate_train(server_round, kept)
+        result = self.inner.aggregate_train(local_round, kept)
         # Flower's DP wrappers clip replies in place: the norm after aggregation is the clipped one.
         rows = self.log.train.get(server_round, {})
         for msg in kept:
@@ -200,6 +212,8 @@ class GuardedStrategy(Strategy):
             if row is not None:
                 row["update-norm"] = received[id(msg)]
                 row["update-norm-aggregated"] = self._update_norm(msg)
+        if result[0] is not None and self.on_aggregated is not None:
+            self.on_aggregated(server_round, result[0], self.log)
         return result
 
     def wants_pooled(self, server_round: int) -> bool:
@@ -210,13 +224,14 @@ class GuardedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config["pooled"] = self.wants_pooled(server_round)
+        config["pooled"] = self.wants_pooled(server_round + self.round_offset)
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        self._record(self.log.evaluate, server_round, replies)
         metrics = self.inner.aggregate_evaluate(server_round, replies)
+        server_round += self.round_offset
+        self._record(self.log.evaluate, server_round, replies)
         self.log.round_seconds[server_round] = time.perf_counter() - self._round_start
         if self.on_round is not None:
             self.on_round(server_round, self.log)

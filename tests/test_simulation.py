@@ -59,3 +59,25 @@ def test_shared_weights_file_has_only_shared_keys(run):
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
     saved = torch.load(result.run_dir / "shared_weights.pt")
     assert set(saved) == set(split_model(model, "fedse").shared)
+
+
+def test_checkpoint_after_every_round_and_resume(run, tmp_path):
+    import dataclasses
+    import shutil
+
+    import torch
+
+    from fedse.server import load_checkpoint
+
+    cfg, result = run
+    done, shared, log = load_checkpoint(result.run_dir, cfg)
+    assert done == 2 and set(log.train) == {1, 2}
+    assert all(torch.equal(shared[k], result.outcome.shared_state[k]) for k in shared)
+    # Resume a copy for one more round: rounds 1-2 come from the checkpoint, round 3 is new.
+    copy = tmp_path / "resumed"
+    shutil.copytree(result.run_dir, copy)
+    more = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, rounds=3))
+    resumed = simulate(more, run_dir=copy, resume=True, quiet=True)
+    assert sorted(resumed.outcome.log.train) == [1, 2, 3]
+    assert [r["round"] for r in json.loads((copy / "rounds.json").read_text())] == [1, 2, 3]
+    assert load_checkpoint(copy, more)[0] == 3
