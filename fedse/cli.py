@@ -1,4 +1,4 @@
-"""Command line: ``fedse simulate`` and ``fedse compare``.
+"""Command line: ``fedse simulate``, ``compare``, and deployment (``certs``, ``keygen``, ``server``, ``client``).
 
 Examples::
 
@@ -39,7 +39,61 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     cmp.add_argument("--holdout", type=int, default=0, help="keep the last K clients out of training (cold start)")
     cmp.add_argument("--out", type=Path, default=None, help="comparison folder (default: <output.dir>/compare-...)")
+    crt = sub.add_parser("certs", help="make a test certificate authority and a SuperLink certificate")
+    crt.add_argument("directory", type=Path)
+    key = sub.add_parser("keygen", help="make a SuperNode key pair (register the .pub with flwr supernode register)")
+    key.add_argument("path", type=Path)
+    srv = sub.add_parser("server", help="start a SuperLink (TLS and SuperNode authentication on)")
+    srv.add_argument("--certs", type=Path, help="directory from 'fedse certs' (ca.crt, server.pem, server.key)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=9093)
+    srv.add_argument("--database", type=Path, help="SuperLink state (registered nodes, runs); default in memory")
+    srv.add_argument("--insecure", action="store_true", help="no TLS, no authentication (warned; testing only)")
+    cli = sub.add_parser("client", help="start a SuperNode for one client")
+    cli.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    cli.add_argument("--ca", type=Path, help="CA certificate the SuperLink's certificate is signed by")
+    cli.add_argument("--key", type=Path, help="this node's private key (from fedse keygen)")
+    cli.add_argument("--state-dir", type=Path, required=True, help="where this client's private state lives")
+    cli.add_argument("--partition-id", type=int, help="demo: which partition of the run's dataset is this client's")
+    cli.add_argument("--num-partitions", type=int)
+    cli.add_argument("--port", type=int, default=9094, help="this SuperNode's local Runtime API port")
+    cli.add_argument("--insecure", action="store_true", help="no TLS (warned; testing only)")
     return parser
+
+
+def _exec(cmd: list[str]) -> int:
+    """Replace this process with a Flower process (signals reach it directly)."""
+    import os
+
+    from .deploy import NO_RUNTIME_INSTALL
+
+    os.execvpe(cmd[0], cmd, {**os.environ, **NO_RUNTIME_INSTALL})
+    return 0  # not reached
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from . import deploy
+
+    if args.command == "certs":
+        certs = deploy.make_test_certs(args.directory)
+        print(f"CA {certs.ca}\nSuperLink certificate {certs.cert}\nkey {certs.key}")
+        return 0
+    if args.command == "keygen":
+        print(deploy.make_node_key(args.path))
+        return 0
+    if args.command == "server":
+        if args.certs is None and not args.insecure:
+            raise ConfigError("fedse server needs --certs DIR (from 'fedse certs DIR') or an explicit --insecure")
+        certs = None if args.insecure else deploy.Certs(args.certs / "ca.crt", args.certs / "server.pem",
+                                                        args.certs / "server.key")
+        return _exec(deploy.superlink_command(certs=certs, host=args.host, port=args.port, database=args.database))
+    if not args.insecure and (args.ca is None or args.key is None):
+        raise ConfigError("fedse client needs --ca and --key (TLS and SuperNode authentication) or an explicit --insecure")
+    node = {"state-dir": str(args.state_dir.resolve())}
+    if args.partition_id is not None:
+        node |= {"partition-id": args.partition_id, "num-partitions": args.num_partitions or args.partition_id + 1}
+    return _exec(deploy.supernode_command(superlink=args.superlink, ca=None if args.insecure else args.ca,
+                                          key=args.key, node_config=node, port=args.port))
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -51,6 +105,13 @@ def _int_list(text: str, what: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("certs", "keygen", "server", "client"):
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return _deploy(args)
+        except (ConfigError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+            print(f"fedse: error: {err}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedse").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     resume = getattr(args, "resume", None)

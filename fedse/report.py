@@ -173,6 +173,7 @@ def write_run(
     write_csv(run_dir / "rounds.csv", rounds)
     atomic_write_json(run_dir / "clients.json", clients)
     write_csv(run_dir / "clients.csv", clients)
+    atomic_write_json(run_dir / "client_rounds.json", {"train": log.train, "evaluate": log.evaluate})
     plot_accuracy(rounds, run_dir / "accuracy.png", title=str(split_summary.get("policy", "")))
     if shared_state is not None:
         atomic_save(run_dir / "shared_weights.pt", lambda f: torch.save(dict(shared_state), f))

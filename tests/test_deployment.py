@@ -1,0 +1,183 @@
+"""End to end on 127.0.0.1: a SuperLink and SuperNodes with TLS and authentication, `flwr run`.
+
+One SuperLink (TLS, SuperNode authentication), three registered SuperNodes each
+with its own state directory; a 3-round run during which one SuperNode is
+killed; a second run after restarting it (its private weights come back
+bit-identical from disk); a fourth SuperNode with an unregistered key is
+refused. Every process the test starts, it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedse.deploy import make_node_key, make_test_certs, superlink_command, supernode_command, write_connection
+from fedse.state import StateStore, digest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl, ssh-keygen"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+FLWR = str(Path(sys.executable).with_name("flwr"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().split(")")[-1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids
+
+
+class Processes:
+    """Start processes in their own sessions; stop each group, and children started in other sessions."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.procs = env, logs, {}
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        handle = (self.logs / f"{name}.log").open("w")
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        descendants = _children(proc.pid)
+        for pid in [proc.pid, *descendants]:
+            try:
+                os.killpg(pid, sig) if pid == proc.pid else os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        for pid in descendants:
+            _wait(lambda p=pid: not Path(f"/proc/{p}").exists() or _zombie(p), 20, f"process {pid} to stop")
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            if self.procs[name].poll() is None or _children(self.procs[name].pid):
+                self.kill(name, signal.SIGTERM)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _run(procs: Processes, name: str, out: Path, overrides: str, resume: str = "") -> subprocess.Popen:
+    config = f'overrides="{overrides}" output-dir="{out}"' + (f' resume-from="{resume}"' if resume else "")
+    return procs.start(name, [FLWR, "run", str(ROOT), "tls", "--run-config", config, "--stream"])
+
+
+def _run_folder(out: Path) -> Path:
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    (tmp_path / "logs").mkdir()
+    procs = Processes(env, tmp_path / "logs")
+    certs = make_test_certs(tmp_path / "certs")
+    keys = [make_node_key(tmp_path / "keys" / f"node{i}") for i in range(4)]
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    write_connection(tmp_path / "flwr_home", "tls", address, certs.ca)
+    common = "partition.num_clients=3 server.min_train_clients=2 server.min_evaluate_clients=2 " \
+             "server.round_timeout=60 evaluate.private_digest=true model.width=8"
+    try:
+        procs.start("superlink", superlink_command(certs=certs, port=port, database=tmp_path / "state.db"))
+        _wait(lambda: "Uvicorn running" in procs.log("superlink"), 90, "the SuperLink")
+        for i in range(3):  # node 3 stays unregistered
+            reg = subprocess.run([FLWR, "supernode", "register", str(keys[i]), "tls", "--name", f"node{i}"],
+                                 env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+
+        def supernode(i: int) -> list[str]:
+            return supernode_command(superlink=address, ca=certs.ca, key=keys[i].with_suffix(""), port=_free_port(),
+                                     node_config={"partition-id": i % 3, "num-partitions": 3,
+                                                  "state-dir": str(tmp_path / f"state{i}")})
+
+        for i in range(3):
+            procs.start(f"node{i}", supernode(i))
+        _wait(lambda: procs.log("superlink").count("Activated node_id") >= 3, 90, "three SuperNodes to activate")
+
+        # An unregistered key is refused: that SuperNode exits with an error on its own.
+        intruder = procs.start("node3", supernode(3))
+        intruder.wait(timeout=90)
+        assert intruder.returncode != 0
+        assert "Failed to activate SuperNode" in procs.log("node3")
+
+        # Run 1: three rounds; SuperNode 2 is killed once round 2 has started.
+        out1 = tmp_path / "runs1"
+        run1 = _run(procs, "run1", out1, f"server.rounds=3 {common}")
+        _wait(lambda: "[ROUND 2/3]" in procs.log("run1"), 300, "round 2 of run 1")
+        procs.kill("node2")
+        assert run1.wait(timeout=400) == 0, procs.log("run1")[-3000:]
+        folder = _run_folder(out1)
+        rounds = json.loads((folder / "rounds.json").read_text())
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        assert rounds[0]["clients"] == 3 and rounds[2]["clients"] == 2  # left out once it died
+        clients = json.loads((folder / "clients.json").read_text())
+        assert all(0 <= c["local_acc"] <= 1 for c in clients)  # personalized accuracy reported
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["clients"]["mean"]["local_acc"] > 0
+
+        # Restart SuperNode 2 between runs: its private weights come back bit-identical from disk.
+        on_disk = {i: digest(StateStore(tmp_path / f"state{i}").load()[0]) for i in range(3)}
+        procs.start("node2b", supernode(2))
+        _wait(lambda: procs.log("superlink").count("Activated node_id") >= 4, 90, "SuperNode 2 to come back")
+        out2 = tmp_path / "runs2"
+        run2 = _run(procs, "run2", out2, f"server.rounds=1 {common}")
+        assert run2.wait(timeout=400) == 0, procs.log("run2")[-3000:]
+        train = json.loads((_run_folder(out2) / "client_rounds.json").read_text())["train"]["1"]
+        assert set(train) == {"0", "1", "2"}
+        for i in range(3):
+            assert train[str(i)]["private-digest-in"] == on_disk[i]
+    finally:
+        procs.stop_all()
+    for name, proc in procs.procs.items():
+        assert proc.poll() is not None, f"{name} still running"
