@@ -105,6 +105,7 @@ def plot(rows: list[dict], path: Path) -> None:
            ylabel="personalized accuracy (%)", ylim=(0, 100))
     ax.set_xticks([1, 3, 8])
     ax.set_xticklabels(["1", "3", "8"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
