@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_argument("--ca", type=Path, help="CA certificate the SuperLink's certificate is signed by")
     cli.add_argument("--key", type=Path, help="this node's private key (from fedse keygen)")
     cli.add_argument("--state-dir", type=Path, required=True, help="where this client's private state lives")
+    cli.add_argument("--data-dir", type=Path, help="this client's own data (any supported on-disk format)")
+    cli.add_argument("--client-id", type=int, help="this client's number in reports (with --data-dir)")
     cli.add_argument("--partition-id", type=int, help="demo: which partition of the run's dataset is this client's")
     cli.add_argument("--num-partitions", type=int)
     cli.add_argument("--port", type=int, default=9094, help="this SuperNode's local Runtime API port")
@@ -89,8 +91,14 @@ def _deploy(args: argparse.Namespace) -> int:
         return _exec(deploy.superlink_command(certs=certs, host=args.host, port=args.port, database=args.database))
     if not args.insecure and (args.ca is None or args.key is None):
         raise ConfigError("fedse client needs --ca and --key (TLS and SuperNode authentication) or an explicit --insecure")
-    node = {"state-dir": str(args.state_dir.resolve())}
-    if args.partition_id is not None:
+    node: dict[str, str | int] = {"state-dir": str(args.state_dir.resolve())}
+    if (args.data_dir is None) == (args.partition_id is None):
+        raise ConfigError("fedse client needs exactly one of --data-dir DIR (its own data) or --partition-id N (demo)")
+    if args.data_dir is not None:
+        node["data-dir"] = str(args.data_dir.resolve())
+        if args.client_id is not None:
+            node["client-id"] = args.client_id
+    else:
         node |= {"partition-id": args.partition_id, "num-partitions": args.num_partitions or args.partition_id + 1}
     return _exec(deploy.supernode_command(superlink=args.superlink, ca=None if args.insecure else args.ca,
                                           key=args.key, node_config=node, port=args.port))

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from .config import Config, config_from_dict
-from .federated import ClientShard, build_federated_data
+from .federated import ClientShard, FederatedData, build_federated_data, own_data
 from .models import SEResNet, create_model
 from .privacy import SampleDP, check_dp_model, epsilon_of, sample_noise_multiplier
 from .records import ARRAYS, CLIENT, CONFIG, METRICS, UNIT_WEIGHT, check_arrays, from_arrays, to_arrays
@@ -66,18 +66,30 @@ class _Setup:
     policy: Policy
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    own_data: bool
 
 
-def _client_id(context: Context, cfg: Config) -> int:
-    if "partition-id" not in context.node_config:
+DATA_DIR = "data-dir"  # node config key: a deployed client's own data directory
+
+
+def _client_data(context: Context, cfg: Config) -> tuple[int, FederatedData, ClientShard]:
+    """(client id, its federation, its shard): its own ``data-dir`` when the node has one
+    (the id is then ``client-id`` or the node id, for reports), else partition ``partition-id``
+    of the run's dataset (simulation and demos)."""
+    node = context.node_config
+    if DATA_DIR in node:
+        fed = own_data(cfg, str(node[DATA_DIR]))
+        return int(node.get("client-id", context.node_id)), fed, fed.shard(0)
+    if "partition-id" not in node:
         raise ValueError(
-            "this SuperNode has no 'partition-id' in its node config; start it with "
-            "--node-config 'partition-id=<0..N-1>' (simulation sets it for every virtual client)"
+            "this SuperNode has neither 'data-dir' nor 'partition-id' in its node config; start it with "
+            "fedse client --data-dir DIR (or --partition-id N for a demo)"
         )
-    cid = int(context.node_config["partition-id"])
+    cid = int(node["partition-id"])
     if not 0 <= cid < cfg.partition.num_clients:
         raise ValueError(f"partition-id {cid} out of range 0..{cfg.partition.num_clients - 1}")
-    return cid
+    fed = build_federated_data(cfg)
+    return cid, fed, fed.shard(cid)
 
 
 def _setup(msg: Message, context: Context) -> _Setup:
@@ -86,8 +98,7 @@ def _setup(msg: Message, context: Context) -> _Setup:
     if CONFIG not in msg.content.config_records or CONFIG_JSON not in msg.content[CONFIG]:
         raise ValueError(f"message has no '{CONFIG}.{CONFIG_JSON}' record; is the server a fedse ServerApp?")
     cfg = _parse_config(str(msg.content[CONFIG][CONFIG_JSON]))
-    cid = _client_id(context, cfg)
-    fed = build_federated_data(cfg)
+    cid, fed, shard = _client_data(context, cfg)
     ds = fed.dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
     split = split_model(model, cfg.personalization.policy)
@@ -104,7 +115,7 @@ def _setup(msg: Message, context: Context) -> _Setup:
         update.update(private)
     model.load_state_dict(update, strict=False)
     policy = create_policy(cfg.personalization.policy)
-    return _Setup(cfg, cid, fed.shard(cid), model, split, policy, ds.mean, ds.std)
+    return _Setup(cfg, cid, shard, model, split, policy, ds.mean, ds.std, DATA_DIR in context.node_config)
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict) -> Message:
@@ -168,6 +179,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     if s.cfg.privacy.mode == "client":
         metrics[UNIT_WEIGHT] = 1
     if bool(msg.content[CONFIG].get("pooled", False)):
+        if s.own_data:
+            raise ValueError("the server asked for the pooled test set, which a client with its own data-dir "
+                             "does not have; run with --set evaluate.pooled=false")
         fed = build_federated_data(s.cfg)
         x, y = fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)
         pooled = evaluate(s.model, x, y, mean=s.mean, std=s.std, device=device)

@@ -112,7 +112,10 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    # Evaluate on the pooled test set of all clients every N rounds (0: last round only).
+    # Evaluate every client on the pooled test set of all clients (needs the run's dataset on each
+    # client: simulation and partition demos; false for clients with their own data-dir).
+    pooled: bool = True
+    # ... every N rounds (0: last round only).
     pooled_every: int = field(default=0, metadata=_range(0, None))
     # Cap on the pooled test set (stratified by client, seeded); keeps evaluation cheap.
     pooled_max_samples: int = field(default=2000, metadata=_range(1, None))

@@ -26,7 +26,7 @@ from .partition import (
     split_train_test,
 )
 
-__all__ = ["ClientShard", "FederatedData", "build_federated_data"]
+__all__ = ["ClientShard", "FederatedData", "build_federated_data", "own_data"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,18 @@ def _build(key: tuple) -> FederatedData:
 def build_federated_data(cfg: Config) -> FederatedData:
     """The federation described by ``cfg`` (cached: same config, same object)."""
     return _build(_key(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _own(seed: int, name: str, data_dir: str, test_fraction: float) -> FederatedData:
+    dataset = load_dataset(name, root=data_dir)
+    everything = np.arange(len(dataset.labels))
+    train, test = split_train_test([everything], dataset.labels.numpy(), test_fraction=test_fraction, seed=seed)
+    return FederatedData(dataset, tuple(train), tuple(test), None)
+
+
+def own_data(cfg: Config, data_dir: str) -> FederatedData:
+    """A deployed client's own data: every sample of ``cfg.data.dataset`` read from ``data_dir``
+    (any supported on-disk format), split into its train and test part (``test_fraction``,
+    stratified, seeded); a one-client federation, so ``shard(0)`` is the client's."""
+    return _own(cfg.seed, cfg.data.dataset, str(data_dir), cfg.partition.test_fraction)

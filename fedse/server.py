@@ -125,6 +125,7 @@ def run_server(
         {k: tuple(v.shape) for k, v in split.shared_state(model).items()},
         num_rounds=cfg.server.rounds,
         pooled_every=cfg.evaluate.pooled_every,
+        pooled=cfg.evaluate.pooled,
         on_round=on_round,
         on_aggregated=(lambda rnd, arrays, rl: save_checkpoint(run_dir, cfg, rnd, arrays, rl)) if run_dir else None,
         round_offset=done,

@@ -123,6 +123,7 @@ class GuardedStrategy(Strategy):
         *,
         num_rounds: int,
         pooled_every: int = 0,
+        pooled: bool = True,
         on_round: Callable[[int, RunLog], None] | None = None,
         on_aggregated: Callable[[int, ArrayRecord, RunLog], None] | None = None,
         round_offset: int = 0,
@@ -135,6 +136,7 @@ class GuardedStrategy(Strategy):
         self.shared_shapes = dict(shared_shapes)
         self.num_rounds = num_rounds
         self.pooled_every = pooled_every
+        self.pooled = pooled
         self.on_round = on_round
         self.on_aggregated = on_aggregated
         self.round_offset = round_offset
@@ -217,6 +219,8 @@ class GuardedStrategy(Strategy):
         return result
 
     def wants_pooled(self, server_round: int) -> bool:
+        if not self.pooled:
+            return False
         if server_round == self.num_rounds:
             return True
         return self.pooled_every > 0 and server_round % self.pooled_every == 0

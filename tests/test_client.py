@@ -129,3 +129,30 @@ def test_client_with_state_dir_restarts_with_bit_identical_private_weights(task_
     fresh = Context(run_id=3, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
     with pytest.raises(StateCorruptError, match="checksum mismatch"):
         app(_message(cfg, r1.content["arrays"]), fresh)
+
+
+def test_client_with_its_own_data_dir_trains_on_it(task_identity, tmp_path):
+    from PIL import Image
+
+    # The client's own data: an image folder of 8x8 grey digits-like images, 10 classes x 6.
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (tmp_path / "data" / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
+                tmp_path / "data" / "train" / f"c{c}" / f"{i}.png")
+    cfg = tiny_config(data={"dataset": "imagefolder", "root": str(tmp_path / "data")},
+                      evaluate={"pooled": False})
+    ds = build_federated_data(cfg).dataset  # the server side builds the model from the same format
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    split = split_model(model, "fedse")
+    app = make_client_app()
+    node = {"data-dir": str(tmp_path / "data"), "client-id": 42}
+    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    reply = app(_message(cfg, to_arrays(split.shared_state(model))), ctx)
+    assert reply.content["client"]["partition-id"] == 42
+    assert reply.content["metrics"]["num-examples"] == 40  # 60 images, 25% (stratified: 2 per class) held out
+    ev = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE), ctx)
+    assert ev.content["metrics"]["num-examples"] == 20
+    with pytest.raises(ValueError, match="evaluate.pooled=false"):
+        app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=True), ctx)
