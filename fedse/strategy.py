@@ -113,6 +113,14 @@ def _client_of(msg: Message) -> dict[str, Any]:
     return info
 
 
+def _order_key(msg: Message) -> tuple[int, int, int]:
+    """Replies first by partition id (where the client sends one), then by node id; errors last."""
+    node = int(msg.metadata.src_node_id)
+    if msg.has_error():
+        return (1, node, node)
+    return (0, int(_client_of(msg).get("partition-id", node)), node)
+
+
 class GuardedStrategy(Strategy):
     """Wrap ``inner``; drop replies that are not exactly the shared keys, well shaped and finite."""
 
@@ -165,7 +173,11 @@ class GuardedStrategy(Strategy):
         return float(np.sqrt(total))
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Replies that pass the guard; the others are logged and recorded as dropped."""
+        """Replies that pass the guard, in client order; the others are logged and recorded as dropped.
+
+        Flower averages float32 arrays in the order the list gives, and replies arrive in
+        whatever order the clients finish: sorting by client makes the aggregate (and so a
+        seeded run) bit-reproducible."""
         kept = []
         for msg in replies:
             if msg.has_error():
@@ -184,7 +196,7 @@ class GuardedStrategy(Strategy):
                 self.log.dropped.append({"round": server_round, **who, "problems": problems})
                 continue
             kept.append(msg)
-        return kept
+        return sorted(kept, key=_order_key)
 
     def _record(self, table: dict[int, dict[int, dict[str, Any]]], server_round: int, replies: list[Message]) -> None:
         rows = table.setdefault(server_round, {})

@@ -80,3 +80,18 @@ def test_client_level_dp_wraps_the_strategy_with_flowers_wrapper():
 
     with pytest.raises(ConfigError, match="clipped_count_stddev"):  # Flower's default 3/20 is too low here
         create_strategy(tiny_config(privacy={"mode": "client", "noise_multiplier": 1.0, "clipping": "adaptive"}))
+
+
+def test_aggregation_does_not_depend_on_the_order_replies_arrive(task_identity):
+    # float32 sums depend on their order: Flower's FedAvg alone gives different bits
+    # for these four replies forwards and backwards; the guard sorts them by client first.
+    values = [0.1, 0.7, 1e-4, 3.3]
+    replies = [_msg({"w": [v, v], "b": [v]}, 1, pid) for pid, v in enumerate(values)]
+    plain_forward, _ = FedAvg().aggregate_train(1, replies)
+    plain_backward, _ = FedAvg().aggregate_train(1, replies[::-1])
+    assert plain_forward["b"].numpy().tobytes() != plain_backward["b"].numpy().tobytes()
+    forward, _ = GuardedStrategy(FedAvg(), SHAPES, num_rounds=1).aggregate_train(1, replies)
+    backward, _ = GuardedStrategy(FedAvg(), SHAPES, num_rounds=1).aggregate_train(1, replies[::-1])
+    for key in SHAPES:
+        assert forward[key].numpy().tobytes() == backward[key].numpy().tobytes()
+    assert forward["b"].numpy().tobytes() == plain_forward["b"].numpy().tobytes()  # client order 0, 1, 2, 3
