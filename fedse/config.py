@@ -74,7 +74,8 @@ class ModelConfig:
 class PersonalizationConfig:
     # Which parts stay on the client: see fedse.split.POLICIES.
     policy: Literal[
-        "fedse", "fedavg", "fedavg-ft", "fedbn", "fedper", "fedrep", "local", "fedse-bn", "fedse-head"
+        "fedse", "fedavg", "fedavg-ft", "fedbn", "fedper", "fedrep", "local", "fedse-bn", "fedse-head",
+        "fedse-prior",
     ] = "fedse"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))

@@ -9,6 +9,8 @@ substring of the key:
   affine parameters *and* its buffers (running mean/var, batch counter),
   shortcut norms (``downsample.1``) included;
 * ``head``: the classifier returned by ``model.get_classifier()`` (``fc``);
+* ``head-bias``: only the classifier's bias (``fc.bias``): one number per class,
+  enough to shift the shared classifier towards a client's own label prior;
 * ``all``: the whole model (local-only training).
 
 Everything not private is shared, so the two key sets are disjoint and cover
@@ -35,7 +37,7 @@ from .models import SEBlock
 
 __all__ = ["PARTS", "POLICIES", "Policy", "Split", "create_policy", "split_model"]
 
-PARTS = ("excitation", "norm", "head", "all")
+PARTS = ("excitation", "norm", "head", "head-bias", "all")
 NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -88,6 +90,13 @@ POLICIES: dict[str, Policy] = {
                private_lr_scale=10.0),
         Policy("fedse-head", frozenset({"excitation", "head"}), "fedse + FedPer: excitation and head private.",
                private_lr_scale=10.0),
+        Policy(
+            "fedse-prior",
+            frozenset({"excitation", "head-bias"}),
+            "fedse + a private classifier bias (a per-client label prior on the shared head; "
+            "cf. FedLC, Zhang et al., ICML 2022, which corrects logits by the local label distribution).",
+            private_lr_scale=10.0,
+        ),
     )
 }
 
@@ -149,12 +158,15 @@ def _part_modules(model: nn.Module, part: str) -> list[str]:
         return [n for n, m in model.named_modules() if isinstance(m, SEBlock)]
     if part == "norm":
         return [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES)]
-    if part == "head":
+    if part in ("head", "head-bias"):
         get_classifier = getattr(model, "get_classifier", None)
         if get_classifier is None:
-            raise ValueError(f"{type(model).__name__} has no get_classifier(); the 'head' part is undefined")
+            raise ValueError(f"{type(model).__name__} has no get_classifier(); the {part!r} part is undefined")
         head = get_classifier()
-        return [n for n, m in model.named_modules() if m is head]
+        names = [n for n, m in model.named_modules() if m is head]
+        if part == "head-bias":  # a single tensor: the prefix is its full key
+            return [f"{n}.bias" for n in names if getattr(head, "bias", None) is not None]
+        return names
     raise ValueError(f"unknown model part {part!r}; valid parts: {PARTS}")
 
 
@@ -169,7 +181,7 @@ def split_model(model: nn.Module, policy: str | Policy) -> Split:
         )
 
     def is_private(key: str) -> bool:
-        return any(p == "" or key.startswith(p + ".") for p in prefixes)
+        return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
 
     keys = list(model.state_dict().keys())
     private = tuple(k for k in keys if is_private(k))

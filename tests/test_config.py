@@ -85,3 +85,13 @@ def test_shipped_configs_are_valid():
     assert {p.name for p in configs} >= {"quickstart.yaml", "fmnist_dir01.yaml", "cifar10_dir01.yaml"}
     for path in configs:
         load_config(path)
+
+
+def test_config_accepts_exactly_the_registered_policies():
+    import typing
+
+    from fedse.config import PersonalizationConfig
+    from fedse.split import POLICIES
+
+    hints = typing.get_type_hints(PersonalizationConfig)
+    assert set(typing.get_args(hints["policy"])) == set(POLICIES)

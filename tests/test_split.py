@@ -57,6 +57,7 @@ def test_combined_policies_are_unions(model):
     head = set(split_model(model, "fedper").private)
     assert set(split_model(model, "fedse-bn").private) == se | bn
     assert set(split_model(model, "fedse-head").private) == se | head
+    assert set(split_model(model, "fedse-prior").private) == se | {"fc.bias"}  # the bias only, not fc.weight
 
 
 def test_private_share_is_about_one_percent_for_small_resnets():
