@@ -60,6 +60,7 @@ def _parse_config(text: str) -> Config:
 class _Setup:
     cfg: Config
     client_id: int
+    fed: FederatedData
     shard: ClientShard
     model: SEResNet
     split: Split
@@ -115,7 +116,7 @@ def _setup(msg: Message, context: Context) -> _Setup:
         update.update(private)
     model.load_state_dict(update, strict=False)
     policy = create_policy(cfg.personalization.policy)
-    return _Setup(cfg, cid, shard, model, split, policy, ds.mean, ds.std, DATA_DIR in context.node_config)
+    return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, DATA_DIR in context.node_config)
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict) -> Message:
@@ -182,8 +183,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         if s.own_data:
             raise ValueError("the server asked for the pooled test set, which a client with its own data-dir "
                              "does not have; run with --set evaluate.pooled=false")
-        fed = build_federated_data(s.cfg)
-        x, y = fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)
+        x, y = s.fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)
         pooled = evaluate(s.model, x, y, mean=s.mean, std=s.std, device=device)
         metrics |= {"pooled-acc": pooled.accuracy, "pooled-loss": pooled.loss}
     client = {"partition-id": s.client_id, "num-train": len(s.shard.train_labels)}
