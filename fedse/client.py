@@ -21,7 +21,7 @@ from .federated import ClientShard, FederatedData, build_federated_data, own_dat
 from .models import SEResNet, create_model
 from .privacy import SampleDP, check_dp_model, epsilon_of, sample_noise_multiplier
 from .records import ARRAYS, CLIENT, CONFIG, METRICS, UNIT_WEIGHT, check_arrays, from_arrays, to_arrays
-from .local import adapt, local_update
+from .local import adapt, local_update, logit_bias
 from .split import Policy, Split, create_policy, split_model
 from .state import digest, load_accountant, persist, restore, save_accountant
 from .train import default_device, evaluate
@@ -171,7 +171,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     if s.policy.finetune:  # fedavg-ft: fine-tune a copy of the received model; nothing is kept
         adapt(s.model, None, s.shard, s.cfg, epochs=s.cfg.personalization.finetune_epochs,
               seed=_seed(s.cfg, s.client_id, msg), mean=s.mean, std=s.std)
-    local = evaluate(s.model, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device)
+    local = evaluate(s.model, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device,
+                     logit_bias=logit_bias(s.model, s.shard, s.cfg, mean=s.mean, std=s.std))
     metrics: dict[str, float | int] = {
         "num-examples": local.num_examples,
         "local-acc": local.accuracy,
@@ -184,6 +185,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
             raise ValueError("the server asked for the pooled test set, which a client with its own data-dir "
                              "does not have; run with --set evaluate.pooled=false")
         x, y = s.fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)
+        # no label-prior offset here: the pooled test set follows the federation's label
+        # distribution, not this client's
         pooled = evaluate(s.model, x, y, mean=s.mean, std=s.std, device=device)
         metrics |= {"pooled-acc": pooled.accuracy, "pooled-loss": pooled.loss}
     client = {"partition-id": s.client_id, "num-train": len(s.shard.train_labels)}

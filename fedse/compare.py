@@ -26,7 +26,7 @@ from .client import build_model
 from .config import Config, ConfigError, config_to_dict
 from .federated import build_federated_data
 from .io import atomic_save, atomic_write_json, atomic_write_text
-from .local import adapt
+from .local import adapt, logit_bias
 from .partition import plot_label_counts
 from .report import client_rows, format_table, round_rows, summarize, write_csv
 from .simulation import simulate
@@ -64,8 +64,8 @@ def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
             if keys:  # an empty private set (fedavg) means no adaptation: same as global
                 adapt(model, keys, shard, cfg, epochs=cfg.personalization.finetune_epochs, seed=cfg.seed + cid,
                       mean=ds.mean, std=ds.std, private=split.private)
-            row[f"{kind}_acc"] = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean,
-                                          std=ds.std).accuracy
+            row[f"{kind}_acc"] = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std,
+                                          logit_bias=logit_bias(model, shard, cfg, mean=ds.mean, std=ds.std)).accuracy
         rows.append(row)
     return rows
 

@@ -72,13 +72,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PersonalizationConfig:
-    # Which parts stay on the client: see fedse.split.POLICIES.
+    # Which parts stay on the client and how they train: see fedse.split.POLICIES. Default fedse-pc:
+    # excitation private, predictions corrected by the client's own label prior (docs/results.md).
     policy: Literal[
         "fedse", "fedavg", "fedavg-ft", "fedbn", "fedper", "fedrep", "local", "fedse-bn", "fedse-head",
-        "fedse-prior",
-    ] = "fedse"
+        "fedse-prior", "fedse-la", "fedse-pc", "fedavg-la",
+    ] = "fedse-pc"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))
+    # Offset logits by the client's own label prior (fedse.prior): 'train' (logit adjustment in training
+    # and prediction), 'predict' (at prediction only, weight fitted on the client's train part), 'off';
+    # null: the policy's own. Off under privacy.mode=sample.
+    label_prior: Literal["off", "train", "predict"] | None = None
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,10 @@ def _check_cross(cfg: Config) -> None:
             f"or privacy.target_epsilon (got noise_multiplier={pr.noise_multiplier}, "
             f"target_epsilon={pr.target_epsilon})"
         )
+    if pr.mode == "sample" and cfg.personalization.label_prior not in (None, "off"):
+        raise ConfigError(f"config key 'personalization.label_prior': '{cfg.personalization.label_prior}' cannot be "
+                          "combined with privacy.mode=sample (the prior depends on all of a client's labels, outside "
+                          "DP-SGD's per-example bound); allowed: off or null (null turns it off under sample-level DP)")
     if pr.mode == "sample" and s.strategy == "fedprox":
         raise ConfigError("config key 'server.strategy': 'fedprox' cannot be combined with privacy.mode=sample "
                           "(the proximal term's gradient is not per-sample); allowed: fedavg, fedadam")

@@ -20,16 +20,39 @@ from torch import nn
 
 from .config import Config
 from .federated import ClientShard
+from .prior import fit_prior_weight, label_log_prior, label_prior_mode
 from .privacy import SampleDP
 from .split import Policy, Split, create_policy
-from .train import TrainResult, default_device, train
+from .train import TrainResult, default_device, predict, train
 
-__all__ = ["adapt", "local_update"]
+__all__ = ["adapt", "local_update", "logit_bias", "train_logit_bias"]
 
 
 def _param_names(model: nn.Module, keys: tuple[str, ...]) -> set[str]:
     params = {n for n, _ in model.named_parameters()}
     return {k for k in keys if k in params}
+
+
+def train_logit_bias(model: nn.Module, shard: ClientShard, cfg: Config) -> torch.Tensor | None:
+    """The offset the training loss sees: the client's log label prior in mode ``train``."""
+    if label_prior_mode(cfg) != "train":
+        return None
+    return label_log_prior(shard.train_labels, model.get_classifier().out_features)
+
+
+def logit_bias(model: nn.Module, shard: ClientShard, cfg: Config, *, mean: tuple[float, ...],
+               std: tuple[float, ...]) -> torch.Tensor | None:
+    """The offset the client predicts with (:mod:`fedse.prior`): the log label prior in mode
+    ``train``; in mode ``predict`` the prior times the weight that fits ``model`` best on the
+    client's train part; None when off."""
+    mode = label_prior_mode(cfg)
+    if mode == "off":
+        return None
+    prior = label_log_prior(shard.train_labels, model.get_classifier().out_features)
+    if mode == "train":
+        return prior
+    logits = predict(model, shard.train_images, mean=mean, std=std, device=default_device())
+    return fit_prior_weight(logits, shard.train_labels, prior) * prior
 
 
 def _run(model: nn.Module, shard: ClientShard, cfg: Config, *, epochs: int, trainable: set[str] | None, seed: int,
@@ -42,7 +65,8 @@ def _run(model: nn.Module, shard: ClientShard, cfg: Config, *, epochs: int, trai
     return train(model, shard.train_images, shard.train_labels, mean=mean, std=std, epochs=epochs,
                  batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                  trainable=trainable, lr_scale=lr_scale, proximal_mu=proximal_mu, anchor=anchor,
-                 augment=cfg.data.augment, seed=seed, device=default_device(), dp=dp)
+                 augment=cfg.data.augment, seed=seed, device=default_device(), dp=dp,
+                 logit_bias=train_logit_bias(model, shard, cfg))
 
 
 def private_lr_scale(cfg: Config) -> float:

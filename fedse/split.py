@@ -50,6 +50,9 @@ class Policy:
     ``finetune``: fine-tune the received model locally before evaluating it.
     ``private_lr_scale``: learning-rate multiplier of the private part (the
     config's ``train.private_lr_scale`` overrides it).
+    ``label_prior``: how the client's own label prior offsets the logits: ``off``,
+    ``train`` or ``predict`` (:mod:`fedse.prior`; ``personalization.label_prior``
+    overrides it).
     """
 
     name: str
@@ -58,6 +61,7 @@ class Policy:
     schedule: str = "joint"
     finetune: bool = False
     private_lr_scale: float = 1.0
+    label_prior: str = "off"
 
 
 POLICIES: dict[str, Policy] = {
@@ -96,6 +100,31 @@ POLICIES: dict[str, Policy] = {
             "fedse + a private classifier bias (a per-client label prior on the shared head; "
             "cf. FedLC, Zhang et al., ICML 2022, which corrects logits by the local label distribution).",
             private_lr_scale=10.0,
+        ),
+        Policy(
+            "fedse-la",
+            frozenset({"excitation"}),
+            "fedse + logit adjustment by the client's own label prior, in training and prediction "
+            "(Menon et al., ICLR 2021; in FL cf. FedLC, Zhang et al., ICML 2022): the excitation "
+            "re-weights features, the prior re-weights classes, nothing more is private.",
+            private_lr_scale=10.0,
+            label_prior="train",
+        ),
+        Policy(
+            "fedse-pc",
+            frozenset({"excitation"}),
+            "fedse + prior correction at prediction: logits offset by t * log of the client's own label "
+            "prior, t fitted on its train part (Saerens et al., Neural Computation 2002: the Bayes "
+            "correction for a change of label prior); training is fedse's.",
+            private_lr_scale=10.0,
+            label_prior="predict",
+        ),
+        Policy(
+            "fedavg-la",
+            frozenset(),
+            "FedAvg + logit adjustment by the client's own label prior (Menon et al., ICLR 2021; "
+            "cf. FedLC, Zhang et al., ICML 2022): the ablation of fedse-la without private excitation.",
+            label_prior="train",
         ),
     )
 }

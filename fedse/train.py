@@ -22,7 +22,7 @@ from .data import normalize
 from .privacy import SampleDP, privatize
 from .split import NORM_TYPES
 
-__all__ = ["EvalResult", "TrainResult", "batches", "default_device", "evaluate", "train"]
+__all__ = ["EvalResult", "TrainResult", "batches", "default_device", "evaluate", "predict", "train"]
 
 
 def default_device() -> torch.device:
@@ -89,6 +89,7 @@ def train(
     seed: int = 0,
     device: torch.device | None = None,
     dp: SampleDP | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> TrainResult:
     """SGD on (images, labels) for ``epochs`` epochs; returns mean loss and accuracy.
 
@@ -99,6 +100,8 @@ def train(
     ``dp``: train with DP-SGD (Opacus: Poisson sampling, per-sample clipping of
     every trainable parameter's gradient, Gaussian noise); ``dp.history``
     carries the accountant across calls and is updated in place.
+    ``logit_bias``: a fixed per-class offset added to the logits (the client's log
+    label prior, :mod:`fedse.prior`); loss and accuracy use the offset logits.
     """
     device = device or default_device()
     model.to(device).train()
@@ -129,6 +132,7 @@ def train(
     else:
         epoch_batches = lambda: ((images[i], labels[i]) for i in batches(len(labels), batch_size, generator))  # noqa: E731
     flip = images.shape[1] == 3
+    bias = None if logit_bias is None else logit_bias.to(device)
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for _ in range(epochs):
         for xb, yb in epoch_batches():
@@ -139,6 +143,8 @@ def train(
                 x = augment_batch(x, generator, flip=flip)
             y = yb.to(device)
             logits = net(x)
+            if bias is not None:
+                logits = logits + bias
             loss = F.cross_entropy(logits, y)
             objective = loss
             if anchored:
@@ -160,6 +166,24 @@ def train(
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 256,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Logits of ``model`` in eval mode for every image, on the CPU."""
+    device = device or default_device()
+    model.to(device).eval()
+    out = [model(normalize(images[index].to(device), mean, std)).float().cpu()
+           for index in batches(len(images), batch_size, None)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -169,16 +193,17 @@ def evaluate(
     std: tuple[float, ...],
     batch_size: int = 256,
     device: torch.device | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy of ``model`` in eval mode."""
-    device = device or default_device()
-    model.to(device).eval()
-    total_loss, correct = 0.0, 0
-    for index in batches(len(labels), batch_size, None):
-        x = normalize(images[index].to(device), mean, std)
-        y = labels[index].to(device)
-        logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+    """Mean cross-entropy and accuracy of ``model`` in eval mode (logits offset by
+    ``logit_bias`` when given)."""
     n = len(labels)
-    return EvalResult(total_loss / max(n, 1), correct / max(n, 1), n)
+    if n == 0:
+        return EvalResult(0.0, 0.0, 0)
+    logits = predict(model, images, mean=mean, std=std, batch_size=batch_size, device=device)
+    if logit_bias is not None:
+        logits = logits + logit_bias.cpu()
+    y = labels.long().cpu()
+    loss = F.cross_entropy(logits, y, reduction="sum").item()
+    correct = (logits.argmax(1) == y).sum().item()
+    return EvalResult(loss / n, correct / n, n)

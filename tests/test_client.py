@@ -11,9 +11,11 @@ from conftest import tiny_config
 from fedse.client import CONFIG_JSON, build_model, make_client_app
 from fedse.config import config_to_dict
 from fedse.federated import build_federated_data
+from fedse.prior import label_log_prior
 from fedse.records import to_arrays
 from fedse.split import split_model
 from fedse.state import PRIVATE_KEY, digest, load_private
+from fedse.train import evaluate
 
 
 def _setup(policy="fedse"):
@@ -78,6 +80,23 @@ def test_evaluate_reports_personalized_local_and_pooled_accuracy(task_identity):
     assert not reply.content.array_records  # evaluation sends no weights at all
     no_pooled = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=False), ctx)
     assert "pooled-acc" not in no_pooled.content["metrics"]
+
+
+def test_label_prior_offsets_the_clients_own_test_only(task_identity):
+    # fedse-la predicts with the client's log label prior on its own test part, but not on the
+    # pooled test set, whose labels follow the federation's distribution.
+    cfg, model, split = _setup("fedse-la")
+    fed = build_federated_data(cfg)
+    shard, ds = fed.shard(2), fed.dataset
+    reply = make_client_app()(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=True),
+                              _context(2))
+    m = reply.content["metrics"]
+    prior = label_log_prior(shard.train_labels, ds.num_classes)
+    own = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std, logit_bias=prior)
+    plain = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std)
+    assert m["local-loss"] == pytest.approx(own.loss) and m["local-loss"] != pytest.approx(plain.loss)
+    x, y = fed.pooled_test(cfg.evaluate.pooled_max_samples, cfg.seed)
+    assert m["pooled-loss"] == pytest.approx(evaluate(model, x, y, mean=ds.mean, std=ds.std).loss)
 
 
 def test_evaluate_uses_the_clients_own_private_weights(task_identity):

@@ -1,0 +1,75 @@
+"""A client's label prior as a logit offset.
+
+Under label skew a client's data differ from the federation's mostly in p(y).
+Two ways to use the client's own label distribution ``p_k(y)`` (counted on its
+training part, with add-one smoothing so an unseen class keeps a finite offset):
+
+``train``
+    Logit adjustment (Menon et al., ICLR 2021; in FL: FedLC, Zhang et al.,
+    ICML 2022): train on ``logits + log p_k(y)`` and predict with the same
+    offset, so the shared weights model what clients have in common instead of
+    being pulled towards each client's own label distribution.
+``predict``
+    Train as usual; predict with ``logits + t * log p_k(y)``, the weight ``t``
+    in [0, 2] fitted on the client's training part by maximum likelihood
+    (Saerens et al., Neural Computation 2002: re-weighting by the class prior is
+    the Bayes correction for a change of label prior; the fitted weight matches
+    it to the model's logit scale, which averaging across clients shrinks).
+    Near IID the offset is nearly constant across classes, ``t`` does not
+    matter, and nothing changes.
+
+The offset and ``t`` are computed on the client from its own data each time
+they are needed: never stored in a model, never sent. Policies choose a mode
+(:mod:`fedse.split`); ``personalization.label_prior`` overrides it. Both are
+off under sample-level DP: the offset depends on every training label of the
+client, so one example would change the loss or the prediction for all the
+others, outside what DP-SGD's per-example clipping bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .split import create_policy
+
+__all__ = ["MODES", "WEIGHTS", "fit_prior_weight", "label_log_prior", "label_prior_mode"]
+
+MODES = ("off", "train", "predict")
+WEIGHTS = tuple(i / 10 for i in range(21))  # candidate weights t for mode 'predict': 0, 0.1, ..., 2
+
+
+def label_log_prior(labels: torch.Tensor, num_classes: int, smoothing: float = 1.0) -> torch.Tensor:
+    """``log((n_c + smoothing) / (n + smoothing * C))`` for each class c."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if smoothing <= 0:
+        raise ValueError(f"smoothing must be > 0, got {smoothing}")
+    labels = labels.reshape(-1).long()
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+    counts = torch.bincount(labels, minlength=num_classes).double() + smoothing
+    return (counts / counts.sum()).log().float()
+
+
+@torch.no_grad()
+def fit_prior_weight(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor,
+                     weights: tuple[float, ...] = WEIGHTS) -> float:
+    """The weight ``t`` (from ``weights``) maximising the likelihood of ``labels`` under
+    ``softmax(logits + t * log_prior)``; the smallest such ``t`` on ties."""
+    if len(labels) == 0:
+        return 0.0
+    logits, labels, log_prior = logits.float().cpu(), labels.long().cpu(), log_prior.float().cpu()
+    losses = [F.cross_entropy(logits + t * log_prior, labels).item() for t in weights]
+    return weights[min(range(len(weights)), key=lambda i: (losses[i], weights[i]))]
+
+
+def label_prior_mode(cfg: Config) -> str:
+    """``personalization.label_prior`` when set, else the policy's own; always ``off``
+    under ``privacy.mode=sample`` (the config rejects anything else there)."""
+    if cfg.privacy.mode == "sample":
+        return "off"
+    if cfg.personalization.label_prior is not None:
+        return cfg.personalization.label_prior
+    return create_policy(cfg.personalization.policy).label_prior

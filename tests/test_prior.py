@@ -1,0 +1,115 @@
+"""The client's label prior as a logit offset: its arithmetic, the fitted weight, where it
+applies (training, personalized prediction) and where it must not (pooled test, sample DP)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_config
+from fedse.config import ConfigError
+from fedse.federated import build_federated_data
+from fedse.local import logit_bias, train_logit_bias
+from fedse.prior import fit_prior_weight, label_log_prior, label_prior_mode
+from fedse.split import POLICIES, split_model
+from fedse.client import build_model
+from fedse.train import evaluate, train
+
+
+def test_log_prior_is_the_smoothed_label_frequency():
+    # counts (2, 1, 0) + 1 each = (3, 2, 1) over 6
+    got = label_log_prior(torch.tensor([0, 0, 1]), 3)
+    assert torch.allclose(got, torch.tensor([math.log(3 / 6), math.log(2 / 6), math.log(1 / 6)]))
+    assert torch.allclose(got.exp().sum(), torch.tensor(1.0))
+
+
+def test_log_prior_rejects_labels_outside_the_classes():
+    with pytest.raises(ValueError, match="labels must lie in 0..2"):
+        label_log_prior(torch.tensor([0, 3]), 3)
+    with pytest.raises(ValueError, match="smoothing"):
+        label_log_prior(torch.tensor([0]), 3, smoothing=0)
+
+
+def test_fitted_weight_is_the_maximum_likelihood_one():
+    # Uninformative logits, labels 80/20: softmax(t * log(0.8, 0.2)) matches the label
+    # frequencies exactly at t = 1, the likelihood's maximum.
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    prior = torch.tensor([0.8, 0.2]).log()
+    assert fit_prior_weight(torch.zeros(10, 2), labels, prior) == 1.0
+    # Logits that already put 80/20 on the classes: any further prior over-counts it.
+    assert fit_prior_weight(prior.expand(10, 2).clone(), labels, prior) == 0.0
+    # Logits that put only sqrt(.8/.2) on class 0 (half the log-odds): t = 0.5 completes them.
+    assert fit_prior_weight(0.5 * prior.expand(10, 2), labels, prior) == 0.5
+
+
+def test_evaluation_offsets_the_logits():
+    class Zero(nn.Module):  # every class scores 0: the prediction is the offset's argmax
+        def forward(self, x):
+            return torch.zeros(len(x), 3)
+
+    x, y = torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([2, 2, 2, 0])
+    plain = evaluate(Zero(), x, y, mean=(0.0,), std=(1.0,))
+    offset = evaluate(Zero(), x, y, mean=(0.0,), std=(1.0,), logit_bias=torch.tensor([0.0, 0.0, 1.0]))
+    assert plain.accuracy == 0.25 and offset.accuracy == 0.75  # argmax of ties is class 0
+    assert plain.loss == pytest.approx(math.log(3))
+
+
+def test_training_with_the_offset_leaves_the_prior_out_of_the_weights():
+    # Constant inputs, labels 90% class 0: without the offset the classifier's bias learns the
+    # label prior; with the prior as offset it has nothing left to learn and stays near zero.
+    x = torch.zeros(200, 1, 1, 1, dtype=torch.uint8)
+    y = torch.tensor([0] * 180 + [1] * 20)
+    prior = label_log_prior(y, 2)
+    gaps = {}
+    for name, bias in (("plain", None), ("adjusted", prior)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2))
+        nn.init.zeros_(model[1].weight), nn.init.zeros_(model[1].bias)
+        train(model, x, y, mean=(0.0,), std=(1.0,), epochs=30, batch_size=50, lr=0.5, momentum=0.0,
+              seed=0, logit_bias=bias, device=torch.device("cpu"))
+        gaps[name] = (model[1].bias[0] - model[1].bias[1]).item()
+    assert gaps["plain"] == pytest.approx(math.log(181 / 21), abs=0.1)  # the log-odds of the prior
+    assert abs(gaps["adjusted"]) < 0.1
+
+
+def test_modes_follow_the_policy_the_override_and_sample_dp():
+    assert label_prior_mode(tiny_config()) == "predict"  # the default policy, fedse-pc
+    assert label_prior_mode(tiny_config(personalization={"policy": "fedse"})) == "off"
+    assert label_prior_mode(tiny_config(personalization={"policy": "fedse-la"})) == "train"
+    assert label_prior_mode(tiny_config(personalization={"policy": "fedse-pc"})) == "predict"
+    assert label_prior_mode(tiny_config(personalization={"policy": "fedse-pc", "label_prior": "off"})) == "off"
+    assert label_prior_mode(tiny_config(personalization={"policy": "fedavg", "label_prior": "train"})) == "train"
+    dp = {"mode": "sample", "noise_multiplier": 1.0}
+    assert label_prior_mode(tiny_config(personalization={"policy": "fedse-la"}, model={"norm": "groupnorm"},
+                                        privacy=dp)) == "off"
+    with pytest.raises(ConfigError, match="personalization.label_prior.*privacy.mode=sample"):
+        tiny_config(personalization={"label_prior": "predict"}, model={"norm": "groupnorm"}, privacy=dp)
+    with pytest.raises(ConfigError, match="personalization.label_prior"):
+        tiny_config(personalization={"label_prior": "yes"})
+
+
+@pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc"])
+def test_prior_policies_keep_fedses_split(policy):
+    cfg = tiny_config()
+    ds = build_federated_data(cfg).dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    assert split_model(model, policy).private == split_model(model, "fedse").private
+    assert POLICIES[policy].private_lr_scale == POLICIES["fedse"].private_lr_scale
+
+
+def test_client_offsets_come_from_its_own_train_labels():
+    fed = build_federated_data(tiny_config())
+    shard, ds = fed.shard(1), fed.dataset
+    model = build_model(tiny_config(), ds.num_classes, ds.channels, ds.image_size)
+    prior = label_log_prior(shard.train_labels, ds.num_classes)
+    la = tiny_config(personalization={"policy": "fedse-la"})
+    assert torch.equal(train_logit_bias(model, shard, la), prior)
+    assert torch.equal(logit_bias(model, shard, la, mean=ds.mean, std=ds.std), prior)
+    pc = tiny_config(personalization={"policy": "fedse-pc"})
+    assert train_logit_bias(model, shard, pc) is None  # predict mode trains as fedse does
+    got = logit_bias(model, shard, pc, mean=ds.mean, std=ds.std)
+    t = got[0] / prior[0]
+    assert torch.allclose(got, t * prior) and 0.0 <= t <= 2.0
+    fedse = tiny_config(personalization={"policy": "fedse"})
+    assert logit_bias(model, shard, fedse, mean=ds.mean, std=ds.std) is None
