@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     cmp.add_argument("--holdout", type=int, default=0, help="keep the last K clients out of training (cold start)")
     cmp.add_argument("--out", type=Path, default=None, help="comparison folder (default: <output.dir>/compare-...)")
+    cmp.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                     help="instead of running: combine comparison folders measured under the same config "
+                          "(other methods or seeds) into --out")
     crt = sub.add_parser("certs", help="make a test certificate authority and a SuperLink certificate")
     crt.add_argument("directory", type=Path)
     key = sub.add_parser("keygen", help="make a SuperNode key pair (register the .pub with flwr supernode register)")
@@ -140,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
 
             simulate(cfg, config_name=name, quiet=args.quiet, verbose=args.verbose, run_dir=resume,
                      resume=resume is not None)
+        elif args.command == "compare" and args.merge:
+            from .compare import merge
+
+            if args.out is None:
+                raise ConfigError("--merge needs --out: the folder the combined comparison is written to")
+            merge(args.merge, args.out, command="fedse " + " ".join(argv if argv is not None else sys.argv[1:]))
+            print((args.out / "table.md").read_text())
+            print(f"comparison folder: {args.out}")
         elif args.command == "compare":
             import time
 

@@ -10,11 +10,17 @@ training, each adapts a copy of the final model on its own train part and is
 evaluated on its own test part three ways: the received model as is
 (``global``), only its private keys adapted (``private``), every key adapted
 (``full``), each for ``personalization.finetune_epochs`` epochs.
+
+``fedse compare --merge DIR DIR ... --out OUT`` combines comparison folders
+measured separately (other methods, other seeds) into one: their
+configurations must be identical but for the policy, so every seed's partition
+is the same in all of them, and no (method, seed) may appear twice.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .client import build_model
-from .config import Config, ConfigError, config_to_dict
+from .config import Config, ConfigError, config_from_dict, config_to_dict
 from .federated import build_federated_data
 from .io import atomic_save, atomic_write_json, atomic_write_text
 from .local import adapt, logit_bias
@@ -33,7 +39,7 @@ from .simulation import simulate
 from .split import POLICIES, split_model
 from .train import evaluate
 
-__all__ = ["compare", "gain_table", "method_table"]
+__all__ = ["compare", "gain_table", "merge", "method_table"]
 
 
 @dataclass
@@ -187,7 +193,7 @@ def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) 
     fig.tight_layout()
     atomic_save(out / "accuracy_per_round.png", lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    if "fedavg" in methods:
+    if "fedavg" in methods and len(methods) > 1:
         fig, ax = plt.subplots(figsize=(5.5, 5.5))
         values = [v for c in clients for m in methods if (v := c[m]) is not None]
         lo = max(0.0, min(values, default=0.0) - 0.03)
@@ -218,6 +224,14 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path
                           f"server.min_train_clients={cfg.server.min_train_clients}")
     out.mkdir(parents=True, exist_ok=True)
     runs = [_run(cfg, m, s, out, holdout) for s in seeds for m in methods]
+    return _write(cfg, runs, out, holdout=holdout, command=command)
+
+
+def _write(cfg: Config, runs: Sequence[MethodRun], out: Path, *, holdout: int, command: str) -> dict[str, Any]:
+    """Tables, plots and ``comparison.json`` of ``runs`` into ``out``."""
+    methods = list(dict.fromkeys(r.method for r in runs))
+    seeds = sorted({r.seed for r in runs})
+    out.mkdir(parents=True, exist_ok=True)
     fed = build_federated_data(replace(cfg, seed=seeds[0]))
     plot_label_counts(fed.label_counts(), out / "label_distribution.png", class_names=list(fed.dataset.classes),
                       title=f"{fed.dataset.name}, seed {seeds[0]}: samples per client and class")
@@ -227,7 +241,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path
         if rows:
             write_csv(out / f"{name}.csv", rows)
     md = [f"# Comparison: {', '.join(methods)}", "", f"`{command}`" if command else "",
-          f"seeds {list(seeds)}; accuracies in %, mean ± std over seeds; personalized = each client's own test part",
+          f"seeds {seeds}; accuracies in %, mean ± std over seeds; personalized = each client's own test part",
           "", format_table(table)]
     if gains:
         md += ["", "## Gain over fedavg (per client, mean over seeds)", "", format_table(gains)]
@@ -235,9 +249,58 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path
         md += ["", f"## Cold start: {holdout} held-out clients", "", format_table(hold)]
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")
     _plots(runs, clients, out)
-    summary = {"config": config_to_dict(cfg), "methods": list(methods), "seeds": list(seeds), "holdout": holdout,
+    summary = {"config": config_to_dict(cfg), "methods": methods, "seeds": seeds, "holdout": holdout,
                "table": table, "gains": gains, "holdout_table": hold,
                "runs": [{"method": r.method, "seed": r.seed, "seconds": r.seconds, "rounds": r.rounds,
-                         "clients": r.clients, "holdout": r.holdout} for r in runs]}
+                         "clients": r.clients, "holdout": r.holdout, "split": r.split,
+                         "upload_bytes": r.upload_bytes} for r in runs]}
     atomic_write_json(out / "comparison.json", summary)
     return summary
+
+
+def _comparable(raw: dict[str, Any]) -> dict[str, Any]:
+    """A comparison's configuration without what may differ between merged folders (read
+    through today's config, so a key added since, at its default, is no difference)."""
+    raw = config_to_dict(config_from_dict(raw))
+    raw.pop("seed", None)
+    raw.pop("output", None)
+    raw.get("personalization", {}).pop("policy", None)
+    return raw
+
+
+def merge(folders: Sequence[Path], out: Path, *, command: str = "") -> dict[str, Any]:
+    """One comparison folder ``out`` from several measured under the same configuration."""
+    if len(folders) < 2:
+        raise ConfigError(f"--merge needs at least two comparison folders, got {len(folders)}")
+    loaded = []
+    for folder in folders:
+        path = Path(folder) / "comparison.json"
+        if not path.is_file():
+            raise ConfigError(f"{str(folder)!r} is not a comparison folder: {path} does not exist")
+        try:
+            loaded.append((Path(folder), json.loads(path.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}); was the comparison interrupted?") from None
+    first_folder, first = loaded[0]
+    for folder, data in loaded[1:]:
+        if _comparable(data["config"]) != _comparable(first["config"]) or data["holdout"] != first["holdout"]:
+            raise ConfigError(f"{str(folder)!r} was measured under another configuration or --holdout than "
+                              f"{str(first_folder)!r}; only folders differing in methods and seeds can be merged")
+    runs, seen = [], {}
+    for folder, data in loaded:
+        rows = {row["method"]: row for row in data["table"]}
+        for r in data["runs"]:
+            key = (r["method"], r["seed"])
+            if key in seen:
+                raise ConfigError(f"method {key[0]!r}, seed {key[1]} is in both {str(seen[key])!r} and "
+                                  f"{str(folder)!r}; merge each (method, seed) once")
+            seen[key] = folder
+            row = rows[r["method"]]  # folders written before runs carried their split: take it from the table
+            split = r.get("split") or {"private_params": row["private_params"],
+                                       "private_percent": float(row["private_pct"])}
+            upload = r.get("upload_bytes", row["upload_bytes_per_client_round"])
+            runs.append(MethodRun(r["method"], r["seed"], r["rounds"], r["clients"], r["holdout"], split, upload,
+                                  r["seconds"]))
+    order = list(dict.fromkeys(r.method for r in runs))
+    runs.sort(key=lambda r: (r.seed, order.index(r.method)))
+    return _write(config_from_dict(first["config"]), runs, out, holdout=first["holdout"], command=command)

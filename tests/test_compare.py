@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import tiny_config
-from fedse.compare import compare, gain_table
+from fedse.compare import compare, gain_table, merge
+from fedse.config import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -43,3 +44,29 @@ def test_two_method_comparison_writes_every_file(tmp_path):
     assert [h["client"] for h in hold] == [3] and all(0 <= h["private_acc"] <= 1 for h in hold)
     fedavg_hold = summary["runs"][0]["holdout"][0]
     assert fedavg_hold["private_acc"] == fedavg_hold["global_acc"]  # nothing private to adapt
+
+
+def test_merge_combines_folders_measured_apart(tmp_path):
+    cfg = tiny_config(partition={"num_clients": 3}, output={"dir": str(tmp_path)}, server={"rounds": 1})
+    a = compare(cfg, ["fedavg"], [0], tmp_path / "a")
+    b = compare(cfg, ["fedse"], [0], tmp_path / "b")
+    merged = merge([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    assert merged["methods"] == ["fedavg", "fedse"] and merged["seeds"] == [0]
+    assert merged["table"] == a["table"] + b["table"]  # every figure is the one measured, unchanged
+    gain = merged["gains"][0]
+    clients = {c["client"]: c for c in b["runs"][0]["clients"]}
+    expected = [clients[c["client"]]["local_acc"] - c["local_acc"] for c in a["runs"][0]["clients"]]
+    assert gain["method"] == "fedse" and gain["mean_gain_points"] == pytest.approx(100 * sum(expected) / 3)
+    assert (tmp_path / "ab" / "table.md").is_file() and (tmp_path / "ab" / "personalized_vs_global.png").is_file()
+
+    with pytest.raises(ConfigError, match="method 'fedavg', seed 0 is in both"):
+        merge([tmp_path / "a", tmp_path / "ab"], tmp_path / "x")
+    other = json.loads((tmp_path / "b" / "comparison.json").read_text())
+    other["config"]["partition"]["alpha"] = 0.1  # another partition: its clients are not the same clients
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "comparison.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="another configuration"):
+        merge([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
+    with pytest.raises(ConfigError, match="is not a comparison folder"):
+        merge([tmp_path / "a", tmp_path / "missing"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # nothing written on a refused merge
