@@ -20,3 +20,11 @@ def test_missing_dataset_exits_2_naming_the_file(capsys, tmp_path):
 def test_missing_config_file(capsys, tmp_path):
     assert main(["simulate", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_merge_needs_an_out_folder_and_real_comparisons(capsys, tmp_path):
+    assert main(["compare", "--merge", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "--merge needs --out" in capsys.readouterr().err
+    assert main(["compare", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 2
+    assert "is not a comparison folder" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
