@@ -10,10 +10,10 @@ from torch import nn
 from conftest import tiny_config
 from fedse.config import ConfigError
 from fedse.federated import build_federated_data
-from fedse.local import logit_bias, train_logit_bias
+from fedse.local import local_update, logit_bias, train_logit_bias
 from fedse.prior import fit_prior_weight, label_log_prior, label_prior_mode
-from fedse.split import POLICIES, split_model
 from fedse.client import build_model
+from fedse.split import POLICIES, create_policy, split_model
 from fedse.train import evaluate, train
 
 
@@ -113,3 +113,17 @@ def test_client_offsets_come_from_its_own_train_labels():
     assert torch.allclose(got, t * prior) and 0.0 <= t <= 2.0
     fedse = tiny_config(personalization={"policy": "fedse"})
     assert logit_bias(model, shard, fedse, mean=ds.mean, std=ds.std) is None
+
+
+def test_prediction_mode_trains_exactly_as_fedse():
+    # fedse-pc only changes predictions: one local update gives bit-identical weights to fedse's.
+    fed = build_federated_data(tiny_config())
+    shard, ds = fed.shard(0), fed.dataset
+    states = []
+    for policy in ("fedse", "fedse-pc"):
+        cfg = tiny_config(personalization={"policy": policy})
+        model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+        local_update(model, split_model(model, policy), create_policy(policy), shard, cfg, seed=3, mean=ds.mean,
+                     std=ds.std)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
