@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from conftest import tiny_config
+from fedse.client import build_model
 from fedse.config import ConfigError
 from fedse.federated import build_federated_data
 from fedse.local import local_update, logit_bias, train_logit_bias
 from fedse.prior import fit_prior_weight, label_log_prior, label_prior_mode
-from fedse.client import build_model
 from fedse.split import POLICIES, create_policy, split_model
 from fedse.train import evaluate, train
 
