@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="run several methods under the identical partition and budget")
     cmp.add_argument("--config", type=Path, default=None, help="YAML file (default: built-in defaults)")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    cmp.add_argument("--methods", default="fedavg,fedbn,fedper,local,fedse,fedse-pc",
+    cmp.add_argument("--methods", default="fedavg,fedbn,fedper,local,fedse,fedse-la",
                      help="comma-separated policies (default: %(default)s)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     cmp.add_argument("--holdout", type=int, default=0, help="keep the last K clients out of training (cold start)")

@@ -72,12 +72,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PersonalizationConfig:
-    # Which parts stay on the client and how they train: see fedse.split.POLICIES. Default fedse-pc:
-    # excitation private, predictions corrected by the client's own label prior (docs/results.md).
+    # Which parts stay on the client and how they train: see fedse.split.POLICIES. Default fedse-la:
+    # excitation private, logits offset by the client's own label prior (docs/results.md).
     policy: Literal[
         "fedse", "fedavg", "fedavg-ft", "fedbn", "fedper", "fedrep", "local", "fedse-bn", "fedse-head",
         "fedse-prior", "fedse-la", "fedse-pc", "fedavg-la",
-    ] = "fedse-pc"
+    ] = "fedse-la"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))
     # Offset logits by the client's own label prior (fedse.prior): 'train' (logit adjustment in training

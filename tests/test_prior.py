@@ -74,7 +74,7 @@ def test_training_with_the_offset_leaves_the_prior_out_of_the_weights():
 
 
 def test_modes_follow_the_policy_the_override_and_sample_dp():
-    assert label_prior_mode(tiny_config()) == "predict"  # the default policy, fedse-pc
+    assert label_prior_mode(tiny_config()) == "train"  # the default policy, fedse-la
     assert label_prior_mode(tiny_config(personalization={"policy": "fedse"})) == "off"
     assert label_prior_mode(tiny_config(personalization={"policy": "fedse-la"})) == "train"
     assert label_prior_mode(tiny_config(personalization={"policy": "fedse-pc"})) == "predict"

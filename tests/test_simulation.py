@@ -44,7 +44,7 @@ def test_run_folder_holds_every_report_file(run):
     rounds = json.loads((result.run_dir / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2]
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    assert summary["split"]["policy"] == "fedse-pc" and summary["split"]["private_params"] > 0
+    assert summary["split"]["policy"] == "fedse-la" and summary["split"]["private_params"] > 0
 
 
 def test_shared_weights_file_has_only_shared_keys(run):
