@@ -39,7 +39,7 @@ from .simulation import simulate
 from .split import POLICIES, split_model
 from .train import evaluate
 
-__all__ = ["compare", "gain_table", "merge", "method_table"]
+__all__ = ["compare", "gain_table", "merge", "method_table", "paired_gains"]
 
 
 @dataclass
@@ -163,6 +163,19 @@ def gain_table(rows: Sequence[dict[str, Any]], reference: str = "fedavg") -> lis
     return out
 
 
+def paired_gains(runs: Sequence[MethodRun], reference: str = "fedavg") -> list[dict[str, Any]]:
+    """:func:`gain_table` per method over the seeds it shares with ``reference`` only: a
+    seed is a partition, so client ``i`` of one seed is not client ``i`` of another."""
+    ref_seeds = {r.seed for r in runs if r.method == reference}
+    out = []
+    for method in dict.fromkeys(r.method for r in runs if r.method != reference):
+        seeds = ref_seeds & {r.seed for r in runs if r.method == method}
+        if seeds:
+            rows = per_client([r for r in runs if r.seed in seeds and r.method in (method, reference)])
+            out += [{**g, "paired_seeds": len(seeds)} for g in gain_table(rows, reference) if g["method"] == method]
+    return out
+
+
 def holdout_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     rows = []
     for method in dict.fromkeys(r.method for r in runs):
@@ -236,7 +249,7 @@ def _write(cfg: Config, runs: Sequence[MethodRun], out: Path, *, holdout: int, c
     plot_label_counts(fed.label_counts(), out / "label_distribution.png", class_names=list(fed.dataset.classes),
                       title=f"{fed.dataset.name}, seed {seeds[0]}: samples per client and class")
     table, clients = method_table(runs), per_client(runs)
-    gains, hold = gain_table(clients), holdout_table(runs)
+    gains, hold = paired_gains(runs), holdout_table(runs)
     for name, rows in (("table", table), ("per_client", clients), ("gains", gains), ("holdout", hold)):
         if rows:
             write_csv(out / f"{name}.csv", rows)
@@ -244,7 +257,7 @@ def _write(cfg: Config, runs: Sequence[MethodRun], out: Path, *, holdout: int, c
           f"seeds {seeds}; accuracies in %, mean ± std over seeds; personalized = each client's own test part",
           "", format_table(table)]
     if gains:
-        md += ["", "## Gain over fedavg (per client, mean over seeds)", "", format_table(gains)]
+        md += ["", "## Gain over fedavg (per client, over the seeds both were run with)", "", format_table(gains)]
     if hold:
         md += ["", f"## Cold start: {holdout} held-out clients", "", format_table(hold)]
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")

@@ -49,14 +49,18 @@ def test_two_method_comparison_writes_every_file(tmp_path):
 def test_merge_combines_folders_measured_apart(tmp_path):
     cfg = tiny_config(partition={"num_clients": 3}, output={"dir": str(tmp_path)}, server={"rounds": 1})
     a = compare(cfg, ["fedavg"], [0], tmp_path / "a")
-    b = compare(cfg, ["fedse"], [0], tmp_path / "b")
+    b = compare(cfg, ["fedse"], [0, 1], tmp_path / "b")
     merged = merge([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
-    assert merged["methods"] == ["fedavg", "fedse"] and merged["seeds"] == [0]
+    assert merged["methods"] == ["fedavg", "fedse"] and merged["seeds"] == [0, 1]
     assert merged["table"] == a["table"] + b["table"]  # every figure is the one measured, unchanged
+    # fedavg ran seed 0 only: fedse's gain pairs its seed-0 clients with fedavg's, never seed 1's
+    # (another partition, so other clients).
     gain = merged["gains"][0]
     clients = {c["client"]: c for c in b["runs"][0]["clients"]}
+    assert b["runs"][0]["seed"] == 0
     expected = [clients[c["client"]]["local_acc"] - c["local_acc"] for c in a["runs"][0]["clients"]]
-    assert gain["method"] == "fedse" and gain["mean_gain_points"] == pytest.approx(100 * sum(expected) / 3)
+    assert gain["method"] == "fedse" and gain["paired_seeds"] == 1
+    assert gain["mean_gain_points"] == pytest.approx(100 * sum(expected) / 3)
     assert (tmp_path / "ab" / "table.md").is_file() and (tmp_path / "ab" / "personalized_vs_global.png").is_file()
 
     with pytest.raises(ConfigError, match="method 'fedavg', seed 0 is in both"):
