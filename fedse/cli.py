@@ -143,24 +143,22 @@ def main(argv: list[str] | None = None) -> int:
 
             simulate(cfg, config_name=name, quiet=args.quiet, verbose=args.verbose, run_dir=resume,
                      resume=resume is not None)
-        elif args.command == "compare" and args.merge:
-            from .compare import merge
-
-            if args.out is None:
-                raise ConfigError("--merge needs --out: the folder the combined comparison is written to")
-            merge(args.merge, args.out, command="fedse " + " ".join(argv if argv is not None else sys.argv[1:]))
-            print((args.out / "table.md").read_text())
-            print(f"comparison folder: {args.out}")
         elif args.command == "compare":
             import time
 
-            from .compare import compare
+            from .compare import compare, merge
 
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            seeds = _int_list(args.seeds, "seeds")
-            out = args.out or Path(cfg.output.dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            compare(cfg, methods, seeds, out, holdout=args.holdout,
-                              command="fedse " + " ".join(argv if argv is not None else sys.argv[1:]))
+            command = "fedse " + " ".join(argv if argv is not None else sys.argv[1:])
+            if args.merge:
+                if args.out is None:
+                    raise ConfigError("--merge needs --out: the folder the combined comparison is written to")
+                out = args.out
+                merge(args.merge, out, command=command)
+            else:
+                methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+                seeds = _int_list(args.seeds, "seeds")
+                out = args.out or Path(cfg.output.dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                compare(cfg, methods, seeds, out, holdout=args.holdout, command=command)
             print((out / "table.md").read_text())
             print(f"comparison folder: {out}")
     except (ConfigError, DatasetError, PartitionError, FileExistsError, FileNotFoundError) as err:
