@@ -24,6 +24,8 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +136,21 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def read_idx(path: Path, expect_magic: int) -> np.ndarray:
-    """Strict IDX reader (uint8 data): magic number, dimensions and length are checked."""
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    """Strict IDX reader (uint8 data): magic number, dimensions and length are checked.
+
+    A cut-short or damaged file (a half-finished download, a bad copy) is a :class:`DatasetError` naming it,
+    not a bare ``EOFError``/``BadGzipFile``/``zlib.error`` traceback that says neither which file nor what to do.
+    """
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path) as handle:
+                raw = handle.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"{path}: truncated or corrupt, cannot be read or decompressed "
+                           f"({type(err).__name__}: {err}); expected a complete IDX file, gzipped or not. "
+                           "Fetch it again.") from None
     if len(raw) < 8:
         raise DatasetError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
     magic = int.from_bytes(raw[:4], "big")
@@ -302,8 +317,13 @@ def _load_cifar_tarballs(train_tar: Path, test_tar: Path) -> Dataset:
                                for p, s in zip((train_tar, test_tar), stat, strict=True)]).encode()).hexdigest()[:16]
     cache = _cache_dir() / f"cifar10-{key}.npz"
     if cache.is_file():
-        with np.load(cache) as z:
-            return _make("cifar10", z["images"], z["labels"], CIFAR_CLASSES, int(z["num_train"]))
+        try:  # never pickles: a planted cache file must not run code; an unreadable one is rebuilt
+            with np.load(cache, allow_pickle=False) as z:
+                images, labels, num_train = z["images"], z["labels"], int(z["num_train"])
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error):
+            pass
+        else:
+            return _make("cifar10", images, labels, CIFAR_CLASSES, num_train)
     train_x, train_y, train_classes = _read_tar_split(train_tar)
     test_x, test_y, test_classes = _read_tar_split(test_tar)
     if train_classes != test_classes:
@@ -313,15 +333,94 @@ def _load_cifar_tarballs(train_tar: Path, test_tar: Path) -> Dataset:
     return _make("cifar10", images, labels, train_classes, len(train_x))
 
 
+try:  # the modules numpy pickles name for its array reconstructors (numpy >= 2, then 1.x)
+    from numpy._core import multiarray as _np_multiarray, numeric as _np_numeric
+except ImportError:  # pragma: no cover (numpy < 2)
+    from numpy.core import multiarray as _np_multiarray, numeric as _np_numeric
+
+# Every global a CIFAR-10 python batch may name, mapped to the object itself (nothing is imported by name).
+# The official batches hold a dict of bytes keys, a uint8 ndarray (pickled as _reconstruct + ndarray + dtype),
+# lists of ints and byte strings; a batch re-saved with pickle protocol 5 uses _frombuffer instead of
+# _reconstruct. Both numpy 1.x (numpy.core) and numpy 2 (numpy._core) spellings occur in files in the wild.
+_CIFAR_PICKLE_GLOBALS: dict[tuple[str, str], object] = {
+    **{(module, "_reconstruct"): _np_multiarray._reconstruct for module in ("numpy.core.multiarray",
+                                                                             "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): _np_numeric._frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only numpy's array-reconstruction globals.
+
+    ``pickle.load`` on a file found under data.root, $FEDSE_DATA or ../shared/data would run whatever callable
+    the file names (``os.system``, ``Path.write_text``...). Refusing every other global in ``find_class``
+    makes a crafted batch fail before anything runs; dicts, lists, ints and bytes need no global at all.
+    """
+
+    def __init__(self, handle: io.BufferedIOBase, path: Path) -> None:
+        super().__init__(handle, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _CIFAR_PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            allowed = sorted(f"{m}.{n}" for m, n in _CIFAR_PICKLE_GLOBALS)
+            raise DatasetError(f"{self.path}: refusing to load the global {module}.{name}; a CIFAR-10 batch may "
+                               f"only name {allowed}. Not an official CIFAR-10 python batch (or a crafted one): "
+                               "fetch cifar-10-python.tar.gz again.") from None
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch as (N, 3, 32, 32) uint8 images and (N,) labels, every field checked.
+
+    The file is untrusted (anyone who can write to a data directory can plant one), so it is read with
+    :class:`_CifarUnpickler` and every shape, type and label is checked before use; anything else is a
+    :class:`DatasetError` naming the file and what a batch must hold.
+    """
+    expected = 'a dict with b"data" (uint8 array N x 3072) and b"labels" (N ints in 0..9)'
+    try:
+        with path.open("rb") as handle:
+            entry = _CifarUnpickler(handle, path).load()
+    except DatasetError:
+        raise
+    except Exception as err:  # noqa: BLE001 (truncated/garbled pickles fail in many ways; all mean the same)
+        raise DatasetError(f"{path}: truncated or corrupt CIFAR-10 batch ({type(err).__name__}: {err}); "
+                           f"expected a pickle of {expected}. Fetch cifar-10-python.tar.gz again.") from None
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{path}: holds a {type(entry).__name__}, expected {expected}")
+    missing = [key for key in (b"data", b"labels") if key not in entry]
+    if missing:
+        raise DatasetError(f"{path}: missing key(s) {missing} (found {sorted(map(repr, entry))[:8]}); "
+                           f"expected {expected}")
+    data, labels = entry[b"data"], entry[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else type(data).__name__)
+        raise DatasetError(f'{path}: b"data" is a {what}, expected a uint8 array N x 3072 (3 x 32 x 32 per image)')
+    if isinstance(labels, np.ndarray):
+        ok = labels.ndim == 1 and labels.dtype.kind in "iu"
+    else:
+        ok = isinstance(labels, list | tuple) and all(type(v) is int for v in labels)
+    if not ok:
+        raise DatasetError(f'{path}: b"labels" is a {type(labels).__name__} that is not a sequence of ints; '
+                           "expected N ints in 0..9")
+    if len(labels) != len(data):
+        raise DatasetError(f'{path}: {len(data)} images in b"data" but {len(labels)} b"labels"; '
+                           "expected one label each")
+    if len(labels) and (int(min(labels)) < 0 or int(max(labels)) > 9):  # before any int64 cast can overflow
+        raise DatasetError(f'{path}: b"labels" outside 0..9 (min {int(min(labels))}, max {int(max(labels))})')
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
 def _load_cifar_pickles(directory: Path) -> Dataset:
     def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
         path = directory / name
         if not path.is_file():
             raise _missing("cifar10", [directory], [name])
-        with path.open("rb") as handle:
-            entry = pickle.load(handle, encoding="bytes")  # noqa: S301 (the official format is pickle)
-        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        return data, np.asarray(entry[b"labels"])
+        return _read_cifar_batch(path)
 
     parts = [batch(f"data_batch_{i}") for i in range(1, 6)] + [batch("test_batch")]
     images = np.concatenate([p[0] for p in parts])

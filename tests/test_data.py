@@ -2,7 +2,9 @@
 
 import gzip
 import io
+import pathlib
 import pickle
+import struct
 import tarfile
 
 import numpy as np
@@ -67,6 +69,22 @@ def test_bad_or_truncated_idx_names_the_file(tmp_path):
         load_dataset("mnist", root=tmp_path)
 
 
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda gz: gz[: len(gz) // 2], "EOFError"),  # cut short: a half-finished download
+    (lambda gz: gz[:10] + b"\xff" * 64, "zlib.error|error"),  # valid gzip header, garbage deflate stream
+    (lambda gz: b"not a gzip file at all", "BadGzipFile"),  # an OSError subclass
+    (lambda gz: gz[:-8] + b"\0\0\0\0" + gz[-4:], "BadGzipFile"),  # CRC mismatch
+])
+def test_truncated_or_corrupt_gz_idx_is_a_dataset_error_naming_the_file(tmp_path, damage, error):
+    _write_idx(tmp_path, train=50)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    message = rf"train-images-idx3-ubyte\.gz: truncated or corrupt.*({error})"
+    with pytest.raises(DatasetError, match=message) as info:
+        load_dataset("mnist", root=tmp_path)
+    assert str(path) in str(info.value)
+
 def test_missing_file_is_named_with_the_directory(tmp_path):
     _write_idx(tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
@@ -89,6 +107,115 @@ def test_cifar_pickle_batches_keep_channel_order(tmp_path):
     assert int(ds.images[0, 1, 5, 7]) == 200 and int(ds.images[10, 1, 5, 7]) == 205
     assert ds.labels.tolist()[:2] == [0, 9]
 
+
+
+_VALID = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 9]})
+
+
+def _cifar_batches(directory, **override):
+    """Six small valid batches (2 images each), any of them replaced by raw bytes from ``override``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]:
+        (directory / name).write_bytes(override[name] if name in override else _VALID)
+
+
+class _Touch:
+    """Unpickling this calls ``Path.touch(marker)``: the shape of a crafted batch that runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+class _Exec:
+    """Unpickling this calls ``builtins.exec``: builtins other than plain containers are refused too."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("gadget", [_Touch, _Exec])
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_crafted_cifar_pickle_does_not_run(tmp_path, gadget, protocol):
+    control = tmp_path / "control-marker"
+    pickle.loads(pickle.dumps(gadget(control), protocol=protocol))  # the payload is live under pickle.load...
+    assert control.exists()
+
+    marker = tmp_path / "marker"
+    root = tmp_path / "root"  # data_batch_1 directly under data.root
+    _cifar_batches(root, data_batch_1=pickle.dumps(gadget(marker), protocol=protocol))
+    refused = r"data_batch_1: refusing to load the global (pathlib|builtins|__builtin__)\."
+    with pytest.raises(DatasetError, match=refused) as info:
+        load_dataset("cifar10", root=root)
+    assert str(root / "data_batch_1") in str(info.value) and "numpy.dtype" in str(info.value)
+    assert not marker.exists()  # ...but not through fedse
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes and str as Python 2 ``str`` (BINSTRING), as cPickle did for the official CIFAR-10 batches."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj):
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+
+def _py2_batch(data, labels, numpy_core="numpy._core"):
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump({b"batch_label": b"training batch 1 of 5", b"labels": labels,
+                                          b"data": data, b"filenames": [b"a.png"] * len(labels)})
+    payload = buffer.getvalue()
+    assert b"numpy._core.multiarray\n_reconstruct\n" in payload and b"_codecs" not in payload
+    return payload.replace(b"numpy._core.multiarray\n", numpy_core.encode() + b".multiarray\n")
+
+
+@pytest.mark.parametrize("numpy_core", ["numpy.core", "numpy._core"])  # numpy 1.x and numpy 2 module names
+def test_official_format_python2_batches_load(tmp_path, numpy_core):
+    data = np.arange(2 * 3072, dtype=np.uint32).astype(np.uint8).reshape(2, 3072)
+    _cifar_batches(tmp_path, **{name: _py2_batch(data, [3, 4], numpy_core)
+                                for name in [f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]})
+    ds = load_dataset("cifar10", root=tmp_path)
+    assert ds.images.shape == (12, 3, 32, 32) and ds.labels.tolist() == [3, 4] * 6
+    assert np.array_equal(ds.images[:2].reshape(2, 3072).numpy(), data)
+
+
+@pytest.mark.parametrize("payload, message", [
+    (_VALID[: len(_VALID) // 2], r"truncated or corrupt CIFAR-10 batch"),
+    (b"", r"truncated or corrupt CIFAR-10 batch \(EOFError"),
+    (b"\x80\x05garbage", r"truncated or corrupt CIFAR-10 batch"),
+    (pickle.dumps([1, 2, 3]), r"holds a list, expected a dict"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 9]}),
+     r"missing key\(s\) \[b'data', b'labels'\]"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 9]}), r"float32 array .*expected a uint8"),
+    (pickle.dumps({b"data": np.zeros((2, 3071), np.uint8), b"labels": [0, 9]}), r"shape \(2, 3071\)"),
+    (pickle.dumps({b"data": b"\0" * 6144, b"labels": [0, 9]}), r'b"data" is a bytes'),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}), r"outside 0\.\.9"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -1]}), r"outside 0\.\.9"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 2**70]}), r"outside 0\.\.9"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), r"2 images .* but 1 b\"labels\""),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, "9"]}), r"not a sequence of ints"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1.0]}), r"not a sequence of ints"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": 2}), r"not a sequence of ints"),
+])
+def test_malformed_cifar_batch_names_the_file(tmp_path, payload, message):
+    d = tmp_path / "cifar-10-batches-py"
+    _cifar_batches(d, test_batch=payload)
+    with pytest.raises(DatasetError, match=r"test_batch: .*" + message) as info:
+        load_dataset("cifar10", root=tmp_path)
+    assert str(d / "test_batch") in str(info.value)
 
 def _png_tree(root, split, pixels):
     for cls, values in pixels.items():
@@ -123,6 +250,26 @@ def test_image_folder_and_tarball_read_the_same_pixels(tmp_path, monkeypatch):
     cached = load_dataset("cifar10", root=tars)
     assert torch.equal(cached.images, folder.images)
 
+
+
+def test_unreadable_or_pickled_cifar_cache_is_rebuilt_not_unpickled(tmp_path, monkeypatch):
+    tree, tars = tmp_path / "tree", tmp_path / "tars"
+    _png_tree(tree, "train", {"cat": [10], "dog": [30]})
+    _png_tree(tree, "test", {"cat": [40], "dog": [50]})
+    tars.mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(tars / f"cifar10-{split}.tar.gz", "w:gz") as tar:
+            tar.add(tree / split, arcname=f"cifar10/{split}")
+    monkeypatch.setenv("FEDSE_CACHE", str(tmp_path / "cache"))
+    first = load_dataset("cifar10", root=tars)
+    (cache,) = (tmp_path / "cache").glob("cifar10-*.npz")
+    marker = tmp_path / "marker"
+    planted = io.BytesIO()  # an object array: reading it would unpickle _Touch
+    np.savez(planted, images=np.array([_Touch(marker)], dtype=object), labels=np.zeros(1), num_train=1)
+    for payload in (cache.read_bytes()[:100], planted.getvalue()):
+        cache.write_bytes(payload)
+        again = load_dataset("cifar10", root=tars)
+        assert torch.equal(again.images, first.images) and not marker.exists()
 
 def test_image_folder_rejects_mixed_sizes_naming_the_file(tmp_path):
     _png_tree(tmp_path, "train", {"a": [1]})
