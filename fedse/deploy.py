@@ -9,11 +9,14 @@ behind an explicit flag and logs a warning.
 
 Flower 1.42 serves the Fleet, Control and Runtime APIs of a SuperLink on one
 address (``--host``/``--port``); a SuperNode's key pair is an ECDSA (P-384)
-key in OpenSSH format, registered with ``flwr supernode register``.
+key in OpenSSH format, registered with ``flwr supernode register``. Who may
+register a key (or submit a run) is not authenticated in the open-source
+SuperLink: see ``control_api_exposure``, which ``fedse server`` prints.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -24,6 +27,7 @@ from pathlib import Path
 
 __all__ = [
     "Certs",
+    "control_api_exposure",
     "make_node_key",
     "make_test_certs",
     "node_config_string",
@@ -83,9 +87,12 @@ def make_test_certs(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1"
 
 def make_node_key(path: str | Path, comment: str = "fedse-supernode") -> Path:
     """An ECDSA P-384 key pair in OpenSSH format for SuperNode authentication; returns the
-    public key's path (``<path>.pub``), the file to register with the SuperLink."""
+    public key's path (``<path>.pub``), the file to register with the SuperLink.
+
+    ``path`` is resolved first: ssh-keygen runs in the key's folder, where a relative
+    ``-f keys/client0`` would name ``keys/keys/client0`` and fail."""
     keygen = _need("ssh-keygen")
-    path = Path(path)
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite a node key")
@@ -106,6 +113,56 @@ def superlink_command(*, certs: Certs | None, host: str = "127.0.0.1", port: int
     if database is not None:
         cmd += ["--database", str(database)]
     return cmd
+
+
+def control_api_exposure(host: str, port: int) -> str:
+    """Who can act on the SuperLink's Control API at ``host:port``, and the deployment that limits it.
+
+    ``fedse server`` prints this at start-up because nothing in Flower 1.42 (open source)
+    closes the gap: the Control API (register/unregister SuperNodes, start/stop runs) is
+    always served on ``--host``/``--port`` with the Fleet API (``--control-api-address`` is
+    deprecated and does not move it), account authentication is enterprise-only (the
+    open-source plugin accepts every caller), and the HTTPS server asks callers for no
+    certificate. SuperNode authentication therefore refuses unregistered keys, but anyone
+    who can reach the port can register one. Only the network can limit who reaches it."""
+    if port < 1 or port > 65535:
+        raise ValueError(f"port must be 1..65535, got {port}")
+    where = f"{host}:{port}"
+    if _is_loopback(host):
+        who = f"any process on this machine (the SuperLink listens on {where})"
+    elif _is_unspecified(host):
+        who = f"anyone who can reach port {port} on any address of this machine"
+    else:
+        who = f"anyone who can reach {where}"
+    return (
+        f"Control API exposure: {who} can register a SuperNode key (that node then joins: SuperNode "
+        "authentication only refuses keys nobody registered), unregister nodes, and start or stop runs; a run's "
+        "ServerApp code executes on this machine and its ClientApp code on every connected SuperNode. No "
+        "credential is needed: TLS proves this server to callers, not callers to it (ca.crt is public, and a "
+        "client that skips verification needs not even that); Flower 1.42's open-source SuperLink has no "
+        "account authentication and serves the Control API on the same address as the Fleet API.\n"
+        "To limit it to the operator and the clients: (1) run 'fedse server --host 127.0.0.1 --database FILE', "
+        "register every client's key from this machine (flwr supernode register KEY.pub), and stop it; "
+        "(2) run it again with the same --database FILE (it keeps the registrations; the in-memory default "
+        f"does not) on the address the clients use, with tcp/{port} reachable only from the clients' hosts "
+        "(firewall: allow their addresses, drop the rest). The clients' hosts can still do all of the above."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return host == ""
 
 
 def node_config_string(values: Mapping[str, str | int | float]) -> str:

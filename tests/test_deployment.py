@@ -4,7 +4,8 @@ One SuperLink (TLS, SuperNode authentication), three registered SuperNodes each
 with its own state directory; a 3-round run during which one SuperNode is
 killed; a second run after restarting it (its private weights come back
 bit-identical from disk); a fourth SuperNode with an unregistered key is
-refused. Every process the test starts, it stops.
+refused; a caller holding only ca.crt can register a key (the exposure
+`fedse server` warns of). Every process the test starts, it stops.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
     (tmp_path / "logs").mkdir()
     procs = Processes(env, tmp_path / "logs")
     certs = make_test_certs(tmp_path / "certs")
-    keys = [make_node_key(tmp_path / "keys" / f"node{i}") for i in range(4)]
+    keys = [make_node_key(tmp_path / "keys" / f"node{i}") for i in range(5)]  # 3 members, 2 outsiders
     port = _free_port()
     address = f"127.0.0.1:{port}"
     write_connection(tmp_path / "flwr_home", "tls", address, certs.ca)
@@ -177,6 +178,16 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         assert set(train) == {"0", "1", "2"}
         for i in range(3):
             assert train[str(i)]["private-digest-in"] == on_disk[i]
+
+        # What control_api_exposure() warns of: with only ca.crt, an outsider's `flwr supernode
+        # register` succeeds (Flower 1.42 has no caller authentication on the Control API).
+        # If this starts failing, Flower closed the gap: revise the warning and the README.
+        outsider = {**env, "FLWR_HOME": str(tmp_path / "outsider_home")}
+        write_connection(tmp_path / "outsider_home", "tls", address, certs.ca)
+        reg = subprocess.run([FLWR, "supernode", "register", str(keys[4]), "tls", "--name", "intruder"],
+                             env=outsider, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        assert "registered successfully" in reg.stdout
     finally:
         procs.stop_all()
     for name, proc in procs.procs.items():
