@@ -20,7 +20,8 @@ from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, own_data
 from .models import SEResNet, create_model
 from .privacy import SampleDP, check_dp_model, epsilon_of, sample_noise_multiplier
-from .records import ARRAYS, CLIENT, CONFIG, METRICS, UNIT_WEIGHT, check_arrays, from_arrays, to_arrays
+from .records import (ARRAYS, CLIENT, CONFIG, DIGEST_IN, DIGEST_OUT, METRICS, NUM_EXAMPLES, NUM_TRAIN, PARTITION_ID,
+                      check_arrays, from_arrays, to_arrays)
 from .local import adapt, local_update, logit_bias
 from .split import Policy, Split, create_policy, split_model
 from .state import digest, load_accountant, persist, restore, save_accountant
@@ -140,7 +141,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     if pr.mode == "sample":
         check_dp_model(s.model)
         dp = SampleDP(sample_noise_multiplier(s.cfg, len(s.shard.train_labels)), pr.max_grad_norm, pr.accountant,
-                      load_accountant(context))
+                      load_accountant(context), secure_mode=pr.secure_mode)
     result = local_update(
         s.model, s.split, s.policy, s.shard, s.cfg, seed=_seed(s.cfg, s.client_id, msg), mean=s.mean, std=s.std,
         proximal_mu=mu, anchor=s.split.shared_state(s.model) if mu > 0 else None, dp=dp,
@@ -150,12 +151,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     if dp is not None:
         save_accountant(context, dp.history)
     persist(context, private_out)
-    client = {"partition-id": s.client_id}
+    client = {PARTITION_ID: s.client_id}
     if s.cfg.evaluate.private_digest:
-        client |= {"private-digest-in": digest(private_in), "private-digest-out": digest(private_out)}
-    metrics: dict[str, float | int] = {"num-examples": len(s.shard.train_labels)}
-    if pr.mode == "client":
-        metrics[UNIT_WEIGHT] = 1
+        client |= {DIGEST_IN: digest(private_in), DIGEST_OUT: digest(private_out)}
+    metrics: dict[str, float | int] = {NUM_EXAMPLES: len(s.shard.train_labels)}
     if dp is None:
         metrics |= {"train-loss": result.loss, "train-acc": result.accuracy}
     else:  # training-set statistics are not DP: only the cumulative epsilon is reported
@@ -174,12 +173,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     local = evaluate(s.model, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device,
                      logit_bias=logit_bias(s.model, s.shard, s.cfg, mean=s.mean, std=s.std))
     metrics: dict[str, float | int] = {
-        "num-examples": local.num_examples,
+        NUM_EXAMPLES: local.num_examples,
         "local-acc": local.accuracy,
         "local-loss": local.loss,
     }
-    if s.cfg.privacy.mode == "client":
-        metrics[UNIT_WEIGHT] = 1
     if bool(msg.content[CONFIG].get("pooled", False)):
         if s.own_data:
             raise ValueError("the server asked for the pooled test set, which a client with its own data-dir "
@@ -189,7 +186,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         # distribution, not this client's
         pooled = evaluate(s.model, x, y, mean=s.mean, std=s.std, device=device)
         metrics |= {"pooled-acc": pooled.accuracy, "pooled-loss": pooled.loss}
-    client = {"partition-id": s.client_id, "num-train": len(s.shard.train_labels)}
+    client = {PARTITION_ID: s.client_id, NUM_TRAIN: len(s.shard.train_labels)}
     return _reply(msg, None, metrics, client)
 
 

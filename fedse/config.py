@@ -9,11 +9,13 @@ through the same validation as the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 
 import yaml
@@ -114,6 +116,13 @@ class ServerConfig:
     server_lr: float = field(default=0.01, metadata=_range(0, None, lo_open=True))
     # Seconds to wait for client replies in one round.
     round_timeout: float = field(default=3600.0, metadata=_range(0, None, lo_open=True))
+    # Seconds the server waits before round 1 for exactly partition.num_clients nodes to connect;
+    # any other number stops the run with an error naming both (simulation nodes are there at once).
+    join_timeout: float = field(default=60.0, metadata=_range(0, None))
+    # Largest 'num-examples' the server accepts from one reply as its aggregation weight (null: the
+    # largest train part of the run's own partition). A client's reported count is its weight in the
+    # average, so one inflated count would let a single client outweigh all others.
+    max_num_examples: int | None = field(default=None, metadata=_range(1, None))
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,8 @@ class PrivacyConfig:
     # none | sample (Opacus DP-SGD on every client) | client (Flower's DP wrappers on the server).
     mode: Literal["none", "sample", "client"] = "none"
     # Gaussian noise multiplier sigma; or leave null and set target_epsilon for the whole run.
-    noise_multiplier: float | None = field(default=None, metadata=_range(0, None))
+    # Open at 0: a zero-noise "DP" run has infinite epsilon, so it would report a guarantee it lacks.
+    noise_multiplier: float | None = field(default=None, metadata=_range(0, None, lo_open=True))
     # Epsilon to reach after server.rounds rounds (sigma is derived from it); exclusive with noise_multiplier.
     target_epsilon: float | None = field(default=None, metadata=_range(0, None, lo_open=True))
     delta: float = field(default=1e-5, metadata=_range(0, 1, lo_open=True))
@@ -155,13 +165,19 @@ class PrivacyConfig:
     clipping_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
     # adaptive clipping: noise std of the clipped-count query (null: Flower's default, sampled clients / 20).
     clipped_count_stddev: float | None = field(default=None, metadata=_range(0, None, lo_open=True))
+    # sample: draw DP-SGD noise from Opacus's cryptographically secure generator (needs torchcsprng).
+    # Off, noise comes from a torch generator seeded from os.urandom: unpredictable from the config,
+    # but not a CSPRNG, and without secure mode's guard against floating-point attacks on the noise
+    # (Mironov 2012). Accepted only where torchcsprng imports, so true is never silently ignored.
+    secure_mode: bool = False
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     # Parent directory of run folders.
     dir: str = "runs"
-    # Run folder name (None: <config name>-<timestamp>).
+    # Run folder name (None: <config name>-<timestamp>): one plain folder name, so the run folder is
+    # always a direct child of output.dir ('../x', 'a/b' or an absolute path would write elsewhere).
     name: str | None = None
 
 
@@ -196,6 +212,11 @@ def _type_name(tp: Any) -> str:
     )
 
 
+class _BadValue(ConfigError):
+    """The value has the right type but can never be valid (NaN, inf, a NUL byte): reported as is,
+    not as a type mismatch, even where the key's type is a union."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -203,6 +224,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, key)
+            except _BadValue:
+                raise
             except ConfigError:
                 continue
     elif origin is Literal:
@@ -222,9 +245,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            # NaN passes every range check (all comparisons are false) and inf passes open-ended
+            # ones; neither is a usable learning rate, concentration or bound. (A huge YAML int
+            # overflows float().)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise _BadValue(f"config key '{key}': got {value!r}; allowed: a finite number (not nan or inf)")
+            return number
     elif tp is str:
         if isinstance(value, str):
+            if "\x00" in value:  # no path, name or label may hold one; os calls raise ValueError on it
+                raise _BadValue(f"config key '{key}': got {value!r}, which holds a NUL character; "
+                                "allowed: a string without NUL")
             return value
     raise ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}); allowed: {_type_name(tp)}")
 
@@ -246,7 +281,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # key=str: YAML keys may be numbers
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
         raise ConfigError(f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' in {where}; "
@@ -263,8 +298,33 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _check_output_name(name: str | None) -> None:
+    """output.name must name one folder directly inside output.dir."""
+    if name is None:
+        return
+    if (name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip() or not name.isprintable()
+            or Path(name).is_absolute() or PureWindowsPath(name).drive):
+        raise ConfigError(f"config key 'output.name': {name!r} is not a plain folder name; allowed: one folder "
+                          "name (the run folder is output.dir/<name>) without '/' or '\\', not '.' or '..', "
+                          "not empty, no control characters or leading/trailing spaces; or null for "
+                          "<config>-<timestamp>")
+
+
+def _check_secure_mode(pr: PrivacyConfig) -> None:
+    if not pr.secure_mode:
+        return
+    try:
+        importlib.import_module("torchcsprng")
+    except Exception:  # noqa: BLE001 (ImportError, or a build that fails to load)
+        raise ConfigError("config key 'privacy.secure_mode': true needs the package torchcsprng, which does not "
+                          "import here (pip install torchcsprng); allowed: false, where DP noise comes from a "
+                          "generator seeded from os.urandom (unpredictable, not cryptographically secure)") from None
+
+
 def _check_cross(cfg: Config) -> None:
     """Rules that involve more than one key."""
+    _check_output_name(cfg.output.name)
+    _check_secure_mode(cfg.privacy)
     p, s = cfg.partition, cfg.server
     if s.min_train_clients > p.num_clients:
         raise ConfigError(
@@ -290,6 +350,10 @@ def _check_cross(cfg: Config) -> None:
     if pr.mode == "sample" and s.strategy == "fedprox":
         raise ConfigError("config key 'server.strategy': 'fedprox' cannot be combined with privacy.mode=sample "
                           "(the proximal term's gradient is not per-sample); allowed: fedavg, fedadam")
+    if pr.mode == "client" and s.strategy == "fedadam":
+        raise ConfigError("config key 'server.strategy': 'fedadam' cannot be combined with privacy.mode=client "
+                          "(Flower's DP wrapper adds its noise after FedAdam's server step, so the noise would not "
+                          "be on the clipped mean of the updates); allowed: fedavg, fedprox")
     if pr.mode == "client" and pr.clipping == "adaptive" and pr.target_epsilon is not None:
         raise ConfigError("config key 'privacy.target_epsilon': not supported with clipping=adaptive "
                           "(its accounting depends on the clipped-count noise); set privacy.noise_multiplier")
@@ -350,12 +414,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; allowed: a YAML file "
+                              "(see configs/ for examples)")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: "
+                              f"{' '.join(str(err).split())}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(_merge(raw, parse_overrides(overrides)))

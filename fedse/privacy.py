@@ -8,9 +8,15 @@ the epsilon a client reports covers every DP step it ever took.
 
 Client level (``privacy.mode: client``): Flower's own wrappers around the
 strategy clip each client's update to the shared weights and add Gaussian
-noise to the aggregate (DP-FedAvg, McMahan et al. 2018); the run's epsilon is
-computed with Opacus's RDP accountant from (noise multiplier, client sampling
-rate, rounds).
+noise to the aggregate (DP-FedAvg, McMahan et al. 2018). The epsilon is
+Flower's RDP accountant (``flwr[dp]``, Google's ``dp-accounting``) over the
+releases actually made, with *no* amplification by client sampling: Flower
+samples a fixed number of clients per round, not Poisson, so no sampling rate
+below 1 is claimed. The noise is sized for exactly ``sampled`` clients, so a
+round with any other number of usable replies is refused (no release, no
+update): averaging fewer replies would shrink the noise below what the
+accountant assumes. The accountant's ledger is checkpointed, so a resumed run
+reports the epsilon of every release since round 1.
 """
 
 from __future__ import annotations
@@ -24,6 +30,13 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -32,9 +45,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from .config import Config, ConfigError
 
 __all__ = [
+    "ClientDP",
     "SampleDP",
     "check_dp_model",
     "client_level_epsilon",
+    "client_noise_multiplier",
+    "make_client_dp",
     "epsilon_of",
     "poisson_rate",
     "privatize",
@@ -50,6 +66,7 @@ class SampleDP:
     max_grad_norm: float
     accountant: str = "rdp"
     history: list[tuple[float, float, int]] | None = None  # carried in, updated in place by train()
+    secure_mode: bool = False  # Opacus's cryptographically secure generator (torchcsprng; checked by the config)
 
 
 def check_dp_model(model: nn.Module) -> None:
@@ -98,13 +115,13 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
     Poisson sampling and noise draw from a generator seeded from ``os.urandom``, never
     from the run's seed: noise or batches predictable from the configuration would void
     the guarantee (and the subsampling amplification). DP runs are therefore not
-    bit-reproducible. (Opacus's ``secure_mode`` would use a cryptographic generator; it
-    needs torchcsprng, which is not installed here.)
+    bit-reproducible. With ``secure_mode`` (``privacy.secure_mode``, needs torchcsprng) Opacus
+    draws both from its cryptographically secure generator instead.
     """
-    engine = PrivacyEngine(accountant=dp.accountant)
+    engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
     if dp.history:
         engine.accountant.history = [tuple(h) for h in dp.history]
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    generator = None if dp.secure_mode else torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, generator=generator)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
@@ -122,9 +139,76 @@ def epsilon_of(history: list[tuple[float, float, int]] | None, delta: float, acc
     return float(acc.get_epsilon(delta=delta))
 
 
-def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
-    """DP-FedAvg accounting: one Gaussian mechanism per round on the clipped sum of updates,
-    clients sampled at ``sample_rate``; RDP accountant over ``rounds``."""
+def _accountant(delta: float, population: int) -> RdpAccountant:
+    return RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
+                                       neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                       sampling_method=SamplingMethod.NO_AMPLIFICATION))
+
+
+def client_level_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Epsilon of ``releases`` Gaussian releases of the clipped sum (noise multiplier sigma, no
+    amplification), by Flower's RDP accountant."""
+    if releases == 0:
+        return 0.0
     if noise_multiplier <= 0:
         return float("inf")
-    return epsilon_of([(noise_multiplier, sample_rate, rounds)], delta, "rdp")
+    acc = _accountant(delta, 1)
+    acc.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), releases)
+    return float(acc.get_epsilon(delta))
+
+
+def client_noise_multiplier(cfg: Config) -> float:
+    """sigma for client-level DP: configured, or the smallest that keeps ``server.rounds`` releases
+    (no amplification) within ``target_epsilon`` by the same accountant (dp-accounting's calibration)."""
+    pr = cfg.privacy
+    if pr.noise_multiplier is not None:
+        return pr.noise_multiplier
+    from dp_accounting import dp_event, mechanism_calibration, rdp
+
+    rounds = cfg.server.rounds
+    return float(mechanism_calibration.calibrate_dp_mechanism(
+        rdp.RdpAccountant, lambda sigma: dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(sigma), rounds),
+        pr.target_epsilon, pr.delta, mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0)))
+
+
+@dataclass
+class ClientDP:
+    """Client-level DP of one run: the noise multiplier, how many clients every release averages,
+    and Flower's accountant of the releases made so far.
+
+    Under fixed clipping Flower's wrapper composes each release itself (its accounted mode also
+    refuses a wrong reply count and unequal weights); under adaptive clipping, which Flower's
+    wrapper cannot account, the guard refuses a wrong count and calls :meth:`release`."""
+
+    noise_multiplier: float
+    sampled: int
+    population: int
+    accountant: RdpAccountant
+    wrapper_composes: bool
+
+    def release(self) -> None:
+        self.accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, self.sampled, self.population))
+
+    @property
+    def releases(self) -> int:
+        return self.accountant.num_releases
+
+    def epsilon(self) -> float:
+        return float(self.accountant.get_epsilon(self.accountant.config.target_delta)) if self.releases else 0.0
+
+    def state(self) -> str:
+        """The accountant's ledger as JSON (for checkpoints)."""
+        return json.dumps(self.accountant.state_dict())
+
+    def load_state(self, text: str) -> None:
+        """Restore a ledger from :meth:`state`; a ledger of another delta or population is an error."""
+        try:
+            self.accountant.load_state_dict(json.loads(text))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"the checkpoint's privacy accountant cannot be restored: {err}") from None
+
+
+def make_client_dp(cfg: Config, num_clients: int, sampled: int) -> ClientDP:
+    """The run's client-level DP: ``sampled`` of ``num_clients`` clients averaged per round."""
+    return ClientDP(client_noise_multiplier(cfg), sampled, num_clients, _accountant(cfg.privacy.delta, num_clients),
+                    wrapper_composes=cfg.privacy.clipping == "fixed")

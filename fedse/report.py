@@ -52,6 +52,15 @@ def _weighted(rows: Mapping[int, Mapping[str, Any]], key: str) -> float | None:
     return sum(v * w for v, w in pairs) / total if total else None
 
 
+def _epsilon(log: RunLog, rnd: int, train: Mapping[int, Mapping[str, Any]]) -> float | None:
+    """The DP epsilon spent up to round ``rnd``: client level (the server's accountant), or sample
+    level (the largest cumulative epsilon a client reported); None without DP."""
+    if rnd in log.epsilon:
+        return log.epsilon[rnd]
+    eps = [r["dp-epsilon"] for r in train.values() if "dp-epsilon" in r]
+    return max(eps) if eps else None
+
+
 def round_rows(log: RunLog) -> list[dict[str, Any]]:
     """One row per round: train loss/accuracy (sample-weighted), personalized accuracy
     (mean over clients), pooled accuracy where measured, seconds, dropped and failed replies."""
@@ -69,8 +78,10 @@ def round_rows(log: RunLog) -> list[dict[str, Any]]:
             "local_acc_weighted": _weighted(ev, "local-acc"),
             "pooled_acc_mean": float(np.mean(pooled)) if pooled else None,
             "seconds": log.round_seconds.get(rnd),
+            "epsilon": _epsilon(log, rnd, train),
             "dropped": sum(d["round"] == rnd for d in log.dropped),
             "failed": sum(f["round"] == rnd for f in log.failed),
+            "refused": any(r["round"] == rnd for r in log.refused),
         })
     return rows
 
@@ -186,6 +197,7 @@ def write_run(
                                          default=None),
         "dropped_replies": log.dropped,
         "failed_replies": log.failed,
+        "refused_rounds": log.refused,
         **(extra or {}),
     }
     atomic_write_json(run_dir / "summary.json", summary)

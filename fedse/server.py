@@ -25,13 +25,13 @@ from .client import CONFIG_JSON, build_model
 from .config import Config, config_to_dict
 from .federated import FederatedData
 from .io import atomic_save
-from .records import from_arrays, to_arrays
+from .privacy import ClientDP, check_dp_model, make_client_dp
+from .records import evaluate_schema, from_arrays, to_arrays, train_schema
 from .report import client_rows, client_summary_rows, format_table, write_run
 from .split import split_model
-from .privacy import check_dp_model, client_level_epsilon
-from .strategy import GuardedStrategy, RunLog, client_noise_multiplier, clients_per_round, create_strategy
+from .strategy import GuardedStrategy, RunLog, clients_per_round, create_strategy
 
-__all__ = ["ServerOutcome", "run_server"]
+__all__ = ["CheckpointError", "ServerOutcome", "check_resume", "load_checkpoint", "run_server"]
 
 log = logging.getLogger("fedse")
 
@@ -43,7 +43,7 @@ class ServerOutcome:
     summary: dict[str, Any]
 
 
-def privacy_report(cfg: Config, run_log: RunLog, num_clients: int) -> dict[str, Any]:
+def privacy_report(cfg: Config, run_log: RunLog, dp: ClientDP | None) -> dict[str, Any]:
     """What DP guarantees this run gave: mode, epsilon, delta and how it was obtained."""
     pr = cfg.privacy
     if pr.mode == "none":
@@ -53,45 +53,124 @@ def privacy_report(cfg: Config, run_log: RunLog, num_clients: int) -> dict[str, 
         return {"mode": "sample", "level": "one training example of one client", "delta": pr.delta,
                 "epsilon_max_over_clients": max(eps, default=0.0), "accountant": pr.accountant,
                 "max_grad_norm": pr.max_grad_norm}
-    sigma = client_noise_multiplier(cfg, num_clients)
-    q = min(1.0, clients_per_round(cfg, num_clients) / num_clients)
-    rounds = len(run_log.train)
-    return {"mode": "client", "level": "all data of one client", "delta": pr.delta,
-            "epsilon": client_level_epsilon(sigma, q, rounds, pr.delta), "noise_multiplier": sigma,
-            "sample_rate": q, "rounds": rounds, "clipping": pr.clipping, "clipping_norm": pr.clipping_norm,
-            "accountant": "rdp"}
+    assert dp is not None
+    return {"mode": "client", "level": "all data of one client", "delta": pr.delta, "epsilon": dp.epsilon(),
+            "noise_multiplier": dp.noise_multiplier, "releases": dp.releases,
+            "rounds_refused": [r["round"] for r in run_log.refused],
+            "clients_per_release": dp.sampled, "population": dp.population,
+            "sampling": "fixed-size sample, no amplification claimed (accounted as if every client took part)",
+            "clipping": pr.clipping, "clipping_norm": pr.clipping_norm,
+            "accountant": "rdp (Flower, dp-accounting)"}
 
 
 CHECKPOINT = "checkpoint.pt"
+_CHECKPOINT_KEYS = {"round", "config", "shared", "log", "accountant"}
 
 
-def save_checkpoint(run_dir: Path, cfg: Config, server_round: int, arrays: ArrayRecord, run_log: RunLog) -> None:
-    """The shared weights, the round and the run log so far, written atomically."""
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit the run being resumed."""
+
+
+def save_checkpoint(run_dir: Path, cfg: Config, server_round: int, arrays: ArrayRecord, run_log: RunLog,
+                    dp: ClientDP | None = None) -> None:
+    """The shared weights, the round, the run log and the DP accountant's ledger, written atomically."""
     payload = {"round": server_round, "config": config_to_dict(cfg), "shared": from_arrays(arrays),
-               "log": dataclasses.asdict(run_log)}
+               "log": dataclasses.asdict(run_log), "accountant": dp.state() if dp is not None else ""}
     atomic_save(run_dir / CHECKPOINT, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(run_dir: Path, cfg: Config) -> tuple[int, dict[str, torch.Tensor], RunLog]:
-    """(rounds done, shared weights, run log) of ``run_dir``'s checkpoint for a resumed run."""
-    path = run_dir / CHECKPOINT
+def _run_log_from(raw: Any) -> RunLog:
+    if not isinstance(raw, dict) or set(raw) - {f.name for f in dataclasses.fields(RunLog)}:
+        raise TypeError("the run log has unknown fields")
+    per_round = lambda v: {int(r): x for r, x in v.items()}  # noqa: E731
+    return RunLog(**{k: ({int(r): {int(c): dict(row) for c, row in rows.items()} for r, rows in v.items()}
+                         if k in ("train", "evaluate") else
+                         per_round(v) if k in ("round_seconds", "epsilon") else list(v))
+                     for k, v in raw.items()})
+
+
+def load_checkpoint(run_dir: Path, cfg: Config, shared_like: dict[str, torch.Tensor] | None = None
+                    ) -> tuple[int, dict[str, torch.Tensor], RunLog, str]:
+    """(rounds done, shared weights, run log, accountant ledger) of ``run_dir``'s checkpoint.
+
+    Everything is checked before it is used: a truncated or foreign file, a configuration other
+    than this run's (only server.* and output.* may change), a round outside [1, server.rounds],
+    or shared weights whose keys, shapes or dtypes differ from ``shared_like`` or that hold NaN or
+    inf is a :class:`CheckpointError` naming the problem."""
+    path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: {path} does not exist (no round of that run completed)")
+        raise CheckpointError(f"cannot resume: {path} does not exist (no round of that run completed)")
     try:
         payload = torch.load(path, weights_only=True)
     except Exception as err:  # noqa: BLE001 (torch raises several types for a bad file)
-        raise ValueError(f"cannot resume: {path} is unreadable ({err})") from None
-    saved, now = dict(payload["config"]), config_to_dict(cfg)
-    saved.pop("output", None), now.pop("output", None)
-    if {k: v for k, v in saved.items() if k != "server"} != {k: v for k, v in now.items() if k != "server"}:
-        raise ValueError(f"cannot resume {run_dir}: the configuration differs from the checkpoint's "
-                         "(only server.* and output.* may change)")
-    raw = payload["log"]
-    run_log = RunLog(**{k: ({int(r): {int(c): row for c, row in rows.items()} for r, rows in v.items()}
-                            if k in ("train", "evaluate") else
-                            {int(r): x for r, x in v.items()} if k == "round_seconds" else v)
-                        for k, v in raw.items()})
-    return int(payload["round"]), payload["shared"], run_log
+        raise CheckpointError(f"cannot resume: {path} is unreadable, truncated or not a fedse checkpoint "
+                              f"({type(err).__name__})") from None
+    if not isinstance(payload, dict) or set(payload) != _CHECKPOINT_KEYS:
+        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"cannot resume: {path} holds {found}, expected the keys {sorted(_CHECKPOINT_KEYS)}")
+    saved, now = payload["config"], config_to_dict(cfg)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"cannot resume: {path}: its config is not a mapping")
+    saved, now = {k: v for k, v in saved.items() if k not in ("server", "output")}, \
+        {k: v for k, v in now.items() if k not in ("server", "output")}
+    if saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise CheckpointError(f"cannot resume {run_dir}: the configuration differs from the checkpoint's in {diff} "
+                              "(only server.* and output.* may change)")
+    done = payload["round"]
+    if not isinstance(done, int) or isinstance(done, bool) or not 1 <= done <= cfg.server.rounds:
+        raise CheckpointError(f"cannot resume: {path}: round {done!r} is outside 1..server.rounds={cfg.server.rounds}")
+    shared = payload["shared"]
+    if not isinstance(shared, dict) or not all(isinstance(v, torch.Tensor) for v in shared.values()):
+        raise CheckpointError(f"cannot resume: {path}: the shared weights are not a mapping of tensors")
+    if shared_like is not None:
+        problems = [f"missing {k}" for k in sorted(set(shared_like) - set(shared))][:3]
+        problems += [f"unexpected {k}" for k in sorted(set(shared) - set(shared_like))][:3]
+        problems += [f"{k}: {tuple(v.shape)} {v.dtype}, expected {tuple(shared_like[k].shape)} {shared_like[k].dtype}"
+                     for k, v in shared.items() if k in shared_like
+                     and (v.shape != shared_like[k].shape or v.dtype != shared_like[k].dtype)][:3]
+        problems += [f"{k}: NaN or inf" for k, v in shared.items() if v.is_floating_point()
+                     and not bool(torch.isfinite(v).all())][:3]
+        if problems:
+            raise CheckpointError(f"cannot resume: {path}: shared weights do not fit this model: {'; '.join(problems)}")
+    try:
+        run_log = _run_log_from(payload["log"])
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"cannot resume: {path}: malformed run log ({err})") from None
+    if not isinstance(payload["accountant"], str) or (cfg.privacy.mode == "client") != bool(payload["accountant"]):
+        raise CheckpointError(f"cannot resume: {path}: its privacy accountant does not match privacy.mode="
+                              f"{cfg.privacy.mode}")
+    return done, shared, run_log, payload["accountant"]
+
+
+def _start(cfg: Config, fed: FederatedData, num_clients: int
+           ) -> tuple[torch.nn.Module, Any, dict[str, torch.Tensor], ClientDP | None]:
+    """The run's model, its split, the initial shared weights and the client-level DP state."""
+    ds = fed.dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    if cfg.privacy.mode == "sample":
+        check_dp_model(model)
+    split = split_model(model, cfg.personalization.policy)
+    dp = make_client_dp(cfg, num_clients, clients_per_round(cfg, num_clients)) if cfg.privacy.mode == "client" else None
+    return model, split, split.shared_state(model), dp
+
+
+def _resume(run_dir: Path, cfg: Config, shared_like: dict[str, torch.Tensor], dp: ClientDP | None
+            ) -> tuple[int, dict[str, torch.Tensor], RunLog]:
+    done, shared, run_log, ledger = load_checkpoint(run_dir, cfg, shared_like)
+    if dp is not None:
+        try:
+            dp.load_state(ledger)
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume {run_dir}: {err}") from None
+    return done, shared, run_log
+
+
+def check_resume(run_dir: Path, cfg: Config, fed: FederatedData, num_clients: int | None = None) -> int:
+    """Everything a resume of ``run_dir`` will read, checked now (before any engine starts):
+    the checkpoint against this run's model and its DP ledger. Returns the rounds done."""
+    _, _, shared, dp = _start(cfg, fed, num_clients or cfg.partition.num_clients)
+    return _resume(run_dir, cfg, shared, dp)[0]
 
 
 def run_server(
@@ -106,28 +185,31 @@ def run_server(
     """Run ``cfg.server.rounds`` rounds on ``grid``; write the run folder when ``run_dir`` is set,
     with a checkpoint after every round. ``resume``: continue ``run_dir``'s run from its checkpoint.
     ``num_clients``: clients taking part (default ``partition.num_clients``)."""
-    ds = fed.dataset
     num_clients = num_clients or cfg.partition.num_clients
-    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    if cfg.privacy.mode == "sample":
-        check_dp_model(model)
-    split = split_model(model, cfg.personalization.policy)
+    model, split, shared, dp = _start(cfg, fed, num_clients)
     log.info("%s", split.describe(model))
-    shared = split.shared_state(model)
+    shared_like = dict(shared)
     done, run_log = 0, None
     if resume:
         if run_dir is None:
             raise ValueError("resume needs the run folder to continue")
-        done, shared, run_log = load_checkpoint(run_dir, cfg)
+        done, shared, run_log = _resume(run_dir, cfg, shared_like, dp)
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.server.rounds)
+    max_train = cfg.server.max_num_examples or max(len(p) for p in fed.train_parts)
+    max_test = cfg.server.max_num_examples or max(len(p) for p in fed.test_parts)
     strategy = GuardedStrategy(
-        create_strategy(cfg, num_clients),
-        {k: tuple(v.shape) for k, v in split.shared_state(model).items()},
+        create_strategy(cfg, dp),
+        train_schema(shared_like, dp_sample=cfg.privacy.mode == "sample", digests=cfg.evaluate.private_digest,
+                     max_examples=max_train),
+        lambda pooled: evaluate_schema(pooled=pooled, max_examples=max_test, max_train=max_train),
         num_rounds=cfg.server.rounds,
         pooled_every=cfg.evaluate.pooled_every,
         pooled=cfg.evaluate.pooled,
+        dp=dp,
+        expected_nodes=num_clients,
+        join_timeout=cfg.server.join_timeout,
         on_round=on_round,
-        on_aggregated=(lambda rnd, arrays, rl: save_checkpoint(run_dir, cfg, rnd, arrays, rl)) if run_dir else None,
+        on_aggregated=(lambda rnd, arrays, rl: save_checkpoint(run_dir, cfg, rnd, arrays, rl, dp)) if run_dir else None,
         round_offset=done,
         log=run_log,
     )
@@ -142,7 +224,7 @@ def run_server(
         evaluate_config=ConfigRecord({CONFIG_JSON: payload}),
     )
     final = from_arrays(result.arrays) if len(result.arrays) else shared
-    privacy = privacy_report(cfg, strategy.log, num_clients)
+    privacy = privacy_report(cfg, strategy.log, dp)
     if privacy["mode"] != "none":
         log.info("privacy: %s", privacy)
     summary: dict[str, Any] = {"privacy": privacy}

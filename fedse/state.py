@@ -156,5 +156,11 @@ class StateStore:
                 f"{self.path}: checksum mismatch (expected sha256 {header.get('sha256')}, "
                 f"{header.get('length')} bytes; found {actual}, {len(payload)} bytes); {advice}"
             )
-        tensors = torch.load(io.BytesIO(payload), weights_only=True)
+        try:
+            tensors = torch.load(io.BytesIO(payload), weights_only=True)
+        except Exception as err:  # noqa: BLE001 (weights_only refuses anything but tensors and plain data)
+            raise StateCorruptError(f"{self.path}: payload is not a plain mapping of tensors ({type(err).__name__}); "
+                                    f"{advice}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise StateCorruptError(f"{self.path}: payload is not a mapping of tensors; {advice}")
         return tensors, header.get("meta", {})

@@ -109,3 +109,128 @@ def test_label_prior_modes_are_one_list():
                   if a is not type(None)]
     assert set(typing.get_args(literal)) == set(MODES)
     assert {p.label_prior for p in POLICIES.values()} <= set(MODES)
+
+
+# --------------------------------------------------------------------------- hostile values (issue 13)
+
+
+def _float_keys():
+    """Every float-typed key of every section (float and float | None), found by walking the dataclasses."""
+    import dataclasses
+    import typing
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, key = hints[f.name], f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, key + ".")
+            elif tp is float or float in typing.get_args(tp):
+                yield key
+
+    return list(walk(Config, ""))
+
+
+def _nested(dotted, value):
+    raw = value
+    for part in reversed(dotted.split(".")):
+        raw = {part: raw}
+    return raw
+
+
+def test_the_float_walk_finds_every_section():
+    keys = _float_keys()
+    assert {"train.lr", "partition.alpha", "privacy.clipping_norm", "privacy.noise_multiplier",
+            "train.private_lr_scale", "simulation.client_cpus", "server.round_timeout"} <= set(keys)
+    assert {k.split(".")[0] for k in keys} >= {"partition", "train", "server", "simulation", "privacy"}
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 10**400])
+def test_every_float_key_refuses_nan_and_inf(key, value):
+    with pytest.raises(ConfigError, match=rf"config key '{key}': got .*; allowed: a finite number"):
+        config_from_dict(_nested(key, value))
+
+
+def test_yaml_nan_and_inf_overrides_are_refused():
+    for item, key in [("train.lr=.nan", "train.lr"), ("partition.alpha=.inf", "partition.alpha"),
+                      ("privacy.clipping_norm=.inf", "privacy.clipping_norm"),
+                      ("train.private_lr_scale=-.inf", "train.private_lr_scale")]:
+        with pytest.raises(ConfigError, match=rf"'{key}': got -?(nan|inf); allowed: a finite number"):
+            load_config(None, [item])
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "", "a/b", "/abs/run", "a\\b", "C:run", " run", "run\n",
+                                  "r\x00n"])
+def test_output_name_must_be_one_plain_folder_name(name):
+    with pytest.raises(ConfigError,
+                       match=r"config key 'output\.name': .*(is not a plain folder name|NUL character); allowed"):
+        config_from_dict({"output": {"name": name}})
+
+
+@pytest.mark.parametrize("name", ["run1", "my run", "fedse-la.seed0", "..hidden", None])
+def test_plain_output_names_are_accepted(name):
+    assert config_from_dict({"output": {"name": name}}).output.name == name
+
+
+def test_nul_in_any_string_is_refused():
+    with pytest.raises(ConfigError, match=r"'output\.dir'.*NUL"):
+        config_from_dict({"output": {"dir": "runs\x00x"}})
+    with pytest.raises(ConfigError, match=r"'data\.root'.*NUL"):
+        config_from_dict({"data": {"root": "a\x00"}})
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; allowed: a YAML file"):
+        load_config(tmp_path)
+
+
+def test_config_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="cannot be read as UTF-8"):
+        load_config(bad)
+
+
+def test_numeric_yaml_keys_do_not_crash_the_unknown_key_message():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        config_from_dict({"train": {1: 2, "x": 3}})
+
+
+def test_max_num_examples():
+    assert Config().server.max_num_examples is None
+    assert config_from_dict({"server": {"max_num_examples": 500}}).server.max_num_examples == 500
+    with pytest.raises(ConfigError, match=r"'server\.max_num_examples': 0 is out of range; allowed: \[1, inf\]"):
+        config_from_dict({"server": {"max_num_examples": 0}})
+    with pytest.raises(ConfigError, match=r"'server\.max_num_examples': got 2\.5.*an integer or null"):
+        config_from_dict({"server": {"max_num_examples": 2.5}})
+
+
+def test_noise_multiplier_must_be_positive():
+    with pytest.raises(ConfigError, match=r"'privacy\.noise_multiplier': 0\.0 is out of range; allowed: \(0, inf\]"):
+        config_from_dict({"privacy": {"mode": "sample", "noise_multiplier": 0}})
+    assert config_from_dict({"privacy": {"mode": "client", "noise_multiplier": 0.1}}).privacy.noise_multiplier == 0.1
+
+
+def test_secure_mode_needs_torchcsprng():
+    import importlib.util
+
+    assert Config().privacy.secure_mode is False
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here")
+    with pytest.raises(ConfigError, match=r"'privacy\.secure_mode'.*torchcsprng.*pip install torchcsprng.*os\.urandom"):
+        config_from_dict({"privacy": {"secure_mode": True}})
+    with pytest.raises(ConfigError, match=r"'privacy\.secure_mode': got 'yes'"):
+        config_from_dict({"privacy": {"secure_mode": "yes"}})
+
+
+@pytest.mark.parametrize("strategy,ok", [("fedavg", True), ("fedprox", True), ("fedadam", False)])
+def test_client_level_dp_refuses_fedadam(strategy, ok):
+    raw = {"privacy": {"mode": "client", "noise_multiplier": 1.0}, "server": {"strategy": strategy}}
+    if ok:
+        assert config_from_dict(raw).server.strategy == strategy
+    else:
+        with pytest.raises(ConfigError, match=r"'server\.strategy': 'fedadam'.*privacy\.mode=client.*allowed: "
+                                              r"fedavg, fedprox"):
+            config_from_dict(raw)
+    assert config_from_dict({"server": {"strategy": "fedadam"}}).server.strategy == "fedadam"  # without DP: fine

@@ -70,7 +70,8 @@ def test_checkpoint_after_every_round_and_resume(run, tmp_path):
     from fedse.server import load_checkpoint
 
     cfg, result = run
-    done, shared, log = load_checkpoint(result.run_dir, cfg)
+    done, shared, log, ledger = load_checkpoint(result.run_dir, cfg)
+    assert ledger == ""  # no client-level DP, no accountant
     assert done == 2 and set(log.train) == {1, 2}
     assert all(torch.equal(shared[k], result.outcome.shared_state[k]) for k in shared)
     # Resume a copy for one more round: rounds 1-2 come from the checkpoint, round 3 is new.

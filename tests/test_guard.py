@@ -1,0 +1,296 @@
+"""The server's guard: every crafted reply is dropped with its reason, and the aggregate of the
+honest replies equals Flower's FedAvg over them alone; the guard never raises."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedse.records import evaluate_schema, train_schema
+from fedse.strategy import GuardedStrategy
+
+import torch
+
+SHARED = {"w": torch.zeros(2), "b": torch.zeros(1)}
+CAP = 1000
+
+
+def _guard(**kw) -> GuardedStrategy:
+    return GuardedStrategy(
+        kw.pop("inner", FedAvg()),
+        train_schema(SHARED, dp_sample=False, digests=False, max_examples=CAP),
+        lambda pooled: evaluate_schema(pooled=pooled, max_examples=CAP, max_train=CAP),
+        num_rounds=3, **kw)
+
+
+def _content(arrays=None, metrics=None, client=None, *, w=(1.0, 2.0), b=(0.0,), n=1, pid=0, dtype=np.float32):
+    arrays = arrays if arrays is not None else {"w": np.asarray(w, dtype=dtype), "b": np.asarray(b, dtype=dtype)}
+    metrics = metrics if metrics is not None else {"num-examples": n, "train-loss": 0.5, "train-acc": 0.75}
+    client = client if client is not None else {"partition-id": pid}
+    return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                       "metrics": MetricRecord(metrics), "client": ConfigRecord(client)})
+
+
+def _reply(content: RecordDict, node: int, kind: str = MessageType.TRAIN) -> Message:
+    instruction = Message(RecordDict({}), dst_node_id=node, message_type=kind)
+    return Message(content, reply_to=instruction)
+
+
+def _error(node: int) -> Message:
+    instruction = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(error=Error(code=0, reason="ClientAppException: boom"), reply_to=instruction)
+
+
+def _honest():
+    return [_reply(_content(w=(1.0, 2.0), b=(0.0,), n=1, pid=0), 100),
+            _reply(_content(w=(5.0, 6.0), b=(4.0,), n=3, pid=1), 101)]
+
+
+def _crafted_metrics(**change):
+    m = {"num-examples": 5, "train-loss": 0.5, "train-acc": 0.75}
+    m.update(change)
+    return {k: v for k, v in m.items() if v is not None}
+
+
+# (name, content, the reason the guard must give): one crafted reply per attack seen on the old guard.
+ATTACKS = [
+    ("huge num-examples", _content(metrics=_crafted_metrics(**{"num-examples": 10**12}), pid=2), "num-examples"),
+    ("negative num-examples", _content(metrics=_crafted_metrics(**{"num-examples": -3}), pid=3), "num-examples"),
+    ("NaN num-examples", _content(metrics=_crafted_metrics(**{"num-examples": float("nan")}), pid=4), "num-examples"),
+    ("inf num-examples", _content(metrics=_crafted_metrics(**{"num-examples": float("inf")}), pid=5), "num-examples"),
+    ("zero num-examples", _content(metrics=_crafted_metrics(**{"num-examples": 0}), pid=6), "num-examples"),
+    ("client-set unit-weight", _content(metrics=_crafted_metrics(**{"unit-weight": 10**6}), pid=7), "unit-weight"),
+    ("float64 arrays", _content(dtype=np.float64, pid=8), "dtype float64"),
+    ("complex arrays", _content(dtype=np.complex64, pid=9), "dtype complex64"),
+    ("missing metric", _content(metrics=_crafted_metrics(**{"train-acc": None}), pid=10), "missing metrics"),
+    ("extra metric", _content(metrics=_crafted_metrics(extra=1.0), pid=11), "unexpected metrics"),
+    ("list-valued metric", _content(metrics=_crafted_metrics(**{"train-loss": [0.1, 0.2]}), pid=12), "train-loss"),
+    ("metric out of range", _content(metrics=_crafted_metrics(**{"train-acc": 5.0}), pid=13), "train-acc"),
+    ("non-integer partition-id", _content(client={"partition-id": "abc"}), "partition-id"),
+    ("bytes partition-id", _content(client={"partition-id": b"\x00\xff"}), "partition-id"),
+    ("extra client field", _content(client={"partition-id": 14, "note": "x"}), "unexpected client fields"),
+    ("private key", _content(arrays={"w": np.ones(2, np.float32), "b": np.ones(1, np.float32),
+                                     "layer1.0.se.fc1.weight": np.ones(1, np.float32)}, pid=15), "outside the shared"),
+    ("wrong shape", _content(arrays={"w": np.ones(3, np.float32), "b": np.ones(1, np.float32)}, pid=16), "shape (3,)"),
+    ("NaN array", _content(w=(np.nan, 1.0), pid=17), "non-finite"),
+    ("missing array key", _content(arrays={"w": np.ones(2, np.float32)}, pid=18), "missing shared keys"),
+]
+
+
+def _with_extra_records():
+    extra_metric = _content(pid=19)
+    extra_metric["more"] = MetricRecord({"x": 1.0})
+    extra_arrays = _content(pid=20)
+    extra_arrays["arrays2"] = ArrayRecord({"w": Array(np.ones(2, np.float32))})
+    no_metrics = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32)),
+                                                    "b": Array(np.ones(1, np.float32))}),
+                             "client": ConfigRecord({"partition-id": 21})})
+    return [("extra MetricRecord", extra_metric, "unexpected records"),
+            ("extra ArrayRecord", extra_arrays, "unexpected records"),
+            ("no metrics", no_metrics, "no 'metrics' record")]
+
+
+ALL_ATTACKS = ATTACKS + _with_extra_records()
+
+
+def _fedavg_over(replies):
+    arrays, _ = FedAvg().aggregate_train(1, [copy.deepcopy(r) for r in replies])
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize("name,content,reason", ALL_ATTACKS, ids=[a[0] for a in ALL_ATTACKS])
+def test_each_crafted_reply_is_dropped_and_the_rest_is_fedavg_of_the_honest(task_identity, name, content, reason):
+    expected = _fedavg_over(_honest())
+    guard = _guard()
+    arrays, metrics = guard.aggregate_train(1, [_reply(content, 200), *_honest()])
+    assert arrays is not None and metrics is not None
+    for key, value in expected.items():
+        assert arrays[key].numpy().tobytes() == value.tobytes()
+    assert arrays["w"].numpy().dtype == np.float32
+    [dropped] = guard.log.dropped
+    assert dropped["node-id"] == 200 and reason in " ".join(dropped["problems"]), dropped
+    assert set(guard.log.train[1]) == {0, 1}
+    json.dumps(guard.log.dropped)  # whatever the client sent, the log stays JSON
+
+
+def test_all_attacks_at_once_leave_exactly_fedavg_of_the_honest(task_identity):
+    guard = _guard()
+    crafted = [_reply(content, 300 + i) for i, (_, content, _) in enumerate(ALL_ATTACKS)]
+    arrays, _ = guard.aggregate_train(1, crafted + _honest())
+    expected = _fedavg_over(_honest())
+    assert all(arrays[k].numpy().tobytes() == v.tobytes() for k, v in expected.items())
+    assert len(guard.log.dropped) == len(ALL_ATTACKS)
+    # hand-computed: weights 1 and 3
+    np.testing.assert_allclose(arrays["w"].numpy(), [(1 + 15) / 4, (2 + 18) / 4])
+
+
+def test_huge_num_examples_within_the_cap_is_only_the_cap():
+    schema = train_schema(SHARED, dp_sample=False, digests=False, max_examples=CAP)
+    assert schema.max_examples == CAP  # a client can claim at most the cap, never 10**12
+
+
+def test_an_error_reply_does_not_stop_the_round(task_identity):
+    guard = _guard()
+    arrays, _ = guard.aggregate_train(1, [_error(500), *_honest()])
+    expected = _fedavg_over(_honest())
+    assert all(arrays[k].numpy().tobytes() == v.tobytes() for k, v in expected.items())
+    assert guard.log.failed[0]["node-id"] == 500 and "boom" in guard.log.failed[0]["reason"]
+
+
+def test_identity_comes_from_the_node_and_a_spoofed_id_cannot_overwrite_a_row(task_identity):
+    guard = _guard()
+    guard.aggregate_train(1, _honest())
+    # Round 2: node 666 claims client 0's id; node 101 (client 1) claims 0 as well.
+    spoof = _reply(_content(w=(100.0, 100.0), b=(100.0,), n=3, pid=0), 666)
+    switch = _reply(_content(w=(9.0, 9.0), b=(9.0,), n=3, pid=0), 101)
+    arrays, _ = guard.aggregate_train(2, [spoof, switch, _reply(_content(n=1, pid=0), 100)])
+    assert {d["node-id"] for d in guard.log.dropped} == {666, 101}
+    assert "already belongs to node 100" in guard.log.dropped[0]["problems"][0]
+    assert "bound to 1" in guard.log.dropped[1]["problems"][0]
+    assert set(guard.log.train[2]) == {0} and guard.log.train[2][0]["node-id"] == 100
+    np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 2.0])
+
+
+def test_only_checked_fields_reach_the_run_log(task_identity):
+    guard = _guard()
+    guard.aggregate_train(1, _honest())
+    assert guard.log.train[1][0] == {"node-id": 100, "partition-id": 0, "num-examples": 1, "train-loss": 0.5,
+                                     "train-acc": 0.75, "update-norm": None, "update-norm-aggregated": None}
+
+
+def _eval_reply(node, pid, acc, n=10, pooled=False, **extra):
+    metrics = {"num-examples": n, "local-acc": acc, "local-loss": 0.3, **extra}
+    if pooled:
+        metrics |= {"pooled-acc": 0.5, "pooled-loss": 0.9}
+    return _reply(RecordDict({"metrics": MetricRecord(metrics),
+                              "client": ConfigRecord({"partition-id": pid, "num-train": 30})}),
+                  node, MessageType.EVALUATE)
+
+
+def test_evaluate_replies_are_screened(task_identity):
+    guard = _guard()
+    guard._pooled_asked[1] = False
+    replies = [_eval_reply(100, 0, 0.5, n=10), _eval_reply(101, 1, 1.0, n=30),
+               _eval_reply(102, 2, 7.0), _eval_reply(103, 3, 0.5, n=10**9), _eval_reply(104, 4, 0.5, pooled=True),
+               _eval_reply(105, 5, float("nan"))]
+    metrics = guard.aggregate_evaluate(1, replies)
+    assert metrics["local-acc"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)  # weighted by the honest counts
+    assert {d["node-id"] for d in guard.log.dropped} == {102, 103, 104, 105}
+    assert set(guard.log.evaluate[1]) == {0, 1}
+
+
+# ---------------------------------------------------------------------------- properties
+
+_names = st.sampled_from(["arrays", "metrics", "client", "config", "w", "b", "num-examples", "train-loss",
+                          "train-acc", "partition-id", "unit-weight", "x"])
+_scalars = st.one_of(st.integers(-2**40, 2**40), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                     st.text(max_size=5), st.binary(max_size=5), st.lists(st.integers(0, 3), max_size=3),
+                     st.lists(st.floats(-1, 1), max_size=3))
+_dtypes = st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.int8, np.complex64, np.bool_])
+
+
+@st.composite
+def _arrays(draw):
+    out = {}
+    for name in draw(st.lists(_names, max_size=4, unique=True)):
+        shape = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
+        values = draw(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                               min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+        with np.errstate(all="ignore"):  # NaN/inf cast to integer dtypes: whatever bits result are fine
+            out[name] = Array(np.asarray(values, dtype=np.float64).reshape(shape).astype(draw(_dtypes)))
+    return ArrayRecord(out)
+
+
+def _metric_value(v):
+    return v if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+@st.composite
+def _records(draw):
+    content = RecordDict({})
+    for name in draw(st.lists(_names, max_size=4, unique=True)):
+        kind = draw(st.sampled_from(["arrays", "metrics", "config"]))
+        if kind == "arrays":
+            content[name] = draw(_arrays())
+        elif kind == "metrics":
+            items = draw(st.dictionaries(_names, _scalars, max_size=4))
+            content[name] = MetricRecord({k: v for k, v in items.items() if _metric_value(v) is not None
+                                          or isinstance(v, list) and all(isinstance(x, int) for x in v)})
+        else:
+            content[name] = ConfigRecord(draw(st.dictionaries(_names, _scalars, max_size=4)))
+    return content
+
+
+def _conforms(content: RecordDict) -> bool:
+    """The schema, written out independently of fedse.records."""
+    if set(content.keys()) != {"arrays", "metrics", "client"}:
+        return False
+    arrays, metrics, client = content["arrays"], content["metrics"], content["client"]
+    ok_arrays = set(arrays.keys()) == {"w", "b"} and all(
+        arrays[k].numpy().dtype == np.float32 and arrays[k].numpy().shape == tuple(SHARED[k].shape)
+        and np.isfinite(arrays[k].numpy()).all() for k in ("w", "b"))
+    n = metrics.get("num-examples")
+    ok_metrics = set(metrics.keys()) == {"num-examples", "train-loss", "train-acc"} and type(n) is int \
+        and 1 <= n <= CAP and all(type(metrics[k]) in (int, float) and math.isfinite(metrics[k])
+                                  for k in ("train-loss", "train-acc")) \
+        and metrics["train-loss"] >= 0 and 0 <= metrics["train-acc"] <= 1
+    pid = client.get("partition-id")
+    return ok_arrays and ok_metrics and set(client.keys()) == {"partition-id"} and type(pid) is int and pid >= 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(contents=st.lists(_records(), min_size=1, max_size=4))
+def test_guard_never_raises_and_passes_only_conforming_replies(task_identity, contents):
+    guard = _guard()
+    replies = [_reply(c, 1000 + i) for i, c in enumerate(contents)]
+    conforming = [i for i, c in enumerate(contents) if _conforms(c)]
+    guard.aggregate_train(1, replies + _honest())
+    assert len(guard.log.dropped) == len(contents) - len(conforming)
+    assert {d["node-id"] for d in guard.log.dropped} == {1000 + i for i in range(len(contents))} - {
+        1000 + i for i in conforming}
+    json.dumps(guard.log.dropped)
+
+
+_MUTATIONS = {
+    "num-examples": lambda c, v: c["metrics"].__setitem__("num-examples", v),
+    "train-acc": lambda c, v: c["metrics"].__setitem__("train-acc", v),
+    "partition-id": lambda c, v: c["client"].__setitem__("partition-id", v),
+    "w": lambda c, v: c["arrays"].__setitem__("w", Array(np.asarray([v, 0.0], dtype=np.float32))),
+}
+_BAD = {
+    "num-examples": st.one_of(st.integers(max_value=0), st.integers(min_value=CAP + 1), st.floats()),
+    "train-acc": st.one_of(st.floats(min_value=1.0, exclude_min=True), st.floats(max_value=0, exclude_max=True),
+                           st.just(float("nan"))),
+    "partition-id": st.one_of(st.integers(max_value=-1), st.text(max_size=3), st.floats()),
+    "w": st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_bad_value_in_an_otherwise_valid_reply_is_dropped(task_identity, data):
+    keys = data.draw(st.lists(st.sampled_from(sorted(_MUTATIONS)), min_size=1, max_size=4, unique=True))
+    content = _content(n=2, pid=7)
+    for key in keys:
+        _MUTATIONS[key](content, data.draw(_BAD[key]))
+    guard = _guard()
+    arrays, _ = guard.aggregate_train(1, [_reply(content, 900), *_honest()])
+    assert len(guard.log.dropped) == 1
+    expected = _fedavg_over(_honest())
+    assert all(arrays[k].numpy().tobytes() == v.tobytes() for k, v in expected.items())
+
+
+def test_rebuilt_arrays_keep_the_shared_key_order(task_identity):
+    # Flower's DP wrappers pair a reply's arrays with the sent ones by position.
+    guard = _guard()
+    reordered = _content(arrays={"b": np.zeros(1, np.float32), "w": np.zeros(2, np.float32)}, pid=0)
+    [kept] = guard.screen(1, [_reply(reordered, 100)], guard.train_schema, guard.log.train)
+    assert list(kept.content["arrays"].keys()) == list(SHARED)
