@@ -91,7 +91,14 @@ def _deploy(args: argparse.Namespace) -> int:
             raise ConfigError("fedse server needs --certs DIR (from 'fedse certs DIR') or an explicit --insecure")
         certs = None if args.insecure else deploy.Certs(args.certs / "ca.crt", args.certs / "server.pem",
                                                         args.certs / "server.key")
-        return _exec(deploy.superlink_command(certs=certs, host=args.host, port=args.port, database=args.database))
+        missing = [str(p) for p in (certs.ca, certs.cert, certs.key) if not p.is_file()] if certs else []
+        if missing:
+            raise ConfigError(f"--certs {args.certs}: missing {', '.join(missing)}; make them with 'fedse certs DIR' "
+                              "or put your CA certificate, server certificate and key there under these names")
+        cmd = deploy.superlink_command(certs=certs, host=args.host, port=args.port, database=args.database)
+        # Before exec: the operator must see who can register nodes and start runs on this SuperLink.
+        print(f"fedse: warning: {deploy.control_api_exposure(args.host, args.port)}", file=sys.stderr, flush=True)
+        return _exec(cmd)
     if not args.insecure and (args.ca is None or args.key is None):
         raise ConfigError("fedse client needs --ca and --key (TLS and SuperNode authentication) or an explicit --insecure")
     node: dict[str, str | int] = {"state-dir": str(args.state_dir.resolve())}
@@ -114,6 +121,45 @@ def _int_list(text: str, what: str) -> list[int]:
         raise ConfigError(f"--{what} must be comma-separated integers, got {text!r}") from None
 
 
+def _fail(err: object) -> int:
+    """One line on stderr (library and torch messages can span lines), exit code 2."""
+    print(f"fedse: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
+
+
+def _new_run_dir(cfg, config_name: str) -> tuple[Path, bool]:
+    """Claim ``cfg``'s run folder before Ray starts: (folder, whether it existed (empty) before).
+    An unwritable output.dir is a ConfigError naming it."""
+    from .simulation import make_run_dir
+
+    named = Path(cfg.output.dir) / cfg.output.name if cfg.output.name else None
+    existed = named is not None and named.is_dir()
+    try:
+        return make_run_dir(cfg, config_name), existed
+    except FileExistsError:
+        raise
+    except OSError as err:
+        detail = err.strerror or str(err)
+        where = f" ({err.filename})" if err.filename and str(err.filename) != cfg.output.dir else ""
+        raise ConfigError(f"config key 'output.dir': cannot create a run folder under {cfg.output.dir!r}: "
+                          f"{detail}{where}; allowed: a directory this user can create and write to") from None
+
+
+def _discard_run_dir(run_dir: Path, existed: bool) -> None:
+    """Remove what a run that failed before its first checkpoint wrote; a folder that existed before the
+    run (output.name naming an empty folder) is emptied, not removed."""
+    import shutil
+
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for child in run_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("certs", "keygen", "server", "client"):
@@ -131,18 +177,38 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--resume {resume}: no config.yaml there; is it a fedse run folder?")
         cfg = load_config(resume / "config.yaml" if resume else args.config, args.overrides)
     except ConfigError as err:
-        print(f"fedse: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(err)
     from .data import DatasetError
     from .partition import PartitionError
 
     name = args.config.stem if args.config else "default"
     try:
         if args.command == "simulate":
-            from .simulation import simulate
+            from . import simulation
+            from .federated import build_federated_data
+            from .server import CHECKPOINT, check_resume
 
-            simulate(cfg, config_name=name, quiet=args.quiet, verbose=args.verbose, run_dir=resume,
-                     resume=resume is not None)
+            if resume is not None:
+                # Read the checkpoint now, so a truncated or foreign one fails before Ray starts.
+                try:
+                    check_resume(resume, cfg, build_federated_data(cfg))
+                except ValueError as err:  # CheckpointError and the config-mismatch error
+                    return _fail(err)
+                run_dir = resume
+            else:
+                # The dataset and partition first (cached: simulate reuses them), so a missing
+                # dataset leaves no folder; then the run folder, claimed before Ray starts.
+                build_federated_data(cfg)
+                run_dir, existed = _new_run_dir(cfg, name)
+            try:
+                simulation.simulate(cfg, config_name=name, quiet=args.quiet, verbose=args.verbose,
+                                    run_dir=run_dir, resume=resume is not None)
+            except BaseException:
+                # simulate() cleans up only folders it made itself; this one was made here. Kept once a
+                # round completed (its checkpoint can be resumed).
+                if resume is None and not (run_dir / CHECKPOINT).exists():
+                    _discard_run_dir(run_dir, existed)
+                raise
         elif args.command == "compare":
             import time
 
@@ -161,9 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 compare(cfg, methods, seeds, out, holdout=args.holdout, command=command)
             print((out / "table.md").read_text())
             print(f"comparison folder: {out}")
-    except (ConfigError, DatasetError, PartitionError, FileExistsError, FileNotFoundError) as err:
-        print(f"fedse: error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, DatasetError, PartitionError, OSError) as err:  # OSError: unwritable --out and the like
+        return _fail(err)
     return 0
 
 

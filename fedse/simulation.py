@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from .federated import FederatedData, build_federated_data
 from .io import atomic_write_json
 from .partition import plot_label_counts
 from .report import round_rows
-from .server import ServerOutcome, final_tables, run_server
+from .server import CHECKPOINT, ServerOutcome, final_tables, run_server
 from .strategy import RunLog
 
 __all__ = ["SimulationResult", "backend_config", "make_run_dir", "simulate"]
@@ -56,13 +57,63 @@ def backend_config(cfg: Config, verbose: bool = False) -> dict[str, Any]:
 
 
 def make_run_dir(cfg: Config, config_name: str) -> Path:
-    name = cfg.output.name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.output.dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run folder {str(run_dir)!r} already exists and is not empty; "
-                              "choose another output.name or remove it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    """Create and claim a new run folder ``output.dir/<output.name or <config>-<timestamp>>``.
+
+    Two runs may ask for the same folder at once, so claiming is atomic: ``mkdir`` without
+    ``exist_ok``, then a marker file ``.fedse-run`` created with ``O_CREAT | O_EXCL``. An existing
+    EMPTY folder named by ``output.name`` (made by hand or by a job scheduler) is still accepted,
+    since refusing it would break such set-ups, but only through the marker: between its emptiness
+    check and its first file another run could take the same folder, and ``O_EXCL`` lets exactly one
+    of them win. The run that made the folder creates the marker too, so it races on the marker
+    with any run that found the folder empty. The marker stays (it names the claiming process), so
+    a claimed folder is never empty again. A timestamped name already taken gets a suffix ``-2``,
+    ``-3``, ...; a taken ``output.name`` is a FileExistsError naming the folder. Any other OSError
+    (output.dir under a file, not writable) propagates, with nothing left behind.
+    """
+    import errno
+
+    marker = ".fedse-run"
+    parent = Path(cfg.output.dir)
+    if parent.exists() and not parent.is_dir():  # else mkdir(exist_ok=True) says "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    parent.mkdir(parents=True, exist_ok=True)
+    named = cfg.output.name is not None
+    if named:
+        names = [cfg.output.name]
+    else:
+        stem = f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        names = [stem] + [f"{stem}-{i}" for i in range(2, 100)]
+    for name in names:
+        run_dir = parent / name
+        made = False
+        try:
+            run_dir.mkdir()
+            made = True
+        except FileExistsError:
+            if not named:
+                continue
+            if not run_dir.is_dir():
+                raise FileExistsError(f"run folder {str(run_dir)!r} exists and is not a folder; "
+                                      "choose another output.name or remove it") from None
+            if any(run_dir.iterdir()):
+                raise FileExistsError(f"run folder {str(run_dir)!r} already exists and is not empty; "
+                                      "choose another output.name or remove it") from None
+        try:
+            fd = os.open(run_dir / marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            if not named:
+                continue
+            raise FileExistsError(f"run folder {str(run_dir)!r} was claimed by another run at the same time; "
+                                  "choose another output.name") from None
+        except OSError:
+            if made:
+                run_dir.rmdir()
+            raise
+        with os.fdopen(fd, "w") as f:
+            f.write(f"claimed by pid {os.getpid()} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        return run_dir
+    raise FileExistsError(f"run folders {str(parent / names[0])!r} to '-{len(names)}' all exist; "
+                          "set output.name or remove some")
 
 
 def write_partition(fed: FederatedData, run_dir: Path) -> None:
@@ -101,7 +152,9 @@ class _Progress:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         text = (f"round {server_round}/{self.rounds}  clients {row['clients']}  loss {fmt(row['train_loss'])}  "
                 f"pers-acc {fmt(row['local_acc_mean'])}  pooled {fmt(row['pooled_acc_mean'])}  "
-                f"{row['seconds']:.1f}s" + (f"  dropped {row['dropped']}" if row["dropped"] else "")
+                f"{row['seconds']:.1f}s" + (f"  eps {row['epsilon']:.3f}" if row["epsilon"] is not None else "")
+                + ("  no update (DP: reply count)" if row["refused"] else "")
+                + (f"  dropped {row['dropped']}" if row["dropped"] else "")
                 + (f"  failed {row['failed']}" if row["failed"] else ""))
         if self.bar is not None:
             self.bar.console.print(text)
@@ -111,26 +164,49 @@ class _Progress:
 
 
 def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = None, quiet: bool = False,
-             verbose: bool = False, clients: int | None = None, resume: bool = False) -> SimulationResult:
+             verbose: bool = False, clients: int | None = None, resume: bool = False,
+             num_supernodes: int | None = None) -> SimulationResult:
     """Run the whole simulation described by ``cfg``; write the run folder.
 
     ``clients``: how many of the partitions take part (the first ones; default all),
     so the others can be held out as new clients. ``resume``: continue the run in ``run_dir``
-    from its last checkpoint."""
+    from its last checkpoint. ``num_supernodes``: virtual nodes to start (default ``clients``;
+    another number is refused by the server before round 1, as under ``flwr run``).
+    A run that fails before its first round leaves no run folder behind."""
     started = time.perf_counter()
     fed = build_federated_data(cfg)
+    created = run_dir is None
     run_dir = run_dir if run_dir is not None else make_run_dir(cfg, config_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        outcome = _run(cfg, fed, run_dir, quiet=quiet, verbose=verbose, clients=clients, resume=resume,
+                       num_supernodes=num_supernodes)
+    except BaseException:
+        if created and not (run_dir / CHECKPOINT).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if not quiet:
+        print(final_tables(outcome.log))
+        if outcome.summary.get("privacy", {}).get("mode", "none") != "none":
+            print(f"\nprivacy: {outcome.summary['privacy']}")
+        print(f"\nrun folder: {run_dir}")
+    return SimulationResult(run_dir, outcome, time.perf_counter() - started)
+
+
+def _run(cfg: Config, fed: FederatedData, run_dir: Path, *, quiet: bool, verbose: bool, clients: int | None,
+         resume: bool, num_supernodes: int | None) -> ServerOutcome:
     write_partition(fed, run_dir)
-    holder: dict[str, ServerOutcome] = {}
+    holder: dict[str, Any] = {}
     server_app = ServerApp()
 
     with _Progress(cfg.server.rounds, quiet) as progress:
 
         @server_app.main()
         def _main(grid: Grid, context: Context) -> None:
-            holder["outcome"] = run_server(grid, cfg, fed, run_dir, on_round=progress, num_clients=clients,
-                                           resume=resume)
+            try:
+                holder["outcome"] = run_server(grid, cfg, fed, run_dir, on_round=progress, num_clients=clients,
+                                               resume=resume)
+            except Exception as err:  # re-raised in this process after the engine stopped
+                holder["error"] = err
 
         flwr_logger = logging.getLogger("flwr")
         level = flwr_logger.level
@@ -141,18 +217,14 @@ def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = No
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(),
-                num_supernodes=clients or cfg.partition.num_clients,
+                num_supernodes=num_supernodes or clients or cfg.partition.num_clients,
                 backend_config=backend_config(cfg, verbose),
                 verbose_logging=verbose,
             )
         finally:
             flwr_logger.setLevel(level)
+    if "error" in holder:
+        raise holder["error"]
     if "outcome" not in holder:
         raise RuntimeError("the simulation ended without a result from the ServerApp; rerun with --verbose")
-    outcome = holder["outcome"]
-    if not quiet:
-        print(final_tables(outcome.log))
-        if outcome.summary.get("privacy", {}).get("mode", "none") != "none":
-            print(f"\nprivacy: {outcome.summary['privacy']}")
-        print(f"\nrun folder: {run_dir}")
-    return SimulationResult(run_dir, outcome, time.perf_counter() - started)
+    return holder["outcome"]

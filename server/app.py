@@ -4,12 +4,17 @@ Run config (``pyproject.toml`` ``[tool.flwr.app.config]`` or ``flwr run . --run-
 
 * ``config-file``: YAML file, relative to the project root (default ``configs/quickstart.yaml``);
 * ``overrides``: space-separated ``key=value`` overrides (``"server.rounds=3 partition.alpha=0.1"``);
-* ``output-dir``: parent of the run folder (default ``runs``);
-* ``resume-from``: a run folder to continue from its last checkpoint (its ``config.yaml`` plus ``overrides``).
+* ``output-dir``: parent of the run folder (default ``runs``); pass an ABSOLUTE path: a relative one is
+  resolved against the app's root, which under ``flwr run`` is Flower's installed copy of the app
+  (``~/.flwr/apps/...``), not the directory you ran from (see :func:`resolve_output_dir`);
+* ``resume-from``: a run folder to continue from its last checkpoint (its ``config.yaml`` plus ``overrides``);
+  resolved the same way.
 
 The strategy, guard and report live in :mod:`fedse.server` and :mod:`fedse.strategy`.
 """
 
+import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +28,33 @@ from fedse.simulation import make_run_dir, write_partition
 
 ROOT = Path(__file__).resolve().parents[1]
 
+log = logging.getLogger("fedse")
+
 app = ServerApp()
+
+
+def resolve_output_dir(value: str, app_root: Path) -> Path:
+    """The absolute directory a run-config path (``output-dir``, ``resume-from``) names.
+
+    An absolute path (``~`` expanded) is kept; a relative one is resolved against ``app_root``.
+    It cannot be resolved against the directory the user ran ``flwr run .`` from: in Flower 1.42
+    the CLI builds a FAB (the app's files, zipped) and sends the SuperLink only the FAB, the
+    ``--run-config`` overrides and the federation (``StartRunRequest`` in ``flwr/cli/run/run.py``);
+    nothing names the user's directory. The ServerApp then runs in a process the SuperLink's
+    SuperExec starts, with the SuperLink's working directory (the local SuperLink is started once
+    by the first ``flwr run`` and left running, so that is wherever that was; in a deployment,
+    wherever the operator started it, possibly another machine), and imports the app from its
+    installed copy under ``~/.flwr/apps/``. The app root is at least a fixed, known place: the
+    ServerApp prints the absolute run folder at start and end, and the README says to pass an
+    absolute ``output-dir``.
+    """
+    path = Path(value).expanduser()
+    return Path(os.path.abspath(path if path.is_absolute() else app_root / path))
+
+
+def _say(text: str) -> None:
+    # Printed, as the final tables are: Flower streams the ServerApp's output to `flwr run --stream`.
+    print(text, flush=True)
 
 
 @app.main()
@@ -32,17 +63,23 @@ def main(grid: Grid, context: Context) -> None:
     overrides = str(rc.get("overrides", "")).split()
     resume = str(rc.get("resume-from", ""))
     if resume:
-        run_dir = Path(resume)
+        run_dir = resolve_output_dir(resume, ROOT)
         cfg = load_config(run_dir / "config.yaml", overrides)
         fed = build_federated_data(cfg)
     else:
         config_file = Path(str(rc.get("config-file", "configs/quickstart.yaml")))
         cfg = load_config(config_file if config_file.is_absolute() else ROOT / config_file, overrides)
         fed = build_federated_data(cfg)
-        out = Path(str(rc.get("output-dir", cfg.output.dir)))
-        cfg = replace(cfg, output=replace(cfg.output, dir=str(out if out.is_absolute() else ROOT / out)))
+        given = str(rc.get("output-dir", "")) or cfg.output.dir
+        out = resolve_output_dir(given, ROOT)
+        if not Path(given).expanduser().is_absolute():
+            log.warning("output-dir %r is relative: resolved against the app's root %s (under flwr run, Flower's "
+                        "installed copy of the app); pass an absolute path, e.g. --run-config "
+                        "\"output-dir='$PWD/runs'\"", given, ROOT)
+        cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
         run_dir = make_run_dir(cfg, config_file.stem)
+    _say(f"run folder: {run_dir}" + (" (resumed)" if resume else ""))
     write_partition(fed, run_dir)
     outcome = run_server(grid, cfg, fed, run_dir, resume=bool(resume))
     print(final_tables(outcome.log))
-    print(f"run folder: {run_dir}")
+    _say(f"run folder: {run_dir}")

@@ -28,3 +28,163 @@ def test_merge_needs_an_out_folder_and_real_comparisons(capsys, tmp_path):
     assert main(["compare", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 2
     assert "is not a comparison folder" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------- hostile values (issue 13)
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+import fedse.simulation  # noqa: E402
+from fedse.config import config_from_dict, config_to_dict  # noqa: E402
+
+
+def _tree(root):
+    """Every path under root with its content (files) or None (folders): what a command wrote."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """These commands must fail before the simulation (and Ray) starts."""
+
+    def simulate(*args, **kwargs):
+        raise AssertionError("simulate() was called: the error came after Ray started")
+
+    monkeypatch.setattr(fedse.simulation, "simulate", simulate)
+
+
+def _refused(capsys, argv, *needles):
+    """Exit code 2, exactly one non-empty stderr line 'fedse: error: ...' holding every needle, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("fedse: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["../../x", "../escaped", "/ABS", "a/b", "..", "''", "'.'"])  # '': YAML empty
+def test_output_name_outside_the_output_dir(capsys, tmp_path, monkeypatch, no_ray, name):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    name = str(tmp_path / "abs") if name == "/ABS" else name
+    before = _tree(tmp_path)
+    _refused(capsys, ["simulate", "--set", f"output.name={name}", "--set", "output.dir=runs", "--quiet"],
+             "'output.name'", "not a plain folder name", "allowed")
+    assert _tree(tmp_path) == before  # nothing written anywhere, not even output.dir
+
+
+def test_output_name_taken_by_another_run(capsys, tmp_path, no_ray):
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "summary.json").write_text("{}")
+    before = _tree(tmp_path)
+    _refused(capsys, ["simulate", "--set", f"output.dir={tmp_path / 'runs'}", "--set", "output.name=r", "--quiet"],
+             "already exists and is not empty", "output.name")
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("item,key", [("train.lr=.nan", "train.lr"), ("partition.alpha=.inf", "partition.alpha"),
+                                      ("privacy.clipping_norm=.inf", "privacy.clipping_norm")])
+def test_non_finite_numbers(capsys, tmp_path, no_ray, item, key):
+    _refused(capsys, ["simulate", "--set", item, "--set", f"output.dir={tmp_path / 'runs'}", "--quiet"],
+             f"'{key}'", "finite")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_output_dir_under_a_regular_file(capsys, tmp_path, no_ray):
+    (tmp_path / "file").write_text("x")
+    before = _tree(tmp_path)
+    line = _refused(capsys, ["simulate", "--set", f"output.dir={tmp_path / 'file' / 'runs'}", "--quiet"],
+                    "'output.dir'", str(tmp_path / "file"), "allowed")
+    assert "directory" in line
+    assert _tree(tmp_path) == before
+
+
+def test_output_dir_that_is_a_regular_file(capsys, tmp_path, no_ray):
+    (tmp_path / "file").write_text("x")
+    before = _tree(tmp_path)
+    line = _refused(capsys, ["simulate", "--set", f"output.dir={tmp_path / 'file'}", "--quiet"],
+                    "'output.dir'", str(tmp_path / "file"))
+    assert "not a directory" in line.lower()
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_dir(capsys, tmp_path, no_ray):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        _refused(capsys, ["simulate", "--set", f"output.dir={ro}", "--quiet"], "'output.dir'", str(ro))
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_config_path_is_a_directory(capsys, tmp_path, no_ray):
+    _refused(capsys, ["simulate", "--config", str(tmp_path)], "is a directory", str(tmp_path))
+
+
+@pytest.mark.parametrize("items,needles", [
+    (["privacy.secure_mode=true"], ["'privacy.secure_mode'", "pip install torchcsprng", "os.urandom"]),
+    (["privacy.mode=client", "privacy.noise_multiplier=1.0", "server.strategy=fedadam"],
+     ["'server.strategy'", "fedadam", "allowed: fedavg, fedprox"]),
+    (["privacy.mode=sample", "model.norm=groupnorm", "privacy.noise_multiplier=0"],
+     ["'privacy.noise_multiplier'", "(0, inf]"]),
+    (["server.max_num_examples=0"], ["'server.max_num_examples'", "[1, inf]"]),
+])
+def test_new_keys_are_checked(capsys, tmp_path, no_ray, items, needles):
+    import importlib.util
+
+    if "privacy.secure_mode=true" in items and importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here")
+    argv = ["simulate", "--set", f"output.dir={tmp_path / 'runs'}", "--quiet"]
+    for item in items:
+        argv += ["--set", item]
+    _refused(capsys, argv, *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_truncated_checkpoint_fails_before_ray(capsys, tmp_path, no_ray):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = config_from_dict({"output": {"dir": str(tmp_path), "name": "run"}})
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (run / "checkpoint.pt").write_bytes(b"\x80\x02garbag")  # 10 bytes: a truncated file
+    before = _tree(tmp_path)
+    line = _refused(capsys, ["simulate", "--resume", str(run), "--quiet"], "checkpoint")
+    assert str(run) in line
+    assert _tree(tmp_path) == before
+
+
+def test_missing_checkpoint_fails_before_ray(capsys, tmp_path, no_ray):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config_from_dict({}))))
+    _refused(capsys, ["simulate", "--resume", str(run), "--quiet"], "checkpoint.pt does not exist")
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(capsys, tmp_path, monkeypatch, existed):
+    # main claims the run folder before simulate(); it cleans up after a failure with no checkpoint
+    # (an empty folder named by output.name that existed before is emptied, not removed).
+    if existed:
+        (tmp_path / "runs" / "r").mkdir(parents=True)
+
+    def simulate(cfg, run_dir, **kwargs):
+        (run_dir / "label_counts.json").write_text("{}")
+        raise RuntimeError("Ray failed")
+
+    monkeypatch.setattr(fedse.simulation, "simulate", simulate)
+    with pytest.raises(RuntimeError, match="Ray failed"):
+        main(["simulate", "--set", f"output.dir={tmp_path / 'runs'}", "--set", "output.name=r", "--quiet"])
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == (["r"] if existed else [])
+    if existed:
+        assert list((tmp_path / "runs" / "r").iterdir()) == []
