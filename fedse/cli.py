@@ -127,39 +127,6 @@ def _fail(err: object) -> int:
     return 2
 
 
-def _new_run_dir(cfg, config_name: str) -> tuple[Path, bool]:
-    """Claim ``cfg``'s run folder before Ray starts: (folder, whether it existed (empty) before).
-    An unwritable output.dir is a ConfigError naming it."""
-    from .simulation import make_run_dir
-
-    named = Path(cfg.output.dir) / cfg.output.name if cfg.output.name else None
-    existed = named is not None and named.is_dir()
-    try:
-        return make_run_dir(cfg, config_name), existed
-    except FileExistsError:
-        raise
-    except OSError as err:
-        detail = err.strerror or str(err)
-        where = f" ({err.filename})" if err.filename and str(err.filename) != cfg.output.dir else ""
-        raise ConfigError(f"config key 'output.dir': cannot create a run folder under {cfg.output.dir!r}: "
-                          f"{detail}{where}; allowed: a directory this user can create and write to") from None
-
-
-def _discard_run_dir(run_dir: Path, existed: bool) -> None:
-    """Remove what a run that failed before its first checkpoint wrote; a folder that existed before the
-    run (output.name naming an empty folder) is emptied, not removed."""
-    import shutil
-
-    if not existed:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return
-    for child in run_dir.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("certs", "keygen", "server", "client"):
@@ -186,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             from . import simulation
             from .federated import build_federated_data
-            from .server import CHECKPOINT, check_resume
+            from .server import check_resume
 
             if resume is not None:
                 # Read the checkpoint now, so a truncated or foreign one fails before Ray starts.
@@ -199,15 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                 # The dataset and partition first (cached: simulate reuses them), so a missing
                 # dataset leaves no folder; then the run folder, claimed before Ray starts.
                 build_federated_data(cfg)
-                run_dir, existed = _new_run_dir(cfg, name)
+                run_dir, existed = simulation.claim_run_dir(cfg, name)
             try:
                 simulation.simulate(cfg, config_name=name, quiet=args.quiet, verbose=args.verbose,
                                     run_dir=run_dir, resume=resume is not None)
             except BaseException:
-                # simulate() cleans up only folders it made itself; this one was made here. Kept once a
-                # round completed (its checkpoint can be resumed).
-                if resume is None and not (run_dir / CHECKPOINT).exists():
-                    _discard_run_dir(run_dir, existed)
+                if resume is None:  # claimed here, so discarded here (kept once a round completed)
+                    simulation.discard_unstarted(run_dir, existed)
                 raise
         elif args.command == "compare":
             import time

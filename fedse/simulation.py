@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from .client import make_client_app
-from .config import Config
+from .config import Config, ConfigError
 from .federated import FederatedData, build_federated_data
 from .io import atomic_write_json
 from .partition import plot_label_counts
@@ -31,7 +31,7 @@ from .report import round_rows
 from .server import CHECKPOINT, ServerOutcome, final_tables, run_server
 from .strategy import RunLog
 
-__all__ = ["SimulationResult", "backend_config", "make_run_dir", "simulate"]
+__all__ = ["SimulationResult", "backend_config", "claim_run_dir", "discard_unstarted", "make_run_dir", "simulate"]
 
 log = logging.getLogger("fedse")
 
@@ -116,6 +116,37 @@ def make_run_dir(cfg: Config, config_name: str) -> Path:
                           "set output.name or remove some")
 
 
+def claim_run_dir(cfg: Config, config_name: str) -> tuple[Path, bool]:
+    """:func:`make_run_dir`, with whether the folder existed (empty) before; an unwritable
+    output.dir is a ConfigError naming it."""
+    named = Path(cfg.output.dir) / cfg.output.name if cfg.output.name else None
+    existed = named is not None and named.is_dir()
+    try:
+        return make_run_dir(cfg, config_name), existed
+    except FileExistsError:
+        raise
+    except OSError as err:
+        detail = err.strerror or str(err)
+        where = f" ({err.filename})" if err.filename and str(err.filename) != cfg.output.dir else ""
+        raise ConfigError(f"config key 'output.dir': cannot create a run folder under {cfg.output.dir!r}: "
+                          f"{detail}{where}; allowed: a directory this user can create and write to") from None
+
+
+def discard_unstarted(run_dir: Path, existed: bool) -> None:
+    """Remove what a run that failed before its first checkpoint wrote (a run with a checkpoint is
+    kept: it can be resumed); a folder that existed before the run is emptied, not removed."""
+    if (run_dir / CHECKPOINT).exists():
+        return
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for child in run_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def write_partition(fed: FederatedData, run_dir: Path) -> None:
     counts = fed.label_counts()
     atomic_write_json(run_dir / "label_counts.json", {
@@ -175,14 +206,16 @@ def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = No
     A run that fails before its first round leaves no run folder behind."""
     started = time.perf_counter()
     fed = build_federated_data(cfg)
-    created = run_dir is None
-    run_dir = run_dir if run_dir is not None else make_run_dir(cfg, config_name)
+    claimed = run_dir is None
+    existed = False
+    if claimed:
+        run_dir, existed = claim_run_dir(cfg, config_name)
     try:
         outcome = _run(cfg, fed, run_dir, quiet=quiet, verbose=verbose, clients=clients, resume=resume,
                        num_supernodes=num_supernodes)
     except BaseException:
-        if created and not (run_dir / CHECKPOINT).exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if claimed:
+            discard_unstarted(run_dir, existed)
         raise
     if not quiet:
         print(final_tables(outcome.log))

@@ -191,6 +191,7 @@ class GuardedStrategy(Strategy):
         if self.expected_nodes is None:
             return
         deadline = time.monotonic() + self.join_timeout
+        waiting = False
         while True:
             found = len(list(grid.get_node_ids()))
             if found == self.expected_nodes:
@@ -198,9 +199,13 @@ class GuardedStrategy(Strategy):
             if found > self.expected_nodes or time.monotonic() >= deadline:
                 raise NodeCountError(
                     f"the federation has {found} nodes (SuperNodes) but the run needs {self.expected_nodes} "
-                    f"(partition.num_clients); start {self.expected_nodes} SuperNodes (flwr run: "
-                    f"options.num-supernodes={self.expected_nodes} in the federation's settings) or set "
-                    f"partition.num_clients={found}")
+                    f"(partition.num_clients); start {self.expected_nodes} SuperNodes (flwr run's local simulation: "
+                    f"options.num-supernodes = {self.expected_nodes} under [superlink.local] in ~/.flwr/config.toml) "
+                    f"or set partition.num_clients={found}")
+            if not waiting:
+                log.info("waiting up to %.0f s for %d nodes (%d connected)", self.join_timeout, self.expected_nodes,
+                         found)
+                waiting = True
             time.sleep(0.2)
 
     def _bind(self, node: int, claimed: int) -> str | None:

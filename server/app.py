@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedse.config import load_config
 from fedse.federated import build_federated_data
 from fedse.server import final_tables, run_server
-from fedse.simulation import make_run_dir, write_partition
+from fedse.simulation import claim_run_dir, discard_unstarted, write_partition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,9 +77,14 @@ def main(grid: Grid, context: Context) -> None:
                         "installed copy of the app); pass an absolute path, e.g. --run-config "
                         "\"output-dir='$PWD/runs'\"", given, ROOT)
         cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
-        run_dir = make_run_dir(cfg, config_file.stem)
+        run_dir, existed = claim_run_dir(cfg, config_file.stem)
     _say(f"run folder: {run_dir}" + (" (resumed)" if resume else ""))
-    write_partition(fed, run_dir)
-    outcome = run_server(grid, cfg, fed, run_dir, resume=bool(resume))
+    try:
+        write_partition(fed, run_dir)
+        outcome = run_server(grid, cfg, fed, run_dir, resume=bool(resume))
+    except BaseException:
+        if not resume:  # a run that failed before its first round leaves no folder behind
+            discard_unstarted(run_dir, existed)
+        raise
     print(final_tables(outcome.log))
     _say(f"run folder: {run_dir}")
