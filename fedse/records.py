@@ -45,7 +45,7 @@ DIGEST_IN, DIGEST_OUT = "private-digest-in", "private-digest-out"
 
 _PROBABILITY = (0.0, 1.0)
 _NON_NEGATIVE = (0.0, math.inf)
-_CLIENT_ID_MAX = 2**31 - 1
+_CLIENT_ID_MAX = 2**63 - 1  # a deployed client without --client-id reports its node id (64-bit)
 _DIGEST_MAX = 2**32 - 1
 
 

@@ -164,6 +164,35 @@ def test_truncated_checkpoint_fails_before_ray(capsys, tmp_path, no_ray):
     assert _tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("damage,needle", [("nan", "NaN or inf"), ("keys", "do not fit this model")])
+def test_loadable_but_malformed_checkpoint_fails_before_ray(capsys, tmp_path, no_ray, damage, needle):
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fedse.client import build_model
+    from fedse.federated import build_federated_data
+    from fedse.server import save_checkpoint
+    from fedse.split import split_model
+    from fedse.strategy import RunLog
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = config_from_dict({"output": {"dir": str(tmp_path), "name": "run"}})
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    ds = build_federated_data(cfg).dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    shared = split_model(model, cfg.personalization.policy).shared_state(model)
+    key = next(k for k, v in shared.items() if v.is_floating_point())
+    if damage == "nan":
+        shared[key][...] = float("nan")
+    else:
+        shared["not.a.key"] = torch.zeros(1)
+    save_checkpoint(run, cfg, 1, ArrayRecord(shared), RunLog())
+    before = _tree(tmp_path)
+    _refused(capsys, ["simulate", "--resume", str(run), "--quiet"], needle)
+    assert _tree(tmp_path) == before
+
+
 def test_missing_checkpoint_fails_before_ray(capsys, tmp_path, no_ray):
     run = tmp_path / "run"
     run.mkdir()

@@ -56,3 +56,25 @@ def test_checksum_mismatch_is_a_clear_error(tmp_path):
     store.path.write_bytes(b"garbage")
     with pytest.raises(StateCorruptError, match="not a fedse state file"):
         store.load()
+
+
+def test_a_checksummed_payload_that_is_not_tensors_is_refused_unrun(tmp_path):
+    # The checksum only says the file is what was written; a writer with access could write a
+    # pickle that runs code. weights_only refuses it, and that is a StateCorruptError too.
+    import hashlib
+    import json
+    import pickle
+
+    from fedse.state import MAGIC
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "marker"), "w"))
+
+    store = StateStore(tmp_path)
+    payload = pickle.dumps({"w": Evil()})
+    header = {"format": 1, "sha256": hashlib.sha256(payload).hexdigest(), "length": len(payload), "meta": {}}
+    store.path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    with pytest.raises(StateCorruptError, match="not a plain mapping of tensors"):
+        store.load()
+    assert not (tmp_path / "marker").exists()
