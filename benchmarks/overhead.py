@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedse.client import build_model  # noqa: E402
+from fedse.models import build_model  # noqa: E402
 from fedse.config import load_config  # noqa: E402
 from fedse.federated import build_federated_data  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402

@@ -101,15 +101,18 @@ def _deploy(args: argparse.Namespace) -> int:
         return _exec(cmd)
     if not args.insecure and (args.ca is None or args.key is None):
         raise ConfigError("fedse client needs --ca and --key (TLS and SuperNode authentication) or an explicit --insecure")
-    node: dict[str, str | int] = {"state-dir": str(args.state_dir.resolve())}
+    from .records import NODE_CLIENT_ID, NODE_DATA_DIR, NODE_NUM_PARTITIONS, NODE_PARTITION_ID, NODE_STATE_DIR
+
+    node: dict[str, str | int] = {NODE_STATE_DIR: str(args.state_dir.resolve())}
     if (args.data_dir is None) == (args.partition_id is None):
         raise ConfigError("fedse client needs exactly one of --data-dir DIR (its own data) or --partition-id N (demo)")
     if args.data_dir is not None:
-        node["data-dir"] = str(args.data_dir.resolve())
+        node[NODE_DATA_DIR] = str(args.data_dir.resolve())
         if args.client_id is not None:
-            node["client-id"] = args.client_id
+            node[NODE_CLIENT_ID] = args.client_id
     else:
-        node |= {"partition-id": args.partition_id, "num-partitions": args.num_partitions or args.partition_id + 1}
+        node |= {NODE_PARTITION_ID: args.partition_id,
+                 NODE_NUM_PARTITIONS: args.num_partitions or args.partition_id + 1}
     return _exec(deploy.supernode_command(superlink=args.superlink, ca=None if args.insecure else args.ca,
                                           key=args.key, node_config=node, port=args.port))
 
@@ -145,39 +148,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(resume / "config.yaml" if resume else args.config, args.overrides)
     except ConfigError as err:
         return _fail(err)
+    from .checkpoint import CheckpointError
     from .data import DatasetError
     from .partition import PartitionError
 
     name = args.config.stem if args.config else "default"
     try:
         if args.command == "simulate":
-            from . import simulation
-            from .federated import build_federated_data
-            from .server import check_resume
+            from simulations.simulate import run
 
-            if resume is not None:
-                # Read the checkpoint now, so a truncated or foreign one fails before Ray starts.
-                try:
-                    check_resume(resume, cfg, build_federated_data(cfg))
-                except ValueError as err:  # CheckpointError and the config-mismatch error
-                    return _fail(err)
-                run_dir = resume
-            else:
-                # The dataset and partition first (cached: simulate reuses them), so a missing
-                # dataset leaves no folder; then the run folder, claimed before Ray starts.
-                build_federated_data(cfg)
-                run_dir, existed = simulation.claim_run_dir(cfg, name)
-            try:
-                simulation.simulate(cfg, config_name=name, quiet=args.quiet, verbose=args.verbose,
-                                    run_dir=run_dir, resume=resume is not None)
-            except BaseException:
-                if resume is None:  # claimed here, so discarded here (kept once a round completed)
-                    simulation.discard_unstarted(run_dir, existed)
-                raise
+            run(cfg, config_name=name, resume=resume, quiet=args.quiet, verbose=args.verbose)
         elif args.command == "compare":
             import time
 
-            from .compare import compare, merge
+            from simulations.compare import compare
+
+            from .comparison import merge
 
             command = "fedse " + " ".join(argv if argv is not None else sys.argv[1:])
             if args.merge:
@@ -192,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 compare(cfg, methods, seeds, out, holdout=args.holdout, command=command)
             print((out / "table.md").read_text())
             print(f"comparison folder: {out}")
-    except (ConfigError, DatasetError, PartitionError, OSError) as err:  # OSError: unwritable --out and the like
+    except (ConfigError, CheckpointError, DatasetError, PartitionError, OSError) as err:
+        # OSError: an unwritable --out and the like
         return _fail(err)
     return 0
 

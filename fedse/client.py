@@ -12,40 +12,23 @@ import functools
 import json
 from dataclasses import dataclass
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, own_data
-from .models import SEResNet, create_model
-from .privacy import SampleDP, check_dp_model, epsilon_of, sample_noise_multiplier
-from .records import (ARRAYS, CLIENT, CONFIG, DIGEST_IN, DIGEST_OUT, METRICS, NUM_EXAMPLES, NUM_TRAIN, PARTITION_ID,
-                      check_arrays, from_arrays, to_arrays)
 from .local import adapt, local_update, logit_bias
-from .split import Policy, Split, create_policy, split_model
+from .models import SEResNet, build_model
+from .policies import RunPolicy, resolve
+from .privacy import SampleDP, check_dp_model, sample_noise_multiplier
+from .records import (ARRAYS, CLIENT, CLIENT_ID, CONFIG, CONFIG_JSON, DIGEST_IN, DIGEST_OUT, METRICS,
+                      NODE_CLIENT_ID, NODE_DATA_DIR, NODE_PARTITION_ID, NUM_EXAMPLES, NUM_TRAIN, POOLED,
+                      PROXIMAL_MU, SERVER_ROUND, check_arrays, from_arrays, to_arrays)
+from .split import Split
 from .state import digest, load_accountant, persist, restore, save_accountant
 from .train import default_device, evaluate
 
-__all__ = ["CONFIG_JSON", "build_model", "make_client_app", "handle_evaluate", "handle_train"]
-
-CONFIG_JSON = "fedse-config"  # ConfigRecord key holding the run's configuration (JSON)
-
-
-def build_model(cfg: Config, num_classes: int, in_channels: int, image_size: int) -> SEResNet:
-    """The run's model, initialised from ``cfg.seed``: the server and every client build
-    the same initial weights, so a client's first private state is the common init."""
-    torch.manual_seed(cfg.seed)
-    m = cfg.model
-    return create_model(
-        m.name,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        width=m.width,
-        reduction=m.reduction,
-        norm=m.norm,
-        image_size=image_size,
-    )
+__all__ = ["handle_evaluate", "handle_train", "make_client_app"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -65,13 +48,10 @@ class _Setup:
     shard: ClientShard
     model: SEResNet
     split: Split
-    policy: Policy
+    policy: RunPolicy
     mean: tuple[float, ...]
     std: tuple[float, ...]
     own_data: bool
-
-
-DATA_DIR = "data-dir"  # node config key: a deployed client's own data directory
 
 
 def _client_data(context: Context, cfg: Config) -> tuple[int, FederatedData, ClientShard]:
@@ -79,15 +59,15 @@ def _client_data(context: Context, cfg: Config) -> tuple[int, FederatedData, Cli
     (the id is then ``client-id`` or the node id, for reports), else partition ``partition-id``
     of the run's dataset (simulation and demos)."""
     node = context.node_config
-    if DATA_DIR in node:
-        fed = own_data(cfg, str(node[DATA_DIR]))
-        return int(node.get("client-id", context.node_id)), fed, fed.shard(0)
-    if "partition-id" not in node:
+    if NODE_DATA_DIR in node:
+        fed = own_data(cfg, str(node[NODE_DATA_DIR]))
+        return int(node.get(NODE_CLIENT_ID, context.node_id)), fed, fed.shard(0)
+    if NODE_PARTITION_ID not in node:
         raise ValueError(
-            "this SuperNode has neither 'data-dir' nor 'partition-id' in its node config; start it with "
-            "fedse client --data-dir DIR (or --partition-id N for a demo)"
+            f"this SuperNode has neither '{NODE_DATA_DIR}' nor '{NODE_PARTITION_ID}' in its node config; start it "
+            "with fedse client --data-dir DIR (or --partition-id N for a demo)"
         )
-    cid = int(node["partition-id"])
+    cid = int(node[NODE_PARTITION_ID])
     if not 0 <= cid < cfg.partition.num_clients:
         raise ValueError(f"partition-id {cid} out of range 0..{cfg.partition.num_clients - 1}")
     fed = build_federated_data(cfg)
@@ -103,7 +83,8 @@ def _setup(msg: Message, context: Context) -> _Setup:
     cid, fed, shard = _client_data(context, cfg)
     ds = fed.dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    split = split_model(model, cfg.personalization.policy)
+    policy = resolve(cfg)
+    split = policy.split(model)
     state = model.state_dict()
     received = msg.content[ARRAYS]
     if problems := check_arrays(received, {k: tuple(state[k].shape) for k in split.shared}):
@@ -116,8 +97,7 @@ def _setup(msg: Message, context: Context) -> _Setup:
                              "was the policy or model changed mid-run?")
         update.update(private)
     model.load_state_dict(update, strict=False)
-    policy = create_policy(cfg.personalization.policy)
-    return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, DATA_DIR in context.node_config)
+    return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, NODE_DATA_DIR in context.node_config)
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict) -> Message:
@@ -128,20 +108,21 @@ def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict
 
 
 def _seed(cfg: Config, client_id: int, msg: Message) -> int:
-    return cfg.seed * 100_003 + client_id * 1_009 + int(msg.content[CONFIG].get("server-round", 0))
+    return cfg.seed * 100_003 + client_id * 1_009 + int(msg.content[CONFIG].get(SERVER_ROUND, 0))
 
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Train locally; keep private keys in ``context.state``; reply with shared keys only."""
     s = _setup(msg, context)
     private_in = s.split.private_state(s.model)
-    mu = float(msg.content[CONFIG].get("proximal-mu", 0.0))
+    mu = float(msg.content[CONFIG].get(PROXIMAL_MU, 0.0))
     pr = s.cfg.privacy
     dp = None
     if pr.mode == "sample":
         check_dp_model(s.model)
-        dp = SampleDP(sample_noise_multiplier(s.cfg, len(s.shard.train_labels)), pr.max_grad_norm, pr.accountant,
-                      load_accountant(context), secure_mode=pr.secure_mode)
+        sigma = sample_noise_multiplier(s.cfg, len(s.shard.train_labels), s.policy.schedule == "private-first")
+        dp = SampleDP(sigma, pr.max_grad_norm, pr.accountant, state=load_accountant(context),
+                      secure_mode=pr.secure_mode)
     result = local_update(
         s.model, s.split, s.policy, s.shard, s.cfg, seed=_seed(s.cfg, s.client_id, msg), mean=s.mean, std=s.std,
         proximal_mu=mu, anchor=s.split.shared_state(s.model) if mu > 0 else None, dp=dp,
@@ -149,16 +130,16 @@ def handle_train(msg: Message, context: Context) -> Message:
     s.model.cpu()
     private_out = s.split.private_state(s.model)
     if dp is not None:
-        save_accountant(context, dp.history)
+        save_accountant(context, dp.state())
     persist(context, private_out)
-    client = {PARTITION_ID: s.client_id}
+    client = {CLIENT_ID: s.client_id}
     if s.cfg.evaluate.private_digest:
         client |= {DIGEST_IN: digest(private_in), DIGEST_OUT: digest(private_out)}
     metrics: dict[str, float | int] = {NUM_EXAMPLES: len(s.shard.train_labels)}
     if dp is None:
         metrics |= {"train-loss": result.loss, "train-acc": result.accuracy}
     else:  # training-set statistics are not DP: only the cumulative epsilon is reported
-        metrics["dp-epsilon"] = epsilon_of(dp.history, pr.delta, pr.accountant)
+        metrics["dp-epsilon"] = dp.epsilon(pr.delta)
     return _reply(msg, to_arrays(s.split.shared_state(s.model)), metrics, client)
 
 
@@ -168,16 +149,16 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     s = _setup(msg, context)
     device = default_device()
     if s.policy.finetune:  # fedavg-ft: fine-tune a copy of the received model; nothing is kept
-        adapt(s.model, None, s.shard, s.cfg, epochs=s.cfg.personalization.finetune_epochs,
+        adapt(s.model, None, s.shard, s.cfg, s.policy, epochs=s.cfg.personalization.finetune_epochs,
               seed=_seed(s.cfg, s.client_id, msg), mean=s.mean, std=s.std)
     local = evaluate(s.model, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device,
-                     logit_bias=logit_bias(s.model, s.shard, s.cfg, mean=s.mean, std=s.std))
+                     logit_bias=logit_bias(s.model, s.shard, s.policy, mean=s.mean, std=s.std))
     metrics: dict[str, float | int] = {
         NUM_EXAMPLES: local.num_examples,
         "local-acc": local.accuracy,
         "local-loss": local.loss,
     }
-    if bool(msg.content[CONFIG].get("pooled", False)):
+    if bool(msg.content[CONFIG].get(POOLED, False)):
         if s.own_data:
             raise ValueError("the server asked for the pooled test set, which a client with its own data-dir "
                              "does not have; run with --set evaluate.pooled=false")
@@ -186,7 +167,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         # distribution, not this client's
         pooled = evaluate(s.model, x, y, mean=s.mean, std=s.std, device=device)
         metrics |= {"pooled-acc": pooled.accuracy, "pooled-loss": pooled.loss}
-    client = {PARTITION_ID: s.client_id, NUM_TRAIN: len(s.shard.train_labels)}
+    client = {CLIENT_ID: s.client_id, NUM_TRAIN: len(s.shard.train_labels)}
     return _reply(msg, None, metrics, client)
 
 

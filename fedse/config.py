@@ -1,6 +1,8 @@
 """Typed configuration: YAML -> frozen dataclass tree, validated on the way in.
 
-Defaults live here and only here; the files in ``configs/`` hold what differs.
+The defaults of every fedse setting live here and only here; the files in
+``configs/`` hold what differs. (Flower's own run config, the few keys
+``flwr run`` passes to the ServerApp, has its defaults in ``pyproject.toml``.)
 Every error names the key, the bad value and what is allowed. Command-line
 overrides (``--set partition.alpha=0.1``) are parsed as YAML scalars and go
 through the same validation as the file.
@@ -20,7 +22,24 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "parse_overrides"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvaluateConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PartitionConfig",
+    "PersonalizationConfig",
+    "PrivacyConfig",
+    "ServerConfig",
+    "SimulationConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_overrides",
+]
 
 
 class ConfigError(ValueError):
@@ -74,7 +93,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PersonalizationConfig:
-    # Which parts stay on the client and how they train: see fedse.split.POLICIES. Default fedse-la:
+    # Which parts stay on the client and how they train: see fedse.policies.POLICIES. Default fedse-la:
     # excitation private, logits offset by the client's own label prior (docs/results.md).
     policy: Literal[
         "fedse", "fedavg", "fedavg-ft", "fedbn", "fedper", "fedrep", "local", "fedse-bn", "fedse-head",

@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .io import atomic_save, atomic_write_bytes
 
-__all__ = ["DATASETS", "Dataset", "DatasetError", "augment", "load_dataset", "normalize"]
+__all__ = ["DATASETS", "Dataset", "DatasetError", "load_dataset"]
 
 
 class DatasetError(RuntimeError):
@@ -471,30 +470,3 @@ def load_dataset(name: str, root: str | os.PathLike[str] | None = None, download
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
     return DATASETS[name](Path(root).expanduser() if root is not None else None, download)
-
-
-# ----------------------------------------------------------------------------- tensor transforms
-
-
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255.0 - m) / s
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, *, crop_padding: int = 2, flip: bool) -> torch.Tensor:
-    """Random crop after zero padding (a per-sample shift) and optional horizontal flip."""
-    n, _, h, w = x.shape
-    if crop_padding > 0:
-        padded = F.pad(x, (crop_padding,) * 4)
-        dy = torch.randint(0, 2 * crop_padding + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * crop_padding + 1, (n,), generator=generator)
-        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)
-        cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device)
-        idx = torch.arange(n, device=x.device).view(n, 1, 1)
-        x = padded.permute(0, 2, 3, 1)[idx, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
-    if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-        x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
-    return x.contiguous()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "NO_RUNTIME_INSTALL",
     "Certs",
     "control_api_exposure",
     "make_node_key",

@@ -17,14 +17,8 @@ import torch
 
 from .config import Config
 from .data import Dataset, load_dataset
-from .partition import (
-    ClientStyle,
-    apply_style,
-    create_partition,
-    label_counts,
-    make_client_styles,
-    split_train_test,
-)
+from .feature_skew import ClientStyle, apply_style, make_client_styles
+from .partition import label_counts, partition_from_config, split_train_test
 
 __all__ = ["ClientShard", "FederatedData", "build_federated_data", "own_data"]
 
@@ -94,13 +88,7 @@ def _build(key: tuple) -> FederatedData:
     seed, name, root, download, p = key
     dataset = load_dataset(name, root=root, download=download)
     labels = dataset.labels.numpy()
-    params: dict[str, float | int] = {
-        "iid": {},
-        "dirichlet": {"alpha": p.alpha, "min_size": p.min_size},
-        "quantity": {"alpha": p.alpha, "min_size": p.min_size},
-        "pathological": {"classes_per_client": p.classes_per_client},
-    }[p.scheme]
-    parts = create_partition(p.scheme, labels, p.num_clients, seed=seed, **params)
+    parts = partition_from_config(labels, p, seed=seed)
     train, test = split_train_test(parts, labels, test_fraction=p.test_fraction, seed=seed)
     styles = None
     if p.feature_skew:

@@ -8,24 +8,27 @@
 
 :func:`adapt` trains only a chosen set of keys for a few epochs: the
 fine-tuning step of ``fedavg-ft`` before evaluation and the cold-start
-adaptation of a new client. Frozen norm layers keep their running statistics
+adaptation of a new client (:func:`adapt_and_evaluate`). Frozen norm layers keep their running statistics
 (:func:`fedse.train.train`), so a few label-skewed batches cannot drag the
 statistics of a model part that does not train.
 """
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import torch
 from torch import nn
 
 from .config import Config
 from .federated import ClientShard
-from .prior import fit_prior_weight, label_log_prior, label_prior_mode
+from .policies import RunPolicy
+from .prior import fit_prior_weight, label_log_prior
 from .privacy import SampleDP
-from .split import Policy, Split, create_policy
-from .train import TrainResult, default_device, predict, train
+from .split import Split
+from .train import TrainResult, default_device, evaluate, predict, train
 
-__all__ = ["adapt", "local_update", "logit_bias", "train_logit_bias"]
+__all__ = ["adapt", "adapt_and_evaluate", "local_update", "logit_bias", "train_logit_bias"]
 
 
 def _param_names(model: nn.Module, keys: tuple[str, ...]) -> set[str]:
@@ -33,19 +36,19 @@ def _param_names(model: nn.Module, keys: tuple[str, ...]) -> set[str]:
     return {k for k in keys if k in params}
 
 
-def train_logit_bias(model: nn.Module, shard: ClientShard, cfg: Config) -> torch.Tensor | None:
+def train_logit_bias(model: nn.Module, shard: ClientShard, policy: RunPolicy) -> torch.Tensor | None:
     """The offset the training loss sees: the client's log label prior in mode ``train``."""
-    if label_prior_mode(cfg) != "train":
+    if policy.label_prior != "train":
         return None
     return label_log_prior(shard.train_labels, model.get_classifier().out_features)
 
 
-def logit_bias(model: nn.Module, shard: ClientShard, cfg: Config, *, mean: tuple[float, ...],
+def logit_bias(model: nn.Module, shard: ClientShard, policy: RunPolicy, *, mean: tuple[float, ...],
                std: tuple[float, ...]) -> torch.Tensor | None:
     """The offset the client predicts with (:mod:`fedse.prior`): the log label prior in mode
     ``train``; in mode ``predict`` the prior times the weight that fits ``model`` best on the
     client's train part; None when off."""
-    mode = label_prior_mode(cfg)
+    mode = policy.label_prior
     if mode == "off":
         return None
     prior = label_log_prior(shard.train_labels, model.get_classifier().out_features)
@@ -55,45 +58,58 @@ def logit_bias(model: nn.Module, shard: ClientShard, cfg: Config, *, mean: tuple
     return fit_prior_weight(logits, shard.train_labels, prior) * prior
 
 
-def _run(model: nn.Module, shard: ClientShard, cfg: Config, *, epochs: int, trainable: set[str] | None, seed: int,
-         mean: tuple[float, ...], std: tuple[float, ...], proximal_mu: float = 0.0,
-         anchor: dict[str, torch.Tensor] | None = None, private: tuple[str, ...] = (),
+def _run(model: nn.Module, shard: ClientShard, cfg: Config, policy: RunPolicy, *, epochs: int,
+         trainable: set[str] | None, seed: int, mean: tuple[float, ...], std: tuple[float, ...],
+         proximal_mu: float = 0.0, anchor: dict[str, torch.Tensor] | None = None, private: tuple[str, ...] = (),
          dp: SampleDP | None = None) -> TrainResult:
     t = cfg.train
-    scale = private_lr_scale(cfg)
+    scale = policy.private_lr_scale
     lr_scale = {k: scale for k in private} if scale != 1.0 else None
     return train(model, shard.train_images, shard.train_labels, mean=mean, std=std, epochs=epochs,
                  batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                  trainable=trainable, lr_scale=lr_scale, proximal_mu=proximal_mu, anchor=anchor,
                  augment=cfg.data.augment, seed=seed, device=default_device(), dp=dp,
-                 logit_bias=train_logit_bias(model, shard, cfg))
+                 logit_bias=train_logit_bias(model, shard, policy))
 
 
-def private_lr_scale(cfg: Config) -> float:
-    """``train.private_lr_scale`` when set, else the policy's own."""
-    if cfg.train.private_lr_scale is not None:
-        return cfg.train.private_lr_scale
-    return create_policy(cfg.personalization.policy).private_lr_scale
-
-
-def local_update(model: nn.Module, split: Split, policy: Policy, shard: ClientShard, cfg: Config, *, seed: int,
+def local_update(model: nn.Module, split: Split, policy: RunPolicy, shard: ClientShard, cfg: Config, *, seed: int,
                  mean: tuple[float, ...], std: tuple[float, ...], proximal_mu: float = 0.0,
                  anchor: dict[str, torch.Tensor] | None = None, dp: SampleDP | None = None) -> TrainResult:
     """One round of local training under ``policy``; returns the last phase's result.
     With ``dp`` every phase is a DP-SGD phase and ``dp.history`` accumulates all their steps."""
     if policy.schedule == "private-first" and split.private and split.shared:
-        _run(model, shard, cfg, epochs=cfg.train.private_epochs, trainable=_param_names(model, split.private),
+        _run(model, shard, cfg, policy, epochs=cfg.train.private_epochs, trainable=_param_names(model, split.private),
              seed=seed, mean=mean, std=std, private=split.private, dp=dp)
-        return _run(model, shard, cfg, epochs=cfg.train.local_epochs, trainable=_param_names(model, split.shared),
+        return _run(model, shard, cfg, policy, epochs=cfg.train.local_epochs,
+                    trainable=_param_names(model, split.shared),
                     seed=seed + 1, mean=mean, std=std, proximal_mu=proximal_mu, anchor=anchor, dp=dp)
-    return _run(model, shard, cfg, epochs=cfg.train.local_epochs, trainable=None, seed=seed, mean=mean, std=std,
+    return _run(model, shard, cfg, policy, epochs=cfg.train.local_epochs, trainable=None, seed=seed, mean=mean, std=std,
                 proximal_mu=proximal_mu, anchor=anchor, private=split.private, dp=dp)
 
 
-def adapt(model: nn.Module, keys: tuple[str, ...] | None, shard: ClientShard, cfg: Config, *, epochs: int, seed: int,
-          mean: tuple[float, ...], std: tuple[float, ...], private: tuple[str, ...] = ()) -> TrainResult:
+def adapt(model: nn.Module, keys: tuple[str, ...] | None, shard: ClientShard, cfg: Config, policy: RunPolicy, *,
+          epochs: int, seed: int, mean: tuple[float, ...], std: tuple[float, ...],
+          private: tuple[str, ...] = ()) -> TrainResult:
     """Train only ``keys`` (None: every parameter) for ``epochs`` on the client's train part;
     keys in ``private`` train at the policy's private learning rate."""
     trainable = None if keys is None else _param_names(model, keys)
-    return _run(model, shard, cfg, epochs=epochs, trainable=trainable, seed=seed, mean=mean, std=std,
+    return _run(model, shard, cfg, policy, epochs=epochs, trainable=trainable, seed=seed, mean=mean, std=std,
                 private=private)
+
+
+def adapt_and_evaluate(model: nn.Module, split: Split, shard: ClientShard, cfg: Config, policy: RunPolicy, *,
+                       seed: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, float]:
+    """Cold start: a client that never trained adapts copies of the received ``model`` on its own
+    train part for ``personalization.finetune_epochs`` and is evaluated on its own test part three
+    ways: as received (``global_acc``), only its private keys adapted (``private_acc``), every key
+    adapted (``full_acc``). An empty private set (fedavg) means no adaptation: the same as global."""
+    kinds = {"global": None, "private": split.private, "full": tuple(model.state_dict())}
+    out = {}
+    for kind, keys in kinds.items():
+        copy = deepcopy(model)
+        if keys:
+            adapt(copy, keys, shard, cfg, policy, epochs=cfg.personalization.finetune_epochs, seed=seed,
+                  mean=mean, std=std, private=split.private)
+        out[f"{kind}_acc"] = evaluate(copy, shard.test_images, shard.test_labels, mean=mean, std=std,
+                                      logit_bias=logit_bias(copy, shard, policy, mean=mean, std=std)).accuracy
+    return out

@@ -31,9 +31,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .config import Config
 
 __all__ = [
     "MODELS",
+    "NORM_TYPES",
+    "build_model",
     "SEBlock",
     "SEResNet",
     "BasicBlock",
@@ -64,6 +69,10 @@ def se_hidden_width(channels: int, reduction: int, divisor: int = 4) -> int:
     ``divisor`` and at least ``divisor``, so narrow stages (C=16, r=16) still get
     a 4-unit bottleneck rather than a 1-unit one."""
     return make_divisible(channels / reduction, divisor)
+
+
+# Every normalisation layer: the "norm" part of the split, and what training keeps frozen.
+NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -249,4 +258,20 @@ def create_model(
         reduction=reduction,
         norm=norm,
         stem=stem,
+    )
+
+
+def build_model(cfg: Config, num_classes: int, in_channels: int, image_size: int) -> SEResNet:
+    """The run's model, initialised from ``cfg.seed``: the server and every client build
+    the same initial weights, so a client's first private state is the common init."""
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    return create_model(
+        m.name,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        width=m.width,
+        reduction=m.reduction,
+        norm=m.norm,
+        image_size=image_size,
     )

@@ -7,9 +7,9 @@
 * ``pathological``: ``k`` classes per client, McMahan et al. 2017 (shards).
 * ``quantity``: client sizes from Dirichlet(alpha), labels IID within a client
   (NIID-Bench, Li et al. 2022).
-* feature skew (FedBN, Li et al. 2021): each client's images pass through its
-  own fixed transformation (:class:`ClientStyle`), independent of the index
-  partition, so it combines with any scheme.
+
+Feature skew, which transforms images rather than splitting indices, is
+:mod:`fedse.feature_skew`.
 
 Each returns one sorted int64 index array per client; the arrays are disjoint
 and cover every sample. Every function owns its ``np.random.default_rng(seed)``.
@@ -17,29 +17,26 @@ and cover every sample. Every function owns its ``np.random.default_rng(seed)``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .config import PartitionConfig
 from .io import atomic_save
 
 __all__ = [
+    "partition_from_config",
     "PARTITIONERS",
-    "STYLE_KINDS",
-    "ClientStyle",
     "PartitionError",
-    "apply_style",
     "create_partition",
     "dirichlet",
     "iid",
     "label_counts",
-    "make_client_styles",
     "pathological",
     "plot_label_counts",
     "quantity_skew",
@@ -184,6 +181,16 @@ def create_partition(name: str, labels: np.ndarray, num_clients: int, *, seed: i
     return fn(labels, num_clients, seed=seed, **params)
 
 
+def partition_from_config(labels: np.ndarray, p: PartitionConfig, *, seed: int) -> list[np.ndarray]:
+    """``create_partition(p.scheme, ...)`` with every parameter the scheme takes that is a config
+    field (``alpha``, ``min_size``, ``classes_per_client``) read from that field."""
+    if p.scheme not in PARTITIONERS:
+        raise ValueError(f"unknown partition scheme {p.scheme!r}; valid schemes: {sorted(PARTITIONERS)}")
+    fields = {f.name for f in dataclasses.fields(p)} - {"scheme", "num_clients"}
+    taken = [n for n in inspect.signature(PARTITIONERS[p.scheme]).parameters if n in fields]
+    return create_partition(p.scheme, labels, p.num_clients, seed=seed, **{n: getattr(p, n) for n in taken})
+
+
 def split_train_test(
     parts: Sequence[np.ndarray], labels: np.ndarray, *, test_fraction: float = 0.25, seed: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -247,80 +254,3 @@ def plot_label_counts(counts: np.ndarray, path: str | Path, *, class_names: Sequ
     fig.tight_layout()
     atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- feature skew
-
-STYLE_KINDS = ("rotation", "contrast", "brightness", "noise", "color")
-
-
-@dataclass(frozen=True)
-class ClientStyle:
-    """One client's fixed image transformation (identity: all defaults)."""
-
-    rotation: float = 0.0  # degrees, counter-clockwise
-    contrast: float = 1.0  # factor around the image's mean
-    brightness: float = 0.0  # additive, in [0, 1] pixel units
-    noise_std: float = 0.0  # Gaussian noise std, [0, 1] pixel units, fixed per-client seed
-    channel_gain: tuple[float, ...] = ()  # per-channel factor (colour shift); () = none
-    seed: int = 0
-
-
-def _spread(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
-    """n values evenly spaced over [lo, hi], in a seeded random order over clients."""
-    return rng.permutation(np.linspace(lo, hi, n)) if n > 1 else np.array([(lo + hi) / 2])
-
-
-def make_client_styles(num_clients: int, *, kinds: Sequence[str], strength: float, seed: int) -> list[ClientStyle]:
-    """Styles spread evenly over clients. At ``strength`` s: rotation in [-45s, 45s] degrees,
-    contrast in [1-0.6s, 1+0.6s], brightness in [-0.3s, 0.3s], noise std in [0, 0.3s],
-    per-channel gains in [1-0.5s, 1+0.5s]."""
-    if unknown := sorted(set(kinds) - set(STYLE_KINDS)):
-        raise ValueError(f"unknown feature-skew kind(s) {unknown}; valid kinds: {list(STYLE_KINDS)}")
-    if not 0 < strength <= 1:
-        raise ValueError(f"feature-skew strength must be in (0, 1], got {strength}")
-    rng = np.random.default_rng(seed)
-    n = num_clients
-    zeros, ones = np.zeros(n), np.ones(n)
-    rotation = _spread(rng, n, -45 * strength, 45 * strength) if "rotation" in kinds else zeros
-    contrast = _spread(rng, n, 1 - 0.6 * strength, 1 + 0.6 * strength) if "contrast" in kinds else ones
-    brightness = _spread(rng, n, -0.3 * strength, 0.3 * strength) if "brightness" in kinds else zeros
-    noise = _spread(rng, n, 0.0, 0.3 * strength) if "noise" in kinds else zeros
-    gains = rng.uniform(1 - 0.5 * strength, 1 + 0.5 * strength, size=(n, 3)) if "color" in kinds else None
-    return [
-        ClientStyle(
-            rotation=float(rotation[i]),
-            contrast=float(contrast[i]),
-            brightness=float(brightness[i]),
-            noise_std=float(noise[i]),
-            channel_gain=tuple(float(g) for g in gains[i]) if gains is not None else (),
-            seed=seed * 1_000_003 + i,
-        )
-        for i in range(n)
-    ]
-
-
-def apply_style(images: torch.Tensor, style: ClientStyle) -> torch.Tensor:
-    """Apply ``style`` to uint8 images (N, C, H, W); deterministic; identity returns the input."""
-    if style == ClientStyle(seed=style.seed):
-        return images
-    x = images.float() / 255.0
-    if style.rotation:
-        theta = math.radians(style.rotation)
-        cos, sin = math.cos(theta), math.sin(theta)
-        matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype).expand(len(x), 2, 3)
-        grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if style.contrast != 1.0:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * style.contrast + mean
-    if style.brightness:
-        x = x + style.brightness
-    if style.channel_gain:
-        gain = torch.tensor(style.channel_gain[: x.shape[1]] if x.shape[1] > 1 else style.channel_gain[:1],
-                            dtype=x.dtype)
-        x = x * gain.view(1, -1, 1, 1)
-    if style.noise_std:
-        g = torch.Generator().manual_seed(style.seed)
-        x = x + style.noise_std * torch.randn(x.shape, generator=g)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -20,8 +20,8 @@ training part, with add-one smoothing so an unseen class keeps a finite offset):
 
 The offset and ``t`` are computed on the client from its own data each time
 they are needed: never stored in a model, never sent. Policies choose a mode
-(:mod:`fedse.split`); ``personalization.label_prior`` overrides it. Both are
-off under sample-level DP: the offset depends on every training label of the
+and :func:`fedse.policies.resolve` applies ``personalization.label_prior`` over
+it. Both are off under sample-level DP: the offset depends on every training label of the
 client, so one example would change the loss or the prediction for all the
 others, outside what DP-SGD's per-example clipping bounds.
 """
@@ -31,12 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import Config
-from .split import create_policy
+__all__ = ["WEIGHTS", "fit_prior_weight", "label_log_prior"]
 
-__all__ = ["MODES", "WEIGHTS", "fit_prior_weight", "label_log_prior", "label_prior_mode"]
-
-MODES = ("off", "train", "predict")
 WEIGHTS = tuple(i / 10 for i in range(21))  # candidate weights t for mode 'predict': 0, 0.1, ..., 2
 
 
@@ -63,13 +59,3 @@ def fit_prior_weight(logits: torch.Tensor, labels: torch.Tensor, log_prior: torc
     logits, labels, log_prior = logits.float().cpu(), labels.long().cpu(), log_prior.float().cpu()
     losses = [F.cross_entropy(logits + t * log_prior, labels).item() for t in weights]
     return weights[min(range(len(weights)), key=lambda i: (losses[i], weights[i]))]
-
-
-def label_prior_mode(cfg: Config) -> str:
-    """``personalization.label_prior`` when set, else the policy's own; always ``off``
-    under ``privacy.mode=sample`` (the config rejects anything else there)."""
-    if cfg.privacy.mode == "sample":
-        return "off"
-    if cfg.personalization.label_prior is not None:
-        return cfg.personalization.label_prior
-    return create_policy(cfg.personalization.policy).label_prior

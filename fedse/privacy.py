@@ -21,10 +21,13 @@ reports the epsilon of every release since round 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -53,20 +56,59 @@ __all__ = [
     "make_client_dp",
     "epsilon_of",
     "poisson_rate",
-    "privatize",
     "sample_noise_multiplier",
 ]
 
 
-@dataclass
 class SampleDP:
-    """DP-SGD settings for one client's local training, with its accountant history."""
+    """DP-SGD for one client: its settings and its accountant, which every DP phase of every round
+    adds its steps to (:meth:`phase`). The accountant's own ``state_dict()`` carries it across rounds
+    and restarts (:meth:`state`, ``state=``), so the epsilon a client reports covers every DP step
+    it ever took."""
 
-    noise_multiplier: float
-    max_grad_norm: float
-    accountant: str = "rdp"
-    history: list[tuple[float, float, int]] | None = None  # carried in, updated in place by train()
-    secure_mode: bool = False  # Opacus's cryptographically secure generator (torchcsprng; checked by the config)
+    def __init__(self, noise_multiplier: float, max_grad_norm: float, accountant: str = "rdp", *,
+                 state: Mapping[str, Any] | None = None, secure_mode: bool = False) -> None:
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.secure_mode = secure_mode  # Opacus's cryptographically secure generator (torchcsprng; config-checked)
+        self.accountant = create_accountant(accountant)
+        if state:
+            self.accountant.load_state_dict({"history": [tuple(h) for h in state["history"]],
+                                             "mechanism": state["mechanism"]})
+
+    def state(self) -> dict[str, Any]:
+        """The accountant's ``state_dict()`` as plain JSON-able data."""
+        sd = self.accountant.state_dict()
+        return {"history": [list(h) for h in sd["history"]], "mechanism": sd["mechanism"]}
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon of every DP step so far (0 before the first)."""
+        return float(self.accountant.get_epsilon(delta=delta)) if self.accountant.history else 0.0
+
+    @contextlib.contextmanager
+    def phase(self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+              labels: torch.Tensor, batch_size: int) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, DataLoader]]:
+        """One DP-SGD phase: (model, optimizer, Poisson loader) wrapped by Opacus, with this client's
+        accountant counting the steps; Opacus's hooks are removed from the model on exit.
+
+        Poisson sampling and noise draw from a generator seeded from ``os.urandom``, never from the
+        run's seed: noise or batches predictable from the configuration would void the guarantee
+        (and the subsampling amplification). DP runs are therefore not bit-reproducible. With
+        ``secure_mode`` Opacus draws both from its cryptographically secure generator instead."""
+        engine = PrivacyEngine(accountant=self.accountant.mechanism(), secure_mode=self.secure_mode)
+        engine.accountant = self.accountant  # the steps of this phase go to this client's accountant
+        generator = None if self.secure_mode else torch.Generator().manual_seed(
+            int.from_bytes(os.urandom(8), "little"))
+        loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, generator=generator)
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm, poisson_sampling=True, noise_generator=generator,
+        )
+        try:
+            yield dp_model, dp_optimizer, dp_loader
+        finally:
+            dp_model.remove_hooks()
+            dp_model.del_grad_sample()
 
 
 def check_dp_model(model: nn.Module) -> None:
@@ -82,14 +124,15 @@ def check_dp_model(model: nn.Module) -> None:
         )
 
 
-def sample_noise_multiplier(cfg: Config, num_train: int) -> float:
+def sample_noise_multiplier(cfg: Config, num_train: int, private_first: bool) -> float:
     """The configured noise multiplier, or the one that reaches ``target_epsilon`` after every
-    round's DP steps (``rounds x local steps``, counted as if the client took part in every round)."""
+    round's DP steps (``rounds x local steps``, counted as if the client took part in every round;
+    ``private_first``: the policy trains its private part in a phase of its own first)."""
     p = cfg.privacy
     if p.noise_multiplier is not None:
         return p.noise_multiplier
     sample_rate, steps_per_epoch = poisson_rate(num_train, cfg.train.batch_size)
-    epochs = cfg.train.local_epochs + (cfg.train.private_epochs if _private_first(cfg) else 0)
+    epochs = cfg.train.local_epochs + (cfg.train.private_epochs if private_first else 0)
     steps = cfg.server.rounds * epochs * steps_per_epoch
     return get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=sample_rate,
                                 steps=steps, accountant=p.accountant)
@@ -100,34 +143,6 @@ def poisson_rate(num_train: int, batch_size: int) -> tuple[float, int]:
     joins each step with probability ``1 / ceil(n / batch)``; that many steps per epoch."""
     steps = max(1, math.ceil(num_train / batch_size))
     return 1.0 / steps, steps
-
-
-def _private_first(cfg: Config) -> bool:
-    from .split import create_policy
-
-    return create_policy(cfg.personalization.policy).schedule == "private-first"
-
-
-def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-              batch_size: int, dp: SampleDP):
-    """Wrap (model, optimizer, data) with Opacus; returns (dp_model, dp_optimizer, loader, engine).
-
-    Poisson sampling and noise draw from a generator seeded from ``os.urandom``, never
-    from the run's seed: noise or batches predictable from the configuration would void
-    the guarantee (and the subsampling amplification). DP runs are therefore not
-    bit-reproducible. With ``secure_mode`` (``privacy.secure_mode``, needs torchcsprng) Opacus
-    draws both from its cryptographically secure generator instead.
-    """
-    engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
-    if dp.history:
-        engine.accountant.history = [tuple(h) for h in dp.history]
-    generator = None if dp.secure_mode else torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, generator=generator)
-    dp_model, dp_optimizer, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm, poisson_sampling=True, noise_generator=generator,
-    )
-    return dp_model, dp_optimizer, dp_loader, engine
 
 
 def epsilon_of(history: list[tuple[float, float, int]] | None, delta: float, accountant: str = "rdp") -> float:

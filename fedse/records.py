@@ -27,7 +27,27 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 __all__ = [
+    "ARRAYS",
+    "CLIENT",
+    "CLIENT_ID",
+    "CONFIG",
+    "CONFIG_JSON",
+    "DIGEST_IN",
+    "DIGEST_OUT",
+    "METRICS",
+    "NODE_CLIENT_ID",
+    "NODE_DATA_DIR",
+    "NODE_NUM_PARTITIONS",
+    "NODE_PARTITION_ID",
+    "NODE_STATE_DIR",
+    "NUM_EXAMPLES",
+    "NUM_TRAIN",
+    "POOLED",
+    "PROXIMAL_MU",
+    "SERVER_ROUND",
+    "UNIT_WEIGHT",
     "ReplySchema",
+    "Screened",
     "check_arrays",
     "evaluate_schema",
     "from_arrays",
@@ -36,12 +56,25 @@ __all__ = [
     "train_schema",
 ]
 
+# Records of a message.
 ARRAYS, METRICS, CONFIG, CLIENT = "arrays", "metrics", "config", "client"
-UNIT_WEIGHT = "unit-weight"  # client-level DP averages updates uniformly; the server sets it, never the client
+# Server -> client, in the "config" record.
+CONFIG_JSON = "fedse-config"  # the run's configuration (JSON)
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+POOLED = "pooled"  # evaluate on the pooled test set this round
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+# Client -> server: metrics, and the "client" record.
 NUM_EXAMPLES = "num-examples"
-PARTITION_ID = "partition-id"  # the client's claimed number in reports (bound to its node by the guard)
+UNIT_WEIGHT = "unit-weight"  # client-level DP averages updates uniformly; the server sets it, never the client
+CLIENT_ID = "client-id"  # the client's number in reports, as it claims it (bound to its node by the guard)
 NUM_TRAIN = "num-train"
 DIGEST_IN, DIGEST_OUT = "private-digest-in", "private-digest-out"
+# A SuperNode's node config (``--node-config``; the simulation engine sets the partition keys).
+NODE_PARTITION_ID = "partition-id"  # which partition of the run's dataset is this client's (simulation, demos)
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_DIR = "data-dir"  # a deployed client's own data directory
+NODE_CLIENT_ID = "client-id"  # a deployed client's number in reports (with data-dir; default its node id)
+NODE_STATE_DIR = "state-dir"  # where a deployed client keeps its private state
 
 _PROBABILITY = (0.0, 1.0)
 _NON_NEGATIVE = (0.0, math.inf)
@@ -225,7 +258,7 @@ def train_schema(shared: Mapping[str, torch.Tensor], *, dp_sample: bool, digests
     arrays = {k: (tuple(v.shape), np.dtype(str(v.dtype).removeprefix("torch."))) for k, v in shared.items()}
     metrics = {"dp-epsilon": _NON_NEGATIVE} if dp_sample else {"train-loss": _NON_NEGATIVE,
                                                                "train-acc": _PROBABILITY}
-    client = {PARTITION_ID: (0, _CLIENT_ID_MAX)}
+    client = {CLIENT_ID: (0, _CLIENT_ID_MAX)}
     if digests:
         client |= {DIGEST_IN: (0, _DIGEST_MAX), DIGEST_OUT: (0, _DIGEST_MAX)}
     return ReplySchema(metrics, client, max_examples, arrays)
@@ -237,4 +270,4 @@ def evaluate_schema(*, pooled: bool, max_examples: int, max_train: int) -> Reply
     metrics = {"local-acc": _PROBABILITY, "local-loss": _NON_NEGATIVE}
     if pooled:
         metrics |= {"pooled-acc": _PROBABILITY, "pooled-loss": _NON_NEGATIVE}
-    return ReplySchema(metrics, {PARTITION_ID: (0, _CLIENT_ID_MAX), NUM_TRAIN: (0, max_train)}, max_examples)
+    return ReplySchema(metrics, {CLIENT_ID: (0, _CLIENT_ID_MAX), NUM_TRAIN: (0, max_train)}, max_examples)

@@ -1,7 +1,7 @@
-"""Reports: per-round and per-client tables, summary statistics, files and plots.
+"""Reports: the run log, per-round and per-client tables, summary statistics, files and plots.
 
-Everything here reads a :class:`~fedse.strategy.RunLog`; the run folder is
-written file by file, each atomically.
+The server records what its guard kept into a :class:`RunLog`; everything here
+reads it. The run folder is written file by file, each atomically.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ import torch
 import yaml
 
 from .io import atomic_save, atomic_write_json, atomic_write_text
-from .strategy import RunLog
+from .records import NUM_EXAMPLES
 
 __all__ = [
+    "RunLog",
     "client_rows",
+    "client_summary_rows",
     "format_table",
     "plot_accuracy",
     "round_rows",
@@ -29,6 +32,19 @@ __all__ = [
     "write_csv",
     "write_run",
 ]
+
+
+@dataclass
+class RunLog:
+    """What the server saw, per round and per client (only values the guard checked)."""
+
+    train: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # round -> client -> metrics
+    evaluate: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # refused replies
+    failed: list[dict[str, Any]] = field(default_factory=list)  # error replies
+    refused: list[dict[str, Any]] = field(default_factory=list)  # rounds without an update (client-level DP)
+    round_seconds: dict[int, float] = field(default_factory=dict)
+    epsilon: dict[int, float] = field(default_factory=dict)  # round -> client-level DP epsilon so far
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -47,7 +63,7 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 
 def _weighted(rows: Mapping[int, Mapping[str, Any]], key: str) -> float | None:
-    pairs = [(r[key], r.get("num-examples", 1)) for r in rows.values() if key in r]
+    pairs = [(r[key], r.get(NUM_EXAMPLES, 1)) for r in rows.values() if key in r]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else None
 
@@ -98,7 +114,7 @@ def client_rows(log: RunLog) -> list[dict[str, Any]]:
             "client": cid,
             "round": rnd,
             "train_samples": row.get("num-train"),
-            "test_samples": row.get("num-examples"),
+            "test_samples": row.get(NUM_EXAMPLES),
             "local_acc": row.get("local-acc"),
             "pooled_acc": row.get("pooled-acc"),
         }

@@ -1,37 +1,42 @@
-"""The server's run: initial shared weights, Flower strategy behind the guard, the report.
+"""The server's run: initial shared weights, Flower's strategy behind the guard, the record, the report.
 
 :func:`run_server` is the body of the ServerApp (``server/app.py`` for
 ``flwr run``; :mod:`fedse.simulation` for ``fedse simulate``). The server sends
 the run's configuration with every message, so clients need nothing but their
-data and a partition id.
+data and a partition id. Three wrappers, each with one job: Flower's strategy
+(and DP wrapper) aggregates, :class:`~fedse.strategy.GuardedStrategy` screens
+the replies, :class:`RunRecorder` records what the guard kept into the run log,
+times rounds, schedules pooled evaluation and checkpoints.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from .client import CONFIG_JSON, build_model
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
 from .federated import FederatedData
-from .io import atomic_save
+from .models import build_model
+from .policies import resolve
 from .privacy import ClientDP, check_dp_model, make_client_dp
-from .records import evaluate_schema, from_arrays, to_arrays, train_schema
-from .report import client_rows, client_summary_rows, format_table, write_run
-from .split import split_model
-from .strategy import GuardedStrategy, RunLog, clients_per_round, create_strategy
+from .records import ARRAYS, CONFIG_JSON, POOLED, evaluate_schema, from_arrays, to_arrays, train_schema
+from .report import RunLog, client_rows, client_summary_rows, format_table, write_run
+from .split import Split
+from .strategy import GuardedStrategy, clients_per_round, create_strategy
 
-__all__ = ["CheckpointError", "ServerOutcome", "check_resume", "load_checkpoint", "run_server"]
+__all__ = ["RunRecorder", "ServerOutcome", "check_resume", "final_tables", "privacy_report", "run_server"]
 
 log = logging.getLogger("fedse")
 
@@ -63,94 +68,102 @@ def privacy_report(cfg: Config, run_log: RunLog, dp: ClientDP | None) -> dict[st
             "accountant": "rdp (Flower, dp-accounting)"}
 
 
-CHECKPOINT = "checkpoint.pt"
-_CHECKPOINT_KEYS = {"round", "config", "shared", "log", "accountant"}
+class RunRecorder(Strategy):
+    """Wrap the guard; record what it kept, dropped, failed or refused into ``log``, per round.
 
+    Flower's round ``r`` is recorded as ``r + round_offset`` (a resumed run). It also asks for
+    pooled evaluation every ``pooled_every`` rounds and at the last (``None``: never), times each
+    round, and hands the round's shared arrays to ``on_round_end`` (checkpoints), also for a round
+    without an update."""
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not fit the run being resumed."""
+    def __init__(self, guard: GuardedStrategy, log: RunLog, *, num_rounds: int, round_offset: int = 0,
+                 pooled_every: int | None = 0, on_round: Callable[[int, RunLog], None] | None = None,
+                 on_round_end: Callable[[int, ArrayRecord, RunLog], None] | None = None) -> None:
+        self.guard = guard
+        self.log = log
+        self.num_rounds = num_rounds
+        self.round_offset = round_offset
+        self.pooled_every = pooled_every
+        self.on_round = on_round
+        self.on_round_end = on_round_end
+        self._started = time.perf_counter()
+        self._sent: ArrayRecord | None = None
 
+    def summary(self) -> None:
+        self.guard.summary()
 
-def save_checkpoint(run_dir: Path, cfg: Config, server_round: int, arrays: ArrayRecord, run_log: RunLog,
-                    dp: ClientDP | None = None) -> None:
-    """The shared weights, the round, the run log and the DP accountant's ledger, written atomically."""
-    payload = {"round": server_round, "config": config_to_dict(cfg), "shared": from_arrays(arrays),
-               "log": dataclasses.asdict(run_log), "accountant": dp.state() if dp is not None else ""}
-    atomic_save(run_dir / CHECKPOINT, lambda f: torch.save(payload, f))
+    def wants_pooled(self, server_round: int) -> bool:
+        if self.pooled_every is None:
+            return False
+        return server_round == self.num_rounds or (self.pooled_every > 0 and server_round % self.pooled_every == 0)
 
+    def _record(self, table: dict[int, dict[int, dict[str, Any]]], server_round: int) -> None:
+        screening = self.guard.last
+        rows = table.setdefault(server_round, {})
+        for cid, node, checked in screening.kept:
+            rows[cid] = {"node-id": node, **checked.client, **checked.metrics}
+        self.log.dropped += [{"round": server_round, **d} for d in screening.dropped]
+        self.log.failed += [{"round": server_round, **f} for f in screening.failed]
 
-def _run_log_from(raw: Any) -> RunLog:
-    if not isinstance(raw, dict) or set(raw) - {f.name for f in dataclasses.fields(RunLog)}:
-        raise TypeError("the run log has unknown fields")
-    per_round = lambda v: {int(r): x for r, x in v.items()}  # noqa: E731
-    return RunLog(**{k: ({int(r): {int(c): dict(row) for c, row in rows.items()} for r, rows in v.items()}
-                         if k in ("train", "evaluate") else
-                         per_round(v) if k in ("round_seconds", "epsilon") else list(v))
-                     for k, v in raw.items()})
+    def _update_norm(self, arrays: dict[str, np.ndarray]) -> float | None:
+        """L2 norm of an update (shared arrays minus what was sent), over all keys."""
+        if self._sent is None:
+            return None
+        sent = {k: v.numpy() for k, v in self._sent.items()}
+        return float(np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - sent[k]) ** 2)) for k in arrays)))
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        self._started = time.perf_counter()
+        self._sent = arrays
+        return self.guard.configure_train(server_round, arrays, config, grid)
 
-def load_checkpoint(run_dir: Path, cfg: Config, shared_like: dict[str, torch.Tensor] | None = None
-                    ) -> tuple[int, dict[str, torch.Tensor], RunLog, str]:
-    """(rounds done, shared weights, run log, accountant ledger) of ``run_dir``'s checkpoint.
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        result = self.guard.aggregate_train(server_round, replies)
+        server_round += self.round_offset
+        self._record(self.log.train, server_round)
+        rows = self.log.train[server_round]
+        # The norm as received, and after Flower's DP wrappers clipped the reply in place.
+        kept = {node for _, node, _ in self.guard.last.kept}
+        clipped = {int(m.metadata.src_node_id): m.content[ARRAYS] for m in replies
+                   if int(m.metadata.src_node_id) in kept}
+        for cid, node, checked in self.guard.last.kept:
+            rows[cid]["update-norm"] = self._update_norm(checked.arrays)
+            rows[cid]["update-norm-aggregated"] = self._update_norm({k: v.numpy() for k, v in clipped[node].items()})
+        if self.guard.last.refused:
+            self.log.refused.append({"round": server_round, "reason": self.guard.last.refused})
+        if self.guard.dp is not None:
+            self.log.epsilon[server_round] = self.guard.dp.epsilon()
+        arrays = result[0] if result[0] is not None else self._sent
+        if self.on_round_end is not None and arrays is not None:
+            self.on_round_end(server_round, arrays, self.log)
+        return result
 
-    Everything is checked before it is used: a truncated or foreign file, a configuration other
-    than this run's (only server.* and output.* may change), a round outside [1, server.rounds],
-    or shared weights whose keys, shapes or dtypes differ from ``shared_like`` or that hold NaN or
-    inf is a :class:`CheckpointError` naming the problem."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise CheckpointError(f"cannot resume: {path} does not exist (no round of that run completed)")
-    try:
-        payload = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 (torch raises several types for a bad file)
-        raise CheckpointError(f"cannot resume: {path} is unreadable, truncated or not a fedse checkpoint "
-                              f"({type(err).__name__})") from None
-    if not isinstance(payload, dict) or set(payload) != _CHECKPOINT_KEYS:
-        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"cannot resume: {path} holds {found}, expected the keys {sorted(_CHECKPOINT_KEYS)}")
-    saved, now = payload["config"], config_to_dict(cfg)
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"cannot resume: {path}: its config is not a mapping")
-    saved, now = {k: v for k, v in saved.items() if k not in ("server", "output")}, \
-        {k: v for k, v in now.items() if k not in ("server", "output")}
-    if saved != now:
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise CheckpointError(f"cannot resume {run_dir}: the configuration differs from the checkpoint's in {diff} "
-                              "(only server.* and output.* may change)")
-    done = payload["round"]
-    if not isinstance(done, int) or isinstance(done, bool) or not 1 <= done <= cfg.server.rounds:
-        raise CheckpointError(f"cannot resume: {path}: round {done!r} is outside 1..server.rounds={cfg.server.rounds}")
-    shared = payload["shared"]
-    if not isinstance(shared, dict) or not all(isinstance(v, torch.Tensor) for v in shared.values()):
-        raise CheckpointError(f"cannot resume: {path}: the shared weights are not a mapping of tensors")
-    if shared_like is not None:
-        problems = [f"missing {k}" for k in sorted(set(shared_like) - set(shared))][:3]
-        problems += [f"unexpected {k}" for k in sorted(set(shared) - set(shared_like))][:3]
-        problems += [f"{k}: {tuple(v.shape)} {v.dtype}, expected {tuple(shared_like[k].shape)} {shared_like[k].dtype}"
-                     for k, v in shared.items() if k in shared_like
-                     and (v.shape != shared_like[k].shape or v.dtype != shared_like[k].dtype)][:3]
-        problems += [f"{k}: NaN or inf" for k, v in shared.items() if v.is_floating_point()
-                     and not bool(torch.isfinite(v).all())][:3]
-        if problems:
-            raise CheckpointError(f"cannot resume: {path}: shared weights do not fit this model: {'; '.join(problems)}")
-    try:
-        run_log = _run_log_from(payload["log"])
-    except (TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"cannot resume: {path}: malformed run log ({err})") from None
-    if not isinstance(payload["accountant"], str) or (cfg.privacy.mode == "client") != bool(payload["accountant"]):
-        raise CheckpointError(f"cannot resume: {path}: its privacy accountant does not match privacy.mode="
-                              f"{cfg.privacy.mode}")
-    return done, shared, run_log, payload["accountant"]
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        config[POOLED] = self.wants_pooled(server_round + self.round_offset)
+        return self.guard.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = self.guard.aggregate_evaluate(server_round, replies)
+        server_round += self.round_offset
+        self._record(self.log.evaluate, server_round)
+        self.log.round_seconds[server_round] = time.perf_counter() - self._started
+        if self.on_round is not None:
+            self.on_round(server_round, self.log)
+        return metrics
 
 
 def _start(cfg: Config, fed: FederatedData, num_clients: int
-           ) -> tuple[torch.nn.Module, Any, dict[str, torch.Tensor], ClientDP | None]:
+           ) -> tuple[torch.nn.Module, Split, dict[str, torch.Tensor], ClientDP | None]:
     """The run's model, its split, the initial shared weights and the client-level DP state."""
     ds = fed.dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
     if cfg.privacy.mode == "sample":
         check_dp_model(model)
-    split = split_model(model, cfg.personalization.policy)
+    split = resolve(cfg).split(model)
     dp = make_client_dp(cfg, num_clients, clients_per_round(cfg, num_clients)) if cfg.privacy.mode == "client" else None
     return model, split, split.shared_state(model), dp
 
@@ -197,21 +210,17 @@ def run_server(
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.server.rounds)
     max_train = cfg.server.max_num_examples or max(len(p) for p in fed.train_parts)
     max_test = cfg.server.max_num_examples or max(len(p) for p in fed.test_parts)
-    strategy = GuardedStrategy(
+    guard = GuardedStrategy(
         create_strategy(cfg, dp),
         train_schema(shared_like, dp_sample=cfg.privacy.mode == "sample", digests=cfg.evaluate.private_digest,
                      max_examples=max_train),
         lambda pooled: evaluate_schema(pooled=pooled, max_examples=max_test, max_train=max_train),
-        num_rounds=cfg.server.rounds,
-        pooled_every=cfg.evaluate.pooled_every,
-        pooled=cfg.evaluate.pooled,
-        dp=dp,
-        expected_nodes=num_clients,
-        join_timeout=cfg.server.join_timeout,
-        on_round=on_round,
-        on_aggregated=(lambda rnd, arrays, rl: save_checkpoint(run_dir, cfg, rnd, arrays, rl, dp)) if run_dir else None,
-        round_offset=done,
-        log=run_log,
+        dp=dp, expected_nodes=num_clients, join_timeout=cfg.server.join_timeout,
+    )
+    strategy = RunRecorder(
+        guard, run_log or RunLog(), num_rounds=cfg.server.rounds, round_offset=done,
+        pooled_every=cfg.evaluate.pooled_every if cfg.evaluate.pooled else None, on_round=on_round,
+        on_round_end=(lambda rnd, arrays, rl: save_checkpoint(run_dir, cfg, rnd, arrays, rl, dp)) if run_dir else None,
     )
     payload = json.dumps(config_to_dict(cfg))
     started = time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +22,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from .client import make_client_app
-from .config import Config, ConfigError
+from .config import Config
 from .federated import FederatedData, build_federated_data
-from .io import atomic_write_json
-from .partition import plot_label_counts
-from .report import round_rows
-from .server import CHECKPOINT, ServerOutcome, final_tables, run_server
-from .strategy import RunLog
+from .report import RunLog, round_rows
+from .rundir import claim_run_dir, discard_unstarted, write_partition
+from .server import ServerOutcome, final_tables, run_server
 
-__all__ = ["SimulationResult", "backend_config", "claim_run_dir", "discard_unstarted", "make_run_dir", "simulate"]
+__all__ = ["SimulationResult", "backend_config", "simulate"]
 
 log = logging.getLogger("fedse")
 
@@ -54,108 +51,6 @@ def backend_config(cfg: Config, verbose: bool = False) -> dict[str, Any]:
         "init_args": {"include_dashboard": False, "log_to_driver": verbose,
                       "logging_level": "INFO" if verbose else "ERROR"},
     }
-
-
-def make_run_dir(cfg: Config, config_name: str) -> Path:
-    """Create and claim a new run folder ``output.dir/<output.name or <config>-<timestamp>>``.
-
-    Two runs may ask for the same folder at once, so claiming is atomic: ``mkdir`` without
-    ``exist_ok``, then a marker file ``.fedse-run`` created with ``O_CREAT | O_EXCL``. An existing
-    EMPTY folder named by ``output.name`` (made by hand or by a job scheduler) is still accepted,
-    since refusing it would break such set-ups, but only through the marker: between its emptiness
-    check and its first file another run could take the same folder, and ``O_EXCL`` lets exactly one
-    of them win. The run that made the folder creates the marker too, so it races on the marker
-    with any run that found the folder empty. The marker stays (it names the claiming process), so
-    a claimed folder is never empty again. A timestamped name already taken gets a suffix ``-2``,
-    ``-3``, ...; a taken ``output.name`` is a FileExistsError naming the folder. Any other OSError
-    (output.dir under a file, not writable) propagates, with nothing left behind.
-    """
-    import errno
-
-    marker = ".fedse-run"
-    parent = Path(cfg.output.dir)
-    if parent.exists() and not parent.is_dir():  # else mkdir(exist_ok=True) says "File exists"
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
-    parent.mkdir(parents=True, exist_ok=True)
-    named = cfg.output.name is not None
-    if named:
-        names = [cfg.output.name]
-    else:
-        stem = f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        names = [stem] + [f"{stem}-{i}" for i in range(2, 100)]
-    for name in names:
-        run_dir = parent / name
-        made = False
-        try:
-            run_dir.mkdir()
-            made = True
-        except FileExistsError:
-            if not named:
-                continue
-            if not run_dir.is_dir():
-                raise FileExistsError(f"run folder {str(run_dir)!r} exists and is not a folder; "
-                                      "choose another output.name or remove it") from None
-            if any(run_dir.iterdir()):
-                raise FileExistsError(f"run folder {str(run_dir)!r} already exists and is not empty; "
-                                      "choose another output.name or remove it") from None
-        try:
-            fd = os.open(run_dir / marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            if not named:
-                continue
-            raise FileExistsError(f"run folder {str(run_dir)!r} was claimed by another run at the same time; "
-                                  "choose another output.name") from None
-        except OSError:
-            if made:
-                run_dir.rmdir()
-            raise
-        with os.fdopen(fd, "w") as f:
-            f.write(f"claimed by pid {os.getpid()} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
-        return run_dir
-    raise FileExistsError(f"run folders {str(parent / names[0])!r} to '-{len(names)}' all exist; "
-                          "set output.name or remove some")
-
-
-def claim_run_dir(cfg: Config, config_name: str) -> tuple[Path, bool]:
-    """:func:`make_run_dir`, with whether the folder existed (empty) before; an unwritable
-    output.dir is a ConfigError naming it."""
-    named = Path(cfg.output.dir) / cfg.output.name if cfg.output.name else None
-    existed = named is not None and named.is_dir()
-    try:
-        return make_run_dir(cfg, config_name), existed
-    except FileExistsError:
-        raise
-    except OSError as err:
-        detail = err.strerror or str(err)
-        where = f" ({err.filename})" if err.filename and str(err.filename) != cfg.output.dir else ""
-        raise ConfigError(f"config key 'output.dir': cannot create a run folder under {cfg.output.dir!r}: "
-                          f"{detail}{where}; allowed: a directory this user can create and write to") from None
-
-
-def discard_unstarted(run_dir: Path, existed: bool) -> None:
-    """Remove what a run that failed before its first checkpoint wrote (a run with a checkpoint is
-    kept: it can be resumed); a folder that existed before the run is emptied, not removed."""
-    if (run_dir / CHECKPOINT).exists():
-        return
-    if not existed:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return
-    for child in run_dir.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-
-
-def write_partition(fed: FederatedData, run_dir: Path) -> None:
-    counts = fed.label_counts()
-    atomic_write_json(run_dir / "label_counts.json", {
-        "classes": list(fed.dataset.classes),
-        "train": fed.label_counts("train").tolist(),
-        "test": fed.label_counts("test").tolist(),
-    })
-    plot_label_counts(counts, run_dir / "label_distribution.png", class_names=list(fed.dataset.classes),
-                      title=f"{fed.dataset.name}: samples per client and class")
 
 
 class _Progress:

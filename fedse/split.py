@@ -1,12 +1,12 @@
 """The shared/private split: the one rule that decides which tensors leave a client.
 
-A *personalization policy* names the parts of the model a client keeps to
-itself. Parts are found by module type or fixed attribute name, never by a
-substring of the key:
+A personalization policy (:mod:`fedse.policies`) names the parts of the model a
+client keeps to itself. Parts are found by module type or fixed attribute name,
+never by a substring of the key:
 
 * ``excitation``: every :class:`~fedse.models.SEBlock` (``*.se.fc1``, ``*.se.fc2``);
 * ``norm``: every normalisation layer (BatchNorm, GroupNorm, LayerNorm), its
-  affine parameters *and* its buffers (running mean/var, batch counter),
+  affine parameters *and* its buffers (running mean/var, ``num_batches_tracked``),
   shortcut norms (``downsample.1``) included;
 * ``head``: the classifier returned by ``model.get_classifier()`` (``fc``);
 * ``head-bias``: only the classifier's bias (``fc.bias``): one number per class,
@@ -15,10 +15,10 @@ substring of the key:
 
 Everything not private is shared, so the two key sets are disjoint and cover
 the whole state dict (parameters and buffers). Client, server, tests and
-reports all call :func:`split_model`.
+reports all split through :func:`split_model` (``Policy.split``).
 
 Where BatchNorm running statistics go: they belong to their norm layer. Under
-``fedse`` (default) and ``fedavg`` they are shared and averaged by the server
+``fedse``, ``fedse-la`` (the default) and ``fedavg`` they are shared and averaged by the server
 with the same sample weights as the weights (what FedAvg does with every
 buffer). Under ``fedbn``/``fedse-bn`` they are private with the rest of the
 layer (FedBN). Training never moves statistics the current step does not
@@ -27,113 +27,17 @@ train: see :func:`fedse.train.train`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
-from .models import SEBlock
+from .models import NORM_TYPES, SEBlock
 
-__all__ = ["PARTS", "POLICIES", "Policy", "Split", "create_policy", "split_model"]
+__all__ = ["PARTS", "Split", "split_model"]
 
 PARTS = ("excitation", "norm", "head", "head-bias", "all")
-NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Which parts of the model stay on the client, and how a client trains them.
-
-    ``schedule``: ``joint`` (everything trains together) or ``private-first``
-    (the private part alone, then the shared part alone: FedRep).
-    ``finetune``: fine-tune the received model locally before evaluating it.
-    ``private_lr_scale``: learning-rate multiplier of the private part (the
-    config's ``train.private_lr_scale`` overrides it).
-    ``label_prior``: how the client's own label prior offsets the logits: ``off``,
-    ``train`` or ``predict`` (:mod:`fedse.prior`; ``personalization.label_prior``
-    overrides it).
-    """
-
-    name: str
-    private_parts: frozenset[str]
-    reference: str
-    schedule: str = "joint"
-    finetune: bool = False
-    private_lr_scale: float = 1.0
-    label_prior: str = "off"
-
-
-POLICIES: dict[str, Policy] = {
-    p.name: p
-    for p in (
-        Policy("fedavg", frozenset(), "McMahan et al., AISTATS 2017 (FedAvg): one global model."),
-        Policy(
-            "fedavg-ft",
-            frozenset(),
-            "FedAvg + local fine-tuning before evaluation (e.g. Wang et al. 2019, arXiv:1910.10252).",
-            finetune=True,
-        ),
-        Policy(
-            "fedse",
-            frozenset({"excitation"}),
-            "fedse: excitation MLPs private, trained at 10x the shared learning rate (the gates move "
-            "little at the shared rate; docs/results.md); cf. ChannelFed (GLOBECOM 2022).",
-            private_lr_scale=10.0,
-        ),
-        Policy("fedbn", frozenset({"norm"}), "Li et al., ICLR 2021 (FedBN): normalisation layers private."),
-        Policy("fedper", frozenset({"head"}), "Arivazhagan et al., 2019 (FedPer): classifier head private."),
-        Policy(
-            "fedrep",
-            frozenset({"head"}),
-            "Collins et al., ICML 2021 (FedRep): head private, trained first with the body frozen, then the body.",
-            schedule="private-first",
-        ),
-        Policy("local", frozenset({"all"}), "Local-only training: nothing shared, each client alone."),
-        Policy("fedse-bn", frozenset({"excitation", "norm"}), "fedse + FedBN: excitation and normalisation private.",
-               private_lr_scale=10.0),
-        Policy("fedse-head", frozenset({"excitation", "head"}), "fedse + FedPer: excitation and head private.",
-               private_lr_scale=10.0),
-        Policy(
-            "fedse-prior",
-            frozenset({"excitation", "head-bias"}),
-            "fedse + a private classifier bias (a per-client label prior on the shared head; "
-            "cf. FedLC, Zhang et al., ICML 2022, which corrects logits by the local label distribution).",
-            private_lr_scale=10.0,
-        ),
-        Policy(
-            "fedse-la",
-            frozenset({"excitation"}),
-            "fedse + logit adjustment by the client's own label prior, in training and prediction "
-            "(Menon et al., ICLR 2021; in FL cf. FedLC, Zhang et al., ICML 2022): the excitation "
-            "re-weights features, the prior re-weights classes, nothing more is private.",
-            private_lr_scale=10.0,
-            label_prior="train",
-        ),
-        Policy(
-            "fedse-pc",
-            frozenset({"excitation"}),
-            "fedse + prior correction at prediction: logits offset by t * log of the client's own label "
-            "prior, t fitted on its train part (Saerens et al., Neural Computation 2002: the Bayes "
-            "correction for a change of label prior); training is fedse's.",
-            private_lr_scale=10.0,
-            label_prior="predict",
-        ),
-        Policy(
-            "fedavg-la",
-            frozenset(),
-            "FedAvg + logit adjustment by the client's own label prior (Menon et al., ICLR 2021; "
-            "cf. FedLC, Zhang et al., ICML 2022): the ablation of fedse-la without private excitation.",
-            label_prior="train",
-        ),
-    )
-}
-
-
-def create_policy(name: str) -> Policy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown personalization policy {name!r}; valid policies: {sorted(POLICIES)}")
-    return POLICIES[name]
 
 
 @dataclass(frozen=True)
@@ -199,13 +103,16 @@ def _part_modules(model: nn.Module, part: str) -> list[str]:
     raise ValueError(f"unknown model part {part!r}; valid parts: {PARTS}")
 
 
-def split_model(model: nn.Module, policy: str | Policy) -> Split:
-    """Split ``model.state_dict()`` keys into (shared, private) under ``policy``."""
-    policy = create_policy(policy) if isinstance(policy, str) else policy
-    prefixes = [name for part in sorted(policy.private_parts) for name in _part_modules(model, part)]
-    if policy.private_parts and not prefixes:
+def split_model(model: nn.Module, private_parts: Iterable[str], name: str = "") -> Split:
+    """Split ``model.state_dict()`` keys into (shared, private): the keys of ``private_parts``
+    (:data:`PARTS`) are private, everything else is shared. ``name`` labels the split (the policy)."""
+    parts = sorted(set(private_parts))
+    if unknown := [p for p in parts if p not in PARTS]:
+        raise ValueError(f"unknown model part {unknown[0]!r}; valid parts: {PARTS}")
+    prefixes = [prefix for part in parts for prefix in _part_modules(model, part)]
+    if parts and not prefixes:
         raise ValueError(
-            f"policy {policy.name!r} keeps {sorted(policy.private_parts)} private, "
+            f"policy {name!r} keeps {parts} private, "
             f"but {type(model).__name__} has no such modules (is SE disabled, reduction=None?)"
         )
 
@@ -215,4 +122,4 @@ def split_model(model: nn.Module, policy: str | Policy) -> Split:
     keys = list(model.state_dict().keys())
     private = tuple(k for k in keys if is_private(k))
     shared = tuple(k for k in keys if not is_private(k))
-    return Split(policy.name, shared, private)
+    return Split(name, shared, private)

@@ -24,10 +24,11 @@ import torch
 from flwr.app import ConfigRecord, Context
 
 from .io import atomic_write_bytes
-from .records import from_arrays, to_arrays
+from .records import NODE_STATE_DIR, from_arrays, to_arrays
 
 __all__ = [
     "ACCOUNTANT_KEY",
+    "MAGIC",
     "PRIVATE_KEY",
     "StateCorruptError",
     "StateStore",
@@ -42,7 +43,6 @@ __all__ = [
 
 PRIVATE_KEY = "fedse.private"
 ACCOUNTANT_KEY = "fedse.accountant"
-STATE_DIR = "state-dir"  # node config key of a deployed client's state directory
 
 
 def load_private(context: Context) -> dict[str, torch.Tensor] | None:
@@ -56,19 +56,19 @@ def save_private(context: Context, state: Mapping[str, torch.Tensor]) -> None:
     context.state[PRIVATE_KEY] = to_arrays(state)
 
 
-def load_accountant(context: Context) -> list[tuple[float, float, int]]:
-    """This client's DP accountant history (noise multiplier, sample rate, steps); [] before any DP step."""
+def load_accountant(context: Context) -> dict[str, Any] | None:
+    """This client's DP accountant state (Opacus's ``state_dict()``, as JSON data); None before any DP step."""
     if ACCOUNTANT_KEY not in context.state.config_records:
-        return []
-    return [tuple(h) for h in json.loads(str(context.state.config_records[ACCOUNTANT_KEY]["history"]))]
+        return None
+    return json.loads(str(context.state.config_records[ACCOUNTANT_KEY]["state"]))
 
 
-def save_accountant(context: Context, history: list[tuple[float, float, int]]) -> None:
-    context.state[ACCOUNTANT_KEY] = ConfigRecord({"history": json.dumps([list(h) for h in history])})
+def save_accountant(context: Context, state: Mapping[str, Any]) -> None:
+    context.state[ACCOUNTANT_KEY] = ConfigRecord({"state": json.dumps(dict(state))})
 
 
 def _store(context: Context) -> StateStore | None:
-    directory = context.node_config.get(STATE_DIR)
+    directory = context.node_config.get(NODE_STATE_DIR)
     return StateStore(str(directory)) if directory else None
 
 
@@ -85,7 +85,8 @@ def restore(context: Context) -> dict[str, torch.Tensor] | None:
         return None
     tensors, meta = loaded
     save_private(context, tensors)
-    save_accountant(context, [tuple(h) for h in meta.get("accountant", [])])
+    if meta.get("accountant"):
+        save_accountant(context, meta["accountant"])
     return tensors
 
 
@@ -95,7 +96,7 @@ def persist(context: Context, private: Mapping[str, torch.Tensor]) -> None:
     save_private(context, private)
     store = _store(context)
     if store is not None:
-        store.save(private, {"accountant": [list(h) for h in load_accountant(context)]})
+        store.save(private, {"accountant": load_accountant(context)})
 
 
 def digest(state: Mapping[str, torch.Tensor]) -> int:

@@ -10,6 +10,7 @@ happen per batch on the device, so nothing float-sized is kept per client.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import augment as augment_batch
-from .data import normalize
-from .privacy import SampleDP, privatize
-from .split import NORM_TYPES
+from .models import NORM_TYPES
+from .privacy import SampleDP
+from .transforms import augment as augment_batch
+from .transforms import normalize
 
 __all__ = ["EvalResult", "TrainResult", "batches", "default_device", "evaluate", "predict", "train"]
 
@@ -98,8 +99,8 @@ def train(
     ``lr`` (e.g. a faster private part); absent names use ``lr``. ``proximal_mu`` with ``anchor`` adds the
     FedProx term ``mu/2 * ||w - w_anchor||^2`` over the anchored parameters.
     ``dp``: train with DP-SGD (Opacus: Poisson sampling, per-sample clipping of
-    every trainable parameter's gradient, Gaussian noise); ``dp.history``
-    carries the accountant across calls and is updated in place.
+    every trainable parameter's gradient, Gaussian noise), one :meth:`SampleDP.phase`
+    whose steps ``dp``'s accountant counts.
     ``logit_bias``: a fixed per-class offset added to the logits (the client's log
     label prior, :mod:`fedse.prior`); loss and accuracy use the offset logits.
     """
@@ -122,44 +123,41 @@ def train(
     if proximal_mu > 0 and anchor:
         anchored = [(p, anchor[n].to(device)) for n, p in model.named_parameters() if n in anchor and n in trainable]
     generator = torch.Generator().manual_seed(seed)
-    net: nn.Module = model
-    if dp is not None:
-        if anchored:
-            raise ValueError("FedProx's proximal term cannot be combined with sample-level DP "
-                             "(its gradient is not per-sample); use server.strategy=fedavg")
-        net, optimizer, loader, engine = privatize(model, optimizer, images, labels, batch_size, dp)
-        epoch_batches = lambda: iter(loader)  # noqa: E731
-    else:
-        epoch_batches = lambda: ((images[i], labels[i]) for i in batches(len(labels), batch_size, generator))  # noqa: E731
-    flip = images.shape[1] == 3
-    bias = None if logit_bias is None else logit_bias.to(device)
-    total_loss, correct, seen, steps = 0.0, 0, 0, 0
-    for _ in range(epochs):
-        for xb, yb in epoch_batches():
-            if len(yb) == 0:  # an empty Poisson batch: probability (1 - q)^n, about e^-batch_size
-                continue
-            x = normalize(xb.to(device), mean, std)
-            if augment:
-                x = augment_batch(x, generator, flip=flip)
-            y = yb.to(device)
-            logits = net(x)
-            if bias is not None:
-                logits = logits + bias
-            loss = F.cross_entropy(logits, y)
-            objective = loss
-            if anchored:
-                objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in anchored)
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            steps += 1
-    if dp is not None:
-        dp.history = [tuple(h) for h in engine.accountant.history]
-        net.remove_hooks()
-        net.del_grad_sample()
+    if dp is not None and anchored:
+        raise ValueError("FedProx's proximal term cannot be combined with sample-level DP "
+                         "(its gradient is not per-sample); use server.strategy=fedavg")
+    phase = (dp.phase(model, optimizer, images, labels, batch_size) if dp is not None
+             else contextlib.nullcontext((model, optimizer, None)))
+    with phase as (net, optimizer, loader):
+        if loader is not None:
+            epoch_batches = lambda: iter(loader)  # noqa: E731
+        else:
+            epoch_batches = lambda: ((images[i], labels[i]) for i in batches(len(labels), batch_size, generator))  # noqa: E731
+        flip = images.shape[1] == 3
+        bias = None if logit_bias is None else logit_bias.to(device)
+        total_loss, correct, seen, steps = 0.0, 0, 0, 0
+        for _ in range(epochs):
+            for xb, yb in epoch_batches():
+                if len(yb) == 0:  # an empty Poisson batch: probability (1 - q)^n, about e^-batch_size
+                    continue
+                x = normalize(xb.to(device), mean, std)
+                if augment:
+                    x = augment_batch(x, generator, flip=flip)
+                y = yb.to(device)
+                logits = net(x)
+                if bias is not None:
+                    logits = logits + bias
+                loss = F.cross_entropy(logits, y)
+                objective = loss
+                if anchored:
+                    objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in anchored)
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                optimizer.step()
+                total_loss += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                steps += 1
     for p in model.parameters():
         p.requires_grad_(True)
     return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, steps)

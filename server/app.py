@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedse.config import load_config
 from fedse.federated import build_federated_data
 from fedse.server import final_tables, run_server
-from fedse.simulation import claim_run_dir, discard_unstarted, write_partition
+from fedse.rundir import claim_run_dir, discard_unstarted, write_partition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,17 +60,17 @@ def _say(text: str) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    overrides = str(rc.get("overrides", "")).split()
-    resume = str(rc.get("resume-from", ""))
+    overrides = str(rc["overrides"]).split()
+    resume = str(rc["resume-from"])
     if resume:
         run_dir = resolve_output_dir(resume, ROOT)
         cfg = load_config(run_dir / "config.yaml", overrides)
         fed = build_federated_data(cfg)
     else:
-        config_file = Path(str(rc.get("config-file", "configs/quickstart.yaml")))
+        config_file = Path(str(rc["config-file"]))
         cfg = load_config(config_file if config_file.is_absolute() else ROOT / config_file, overrides)
         fed = build_federated_data(cfg)
-        given = str(rc.get("output-dir", "")) or cfg.output.dir
+        given = str(rc["output-dir"]) or cfg.output.dir
         out = resolve_output_dir(given, ROOT)
         if not Path(given).expanduser().is_absolute():
             log.warning("output-dir %r is relative: resolved against the app's root %s (under flwr run, Flower's "

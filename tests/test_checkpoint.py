@@ -10,8 +10,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from conftest import tiny_config
-from fedse.server import CheckpointError, load_checkpoint, save_checkpoint
-from fedse.strategy import RunLog
+from fedse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedse.report import RunLog
 
 SHARED = {"w": torch.zeros(2), "b": torch.zeros(1)}
 

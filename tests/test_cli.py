@@ -50,10 +50,10 @@ def _tree(root):
 def no_ray(monkeypatch):
     """These commands must fail before the simulation (and Ray) starts."""
 
-    def simulate(*args, **kwargs):
-        raise AssertionError("simulate() was called: the error came after Ray started")
+    def run_simulation(*args, **kwargs):
+        raise AssertionError("Flower's run_simulation was called: the error came after Ray started")
 
-    monkeypatch.setattr(fedse.simulation, "simulate", simulate)
+    monkeypatch.setattr(fedse.simulation, "run_simulation", run_simulation)
 
 
 def _refused(capsys, argv, *needles):
@@ -169,11 +169,11 @@ def test_loadable_but_malformed_checkpoint_fails_before_ray(capsys, tmp_path, no
     import torch
     from flwr.app import ArrayRecord
 
-    from fedse.client import build_model
+    from fedse.models import build_model
     from fedse.federated import build_federated_data
-    from fedse.server import save_checkpoint
-    from fedse.split import split_model
-    from fedse.strategy import RunLog
+    from fedse.checkpoint import save_checkpoint
+    from fedse.policies import create_policy
+    from fedse.report import RunLog
 
     run = tmp_path / "run"
     run.mkdir()
@@ -181,7 +181,7 @@ def test_loadable_but_malformed_checkpoint_fails_before_ray(capsys, tmp_path, no
     (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
     ds = build_federated_data(cfg).dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    shared = split_model(model, cfg.personalization.policy).shared_state(model)
+    shared = create_policy(cfg.personalization.policy).split(model).shared_state(model)
     key = next(k for k, v in shared.items() if v.is_floating_point())
     if damage == "nan":
         shared[key][...] = float("nan")
@@ -202,16 +202,16 @@ def test_missing_checkpoint_fails_before_ray(capsys, tmp_path, no_ray):
 
 @pytest.mark.parametrize("existed", [False, True])
 def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(capsys, tmp_path, monkeypatch, existed):
-    # main claims the run folder before simulate(); it cleans up after a failure with no checkpoint
-    # (an empty folder named by output.name that existed before is emptied, not removed).
+    # simulate() claims the run folder, writes the partition, then starts Flower's engine; it cleans up
+    # after a failure with no checkpoint (an empty folder named by output.name that existed before is
+    # emptied, not removed).
     if existed:
         (tmp_path / "runs" / "r").mkdir(parents=True)
 
-    def simulate(cfg, run_dir, **kwargs):
-        (run_dir / "label_counts.json").write_text("{}")
+    def run_simulation(**kwargs):
         raise RuntimeError("Ray failed")
 
-    monkeypatch.setattr(fedse.simulation, "simulate", simulate)
+    monkeypatch.setattr(fedse.simulation, "run_simulation", run_simulation)
     with pytest.raises(RuntimeError, match="Ray failed"):
         main(["simulate", "--set", f"output.dir={tmp_path / 'runs'}", "--set", "output.name=r", "--quiet"])
     assert [p.name for p in (tmp_path / "runs").iterdir()] == (["r"] if existed else [])

@@ -8,12 +8,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from conftest import tiny_config
-from fedse.client import CONFIG_JSON, build_model, make_client_app
+from fedse.client import make_client_app
+from fedse.models import build_model
+from fedse.records import CONFIG_JSON
 from fedse.config import config_to_dict
 from fedse.federated import build_federated_data
 from fedse.prior import label_log_prior
 from fedse.records import to_arrays
-from fedse.split import split_model
+from fedse.policies import create_policy
 from fedse.state import PRIVATE_KEY, digest, load_private
 from fedse.train import evaluate
 
@@ -22,7 +24,7 @@ def _setup(policy="fedse"):
     cfg = tiny_config(personalization={"policy": policy})
     ds = build_federated_data(cfg).dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    return cfg, model, split_model(model, policy)
+    return cfg, model, create_policy(policy).split(model)
 
 
 def _message(cfg, arrays, message_type=MessageType.TRAIN, **config):
@@ -69,14 +71,36 @@ def test_private_state_is_kept_and_restored_across_rounds(task_identity):
     assert r2.content["client"]["private-digest-in"] == r1.content["client"]["private-digest-out"]
 
 
+def _by_hand(model, images, labels, mean, std):
+    """(accuracy, mean cross-entropy) from a plain eval-mode forward pass: no fedse code."""
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        logits = model((images.float() / 255 - m) / s)
+    correct = (logits.argmax(1) == labels).sum().item()
+    return correct / len(labels), torch.nn.functional.cross_entropy(logits, labels.long()).item()
+
+
 def test_evaluate_reports_personalized_local_and_pooled_accuracy(task_identity):
     cfg, model, split = _setup()
     app, ctx = make_client_app(), _context(2)
     app(_message(cfg, to_arrays(split.shared_state(model))), ctx)
     reply = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=True), ctx)
     m = reply.content["metrics"]
-    assert 0.0 <= m["local-acc"] <= 1.0 and 0.0 <= m["pooled-acc"] <= 1.0
-    assert m["num-examples"] == len(build_federated_data(cfg).shard(2).test_labels)
+    # The personalized model is the shared weights sent plus the private weights this client kept:
+    # its accuracy and loss, recomputed here, are what the client reported.
+    fed = build_federated_data(cfg)
+    shard, ds = fed.shard(2), fed.dataset
+    personalized = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    # strict=False: torch re-adds BatchNorm step counters to a metadata-less dict; every real key is set.
+    assert not personalized.load_state_dict({**split.shared_state(model), **load_private(ctx)},
+                                            strict=False).missing_keys
+    acc, loss = _by_hand(personalized, shard.test_images, shard.test_labels, ds.mean, ds.std)
+    assert m["local-acc"] == acc and m["local-loss"] == pytest.approx(loss, rel=1e-5)
+    x, y = fed.pooled_test(cfg.evaluate.pooled_max_samples, cfg.seed)
+    acc, loss = _by_hand(personalized, x, y, ds.mean, ds.std)
+    assert m["pooled-acc"] == acc and m["pooled-loss"] == pytest.approx(loss, rel=1e-5)
+    assert m["num-examples"] == len(shard.test_labels)
     assert not reply.content.array_records  # evaluation sends no weights at all
     no_pooled = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=False), ctx)
     assert "pooled-acc" not in no_pooled.content["metrics"]
@@ -164,12 +188,12 @@ def test_client_with_its_own_data_dir_trains_on_it(task_identity, tmp_path):
                       evaluate={"pooled": False})
     ds = build_federated_data(cfg).dataset  # the server side builds the model from the same format
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    split = split_model(model, "fedse")
+    split = create_policy("fedse").split(model)
     app = make_client_app()
     node = {"data-dir": str(tmp_path / "data"), "client-id": 42}
     ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
     reply = app(_message(cfg, to_arrays(split.shared_state(model))), ctx)
-    assert reply.content["client"]["partition-id"] == 42
+    assert reply.content["client"]["client-id"] == 42
     assert reply.content["metrics"]["num-examples"] == 40  # 60 images, 25% (stratified: 2 per class) held out
     ev = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE), ctx)
     assert ev.content["metrics"]["num-examples"] == 20

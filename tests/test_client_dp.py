@@ -15,7 +15,8 @@ from opacus.accountants import RDPAccountant
 from conftest import tiny_config
 from fedse.privacy import client_level_epsilon, client_noise_multiplier, make_client_dp
 from fedse.records import evaluate_schema, train_schema
-from fedse.strategy import GuardedStrategy, RunLog, create_strategy
+from fedse.report import RunLog
+from fedse.strategy import GuardedStrategy, create_strategy
 
 DIM = 20_000
 SHARED = {"w": torch.zeros(DIM)}
@@ -42,7 +43,7 @@ def _guard(cfg, dp, n_nodes=10):
     guard = GuardedStrategy(create_strategy(cfg, dp),
                             train_schema(SHARED, dp_sample=False, digests=False, max_examples=1000),
                             lambda pooled: evaluate_schema(pooled=pooled, max_examples=1000, max_train=1000),
-                            num_rounds=20, dp=dp, expected_nodes=n_nodes)
+                            dp=dp, expected_nodes=n_nodes)
     zeros = ArrayRecord({"w": Array(np.zeros(DIM, np.float32))})
     messages = list(guard.configure_train(1, zeros, ConfigRecord({}), _Nodes(n_nodes)))
     return guard, messages
@@ -51,7 +52,7 @@ def _guard(cfg, dp, n_nodes=10):
 def _reply(to: Message, value: float, pid: int, metrics=None) -> Message:
     metrics = metrics or {"num-examples": 5, "train-loss": 0.1, "train-acc": 0.5}
     content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(DIM, value, np.float32))}),
-                          "metrics": MetricRecord(metrics), "client": ConfigRecord({"partition-id": pid})})
+                          "metrics": MetricRecord(metrics), "client": ConfigRecord({"client-id": pid})})
     return Message(content, reply_to=to)
 
 
@@ -63,9 +64,8 @@ def test_ten_configured_three_replies_is_refused(task_identity, clipping):
     assert len(sent) == 10
     arrays, _ = guard.aggregate_train(1, [_reply(m, 0.001, i) for i, m in enumerate(sent[:3])])
     assert arrays is None  # averaging 3 with noise for 10 would be sigma_eff = 0.3
-    assert guard.log.refused == [{"round": 1, "reason": "3 usable replies, the noise is sized for 10: "
-                                                         "no release and no update this round"}]
-    assert dp.releases == 0 and guard.log.epsilon[1] == 0.0
+    assert guard.last.refused == "3 usable replies, the noise is sized for 10: no release and no update this round"
+    assert dp.releases == 0 and dp.epsilon() == 0.0
 
 
 def test_a_dropped_reply_counts_as_missing(task_identity):
@@ -76,7 +76,7 @@ def test_a_dropped_reply_counts_as_missing(task_identity):
     replies[0] = _reply(sent[0], 0.001, 0, {"num-examples": 5, "train-loss": 0.1, "train-acc": 0.5,
                                               "unit-weight": -1.99})  # a client trying to set its own weight
     assert guard.aggregate_train(1, replies)[0] is None
-    assert "unit-weight" in guard.log.dropped[0]["problems"][0] and dp.releases == 0
+    assert "unit-weight" in guard.last.dropped[0]["problems"][0] and dp.releases == 0
 
 
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
@@ -100,7 +100,7 @@ def test_full_round_noise_on_the_mean_is_sigma_c_over_n_and_weights_are_equal(ta
     assert abs(noise.mean()) < 5 * expected_std / math.sqrt(DIM)  # centred on the unweighted mean
     assert noise.std() == pytest.approx(expected_std, rel=0.03)
     assert dp.releases == 1
-    assert guard.log.epsilon[1] == pytest.approx(client_level_epsilon(dp.noise_multiplier, 1, cfg.privacy.delta))
+    assert dp.epsilon() == pytest.approx(client_level_epsilon(dp.noise_multiplier, 1, cfg.privacy.delta))
 
 
 def test_pinned_and_hand_computed_client_level_epsilon():
@@ -127,7 +127,7 @@ def test_target_epsilon_is_met_by_the_accountant_that_reports_it():
 
 
 def test_resumed_epsilon_equals_one_accountant_over_all_rounds(tmp_path):
-    from fedse.server import load_checkpoint, save_checkpoint
+    from fedse.checkpoint import load_checkpoint, save_checkpoint
 
     cfg = _cfg(sigma=1.3)
     dp = make_client_dp(cfg, 10, 10)

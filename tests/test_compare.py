@@ -2,13 +2,24 @@
 
 import json
 
+import copy
+
 import pytest
+import torch
 
 from conftest import tiny_config
-from fedse.compare import compare, gain_table, merge
+from fedse.comparison import gain_table, merge
+from simulations.compare import compare
 from fedse.config import ConfigError
 
-pytestmark = pytest.mark.slow
+
+def _accuracy(model, images, labels, mean, std):
+    """Accuracy from a plain eval-mode forward pass and argmax: no fedse code."""
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        predicted = model((images.float() / 255 - m) / s).argmax(1)
+    return (predicted == labels).sum().item() / len(labels)
 
 
 def test_gain_table_hand_computed():
@@ -25,6 +36,7 @@ def test_gain_table_hand_computed():
     assert gain_table([{"client": 0, "fedse": 0.5}]) == []  # no fedavg: no gains
 
 
+@pytest.mark.slow
 def test_two_method_comparison_writes_every_file(tmp_path):
     cfg = tiny_config(partition={"num_clients": 4}, output={"dir": str(tmp_path)})
     out = tmp_path / "cmp"
@@ -40,12 +52,41 @@ def test_two_method_comparison_writes_every_file(tmp_path):
     assert table["fedse"]["upload_bytes_per_client_round"] < table["fedavg"]["upload_bytes_per_client_round"]
     # Three clients trained, one held out and adapted at the end.
     assert all(len(r["clients"]) == 3 for r in summary["runs"])
-    hold = summary["runs"][1]["holdout"]
-    assert [h["client"] for h in hold] == [3] and all(0 <= h["private_acc"] <= 1 for h in hold)
+    assert [[h["client"] for h in r["holdout"]] for r in summary["runs"]] == [[3], [3]]
     fedavg_hold = summary["runs"][0]["holdout"][0]
     assert fedavg_hold["private_acc"] == fedavg_hold["global_acc"]  # nothing private to adapt
+    # Client 3's accuracies recomputed from each run's final shared weights (shared_weights.pt):
+    # `global` is that model as received; fedse's `private` adapts its excitation keys only.
+    from fedse.models import build_model
+    from fedse.config import load_config
+    from fedse.federated import build_federated_data
+    from fedse.local import adapt
+    from fedse.policies import create_policy, resolve
+
+    for run in summary["runs"]:
+        folder = out / "runs" / f"{run['method']}-seed0"
+        run_cfg = load_config(folder / "config.yaml")
+        policy = resolve(run_cfg)
+        assert policy.label_prior == "off"  # so no logit offset in the accuracy
+        fed = build_federated_data(run_cfg)
+        shard, ds = fed.shard(3), fed.dataset
+        model = build_model(run_cfg, ds.num_classes, ds.channels, ds.image_size)
+        split = create_policy(run["method"]).split(model)
+        loaded = model.load_state_dict(torch.load(folder / "shared_weights.pt"), strict=False)
+        assert set(loaded.missing_keys) == set(split.private)  # the private keys keep the common init
+        [hold] = run["holdout"]
+        assert hold["train_samples"] == len(shard.train_labels)
+        assert hold["global_acc"] == _accuracy(model, shard.test_images, shard.test_labels, ds.mean, ds.std)
+        if split.private:
+            before = copy.deepcopy(model.state_dict())
+            adapt(model, split.private, shard, run_cfg, policy, epochs=run_cfg.personalization.finetune_epochs,
+                  seed=run_cfg.seed + 3, mean=ds.mean, std=ds.std, private=split.private)
+            moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+            assert moved and moved <= set(split.private)
+            assert hold["private_acc"] == _accuracy(model, shard.test_images, shard.test_labels, ds.mean, ds.std)
 
 
+@pytest.mark.slow
 def test_merge_combines_folders_measured_apart(tmp_path):
     cfg = tiny_config(partition={"num_clients": 3}, output={"dir": str(tmp_path)}, server={"rounds": 1})
     a = compare(cfg, ["fedavg"], [0], tmp_path / "a")

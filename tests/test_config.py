@@ -87,30 +87,6 @@ def test_shipped_configs_are_valid():
         load_config(path)
 
 
-def test_config_accepts_exactly_the_registered_policies():
-    import typing
-
-    from fedse.config import PersonalizationConfig
-    from fedse.split import POLICIES
-
-    hints = typing.get_type_hints(PersonalizationConfig)
-    assert set(typing.get_args(hints["policy"])) == set(POLICIES)
-
-
-def test_label_prior_modes_are_one_list():
-    # The config's choices, the modes fedse.prior implements, and every policy's own mode agree.
-    import typing
-
-    from fedse.config import PersonalizationConfig
-    from fedse.prior import MODES
-    from fedse.split import POLICIES
-
-    (literal,) = [a for a in typing.get_args(typing.get_type_hints(PersonalizationConfig)["label_prior"])
-                  if a is not type(None)]
-    assert set(typing.get_args(literal)) == set(MODES)
-    assert {p.label_prior for p in POLICIES.values()} <= set(MODES)
-
-
 # --------------------------------------------------------------------------- hostile values (issue 13)
 
 

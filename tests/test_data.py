@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import SHARED_DATA
-from fedse.data import DatasetError, augment, load_dataset, normalize
+from fedse.data import DatasetError, load_dataset
+from fedse.transforms import augment, normalize
 
 
 def _idx(images: np.ndarray | None = None, labels: np.ndarray | None = None) -> bytes:
@@ -287,8 +288,22 @@ def test_normalize_and_augment():
     flipped = augment(batch, torch.Generator().manual_seed(1), crop_padding=0, flip=True)
     kinds = [torch.equal(f, b) or torch.equal(f, b.flip(2)) for f, b in zip(flipped, batch)]
     assert all(kinds) and not torch.equal(flipped, batch)
-    shifted = augment(batch, torch.Generator().manual_seed(2), crop_padding=1, flip=False)
-    assert shifted.shape == batch.shape
+    # Every output is a window of the zero-padded input at an offset in 0..2p (p = crop_padding),
+    # mirrored or not when flip is on; pixel values are distinct and non-zero, so the window is unique.
+    images = torch.arange(1, 256 * 2 * 5 * 5 + 1, dtype=torch.float32).view(256, 2, 5, 5)
+    for p, flip in ((1, False), (2, False), (1, True)):
+        out = augment(images, torch.Generator().manual_seed(2), crop_padding=p, flip=flip)
+        assert out.shape == images.shape
+        padded = torch.nn.functional.pad(images, (p,) * 4)
+        drawn = []
+        for o, img in zip(out, padded):
+            windows = {(dy, dx): img[:, dy:dy + 5, dx:dx + 5] for dy in range(2 * p + 1) for dx in range(2 * p + 1)}
+            found = [(at, f) for at, win in windows.items() for f in (False, True)
+                     if torch.equal(o, win.flip(2) if f else win)]
+            assert len(found) == 1, found
+            drawn.append(found[0])
+        assert {at for at, _ in drawn} == set(windows)  # every shift occurs (pinned by the seed)
+        assert {f for _, f in drawn} == ({False, True} if flip else {False})
 
 
 def test_unknown_dataset_lists_valid_names():

@@ -162,10 +162,22 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         rounds = json.loads((folder / "rounds.json").read_text())
         assert [r["round"] for r in rounds] == [1, 2, 3]
         assert rounds[0]["clients"] == 3 and rounds[2]["clients"] == 2  # left out once it died
+        # Each client's report is on its own partition of the run's configuration: exact sizes,
+        # an accuracy that is a count over that size, and the summary mean computed by hand.
+        from fedse.config import load_config
+        from fedse.federated import build_federated_data
+
+        fed = build_federated_data(load_config(folder / "config.yaml"))
         clients = json.loads((folder / "clients.json").read_text())
-        assert all(0 <= c["local_acc"] <= 1 for c in clients)  # personalized accuracy reported
+        assert [c["client"] for c in clients] == [0, 1, 2]
+        assert [c["round"] for c in clients[:2]] == [3, 3]  # node 2 was last evaluated before it died
+        for c in clients:
+            shard = fed.shard(c["client"])
+            assert (c["train_samples"], c["test_samples"]) == (len(shard.train_labels), len(shard.test_labels))
+            correct = c["local_acc"] * c["test_samples"]
+            assert correct == pytest.approx(round(correct), abs=1e-9)
         summary = json.loads((folder / "summary.json").read_text())
-        assert summary["clients"]["mean"]["local_acc"] > 0
+        assert summary["clients"]["mean"]["local_acc"] == pytest.approx(sum(c["local_acc"] for c in clients) / 3)
 
         # Restart SuperNode 2 between runs: its private weights come back bit-identical from disk.
         on_disk = {i: digest(StateStore(tmp_path / f"state{i}").load()[0]) for i in range(3)}

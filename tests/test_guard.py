@@ -27,14 +27,17 @@ def _guard(**kw) -> GuardedStrategy:
     return GuardedStrategy(
         kw.pop("inner", FedAvg()),
         train_schema(SHARED, dp_sample=False, digests=False, max_examples=CAP),
-        lambda pooled: evaluate_schema(pooled=pooled, max_examples=CAP, max_train=CAP),
-        num_rounds=3, **kw)
+        lambda pooled: evaluate_schema(pooled=pooled, max_examples=CAP, max_train=CAP), **kw)
+
+
+def _kept(guard: GuardedStrategy) -> set[int]:
+    return {cid for cid, _, _ in guard.last.kept}
 
 
 def _content(arrays=None, metrics=None, client=None, *, w=(1.0, 2.0), b=(0.0,), n=1, pid=0, dtype=np.float32):
     arrays = arrays if arrays is not None else {"w": np.asarray(w, dtype=dtype), "b": np.asarray(b, dtype=dtype)}
     metrics = metrics if metrics is not None else {"num-examples": n, "train-loss": 0.5, "train-acc": 0.75}
-    client = client if client is not None else {"partition-id": pid}
+    client = client if client is not None else {"client-id": pid}
     return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
                        "metrics": MetricRecord(metrics), "client": ConfigRecord(client)})
 
@@ -74,9 +77,9 @@ ATTACKS = [
     ("extra metric", _content(metrics=_crafted_metrics(extra=1.0), pid=11), "unexpected metrics"),
     ("list-valued metric", _content(metrics=_crafted_metrics(**{"train-loss": [0.1, 0.2]}), pid=12), "train-loss"),
     ("metric out of range", _content(metrics=_crafted_metrics(**{"train-acc": 5.0}), pid=13), "train-acc"),
-    ("non-integer partition-id", _content(client={"partition-id": "abc"}), "partition-id"),
-    ("bytes partition-id", _content(client={"partition-id": b"\x00\xff"}), "partition-id"),
-    ("extra client field", _content(client={"partition-id": 14, "note": "x"}), "unexpected client fields"),
+    ("non-integer client-id", _content(client={"client-id": "abc"}), "client-id"),
+    ("bytes client-id", _content(client={"client-id": b"\x00\xff"}), "client-id"),
+    ("extra client field", _content(client={"client-id": 14, "note": "x"}), "unexpected client fields"),
     ("private key", _content(arrays={"w": np.ones(2, np.float32), "b": np.ones(1, np.float32),
                                      "layer1.0.se.fc1.weight": np.ones(1, np.float32)}, pid=15), "outside the shared"),
     ("wrong shape", _content(arrays={"w": np.ones(3, np.float32), "b": np.ones(1, np.float32)}, pid=16), "shape (3,)"),
@@ -92,7 +95,7 @@ def _with_extra_records():
     extra_arrays["arrays2"] = ArrayRecord({"w": Array(np.ones(2, np.float32))})
     no_metrics = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32)),
                                                     "b": Array(np.ones(1, np.float32))}),
-                             "client": ConfigRecord({"partition-id": 21})})
+                             "client": ConfigRecord({"client-id": 21})})
     return [("extra MetricRecord", extra_metric, "unexpected records"),
             ("extra ArrayRecord", extra_arrays, "unexpected records"),
             ("no metrics", no_metrics, "no 'metrics' record")]
@@ -115,10 +118,10 @@ def test_each_crafted_reply_is_dropped_and_the_rest_is_fedavg_of_the_honest(task
     for key, value in expected.items():
         assert arrays[key].numpy().tobytes() == value.tobytes()
     assert arrays["w"].numpy().dtype == np.float32
-    [dropped] = guard.log.dropped
+    [dropped] = guard.last.dropped
     assert dropped["node-id"] == 200 and reason in " ".join(dropped["problems"]), dropped
-    assert set(guard.log.train[1]) == {0, 1}
-    json.dumps(guard.log.dropped)  # whatever the client sent, the log stays JSON
+    assert _kept(guard) == {0, 1}
+    json.dumps(guard.last.dropped)  # whatever the client sent, the log stays JSON
 
 
 def test_all_attacks_at_once_leave_exactly_fedavg_of_the_honest(task_identity):
@@ -127,7 +130,7 @@ def test_all_attacks_at_once_leave_exactly_fedavg_of_the_honest(task_identity):
     arrays, _ = guard.aggregate_train(1, crafted + _honest())
     expected = _fedavg_over(_honest())
     assert all(arrays[k].numpy().tobytes() == v.tobytes() for k, v in expected.items())
-    assert len(guard.log.dropped) == len(ALL_ATTACKS)
+    assert len(guard.last.dropped) == len(ALL_ATTACKS)
     # hand-computed: weights 1 and 3
     np.testing.assert_allclose(arrays["w"].numpy(), [(1 + 15) / 4, (2 + 18) / 4])
 
@@ -142,7 +145,7 @@ def test_an_error_reply_does_not_stop_the_round(task_identity):
     arrays, _ = guard.aggregate_train(1, [_error(500), *_honest()])
     expected = _fedavg_over(_honest())
     assert all(arrays[k].numpy().tobytes() == v.tobytes() for k, v in expected.items())
-    assert guard.log.failed[0]["node-id"] == 500 and "boom" in guard.log.failed[0]["reason"]
+    assert guard.last.failed[0]["node-id"] == 500 and "boom" in guard.last.failed[0]["reason"]
 
 
 def test_identity_comes_from_the_node_and_a_spoofed_id_cannot_overwrite_a_row(task_identity):
@@ -152,18 +155,25 @@ def test_identity_comes_from_the_node_and_a_spoofed_id_cannot_overwrite_a_row(ta
     spoof = _reply(_content(w=(100.0, 100.0), b=(100.0,), n=3, pid=0), 666)
     switch = _reply(_content(w=(9.0, 9.0), b=(9.0,), n=3, pid=0), 101)
     arrays, _ = guard.aggregate_train(2, [spoof, switch, _reply(_content(n=1, pid=0), 100)])
-    assert {d["node-id"] for d in guard.log.dropped} == {666, 101}
-    assert "already belongs to node 100" in guard.log.dropped[0]["problems"][0]
-    assert "bound to 1" in guard.log.dropped[1]["problems"][0]
-    assert set(guard.log.train[2]) == {0} and guard.log.train[2][0]["node-id"] == 100
+    assert {d["node-id"] for d in guard.last.dropped} == {666, 101}
+    assert "already belongs to node 100" in guard.last.dropped[0]["problems"][0]
+    assert "bound to 1" in guard.last.dropped[1]["problems"][0]
+    assert [(cid, node) for cid, node, _ in guard.last.kept] == [(0, 100)]
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 2.0])
 
 
 def test_only_checked_fields_reach_the_run_log(task_identity):
-    guard = _guard()
-    guard.aggregate_train(1, _honest())
-    assert guard.log.train[1][0] == {"node-id": 100, "partition-id": 0, "num-examples": 1, "train-loss": 0.5,
-                                     "train-acc": 0.75, "update-norm": None, "update-norm-aggregated": None}
+    from fedse.report import RunLog
+    from fedse.server import RunRecorder
+
+    recorder = RunRecorder(_guard(), RunLog(), num_rounds=3, round_offset=4)
+    extra = _content(n=1, pid=2)
+    extra["client"]["note"] = "<script>"  # an extra client field: the reply is dropped, not logged
+    recorder.aggregate_train(1, [*_honest(), _reply(extra, 102)])
+    assert recorder.log.train[5][0] == {"node-id": 100, "client-id": 0, "num-examples": 1, "train-loss": 0.5,
+                                        "train-acc": 0.75, "update-norm": None, "update-norm-aggregated": None}
+    assert set(recorder.log.train[5]) == {0, 1}
+    assert [(d["round"], d["node-id"]) for d in recorder.log.dropped] == [(5, 102)]
 
 
 def _eval_reply(node, pid, acc, n=10, pooled=False, **extra):
@@ -171,26 +181,25 @@ def _eval_reply(node, pid, acc, n=10, pooled=False, **extra):
     if pooled:
         metrics |= {"pooled-acc": 0.5, "pooled-loss": 0.9}
     return _reply(RecordDict({"metrics": MetricRecord(metrics),
-                              "client": ConfigRecord({"partition-id": pid, "num-train": 30})}),
+                              "client": ConfigRecord({"client-id": pid, "num-train": 30})}),
                   node, MessageType.EVALUATE)
 
 
 def test_evaluate_replies_are_screened(task_identity):
     guard = _guard()
-    guard._pooled_asked[1] = False
     replies = [_eval_reply(100, 0, 0.5, n=10), _eval_reply(101, 1, 1.0, n=30),
                _eval_reply(102, 2, 7.0), _eval_reply(103, 3, 0.5, n=10**9), _eval_reply(104, 4, 0.5, pooled=True),
                _eval_reply(105, 5, float("nan"))]
     metrics = guard.aggregate_evaluate(1, replies)
     assert metrics["local-acc"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)  # weighted by the honest counts
-    assert {d["node-id"] for d in guard.log.dropped} == {102, 103, 104, 105}
-    assert set(guard.log.evaluate[1]) == {0, 1}
+    assert {d["node-id"] for d in guard.last.dropped} == {102, 103, 104, 105}
+    assert _kept(guard) == {0, 1}
 
 
 # ---------------------------------------------------------------------------- properties
 
 _names = st.sampled_from(["arrays", "metrics", "client", "config", "w", "b", "num-examples", "train-loss",
-                          "train-acc", "partition-id", "unit-weight", "x"])
+                          "train-acc", "client-id", "unit-weight", "x"])
 _scalars = st.one_of(st.integers(-2**40, 2**40), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
                      st.text(max_size=5), st.binary(max_size=5), st.lists(st.integers(0, 3), max_size=3),
                      st.lists(st.floats(-1, 1), max_size=3))
@@ -242,8 +251,8 @@ def _conforms(content: RecordDict) -> bool:
         and 1 <= n <= CAP and all(type(metrics[k]) in (int, float) and math.isfinite(metrics[k])
                                   for k in ("train-loss", "train-acc")) \
         and metrics["train-loss"] >= 0 and 0 <= metrics["train-acc"] <= 1
-    pid = client.get("partition-id")
-    return ok_arrays and ok_metrics and set(client.keys()) == {"partition-id"} and type(pid) is int and pid >= 0
+    pid = client.get("client-id")
+    return ok_arrays and ok_metrics and set(client.keys()) == {"client-id"} and type(pid) is int and pid >= 0
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -253,23 +262,23 @@ def test_guard_never_raises_and_passes_only_conforming_replies(task_identity, co
     replies = [_reply(c, 1000 + i) for i, c in enumerate(contents)]
     conforming = [i for i, c in enumerate(contents) if _conforms(c)]
     guard.aggregate_train(1, replies + _honest())
-    assert len(guard.log.dropped) == len(contents) - len(conforming)
-    assert {d["node-id"] for d in guard.log.dropped} == {1000 + i for i in range(len(contents))} - {
+    assert len(guard.last.dropped) == len(contents) - len(conforming)
+    assert {d["node-id"] for d in guard.last.dropped} == {1000 + i for i in range(len(contents))} - {
         1000 + i for i in conforming}
-    json.dumps(guard.log.dropped)
+    json.dumps(guard.last.dropped)
 
 
 _MUTATIONS = {
     "num-examples": lambda c, v: c["metrics"].__setitem__("num-examples", v),
     "train-acc": lambda c, v: c["metrics"].__setitem__("train-acc", v),
-    "partition-id": lambda c, v: c["client"].__setitem__("partition-id", v),
+    "client-id": lambda c, v: c["client"].__setitem__("client-id", v),
     "w": lambda c, v: c["arrays"].__setitem__("w", Array(np.asarray([v, 0.0], dtype=np.float32))),
 }
 _BAD = {
     "num-examples": st.one_of(st.integers(max_value=0), st.integers(min_value=CAP + 1), st.floats()),
     "train-acc": st.one_of(st.floats(min_value=1.0, exclude_min=True), st.floats(max_value=0, exclude_max=True),
                            st.just(float("nan"))),
-    "partition-id": st.one_of(st.integers(max_value=-1), st.text(max_size=3), st.floats()),
+    "client-id": st.one_of(st.integers(max_value=-1), st.text(max_size=3), st.floats()),
     "w": st.sampled_from([float("nan"), float("inf"), -float("inf")]),
 }
 
@@ -283,7 +292,7 @@ def test_any_bad_value_in_an_otherwise_valid_reply_is_dropped(task_identity, dat
         _MUTATIONS[key](content, data.draw(_BAD[key]))
     guard = _guard()
     arrays, _ = guard.aggregate_train(1, [_reply(content, 900), *_honest()])
-    assert len(guard.log.dropped) == 1
+    assert len(guard.last.dropped) == 1
     expected = _fedavg_over(_honest())
     assert all(arrays[k].numpy().tobytes() == v.tobytes() for k, v in expected.items())
 
@@ -292,5 +301,5 @@ def test_rebuilt_arrays_keep_the_shared_key_order(task_identity):
     # Flower's DP wrappers pair a reply's arrays with the sent ones by position.
     guard = _guard()
     reordered = _content(arrays={"b": np.zeros(1, np.float32), "w": np.zeros(2, np.float32)}, pid=0)
-    [kept] = guard.screen(1, [_reply(reordered, 100)], guard.train_schema, guard.log.train)
+    [kept] = guard.screen(1, [_reply(reordered, 100)], guard.train_schema)
     assert list(kept.content["arrays"].keys()) == list(SHARED)

@@ -4,13 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedse.feature_skew import ClientStyle, apply_style, make_client_styles
 from fedse.partition import (
-    ClientStyle,
     PartitionError,
-    apply_style,
     create_partition,
     label_counts,
-    make_client_styles,
     plot_label_counts,
     split_train_test,
 )

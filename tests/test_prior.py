@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from conftest import tiny_config
-from fedse.client import build_model
+from fedse.models import build_model
 from fedse.config import ConfigError
 from fedse.federated import build_federated_data
 from fedse.local import local_update, logit_bias, train_logit_bias
-from fedse.prior import fit_prior_weight, label_log_prior, label_prior_mode
-from fedse.split import POLICIES, create_policy, split_model
+from fedse.prior import fit_prior_weight, label_log_prior
+from fedse.policies import POLICIES, create_policy, resolve
 from fedse.train import evaluate, train
 
 
@@ -74,15 +74,15 @@ def test_training_with_the_offset_leaves_the_prior_out_of_the_weights():
 
 
 def test_modes_follow_the_policy_the_override_and_sample_dp():
-    assert label_prior_mode(tiny_config()) == "train"  # the default policy, fedse-la
-    assert label_prior_mode(tiny_config(personalization={"policy": "fedse"})) == "off"
-    assert label_prior_mode(tiny_config(personalization={"policy": "fedse-la"})) == "train"
-    assert label_prior_mode(tiny_config(personalization={"policy": "fedse-pc"})) == "predict"
-    assert label_prior_mode(tiny_config(personalization={"policy": "fedse-pc", "label_prior": "off"})) == "off"
-    assert label_prior_mode(tiny_config(personalization={"policy": "fedavg", "label_prior": "train"})) == "train"
+    assert resolve(tiny_config()).label_prior == "train"  # the default policy, fedse-la
+    assert resolve(tiny_config(personalization={"policy": "fedse"})).label_prior == "off"
+    assert resolve(tiny_config(personalization={"policy": "fedse-la"})).label_prior == "train"
+    assert resolve(tiny_config(personalization={"policy": "fedse-pc"})).label_prior == "predict"
+    assert resolve(tiny_config(personalization={"policy": "fedse-pc", "label_prior": "off"})).label_prior == "off"
+    assert resolve(tiny_config(personalization={"policy": "fedavg", "label_prior": "train"})).label_prior == "train"
     dp = {"mode": "sample", "noise_multiplier": 1.0}
-    assert label_prior_mode(tiny_config(personalization={"policy": "fedse-la"}, model={"norm": "groupnorm"},
-                                        privacy=dp)) == "off"
+    assert resolve(tiny_config(personalization={"policy": "fedse-la"}, model={"norm": "groupnorm"},
+                               privacy=dp)).label_prior == "off"
     with pytest.raises(ConfigError, match="personalization.label_prior.*privacy.mode=sample"):
         tiny_config(personalization={"label_prior": "predict"}, model={"norm": "groupnorm"}, privacy=dp)
     with pytest.raises(ConfigError, match="personalization.label_prior"):
@@ -94,7 +94,7 @@ def test_prior_policies_keep_fedses_split(policy):
     cfg = tiny_config()
     ds = build_federated_data(cfg).dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    assert split_model(model, policy).private == split_model(model, "fedse").private
+    assert create_policy(policy).split(model).private == create_policy("fedse").split(model).private
     assert POLICIES[policy].private_lr_scale == POLICIES["fedse"].private_lr_scale
 
 
@@ -103,15 +103,30 @@ def test_client_offsets_come_from_its_own_train_labels():
     shard, ds = fed.shard(1), fed.dataset
     model = build_model(tiny_config(), ds.num_classes, ds.channels, ds.image_size)
     prior = label_log_prior(shard.train_labels, ds.num_classes)
-    la = tiny_config(personalization={"policy": "fedse-la"})
+    la = resolve(tiny_config(personalization={"policy": "fedse-la"}))
     assert torch.equal(train_logit_bias(model, shard, la), prior)
     assert torch.equal(logit_bias(model, shard, la, mean=ds.mean, std=ds.std), prior)
-    pc = tiny_config(personalization={"policy": "fedse-pc"})
+    pc = resolve(tiny_config(personalization={"policy": "fedse-pc"}))
     assert train_logit_bias(model, shard, pc) is None  # predict mode trains as fedse does
+    # The freshly initialised model is nearly uninformative, so its best weight is 1 (see above):
+    # half the prior already in its classifier bias moves the fit to an interior weight.
+    with torch.no_grad():
+        model.fc.bias += 0.5 * prior
     got = logit_bias(model, shard, pc, mean=ds.mean, std=ds.std)
-    t = got[0] / prior[0]
-    assert torch.allclose(got, t * prior) and 0.0 <= t <= 2.0
-    fedse = tiny_config(personalization={"policy": "fedse"})
+    # The weight by brute force: the model's logits on the client's train part (plain forward
+    # pass), the cross-entropy of softmax(logits + t * prior) for t = 0, 0.1, ..., 2 in float64.
+    m, s = torch.tensor(ds.mean).view(1, -1, 1, 1), torch.tensor(ds.std).view(1, -1, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        logits = model((shard.train_images.float() / 255 - m) / s).double()
+    y = shard.train_labels.long()
+    losses = {i / 10: torch.nn.functional.cross_entropy(logits + (i / 10) * prior.double(), y).item()
+              for i in range(21)}
+    best, runner_up = sorted(losses, key=losses.get)[:2]
+    assert losses[runner_up] - losses[best] > 1e-6  # a clear maximum, not a float32 rounding tie
+    assert best not in (0.0, 1.0, 2.0)  # an interior fit: no default or boundary value passes by chance
+    assert torch.allclose(got, best * prior)
+    fedse = resolve(tiny_config(personalization={"policy": "fedse"}))
     assert logit_bias(model, shard, fedse, mean=ds.mean, std=ds.std) is None
 
 
@@ -123,7 +138,7 @@ def test_prediction_mode_trains_exactly_as_fedse():
     for policy in ("fedse", "fedse-pc"):
         cfg = tiny_config(personalization={"policy": policy})
         model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-        local_update(model, split_model(model, policy), create_policy(policy), shard, cfg, seed=3, mean=ds.mean,
+        local_update(model, create_policy(policy).split(model), resolve(cfg), shard, cfg, seed=3, mean=ds.mean,
                      std=ds.std)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

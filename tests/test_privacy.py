@@ -10,7 +10,9 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from opacus.accountants import RDPAccountant
 
 from conftest import tiny_config
-from fedse.client import CONFIG_JSON, build_model, make_client_app
+from fedse.client import make_client_app
+from fedse.models import build_model
+from fedse.records import CONFIG_JSON
 from fedse.config import ConfigError, config_to_dict
 from fedse.federated import build_federated_data
 from fedse.models import create_model
@@ -23,7 +25,7 @@ from fedse.privacy import (
     sample_noise_multiplier,
 )
 from fedse.records import to_arrays
-from fedse.split import split_model
+from fedse.policies import create_policy
 from fedse.state import load_accountant
 from fedse.train import train
 
@@ -60,7 +62,8 @@ def test_dp_with_tight_clipping_differs_from_plain():
 
 
 def test_batchnorm_model_with_dp_is_a_clear_error():
-    with pytest.raises(ConfigError, match="model.norm=groupnorm"):
+    # Names what is wrong and the fix (the one test of this refusal; test_models checks GroupNorm itself).
+    with pytest.raises(ConfigError, match=r"BatchNorm.*use --set model\.norm=groupnorm"):
         check_dp_model(create_model("se_resnet8", num_classes=10, norm="batchnorm"))
     check_dp_model(create_model("se_resnet8", num_classes=10, norm="groupnorm"))
 
@@ -75,10 +78,12 @@ def test_pinned_rdp_epsilon():
 def test_target_epsilon_gives_a_noise_multiplier_that_reaches_it():
     cfg = tiny_config(model={"norm": "groupnorm"}, server={"rounds": 4},
                       privacy={"mode": "sample", "target_epsilon": 3.0})
-    sigma = sample_noise_multiplier(cfg, 300)
+    sigma = sample_noise_multiplier(cfg, 300, private_first=False)
     q, steps = poisson_rate(300, cfg.train.batch_size)
     eps = epsilon_of([(sigma, q, 4 * steps)], cfg.privacy.delta)
     assert 2.9 < eps <= 3.0 + 1e-6
+    # A private-first policy (FedRep) takes private_epochs more DP steps per round: more noise for the same budget.
+    assert sample_noise_multiplier(cfg, 300, private_first=True) > sigma
 
 
 def _msg(cfg, arrays, rnd):
@@ -91,7 +96,7 @@ def test_epsilon_accumulates_over_rounds_and_matches_the_accountant(task_identit
     fed = build_federated_data(cfg)
     ds = fed.dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    split = split_model(model, "fedse")
+    split = create_policy("fedse").split(model)
     app = make_client_app()
     ctx = Context(run_id=1, node_id=3, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     shared = to_arrays(split.shared_state(model))
@@ -105,7 +110,7 @@ def test_epsilon_accumulates_over_rounds_and_matches_the_accountant(task_identit
     for _ in range(2 * steps):
         accountant.step(noise_multiplier=1.2, sample_rate=q)
     assert eps2 == pytest.approx(accountant.get_epsilon(cfg.privacy.delta), rel=1e-12)
-    assert load_accountant(ctx) == [(1.2, q, 2 * steps)]
+    assert load_accountant(ctx) == {"history": [[1.2, q, 2 * steps]], "mechanism": "rdp"}  # Opacus's state_dict
     # Under DP no statistic of the training data is sent, and no private key.
     assert set(r2.content["metrics"].keys()) == {"num-examples", "dp-epsilon"}
     assert set(r2.content["arrays"].keys()) == set(split.shared)
@@ -115,7 +120,7 @@ def test_client_with_batchnorm_and_sample_dp_refuses(task_identity):
     cfg = tiny_config(privacy={"mode": "sample", "noise_multiplier": 1.0})
     ds = build_federated_data(cfg).dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    split = split_model(model, "fedse")
+    split = create_policy("fedse").split(model)
     ctx = Context(run_id=1, node_id=3, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     with pytest.raises(ConfigError, match="groupnorm"):
         make_client_app()(_msg(cfg, to_arrays(split.shared_state(model)), 1), ctx)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_config
-from fedse.simulation import make_run_dir
+from fedse.rundir import make_run_dir
 
 
 def test_a_second_claim_of_the_same_name_fails_clearly(tmp_path):

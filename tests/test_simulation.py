@@ -38,27 +38,49 @@ def test_run_folder_holds_every_report_file(run):
         "config.yaml", "rounds.json", "rounds.csv", "clients.json", "clients.csv", "summary.json",
         "label_counts.json", "label_distribution.png", "accuracy.png", "shared_weights.pt",
     }
+    from fedse.federated import build_federated_data
+
+    # Every figure of the report, recomputed by hand from the replies the server logged
+    # (client_rounds.json: round -> client -> what the client reported).
+    evaluated = json.loads((result.run_dir / "client_rounds.json").read_text())["evaluate"]
+    assert sorted(evaluated) == ["1", "2"] and all(sorted(evaluated[r]) == ["0", "1", "2"] for r in evaluated)
+    fed = build_federated_data(cfg)
     clients = json.loads((result.run_dir / "clients.json").read_text())
     assert [c["client"] for c in clients] == [0, 1, 2]
-    assert all(0 <= c["local_acc"] <= 1 and 0 <= c["pooled_acc"] <= 1 for c in clients)
+    for c in clients:  # from the last round, and on the client's own partition
+        row, shard = evaluated["2"][str(c["client"])], fed.shard(c["client"])
+        assert c["round"] == 2 and (c["local_acc"], c["pooled_acc"]) == (row["local-acc"], row["pooled-acc"])
+        assert c["test_samples"] == row["num-examples"] == len(shard.test_labels)
+        assert c["train_samples"] == len(shard.train_labels)
+        correct = c["local_acc"] * c["test_samples"]  # an accuracy is a count of right answers over n
+        assert correct == pytest.approx(round(correct), abs=1e-9)
     rounds = json.loads((result.run_dir / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        rows = evaluated[str(r["round"])].values()
+        assert r["local_acc_mean"] == pytest.approx(sum(x["local-acc"] for x in rows) / 3)
+        n = sum(x["num-examples"] for x in rows)
+        assert r["local_acc_weighted"] == pytest.approx(sum(x["local-acc"] * x["num-examples"] for x in rows) / n)
+    assert rounds[1]["pooled_acc_mean"] == pytest.approx(sum(c["pooled_acc"] for c in clients) / 3)  # last round
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    assert summary["split"]["policy"] == "fedse-la" and summary["split"]["private_params"] > 0
+    assert summary["clients"]["mean"]["local_acc"] == pytest.approx(sum(c["local_acc"] for c in clients) / 3)
+    assert summary["clients"]["best"]["local_acc"] == max(c["local_acc"] for c in clients)
+    assert summary["last_round"] == rounds[-1]
+    assert summary["split"]["policy"] == cfg.personalization.policy and summary["split"]["private_params"] > 0
 
 
 def test_shared_weights_file_has_only_shared_keys(run):
     import torch
 
-    from fedse.client import build_model
+    from fedse.models import build_model
     from fedse.federated import build_federated_data
-    from fedse.split import split_model
+    from fedse.policies import create_policy
 
     cfg, result = run
     ds = build_federated_data(cfg).dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
     saved = torch.load(result.run_dir / "shared_weights.pt")
-    assert set(saved) == set(split_model(model, "fedse").shared)
+    assert set(saved) == set(create_policy(cfg.personalization.policy).split(model).shared)
 
 
 def test_checkpoint_after_every_round_and_resume(run, tmp_path):
@@ -67,7 +89,7 @@ def test_checkpoint_after_every_round_and_resume(run, tmp_path):
 
     import torch
 
-    from fedse.server import load_checkpoint
+    from fedse.checkpoint import load_checkpoint
 
     cfg, result = run
     done, shared, log, ledger = load_checkpoint(result.run_dir, cfg)

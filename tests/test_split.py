@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from fedse.models import SEBlock, create_model
-from fedse.split import POLICIES, create_policy, split_model
+from fedse.policies import POLICIES, create_policy
 
 
 @pytest.fixture(scope="module", params=["se_resnet8", "se_resnet18"])
@@ -14,7 +14,7 @@ def model(request):
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_split_is_disjoint_and_covers_state_dict(model, policy):
-    split = split_model(model, policy)
+    split = create_policy(policy).split(model)
     keys = set(model.state_dict())
     assert set(split.shared).isdisjoint(split.private)
     assert set(split.shared) | set(split.private) == keys
@@ -26,13 +26,13 @@ def _module_keys(model, predicate):
 
 
 def test_fedse_keeps_exactly_the_excitation_private(model):
-    split = split_model(model, "fedse")
+    split = create_policy("fedse").split(model)
     assert set(split.private) == _module_keys(model, lambda m: isinstance(m, SEBlock))
     assert all(".se.fc" in k for k in split.private)
 
 
 def test_fedavg_keeps_nothing_private(model):
-    assert split_model(model, "fedavg").private == ()
+    assert create_policy("fedavg").split(model).private == ()
 
 
 def test_every_exchanged_tensor_is_floating_point(model):
@@ -41,28 +41,28 @@ def test_every_exchanged_tensor_is_floating_point(model):
 
 
 def test_fedbn_keeps_every_norm_including_shortcut_norms_and_buffers(model):
-    split = split_model(model, "fedbn")
+    split = create_policy("fedbn").split(model)
     assert set(split.private) == _module_keys(model, lambda m: isinstance(m, nn.BatchNorm2d))
     assert "layer2.0.downsample.1.running_mean" in split.private  # no "bn" in that name
     assert "layer2.0.downsample.1.running_var" in split.private
 
 
 def test_fedper_keeps_exactly_the_classifier(model):
-    assert set(split_model(model, "fedper").private) == {"fc.weight", "fc.bias"}
+    assert set(create_policy("fedper").split(model).private) == {"fc.weight", "fc.bias"}
 
 
 def test_combined_policies_are_unions(model):
-    se = set(split_model(model, "fedse").private)
-    bn = set(split_model(model, "fedbn").private)
-    head = set(split_model(model, "fedper").private)
-    assert set(split_model(model, "fedse-bn").private) == se | bn
-    assert set(split_model(model, "fedse-head").private) == se | head
-    assert set(split_model(model, "fedse-prior").private) == se | {"fc.bias"}  # the bias only, not fc.weight
+    se = set(create_policy("fedse").split(model).private)
+    bn = set(create_policy("fedbn").split(model).private)
+    head = set(create_policy("fedper").split(model).private)
+    assert set(create_policy("fedse-bn").split(model).private) == se | bn
+    assert set(create_policy("fedse-head").split(model).private) == se | head
+    assert set(create_policy("fedse-prior").split(model).private) == se | {"fc.bias"}  # the bias only, not fc.weight
 
 
 def test_private_share_is_about_one_percent_for_small_resnets():
     model = create_model("se_resnet20", num_classes=10)
-    s = split_model(model, "fedse").summary(model)
+    s = create_policy("fedse").split(model).summary(model)
     assert s["private_params"] == 3 * ((2 * 16 * 4 + 4 + 16) + (2 * 32 * 4 + 4 + 32) + (2 * 64 * 4 + 4 + 64))
     assert 0.5 < s["private_percent"] < 2.0
 
@@ -75,4 +75,4 @@ def test_unknown_policy_lists_valid_ones():
 def test_fedse_on_a_model_without_se_is_an_error():
     model = create_model("se_resnet8", num_classes=10, reduction=None)
     with pytest.raises(ValueError, match="no such modules"):
-        split_model(model, "fedse")
+        create_policy("fedse").split(model)

@@ -3,7 +3,7 @@
 import torch
 
 from fedse.models import create_model
-from fedse.split import split_model
+from fedse.policies import create_policy
 from fedse.train import batches, evaluate, train
 
 MEAN, STD = (0.5,), (0.25,)
@@ -39,7 +39,7 @@ def test_training_learns_a_separable_toy_problem():
 def test_only_trainable_parameters_move_and_frozen_norm_statistics_stay():
     torch.manual_seed(0)
     model = create_model("se_resnet8", num_classes=2, in_channels=1, width=8)
-    split = split_model(model, "fedse")
+    split = create_policy("fedse").split(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _toy(64)
     train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, trainable=set(split.private), seed=0)
@@ -84,7 +84,7 @@ def test_same_seed_same_result():
 def test_lr_scale_sets_a_per_parameter_learning_rate():
     torch.manual_seed(0)
     model = create_model("se_resnet8", num_classes=2, in_channels=1, width=8)
-    private = set(split_model(model, "fedse").private)
+    private = set(create_policy("fedse").split(model).private)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _toy(64)
     train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, momentum=0.0,

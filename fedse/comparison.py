@@ -1,15 +1,10 @@
-"""Personalized vs global: every method under the identical partition, seeds, model and budget.
+"""Comparisons: method tables, per-client gains, cold-start tables, plots, and merging folders.
 
-``fedse compare --config FILE --methods fedavg,fedbn,fedper,local,fedse --seeds 0,1,2``
-runs one simulation per (seed, method) that differ only in
-``personalization.policy``, then writes a comparison folder: the method table
-(Markdown and CSV), per-client accuracies and gains over ``fedavg``, and plots.
-
-Cold start (``--holdout K``): the last K partitions never train. After
-training, each adapts a copy of the final model on its own train part and is
-evaluated on its own test part three ways: the received model as is
-(``global``), only its private keys adapted (``private``), every key adapted
-(``full``), each for ``personalization.finetune_epochs`` epochs.
+A comparison runs every method under the identical partition, seeds, model and
+budget (the runner is ``simulations/compare.py``); this module turns its runs
+into the comparison folder: the method table (Markdown and CSV), per-client
+accuracies and gains over ``fedavg`` (paired by seed: a seed is a partition),
+the cold-start table, plots and ``comparison.json``.
 
 ``fedse compare --merge DIR DIR ... --out OUT`` combines comparison folders
 measured separately (other methods, other seeds) into one: their
@@ -19,7 +14,6 @@ is the same in all of them, and no (method, seed) may appear twice.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -28,18 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from .client import build_model
 from .config import Config, ConfigError, config_from_dict, config_to_dict
 from .federated import build_federated_data
 from .io import atomic_save, atomic_write_json, atomic_write_text
-from .local import adapt, logit_bias
 from .partition import plot_label_counts
-from .report import client_rows, format_table, round_rows, summarize, write_csv
-from .simulation import simulate
-from .split import POLICIES, split_model
-from .train import evaluate
+from .report import format_table, summarize, write_csv
 
-__all__ = ["compare", "gain_table", "merge", "method_table", "paired_gains"]
+__all__ = ["MethodRun", "gain_table", "merge", "method_table", "paired_gains", "per_client", "write_comparison"]
 
 
 @dataclass
@@ -52,47 +41,6 @@ class MethodRun:
     split: dict[str, Any]
     upload_bytes: int
     seconds: float
-
-
-def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
-    fed = build_federated_data(cfg)
-    ds = fed.dataset
-    rows = []
-    for cid in range(first, cfg.partition.num_clients):
-        shard = fed.shard(cid)
-        base = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-        split = split_model(base, cfg.personalization.policy)
-        base.load_state_dict(shared, strict=False)
-        row: dict[str, Any] = {"client": cid, "train_samples": len(shard.train_labels)}
-        kinds = {"global": None, "private": split.private, "full": tuple(base.state_dict())}
-        for kind, keys in kinds.items():
-            model = copy.deepcopy(base)
-            if keys:  # an empty private set (fedavg) means no adaptation: same as global
-                adapt(model, keys, shard, cfg, epochs=cfg.personalization.finetune_epochs, seed=cfg.seed + cid,
-                      mean=ds.mean, std=ds.std, private=split.private)
-            row[f"{kind}_acc"] = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std,
-                                          logit_bias=logit_bias(model, shard, cfg, mean=ds.mean, std=ds.std)).accuracy
-        rows.append(row)
-    return rows
-
-
-def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> MethodRun:
-    run_cfg = replace(
-        cfg,
-        seed=seed,
-        personalization=replace(cfg.personalization, policy=method),
-        output=replace(cfg.output, dir=str(out / "runs"), name=f"{method}-seed{seed}"),
-    )
-    trained = cfg.partition.num_clients - holdout
-    result = simulate(run_cfg, quiet=True, clients=trained)
-    fed = build_federated_data(run_cfg)
-    model = build_model(run_cfg, fed.dataset.num_classes, fed.dataset.channels, fed.dataset.image_size)
-    split = split_model(model, method)
-    state = model.state_dict()
-    upload = sum(state[k].numel() * state[k].element_size() for k in split.shared)
-    hold = _holdout(run_cfg, result.outcome.shared_state, trained) if holdout else []
-    return MethodRun(method, seed, round_rows(result.outcome.log), client_rows(result.outcome.log), hold,
-                     split.summary(model), upload, result.wall_seconds)
 
 
 def _pm(values: Sequence[float | None], scale: float = 100.0, digits: int = 2) -> str:
@@ -226,21 +174,7 @@ def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) 
         plt.close(fig)
 
 
-def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path, *, holdout: int = 0,
-            command: str = "") -> dict[str, Any]:
-    """Run every (seed, method); write the comparison folder ``out``; return its summary."""
-    if unknown := [m for m in methods if m not in POLICIES]:
-        raise ConfigError(f"unknown method(s) {unknown}; valid methods: {sorted(POLICIES)}")
-    trained = cfg.partition.num_clients - holdout
-    if holdout < 0 or trained < max(cfg.server.min_train_clients, 1):
-        raise ConfigError(f"--holdout {holdout} leaves {trained} training clients; need at least "
-                          f"server.min_train_clients={cfg.server.min_train_clients}")
-    out.mkdir(parents=True, exist_ok=True)
-    runs = [_run(cfg, m, s, out, holdout) for s in seeds for m in methods]
-    return _write(cfg, runs, out, holdout=holdout, command=command)
-
-
-def _write(cfg: Config, runs: Sequence[MethodRun], out: Path, *, holdout: int, command: str) -> dict[str, Any]:
+def write_comparison(cfg: Config, runs: Sequence[MethodRun], out: Path, *, holdout: int, command: str) -> dict[str, Any]:
     """Tables, plots and ``comparison.json`` of ``runs`` into ``out``."""
     methods = list(dict.fromkeys(r.method for r in runs))
     seeds = sorted({r.seed for r in runs})
@@ -316,4 +250,4 @@ def merge(folders: Sequence[Path], out: Path, *, command: str = "") -> dict[str,
                                   r["seconds"]))
     order = list(dict.fromkeys(r.method for r in runs))
     runs.sort(key=lambda r: (r.seed, order.index(r.method)))
-    return _write(config_from_dict(first["config"]), runs, out, holdout=first["holdout"], command=command)
+    return write_comparison(config_from_dict(first["config"]), runs, out, holdout=first["holdout"], command=command)

@@ -1,0 +1,142 @@
+"""Personalization policies: what a client keeps to itself and how it trains, resolved once.
+
+A :class:`Policy` is a registry entry: the model parts that stay private
+(:data:`fedse.split.PARTS`), the training schedule, whether the received model
+is fine-tuned before evaluation, the learning-rate scale of the private part,
+and the label-prior mode (:mod:`fedse.prior`). :func:`resolve` applies a run's
+configuration to its policy exactly once: the config's own settings
+(``train.private_lr_scale``, ``personalization.label_prior``) win over the
+policy's, and the DP rule turns the label prior off under sample-level DP.
+The client, local training, the server and the reports read that one object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import Config
+from .split import PARTS, Split, split_model
+
+__all__ = ["POLICIES", "Policy", "RunPolicy", "create_policy", "resolve"]
+
+SCHEDULES = ("joint", "private-first")
+LABEL_PRIOR_MODES = ("off", "train", "predict")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which parts of the model stay on the client, and how a client trains them.
+
+    ``schedule``: ``joint`` (everything trains together) or ``private-first``
+    (the private part alone, then the shared part alone: FedRep).
+    ``finetune``: fine-tune the received model locally before evaluating it.
+    ``private_lr_scale``: learning-rate multiplier of the private part.
+    ``label_prior``: how the client's own label prior offsets the logits
+    (``off``, ``train`` or ``predict``).
+    """
+
+    name: str
+    private_parts: frozenset[str]
+    schedule: str = "joint"
+    finetune: bool = False
+    private_lr_scale: float = 1.0
+    label_prior: str = "off"
+
+    def __post_init__(self) -> None:
+        if bad := sorted(set(self.private_parts) - set(PARTS)):
+            raise ValueError(f"policy {self.name!r}: unknown parts {bad}; valid parts: {PARTS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"policy {self.name!r}: schedule {self.schedule!r}; valid: {SCHEDULES}")
+        if self.label_prior not in LABEL_PRIOR_MODES:
+            raise ValueError(f"policy {self.name!r}: label_prior {self.label_prior!r}; valid: {LABEL_PRIOR_MODES}")
+
+    def split(self, model: nn.Module) -> Split:
+        return split_model(model, self.private_parts, self.name)
+
+
+_FEDSE = {"private_parts": frozenset({"excitation"}), "private_lr_scale": 10.0}
+
+POLICIES: dict[str, Policy] = {
+    p.name: p
+    for p in (
+        # McMahan et al., AISTATS 2017 (FedAvg): one global model.
+        Policy("fedavg", frozenset()),
+        # FedAvg + local fine-tuning before evaluation (e.g. Wang et al. 2019, arXiv:1910.10252).
+        Policy("fedavg-ft", frozenset(), finetune=True),
+        # fedse: excitation MLPs private, trained at 10x the shared learning rate (the gates move
+        # little at the shared rate; docs/results.md); cf. ChannelFed (GLOBECOM 2022).
+        Policy("fedse", **_FEDSE),
+        # Li et al., ICLR 2021 (FedBN): normalisation layers private.
+        Policy("fedbn", frozenset({"norm"})),
+        # Arivazhagan et al., 2019 (FedPer): classifier head private.
+        Policy("fedper", frozenset({"head"})),
+        # Collins et al., ICML 2021 (FedRep): head private, trained first with the body frozen, then the body.
+        Policy("fedrep", frozenset({"head"}), schedule="private-first"),
+        # Local-only training: nothing shared, each client alone.
+        Policy("local", frozenset({"all"})),
+        # fedse + FedBN: excitation and normalisation private.
+        Policy("fedse-bn", frozenset({"excitation", "norm"}), private_lr_scale=10.0),
+        # fedse + FedPer: excitation and head private.
+        Policy("fedse-head", frozenset({"excitation", "head"}), private_lr_scale=10.0),
+        # fedse + a private classifier bias (a per-client label prior on the shared head; cf. FedLC,
+        # Zhang et al., ICML 2022, which corrects logits by the local label distribution).
+        Policy("fedse-prior", frozenset({"excitation", "head-bias"}), private_lr_scale=10.0),
+        # fedse + logit adjustment by the client's own label prior, in training and prediction
+        # (Menon et al., ICLR 2021; in FL cf. FedLC): the excitation re-weights features, the prior
+        # re-weights classes, nothing more is private. The default (docs/results.md).
+        Policy("fedse-la", **_FEDSE, label_prior="train"),
+        # fedse + prior correction at prediction: logits offset by t * log of the client's own label
+        # prior, t fitted on its train part (Saerens et al., Neural Computation 2002); trains as fedse.
+        Policy("fedse-pc", **_FEDSE, label_prior="predict"),
+        # FedAvg + logit adjustment (Menon et al. 2021; cf. FedLC): the ablation of fedse-la
+        # without private excitation.
+        Policy("fedavg-la", frozenset(), label_prior="train"),
+    )
+}
+
+
+def create_policy(name: str) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown personalization policy {name!r}; valid policies: {sorted(POLICIES)}")
+    return POLICIES[name]
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """A policy as one run applies it: the registry entry plus the resolved settings."""
+
+    policy: Policy
+    private_lr_scale: float
+    label_prior: str
+    dp: str  # privacy.mode: none | sample | client
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def schedule(self) -> str:
+        return self.policy.schedule
+
+    @property
+    def finetune(self) -> bool:
+        return self.policy.finetune
+
+    def split(self, model: nn.Module) -> Split:
+        return self.policy.split(model)
+
+
+def resolve(cfg: Config, name: str | None = None) -> RunPolicy:
+    """``cfg``'s policy (or ``name``) with the config's settings applied once: the private
+    learning-rate scale is ``train.private_lr_scale`` when set, else the policy's; the label prior
+    is ``personalization.label_prior`` when set, else the policy's, and always ``off`` under
+    ``privacy.mode=sample`` (the prior depends on every training label of the client, outside
+    DP-SGD's per-example bound; the config rejects an explicit mode there)."""
+    policy = create_policy(name or cfg.personalization.policy)
+    scale = cfg.train.private_lr_scale if cfg.train.private_lr_scale is not None else policy.private_lr_scale
+    prior = cfg.personalization.label_prior if cfg.personalization.label_prior is not None else policy.label_prior
+    if cfg.privacy.mode == "sample":
+        prior = "off"
+    return RunPolicy(policy, scale, prior, cfg.privacy.mode)

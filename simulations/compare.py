@@ -1,0 +1,79 @@
+"""``fedse compare``: every method under the identical partition, seeds, model and budget.
+
+Runs one simulation per (seed, method) that differ only in
+``personalization.policy``, then writes the comparison folder
+(:func:`fedse.comparison.write_comparison`).
+
+Cold start (``--holdout K``): the last K partitions never train. After
+training, each adapts a copy of the final model on its own train part and is
+evaluated on its own test part three ways (:func:`fedse.local.adapt_and_evaluate`):
+the received model as is (``global``), only its private keys adapted
+(``private``), every key adapted (``full``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fedse.comparison import MethodRun, write_comparison
+from fedse.config import Config, ConfigError
+from fedse.federated import build_federated_data
+from fedse.local import adapt_and_evaluate
+from fedse.models import build_model
+from fedse.policies import POLICIES, resolve
+from fedse.report import client_rows, round_rows
+from fedse.simulation import simulate
+
+__all__ = ["compare"]
+
+
+def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
+    fed = build_federated_data(cfg)
+    ds = fed.dataset
+    policy = resolve(cfg)
+    rows = []
+    for cid in range(first, cfg.partition.num_clients):
+        shard = fed.shard(cid)
+        model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+        split = policy.split(model)
+        model.load_state_dict(shared, strict=False)
+        rows.append({"client": cid, "train_samples": len(shard.train_labels),
+                     **adapt_and_evaluate(model, split, shard, cfg, policy, seed=cfg.seed + cid, mean=ds.mean,
+                                          std=ds.std)})
+    return rows
+
+
+def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> MethodRun:
+    run_cfg = replace(
+        cfg,
+        seed=seed,
+        personalization=replace(cfg.personalization, policy=method),
+        output=replace(cfg.output, dir=str(out / "runs"), name=f"{method}-seed{seed}"),
+    )
+    trained = cfg.partition.num_clients - holdout
+    result = simulate(run_cfg, quiet=True, clients=trained)
+    fed = build_federated_data(run_cfg)
+    model = build_model(run_cfg, fed.dataset.num_classes, fed.dataset.channels, fed.dataset.image_size)
+    split = resolve(run_cfg).split(model)
+    state = model.state_dict()
+    upload = sum(state[k].numel() * state[k].element_size() for k in split.shared)
+    hold = _holdout(run_cfg, result.outcome.shared_state, trained) if holdout else []
+    return MethodRun(method, seed, round_rows(result.outcome.log), client_rows(result.outcome.log), hold,
+                     split.summary(model), upload, result.wall_seconds)
+
+
+def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path, *, holdout: int = 0,
+            command: str = "") -> dict[str, Any]:
+    """Run every (seed, method); write the comparison folder ``out``; return its summary."""
+    if unknown := [m for m in methods if m not in POLICIES]:
+        raise ConfigError(f"unknown method(s) {unknown}; valid methods: {sorted(POLICIES)}")
+    trained = cfg.partition.num_clients - holdout
+    if holdout < 0 or trained < max(cfg.server.min_train_clients, 1):
+        raise ConfigError(f"--holdout {holdout} leaves {trained} training clients; need at least "
+                          f"server.min_train_clients={cfg.server.min_train_clients}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [_run(cfg, m, s, out, holdout) for s in seeds for m in methods]
+    return write_comparison(cfg, runs, out, holdout=holdout, command=command)
