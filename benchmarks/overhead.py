@@ -30,9 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedse.models import build_model  # noqa: E402
 from fedse.config import load_config  # noqa: E402
 from fedse.federated import build_federated_data  # noqa: E402
+from fedse.models import build_model  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402
 from fedse.train import evaluate, train  # noqa: E402
 
@@ -50,9 +50,20 @@ def plain(cfg) -> tuple[float, list[float]]:
         for cid in range(fed.num_clients):
             shard = fed.shard(cid)
             model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-            train(model, shard.train_images, shard.train_labels, mean=ds.mean, std=ds.std,
-                  epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                  weight_decay=t.weight_decay, augment=cfg.data.augment, seed=cid + rnd)
+            train(
+                model,
+                shard.train_images,
+                shard.train_labels,
+                mean=ds.mean,
+                std=ds.std,
+                epochs=t.local_epochs,
+                batch_size=t.batch_size,
+                lr=t.lr,
+                momentum=t.momentum,
+                weight_decay=t.weight_decay,
+                augment=cfg.data.augment,
+                seed=cid + rnd,
+            )
             evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std)
             if rnd == cfg.server.rounds:
                 evaluate(model, pooled_x, pooled_y, mean=ds.mean, std=ds.std)
@@ -68,17 +79,29 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(args.config, [f"server.rounds={args.rounds}", "train.local_epochs=1", f"output.dir={out}",
-                                        "output.name=bench", *args.overrides])
+        cfg = load_config(
+            args.config,
+            [
+                f"server.rounds={args.rounds}",
+                "train.local_epochs=1",
+                f"output.dir={out}",
+                "output.name=bench",
+                *args.overrides,
+            ],
+        )
         build_federated_data(cfg)  # dataset read and partitioned once, outside both timings
         plain_s, plain_rounds = plain(cfg)
         result = simulate(cfg, quiet=True)
         sim_s = result.wall_seconds
         sim_rounds = [result.outcome.log.round_seconds[r] for r in sorted(result.outcome.log.round_seconds)]
     figures = {
-        "config": args.config, "clients": cfg.partition.num_clients, "rounds": cfg.server.rounds,
-        "local_epochs": cfg.train.local_epochs, "torch_threads": torch.get_num_threads(),
-        "plain_seconds": round(plain_s, 2), "simulation_seconds": round(sim_s, 2),
+        "config": args.config,
+        "clients": cfg.partition.num_clients,
+        "rounds": cfg.server.rounds,
+        "local_epochs": cfg.train.local_epochs,
+        "torch_threads": torch.get_num_threads(),
+        "plain_seconds": round(plain_s, 2),
+        "simulation_seconds": round(sim_s, 2),
         "ratio": round(sim_s / plain_s, 3),
         "plain_round_seconds": [round(x, 2) for x in plain_rounds],
         "simulation_round_seconds": [round(x, 2) for x in sim_rounds],

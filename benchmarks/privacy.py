@@ -44,8 +44,13 @@ def accuracy_vs_epsilon(config: str, overrides: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         for method in METHODS:
             for eps in EPSILONS:
-                sets = [f"personalization.policy={method}", "model.norm=groupnorm", f"output.dir={out}",
-                        f"output.name={method}-{eps}", *overrides]
+                sets = [
+                    f"personalization.policy={method}",
+                    "model.norm=groupnorm",
+                    f"output.dir={out}",
+                    f"output.name={method}-{eps}",
+                    *overrides,
+                ]
                 if eps is not None:
                     sets += ["privacy.mode=sample", f"privacy.target_epsilon={eps}"]
                 cfg = load_config(config, sets)
@@ -53,14 +58,16 @@ def accuracy_vs_epsilon(config: str, overrides: list[str]) -> list[dict]:
                 local = [c["local-acc"] for c in result.outcome.log.evaluate[max(result.outcome.log.evaluate)].values()]
                 stats = summarize(local)
                 privacy = result.outcome.summary["privacy"]
-                rows.append({
-                    "method": method,
-                    "target_epsilon": eps if eps is not None else "no DP",
-                    "epsilon_reported_max": privacy.get("epsilon_max_over_clients"),
-                    "personalized_acc": 100 * stats["mean"],
-                    "worst_10pct": 100 * stats["worst10"],
-                    "seconds": round(result.wall_seconds, 1),
-                })
+                rows.append(
+                    {
+                        "method": method,
+                        "target_epsilon": eps if eps is not None else "no DP",
+                        "epsilon_reported_max": privacy.get("epsilon_max_over_clients"),
+                        "personalized_acc": 100 * stats["mean"],
+                        "worst_10pct": 100 * stats["worst10"],
+                        "seconds": round(result.wall_seconds, 1),
+                    }
+                )
                 print(rows[-1], flush=True)
     return rows
 
@@ -81,9 +88,14 @@ def step_times(repeats: int = 10, batch: int = 64, steps: int = 10) -> dict:
             if i >= 2:  # warm-up
                 times[kind].append((time.perf_counter() - start) / result.steps)
     plain, dp = statistics.median(times["plain"]), statistics.median(times["dp"])
-    return {"model": f"se_resnet8 (GroupNorm), 1x28x28, batch {batch}, {steps} steps per epoch", "repeats": repeats,
-            "plain_step_ms": round(1000 * plain, 2), "dp_step_ms": round(1000 * dp, 2), "ratio": round(dp / plain, 3),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "model": f"se_resnet8 (GroupNorm), 1x28x28, batch {batch}, {steps} steps per epoch",
+        "repeats": repeats,
+        "plain_step_ms": round(1000 * plain, 2),
+        "dp_step_ms": round(1000 * dp, 2),
+        "ratio": round(dp / plain, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -96,13 +108,18 @@ def plot(rows: list[dict], path: Path) -> None:
     for method in METHODS:
         mine = [r for r in rows if r["method"] == method]
         dp = [(r["target_epsilon"], r["personalized_acc"]) for r in mine if r["target_epsilon"] != "no DP"]
-        line = ax.plot(*zip(*dp), marker="o", label=method)[0]
+        line = ax.plot(*zip(*dp, strict=True), marker="o", label=method)[0]
         for r in mine:
             if r["target_epsilon"] == "no DP":
-                ax.axhline(r["personalized_acc"], color=line.get_color(), linestyle="--", linewidth=1,
-                           label=f"{method}, no DP")
-    ax.set(xscale="log", xlabel="epsilon (sample level, delta 1e-5, whole run)",
-           ylabel="personalized accuracy (%)", ylim=(0, 100))
+                ax.axhline(
+                    r["personalized_acc"], color=line.get_color(), linestyle="--", linewidth=1, label=f"{method}, no DP"
+                )
+    ax.set(
+        xscale="log",
+        xlabel="epsilon (sample level, delta 1e-5, whole run)",
+        ylabel="personalized accuracy (%)",
+        ylim=(0, 100),
+    )
     ax.set_xticks([1, 3, 8])
     ax.set_xticklabels(["1", "3", "8"])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -25,23 +25,43 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federated simulation on Flower's simulation engine")
     sim.add_argument("--config", type=Path, default=None, help="YAML file (default: built-in defaults)")
-    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one config key, e.g. --set partition.alpha=0.1 (repeatable)")
-    sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                     help="continue RUN_DIR's run from its last checkpoint (its config.yaml, plus --set)")
+    sim.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set partition.alpha=0.1 (repeatable)",
+    )
+    sim.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR's run from its last checkpoint (its config.yaml, plus --set)",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress display or tables")
     sim.add_argument("--verbose", action="store_true", help="Flower's own INFO/DEBUG logs")
     cmp = sub.add_parser("compare", help="run several methods under the identical partition and budget")
     cmp.add_argument("--config", type=Path, default=None, help="YAML file (default: built-in defaults)")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    cmp.add_argument("--methods", default="fedavg,fedbn,fedper,local,fedse,fedse-la",
-                     help="comma-separated policies (default: %(default)s)")
+    cmp.add_argument(
+        "--methods",
+        default="fedavg,fedbn,fedper,local,fedse,fedse-la",
+        help="comma-separated policies (default: %(default)s)",
+    )
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     cmp.add_argument("--holdout", type=int, default=0, help="keep the last K clients out of training (cold start)")
     cmp.add_argument("--out", type=Path, default=None, help="comparison folder (default: <output.dir>/compare-...)")
-    cmp.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
-                     help="instead of running: combine comparison folders measured under the same config "
-                          "(other methods or seeds) into --out")
+    cmp.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="instead of running: combine comparison folders measured under the same config "
+        "(other methods or seeds) into --out",
+    )
     crt = sub.add_parser("certs", help="make a test certificate authority and a SuperLink certificate")
     crt.add_argument("directory", type=Path)
     key = sub.add_parser("keygen", help="make a SuperNode key pair (register the .pub with flwr supernode register)")
@@ -89,18 +109,25 @@ def _deploy(args: argparse.Namespace) -> int:
     if args.command == "server":
         if args.certs is None and not args.insecure:
             raise ConfigError("fedse server needs --certs DIR (from 'fedse certs DIR') or an explicit --insecure")
-        certs = None if args.insecure else deploy.Certs(args.certs / "ca.crt", args.certs / "server.pem",
-                                                        args.certs / "server.key")
+        certs = (
+            None
+            if args.insecure
+            else deploy.Certs(args.certs / "ca.crt", args.certs / "server.pem", args.certs / "server.key")
+        )
         missing = [str(p) for p in (certs.ca, certs.cert, certs.key) if not p.is_file()] if certs else []
         if missing:
-            raise ConfigError(f"--certs {args.certs}: missing {', '.join(missing)}; make them with 'fedse certs DIR' "
-                              "or put your CA certificate, server certificate and key there under these names")
+            raise ConfigError(
+                f"--certs {args.certs}: missing {', '.join(missing)}; make them with 'fedse certs DIR' "
+                "or put your CA certificate, server certificate and key there under these names"
+            )
         cmd = deploy.superlink_command(certs=certs, host=args.host, port=args.port, database=args.database)
         # Before exec: the operator must see who can register nodes and start runs on this SuperLink.
         print(f"fedse: warning: {deploy.control_api_exposure(args.host, args.port)}", file=sys.stderr, flush=True)
         return _exec(cmd)
     if not args.insecure and (args.ca is None or args.key is None):
-        raise ConfigError("fedse client needs --ca and --key (TLS and SuperNode authentication) or an explicit --insecure")
+        raise ConfigError(
+            "fedse client needs --ca and --key (TLS and SuperNode authentication) or an explicit --insecure"
+        )
     from .records import NODE_CLIENT_ID, NODE_DATA_DIR, NODE_NUM_PARTITIONS, NODE_PARTITION_ID, NODE_STATE_DIR
 
     node: dict[str, str | int] = {NODE_STATE_DIR: str(args.state_dir.resolve())}
@@ -111,10 +138,19 @@ def _deploy(args: argparse.Namespace) -> int:
         if args.client_id is not None:
             node[NODE_CLIENT_ID] = args.client_id
     else:
-        node |= {NODE_PARTITION_ID: args.partition_id,
-                 NODE_NUM_PARTITIONS: args.num_partitions or args.partition_id + 1}
-    return _exec(deploy.supernode_command(superlink=args.superlink, ca=None if args.insecure else args.ca,
-                                          key=args.key, node_config=node, port=args.port))
+        node |= {
+            NODE_PARTITION_ID: args.partition_id,
+            NODE_NUM_PARTITIONS: args.num_partitions or args.partition_id + 1,
+        }
+    return _exec(
+        deploy.supernode_command(
+            superlink=args.superlink,
+            ca=None if args.insecure else args.ca,
+            key=args.key,
+            node_config=node,
+            port=args.port,
+        )
+    )
 
 
 def _int_list(text: str, what: str) -> list[int]:

@@ -21,9 +21,27 @@ from .local import adapt, local_update, logit_bias
 from .models import SEResNet, build_model
 from .policies import RunPolicy, resolve
 from .privacy import SampleDP, check_dp_model, sample_noise_multiplier
-from .records import (ARRAYS, CLIENT, CLIENT_ID, CONFIG, CONFIG_JSON, DIGEST_IN, DIGEST_OUT, METRICS,
-                      NODE_CLIENT_ID, NODE_DATA_DIR, NODE_PARTITION_ID, NUM_EXAMPLES, NUM_TRAIN, POOLED,
-                      PROXIMAL_MU, SERVER_ROUND, check_arrays, from_arrays, to_arrays)
+from .records import (
+    ARRAYS,
+    CLIENT,
+    CLIENT_ID,
+    CONFIG,
+    CONFIG_JSON,
+    DIGEST_IN,
+    DIGEST_OUT,
+    METRICS,
+    NODE_CLIENT_ID,
+    NODE_DATA_DIR,
+    NODE_PARTITION_ID,
+    NUM_EXAMPLES,
+    NUM_TRAIN,
+    POOLED,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    check_arrays,
+    from_arrays,
+    to_arrays,
+)
 from .split import Split
 from .state import digest, load_accountant, persist, restore, save_accountant
 from .train import default_device, evaluate
@@ -93,8 +111,9 @@ def _setup(msg: Message, context: Context) -> _Setup:
     private = restore(context)
     if private is not None:
         if set(private) != set(split.private):
-            raise ValueError("stored private state does not match this run's private keys; "
-                             "was the policy or model changed mid-run?")
+            raise ValueError(
+                "stored private state does not match this run's private keys; was the policy or model changed mid-run?"
+            )
         update.update(private)
     model.load_state_dict(update, strict=False)
     return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, NODE_DATA_DIR in context.node_config)
@@ -121,11 +140,21 @@ def handle_train(msg: Message, context: Context) -> Message:
     if pr.mode == "sample":
         check_dp_model(s.model)
         sigma = sample_noise_multiplier(s.cfg, len(s.shard.train_labels), s.policy.schedule == "private-first")
-        dp = SampleDP(sigma, pr.max_grad_norm, pr.accountant, state=load_accountant(context),
-                      secure_mode=pr.secure_mode)
+        dp = SampleDP(
+            sigma, pr.max_grad_norm, pr.accountant, state=load_accountant(context), secure_mode=pr.secure_mode
+        )
     result = local_update(
-        s.model, s.split, s.policy, s.shard, s.cfg, seed=_seed(s.cfg, s.client_id, msg), mean=s.mean, std=s.std,
-        proximal_mu=mu, anchor=s.split.shared_state(s.model) if mu > 0 else None, dp=dp,
+        s.model,
+        s.split,
+        s.policy,
+        s.shard,
+        s.cfg,
+        seed=_seed(s.cfg, s.client_id, msg),
+        mean=s.mean,
+        std=s.std,
+        proximal_mu=mu,
+        anchor=s.split.shared_state(s.model) if mu > 0 else None,
+        dp=dp,
     )
     s.model.cpu()
     private_out = s.split.private_state(s.model)
@@ -149,10 +178,26 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     s = _setup(msg, context)
     device = default_device()
     if s.policy.finetune:  # fedavg-ft: fine-tune a copy of the received model; nothing is kept
-        adapt(s.model, None, s.shard, s.cfg, s.policy, epochs=s.cfg.personalization.finetune_epochs,
-              seed=_seed(s.cfg, s.client_id, msg), mean=s.mean, std=s.std)
-    local = evaluate(s.model, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device,
-                     logit_bias=logit_bias(s.model, s.shard, s.policy, mean=s.mean, std=s.std))
+        adapt(
+            s.model,
+            None,
+            s.shard,
+            s.cfg,
+            s.policy,
+            epochs=s.cfg.personalization.finetune_epochs,
+            seed=_seed(s.cfg, s.client_id, msg),
+            mean=s.mean,
+            std=s.std,
+        )
+    local = evaluate(
+        s.model,
+        s.shard.test_images,
+        s.shard.test_labels,
+        mean=s.mean,
+        std=s.std,
+        device=device,
+        logit_bias=logit_bias(s.model, s.shard, s.policy, mean=s.mean, std=s.std),
+    )
     metrics: dict[str, float | int] = {
         NUM_EXAMPLES: local.num_examples,
         "local-acc": local.accuracy,
@@ -160,8 +205,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     }
     if bool(msg.content[CONFIG].get(POOLED, False)):
         if s.own_data:
-            raise ValueError("the server asked for the pooled test set, which a client with its own data-dir "
-                             "does not have; run with --set evaluate.pooled=false")
+            raise ValueError(
+                "the server asked for the pooled test set, which a client with its own data-dir "
+                "does not have; run with --set evaluate.pooled=false"
+            )
         x, y = s.fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)
         # no label-prior offset here: the pooled test set follows the federation's label
         # distribution, not this client's

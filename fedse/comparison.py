@@ -59,25 +59,29 @@ def method_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     for method in dict.fromkeys(r.method for r in runs):
         mine = [r for r in runs if r.method == method]
         stats = [summarize([c["local_acc"] for c in r.clients if c["local_acc"] is not None]) for r in mine]
-        best_round = [max((x["local_acc_mean"] for x in r.rounds if x["local_acc_mean"] is not None), default=None)
-                      for r in mine]
-        pooled = [summarize([c["pooled_acc"] for c in r.clients if c["pooled_acc"] is not None]).get("mean")
-                  for r in mine]
-        rows.append({
-            "method": method,
-            "personalized_mean_last": _pm([s.get("mean") for s in stats]),
-            "personalized_mean_best_round": _pm(best_round),
-            "std_over_clients": _pm([s.get("std") for s in stats]),
-            "median": _pm([s.get("median") for s in stats]),
-            "worst_10pct": _pm([s.get("worst10") for s in stats]),
-            "best_client": _pm([s.get("best") for s in stats]),
-            "pooled_test": _pm(pooled),
-            "private_params": mine[0].split["private_params"],
-            "private_pct": f"{mine[0].split['private_percent']:.2f}",
-            "upload_bytes_per_client_round": mine[0].upload_bytes,
-            "seeds": len(mine),
-            "wall_s_per_run": f"{np.mean([r.seconds for r in mine]):.0f}",
-        })
+        best_round = [
+            max((x["local_acc_mean"] for x in r.rounds if x["local_acc_mean"] is not None), default=None) for r in mine
+        ]
+        pooled = [
+            summarize([c["pooled_acc"] for c in r.clients if c["pooled_acc"] is not None]).get("mean") for r in mine
+        ]
+        rows.append(
+            {
+                "method": method,
+                "personalized_mean_last": _pm([s.get("mean") for s in stats]),
+                "personalized_mean_best_round": _pm(best_round),
+                "std_over_clients": _pm([s.get("std") for s in stats]),
+                "median": _pm([s.get("median") for s in stats]),
+                "worst_10pct": _pm([s.get("worst10") for s in stats]),
+                "best_client": _pm([s.get("best") for s in stats]),
+                "pooled_test": _pm(pooled),
+                "private_params": mine[0].split["private_params"],
+                "private_pct": f"{mine[0].split['private_percent']:.2f}",
+                "upload_bytes_per_client_round": mine[0].upload_bytes,
+                "seeds": len(mine),
+                "wall_s_per_run": f"{np.mean([r.seconds for r in mine]):.0f}",
+            }
+        )
     return rows
 
 
@@ -90,8 +94,7 @@ def per_client(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
             if c["local_acc"] is not None:
                 acc[r.method].setdefault(c["client"], []).append(c["local_acc"])
     clients = sorted({c for m in methods for c in acc[m]})
-    return [{"client": c, **{m: float(np.mean(acc[m][c])) if c in acc[m] else None for m in methods}}
-            for c in clients]
+    return [{"client": c, **{m: float(np.mean(acc[m][c])) if c in acc[m] else None for m in methods}} for c in clients]
 
 
 def gain_table(rows: Sequence[dict[str, Any]], reference: str = "fedavg") -> list[dict[str, Any]]:
@@ -101,13 +104,15 @@ def gain_table(rows: Sequence[dict[str, Any]], reference: str = "fedavg") -> lis
     out = []
     for method in [k for k in rows[0] if k not in ("client", reference)]:
         diffs = [r[method] - r[reference] for r in rows if r[method] is not None and r[reference] is not None]
-        out.append({
-            "method": method,
-            "mean_gain_points": 100.0 * float(np.mean(diffs)) if diffs else None,
-            "clients_gain": sum(d > 1e-12 for d in diffs),
-            "clients_tie": sum(abs(d) <= 1e-12 for d in diffs),
-            "clients_lose": sum(d < -1e-12 for d in diffs),
-        })
+        out.append(
+            {
+                "method": method,
+                "mean_gain_points": 100.0 * float(np.mean(diffs)) if diffs else None,
+                "clients_gain": sum(d > 1e-12 for d in diffs),
+                "clients_tie": sum(abs(d) <= 1e-12 for d in diffs),
+                "clients_lose": sum(d < -1e-12 for d in diffs),
+            }
+        )
     return out
 
 
@@ -129,9 +134,16 @@ def holdout_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     for method in dict.fromkeys(r.method for r in runs):
         mine = [r for r in runs if r.method == method and r.holdout]
         if mine:
-            rows.append({"method": method, "clients": len(mine[0].holdout),
-                         **{f"{k}_acc": _pm([float(np.mean([h[f"{k}_acc"] for h in r.holdout])) for r in mine])
-                            for k in ("global", "private", "full")}})
+            rows.append(
+                {
+                    "method": method,
+                    "clients": len(mine[0].holdout),
+                    **{
+                        f"{k}_acc": _pm([float(np.mean([h[f"{k}_acc"] for h in r.holdout])) for r in mine])
+                        for k in ("global", "private", "full")
+                    },
+                }
+            )
     return rows
 
 
@@ -163,10 +175,14 @@ def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) 
                 continue
             pts = [(c["fedavg"], c[method]) for c in clients if c["fedavg"] is not None and c[method] is not None]
             if pts:
-                ax.scatter(*zip(*pts), s=18, label=method, alpha=0.8)
+                ax.scatter(*zip(*pts, strict=True), s=18, label=method, alpha=0.8)
         ax.plot([lo, 1], [lo, 1], color="grey", linestyle="--", linewidth=1)
-        ax.set(xlabel="global accuracy (fedavg, own test part)", ylabel="personalized accuracy (own test part)",
-               xlim=(lo, 1.005), ylim=(lo, 1.005))
+        ax.set(
+            xlabel="global accuracy (fedavg, own test part)",
+            ylabel="personalized accuracy (own test part)",
+            xlim=(lo, 1.005),
+            ylim=(lo, 1.005),
+        )
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -174,33 +190,61 @@ def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) 
         plt.close(fig)
 
 
-def write_comparison(cfg: Config, runs: Sequence[MethodRun], out: Path, *, holdout: int, command: str) -> dict[str, Any]:
+def write_comparison(
+    cfg: Config, runs: Sequence[MethodRun], out: Path, *, holdout: int, command: str
+) -> dict[str, Any]:
     """Tables, plots and ``comparison.json`` of ``runs`` into ``out``."""
     methods = list(dict.fromkeys(r.method for r in runs))
     seeds = sorted({r.seed for r in runs})
     out.mkdir(parents=True, exist_ok=True)
     fed = build_federated_data(replace(cfg, seed=seeds[0]))
-    plot_label_counts(fed.label_counts(), out / "label_distribution.png", class_names=list(fed.dataset.classes),
-                      title=f"{fed.dataset.name}, seed {seeds[0]}: samples per client and class")
+    plot_label_counts(
+        fed.label_counts(),
+        out / "label_distribution.png",
+        class_names=list(fed.dataset.classes),
+        title=f"{fed.dataset.name}, seed {seeds[0]}: samples per client and class",
+    )
     table, clients = method_table(runs), per_client(runs)
     gains, hold = paired_gains(runs), holdout_table(runs)
     for name, rows in (("table", table), ("per_client", clients), ("gains", gains), ("holdout", hold)):
         if rows:
             write_csv(out / f"{name}.csv", rows)
-    md = [f"# Comparison: {', '.join(methods)}", "", f"`{command}`" if command else "",
-          f"seeds {seeds}; accuracies in %, mean ± std over seeds; personalized = each client's own test part",
-          "", format_table(table)]
+    md = [
+        f"# Comparison: {', '.join(methods)}",
+        "",
+        f"`{command}`" if command else "",
+        f"seeds {seeds}; accuracies in %, mean ± std over seeds; personalized = each client's own test part",
+        "",
+        format_table(table),
+    ]
     if gains:
         md += ["", "## Gain over fedavg (per client, over the seeds both were run with)", "", format_table(gains)]
     if hold:
         md += ["", f"## Cold start: {holdout} held-out clients", "", format_table(hold)]
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")
     _plots(runs, clients, out)
-    summary = {"config": config_to_dict(cfg), "methods": methods, "seeds": seeds, "holdout": holdout,
-               "table": table, "gains": gains, "holdout_table": hold,
-               "runs": [{"method": r.method, "seed": r.seed, "seconds": r.seconds, "rounds": r.rounds,
-                         "clients": r.clients, "holdout": r.holdout, "split": r.split,
-                         "upload_bytes": r.upload_bytes} for r in runs]}
+    summary = {
+        "config": config_to_dict(cfg),
+        "methods": methods,
+        "seeds": seeds,
+        "holdout": holdout,
+        "table": table,
+        "gains": gains,
+        "holdout_table": hold,
+        "runs": [
+            {
+                "method": r.method,
+                "seed": r.seed,
+                "seconds": r.seconds,
+                "rounds": r.rounds,
+                "clients": r.clients,
+                "holdout": r.holdout,
+                "split": r.split,
+                "upload_bytes": r.upload_bytes,
+            }
+            for r in runs
+        ],
+    }
     atomic_write_json(out / "comparison.json", summary)
     return summary
 
@@ -231,23 +275,30 @@ def merge(folders: Sequence[Path], out: Path, *, command: str = "") -> dict[str,
     first_folder, first = loaded[0]
     for folder, data in loaded[1:]:
         if _comparable(data["config"]) != _comparable(first["config"]) or data["holdout"] != first["holdout"]:
-            raise ConfigError(f"{str(folder)!r} was measured under another configuration or --holdout than "
-                              f"{str(first_folder)!r}; only folders differing in methods and seeds can be merged")
+            raise ConfigError(
+                f"{str(folder)!r} was measured under another configuration or --holdout than "
+                f"{str(first_folder)!r}; only folders differing in methods and seeds can be merged"
+            )
     runs, seen = [], {}
     for folder, data in loaded:
         rows = {row["method"]: row for row in data["table"]}
         for r in data["runs"]:
             key = (r["method"], r["seed"])
             if key in seen:
-                raise ConfigError(f"method {key[0]!r}, seed {key[1]} is in both {str(seen[key])!r} and "
-                                  f"{str(folder)!r}; merge each (method, seed) once")
+                raise ConfigError(
+                    f"method {key[0]!r}, seed {key[1]} is in both {str(seen[key])!r} and "
+                    f"{str(folder)!r}; merge each (method, seed) once"
+                )
             seen[key] = folder
             row = rows[r["method"]]  # folders written before runs carried their split: take it from the table
-            split = r.get("split") or {"private_params": row["private_params"],
-                                       "private_percent": float(row["private_pct"])}
+            split = r.get("split") or {
+                "private_params": row["private_params"],
+                "private_percent": float(row["private_pct"]),
+            }
             upload = r.get("upload_bytes", row["upload_bytes_per_client_round"])
-            runs.append(MethodRun(r["method"], r["seed"], r["rounds"], r["clients"], r["holdout"], split, upload,
-                                  r["seconds"]))
+            runs.append(
+                MethodRun(r["method"], r["seed"], r["rounds"], r["clients"], r["holdout"], split, upload, r["seconds"])
+            )
     order = list(dict.fromkeys(r.method for r in runs))
     runs.sort(key=lambda r: (r.seed, order.index(r.method)))
     return write_comparison(config_from_dict(first["config"]), runs, out, holdout=first["holdout"], command=command)

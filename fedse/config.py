@@ -96,8 +96,19 @@ class PersonalizationConfig:
     # Which parts stay on the client and how they train: see fedse.policies.POLICIES. Default fedse-la:
     # excitation private, logits offset by the client's own label prior (docs/results.md).
     policy: Literal[
-        "fedse", "fedavg", "fedavg-ft", "fedbn", "fedper", "fedrep", "local", "fedse-bn", "fedse-head",
-        "fedse-prior", "fedse-la", "fedse-pc", "fedavg-la",
+        "fedse",
+        "fedavg",
+        "fedavg-ft",
+        "fedbn",
+        "fedper",
+        "fedrep",
+        "local",
+        "fedse-bn",
+        "fedse-head",
+        "fedse-prior",
+        "fedse-la",
+        "fedse-pc",
+        "fedavg-la",
     ] = "fedse-la"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))
@@ -274,12 +285,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if not math.isfinite(number):
                 raise _BadValue(f"config key '{key}': got {value!r}; allowed: a finite number (not nan or inf)")
             return number
-    elif tp is str:
-        if isinstance(value, str):
-            if "\x00" in value:  # no path, name or label may hold one; os calls raise ValueError on it
-                raise _BadValue(f"config key '{key}': got {value!r}, which holds a NUL character; "
-                                "allowed: a string without NUL")
-            return value
+    elif tp is str and isinstance(value, str):
+        if "\x00" in value:  # no path, name or label may hold one; os calls raise ValueError on it
+            raise _BadValue(
+                f"config key '{key}': got {value!r}, which holds a NUL character; allowed: a string without NUL"
+            )
+        return value
     raise ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}); allowed: {_type_name(tp)}")
 
 
@@ -303,8 +314,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields), key=str)  # key=str: YAML keys may be numbers
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' in {where}; "
-                          f"allowed keys: {sorted(fields)}")
+        raise ConfigError(
+            f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' in {where}; "
+            f"allowed keys: {sorted(fields)}"
+        )
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -321,12 +334,21 @@ def _check_output_name(name: str | None) -> None:
     """output.name must name one folder directly inside output.dir."""
     if name is None:
         return
-    if (name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip() or not name.isprintable()
-            or Path(name).is_absolute() or PureWindowsPath(name).drive):
-        raise ConfigError(f"config key 'output.name': {name!r} is not a plain folder name; allowed: one folder "
-                          "name (the run folder is output.dir/<name>) without '/' or '\\', not '.' or '..', "
-                          "not empty, no control characters or leading/trailing spaces; or null for "
-                          "<config>-<timestamp>")
+    if (
+        name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or name != name.strip()
+        or not name.isprintable()
+        or Path(name).is_absolute()
+        or PureWindowsPath(name).drive
+    ):
+        raise ConfigError(
+            f"config key 'output.name': {name!r} is not a plain folder name; allowed: one folder "
+            "name (the run folder is output.dir/<name>) without '/' or '\\', not '.' or '..', "
+            "not empty, no control characters or leading/trailing spaces; or null for "
+            "<config>-<timestamp>"
+        )
 
 
 def _check_secure_mode(pr: PrivacyConfig) -> None:
@@ -335,9 +357,11 @@ def _check_secure_mode(pr: PrivacyConfig) -> None:
     try:
         importlib.import_module("torchcsprng")
     except Exception:  # noqa: BLE001 (ImportError, or a build that fails to load)
-        raise ConfigError("config key 'privacy.secure_mode': true needs the package torchcsprng, which does not "
-                          "import here (pip install torchcsprng); allowed: false, where DP noise comes from a "
-                          "generator seeded from os.urandom (unpredictable, not cryptographically secure)") from None
+        raise ConfigError(
+            "config key 'privacy.secure_mode': true needs the package torchcsprng, which does not "
+            "import here (pip install torchcsprng); allowed: false, where DP noise comes from a "
+            "generator seeded from os.urandom (unpredictable, not cryptographically secure)"
+        ) from None
 
 
 def _check_cross(cfg: Config) -> None:
@@ -363,19 +387,27 @@ def _check_cross(cfg: Config) -> None:
             f"target_epsilon={pr.target_epsilon})"
         )
     if pr.mode == "sample" and cfg.personalization.label_prior not in (None, "off"):
-        raise ConfigError(f"config key 'personalization.label_prior': '{cfg.personalization.label_prior}' cannot be "
-                          "combined with privacy.mode=sample (the prior depends on all of a client's labels, outside "
-                          "DP-SGD's per-example bound); allowed: off or null (null turns it off under sample-level DP)")
+        raise ConfigError(
+            f"config key 'personalization.label_prior': '{cfg.personalization.label_prior}' cannot be "
+            "combined with privacy.mode=sample (the prior depends on all of a client's labels, outside "
+            "DP-SGD's per-example bound); allowed: off or null (null turns it off under sample-level DP)"
+        )
     if pr.mode == "sample" and s.strategy == "fedprox":
-        raise ConfigError("config key 'server.strategy': 'fedprox' cannot be combined with privacy.mode=sample "
-                          "(the proximal term's gradient is not per-sample); allowed: fedavg, fedadam")
+        raise ConfigError(
+            "config key 'server.strategy': 'fedprox' cannot be combined with privacy.mode=sample "
+            "(the proximal term's gradient is not per-sample); allowed: fedavg, fedadam"
+        )
     if pr.mode == "client" and s.strategy == "fedadam":
-        raise ConfigError("config key 'server.strategy': 'fedadam' cannot be combined with privacy.mode=client "
-                          "(Flower's DP wrapper adds its noise after FedAdam's server step, so the noise would not "
-                          "be on the clipped mean of the updates); allowed: fedavg, fedprox")
+        raise ConfigError(
+            "config key 'server.strategy': 'fedadam' cannot be combined with privacy.mode=client "
+            "(Flower's DP wrapper adds its noise after FedAdam's server step, so the noise would not "
+            "be on the clipped mean of the updates); allowed: fedavg, fedprox"
+        )
     if pr.mode == "client" and pr.clipping == "adaptive" and pr.target_epsilon is not None:
-        raise ConfigError("config key 'privacy.target_epsilon': not supported with clipping=adaptive "
-                          "(its accounting depends on the clipped-count noise); set privacy.noise_multiplier")
+        raise ConfigError(
+            "config key 'privacy.target_epsilon': not supported with clipping=adaptive "
+            "(its accounting depends on the clipped-count noise); set privacy.noise_multiplier"
+        )
     if cfg.data.dataset == "imagefolder" and cfg.data.root is None:
         raise ConfigError("config key 'data.root': dataset 'imagefolder' needs data.root=<dir with train/<class>/...>")
 
@@ -434,15 +466,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if path.is_dir():
-            raise ConfigError(f"config file {str(path)!r} is a directory; allowed: a YAML file "
-                              "(see configs/ for examples)")
+            raise ConfigError(
+                f"config file {str(path)!r} is a directory; allowed: a YAML file (see configs/ for examples)"
+            )
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: "
-                              f"{' '.join(str(err).split())}") from None
+            raise ConfigError(
+                f"config file {str(path)!r} cannot be read as UTF-8 text: {' '.join(str(err).split())}"
+            ) from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:

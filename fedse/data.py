@@ -117,7 +117,9 @@ def _download(urls: dict[str, tuple[str, str]], directory: Path) -> None:
             with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (official URLs)
                 payload = response.read()
         except OSError as err:
-            raise DatasetError(f"download of {url} failed ({err}); no network? fetch it by hand into {directory}")
+            raise DatasetError(
+                f"download of {url} failed ({err}); no network? fetch it by hand into {directory}"
+            ) from None
         if hashlib.md5(payload).hexdigest() != md5:  # noqa: S324 (checksum, not security)
             raise DatasetError(f"download of {url}: MD5 mismatch, expected {md5}; file not written")
         atomic_write_bytes(target, payload)
@@ -147,9 +149,11 @@ def read_idx(path: Path, expect_magic: int) -> np.ndarray:
         else:
             raw = path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-        raise DatasetError(f"{path}: truncated or corrupt, cannot be read or decompressed "
-                           f"({type(err).__name__}: {err}); expected a complete IDX file, gzipped or not. "
-                           "Fetch it again.") from None
+        raise DatasetError(
+            f"{path}: truncated or corrupt, cannot be read or decompressed "
+            f"({type(err).__name__}: {err}); expected a complete IDX file, gzipped or not. "
+            "Fetch it again."
+        ) from None
     if len(raw) < 8:
         raise DatasetError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
     magic = int.from_bytes(raw[:4], "big")
@@ -159,8 +163,10 @@ def read_idx(path: Path, expect_magic: int) -> np.ndarray:
     header = 4 + 4 * ndim
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     if len(raw) != header + int(np.prod(dims)):
-        raise DatasetError(f"{path}: {len(raw) - header} data bytes, expected {int(np.prod(dims))} for dims {dims}; "
-                           "truncated or corrupt")
+        raise DatasetError(
+            f"{path}: {len(raw) - header} data bytes, expected {int(np.prod(dims))} for dims {dims}; "
+            "truncated or corrupt"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -180,8 +186,15 @@ def _find_idx(name: str, root: Path | None, subdir: str, extra: Sequence[Path], 
     raise _missing(name, searched, [f"{s}.gz" for s in IDX_FILES], how)
 
 
-def _load_idx_dataset(name: str, classes: Sequence[str], root: Path | None, download: bool,
-                      urls: dict[str, tuple[str, str]], extra: Sequence[Path] = (), how: str = "") -> Dataset:
+def _load_idx_dataset(
+    name: str,
+    classes: Sequence[str],
+    root: Path | None,
+    download: bool,
+    urls: dict[str, tuple[str, str]],
+    extra: Sequence[Path] = (),
+    how: str = "",
+) -> Dataset:
     subdir = name
     if download:
         try:
@@ -204,14 +217,36 @@ def _idx_urls(base: str, md5s: Sequence[str]) -> dict[str, tuple[str, str]]:
     return {f"{stem}.gz": (f"{base}{stem}.gz", md5) for stem, md5 in zip(IDX_FILES, md5s, strict=True)}
 
 
-MNIST_URLS = _idx_urls("https://ossci-datasets.s3.amazonaws.com/mnist/", (
-    "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
-    "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))
-FASHION_URLS = _idx_urls("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", (
-    "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-    "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12e480ee83cd310"))
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
+MNIST_URLS = _idx_urls(
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    (
+        "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "d53e105ee54ea40749a09fcbcd1e9432",
+        "9fb629c4189551a2d022fa330f9573f3",
+        "ec29112dd5afa0611ce80d1b7f02629c",
+    ),
+)
+FASHION_URLS = _idx_urls(
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    (
+        "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "25c81989df183df01b3e8a0aad5dffbe",
+        "bef4ecab320f06d8554ea6380940ec79",
+        "bb300cfdad3c16e7a12e480ee83cd310",
+    ),
+)
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_URL = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
 
@@ -221,10 +256,15 @@ def load_mnist(root: Path | None, download: bool) -> Dataset:
 
 
 def load_fashion_mnist(root: Path | None, download: bool) -> Dataset:
-    return _load_idx_dataset("fashion-mnist", FASHION_CLASSES, root, download, FASHION_URLS,
-                             extra=[Path("/usr/share/datasets/fashion-mnist")],
-                             how="On Debian: apt-get install dataset-fashion-mnist "
-                                 "(files land in /usr/share/datasets/fashion-mnist). ")
+    return _load_idx_dataset(
+        "fashion-mnist",
+        FASHION_CLASSES,
+        root,
+        download,
+        FASHION_URLS,
+        extra=[Path("/usr/share/datasets/fashion-mnist")],
+        how="On Debian: apt-get install dataset-fashion-mnist (files land in /usr/share/datasets/fashion-mnist). ",
+    )
 
 
 def load_digits_dataset(root: Path | None, download: bool) -> Dataset:
@@ -258,14 +298,17 @@ def _stack(arrays: list[np.ndarray], where: list[str]) -> np.ndarray:
         if not grey and a.ndim == 2:
             a = np.repeat(a[:, :, None], 3, axis=2)
         if a.shape != (arrays[0].shape if grey or arrays[0].ndim == 3 else (*arrays[0].shape, 3)):
-            raise DatasetError(f"{name}: size {a.shape} differs from the first image's {arrays[0].shape}; "
-                               "all images must have the same size")
+            raise DatasetError(
+                f"{name}: size {a.shape} differs from the first image's {arrays[0].shape}; "
+                "all images must have the same size"
+            )
         out.append(a[None] if grey else a.transpose(2, 0, 1))
     return np.stack(out)
 
 
-def _read_folder_split(directory: Path, classes: Sequence[str] | None) -> tuple[list[np.ndarray], list[int], list[str],
-                                                                                  list[str]]:
+def _read_folder_split(
+    directory: Path, classes: Sequence[str] | None
+) -> tuple[list[np.ndarray], list[int], list[str], list[str]]:
     found = sorted(p.name for p in directory.iterdir() if p.is_dir())
     classes = list(classes or found)
     arrays, labels, names = [], [], []
@@ -294,8 +337,10 @@ def load_image_folder(root: Path, name: str = "imagefolder", classes: Sequence[s
 def _read_tar_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     arrays, classes_of, names = [], [], []
     with tarfile.open(path) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)),
-                         key=lambda m: m.name)
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)),
+            key=lambda m: m.name,
+        )
         for m in members:
             arrays.append(_decode(io.BytesIO(tar.extractfile(m).read()), f"{path}:{m.name}"))
             classes_of.append(Path(m.name).parent.name)
@@ -312,8 +357,11 @@ def _cache_dir() -> Path:
 
 def _load_cifar_tarballs(train_tar: Path, test_tar: Path) -> Dataset:
     stat = [train_tar.stat(), test_tar.stat()]
-    key = hashlib.sha256(repr([(str(p.resolve()), s.st_size, s.st_mtime_ns)
-                               for p, s in zip((train_tar, test_tar), stat, strict=True)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        repr(
+            [(str(p.resolve()), s.st_size, s.st_mtime_ns) for p, s in zip((train_tar, test_tar), stat, strict=True)]
+        ).encode()
+    ).hexdigest()[:16]
     cache = _cache_dir() / f"cifar10-{key}.npz"
     if cache.is_file():
         try:  # never pickles: a planted cache file must not run code; an unreadable one is rebuilt
@@ -333,17 +381,21 @@ def _load_cifar_tarballs(train_tar: Path, test_tar: Path) -> Dataset:
 
 
 try:  # the modules numpy pickles name for its array reconstructors (numpy >= 2, then 1.x)
-    from numpy._core import multiarray as _np_multiarray, numeric as _np_numeric
+    from numpy._core import multiarray as _np_multiarray
+    from numpy._core import numeric as _np_numeric
 except ImportError:  # pragma: no cover (numpy < 2)
-    from numpy.core import multiarray as _np_multiarray, numeric as _np_numeric
+    from numpy.core import multiarray as _np_multiarray
+    from numpy.core import numeric as _np_numeric
 
 # Every global a CIFAR-10 python batch may name, mapped to the object itself (nothing is imported by name).
 # The official batches hold a dict of bytes keys, a uint8 ndarray (pickled as _reconstruct + ndarray + dtype),
 # lists of ints and byte strings; a batch re-saved with pickle protocol 5 uses _frombuffer instead of
 # _reconstruct. Both numpy 1.x (numpy.core) and numpy 2 (numpy._core) spellings occur in files in the wild.
 _CIFAR_PICKLE_GLOBALS: dict[tuple[str, str], object] = {
-    **{(module, "_reconstruct"): _np_multiarray._reconstruct for module in ("numpy.core.multiarray",
-                                                                             "numpy._core.multiarray")},
+    **{
+        (module, "_reconstruct"): _np_multiarray._reconstruct
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    },
     **{(module, "_frombuffer"): _np_numeric._frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
@@ -367,9 +419,11 @@ class _CifarUnpickler(pickle.Unpickler):
             return _CIFAR_PICKLE_GLOBALS[(module, name)]
         except KeyError:
             allowed = sorted(f"{m}.{n}" for m, n in _CIFAR_PICKLE_GLOBALS)
-            raise DatasetError(f"{self.path}: refusing to load the global {module}.{name}; a CIFAR-10 batch may "
-                               f"only name {allowed}. Not an official CIFAR-10 python batch (or a crafted one): "
-                               "fetch cifar-10-python.tar.gz again.") from None
+            raise DatasetError(
+                f"{self.path}: refusing to load the global {module}.{name}; a CIFAR-10 batch may "
+                f"only name {allowed}. Not an official CIFAR-10 python batch (or a crafted one): "
+                "fetch cifar-10-python.tar.gz again."
+            ) from None
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -386,29 +440,33 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except DatasetError:
         raise
     except Exception as err:  # noqa: BLE001 (truncated/garbled pickles fail in many ways; all mean the same)
-        raise DatasetError(f"{path}: truncated or corrupt CIFAR-10 batch ({type(err).__name__}: {err}); "
-                           f"expected a pickle of {expected}. Fetch cifar-10-python.tar.gz again.") from None
+        raise DatasetError(
+            f"{path}: truncated or corrupt CIFAR-10 batch ({type(err).__name__}: {err}); "
+            f"expected a pickle of {expected}. Fetch cifar-10-python.tar.gz again."
+        ) from None
     if not isinstance(entry, dict):
         raise DatasetError(f"{path}: holds a {type(entry).__name__}, expected {expected}")
     missing = [key for key in (b"data", b"labels") if key not in entry]
     if missing:
-        raise DatasetError(f"{path}: missing key(s) {missing} (found {sorted(map(repr, entry))[:8]}); "
-                           f"expected {expected}")
+        raise DatasetError(
+            f"{path}: missing key(s) {missing} (found {sorted(map(repr, entry))[:8]}); expected {expected}"
+        )
     data, labels = entry[b"data"], entry[b"labels"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        what = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
-                else type(data).__name__)
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DatasetError(f'{path}: b"data" is a {what}, expected a uint8 array N x 3072 (3 x 32 x 32 per image)')
     if isinstance(labels, np.ndarray):
         ok = labels.ndim == 1 and labels.dtype.kind in "iu"
     else:
         ok = isinstance(labels, list | tuple) and all(type(v) is int for v in labels)
     if not ok:
-        raise DatasetError(f'{path}: b"labels" is a {type(labels).__name__} that is not a sequence of ints; '
-                           "expected N ints in 0..9")
+        raise DatasetError(
+            f'{path}: b"labels" is a {type(labels).__name__} that is not a sequence of ints; expected N ints in 0..9'
+        )
     if len(labels) != len(data):
-        raise DatasetError(f'{path}: {len(data)} images in b"data" but {len(labels)} b"labels"; '
-                           "expected one label each")
+        raise DatasetError(
+            f'{path}: {len(data)} images in b"data" but {len(labels)} b"labels"; expected one label each'
+        )
     if len(labels) and (int(min(labels)) < 0 or int(max(labels)) > 9):  # before any int64 cast can overflow
         raise DatasetError(f'{path}: b"labels" outside 0..9 (min {int(min(labels))}, max {int(max(labels))})')
     return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
@@ -446,9 +504,15 @@ def load_cifar10(root: Path | None, download: bool) -> Dataset:
         with tarfile.open(directory / "cifar-10-python.tar.gz") as tar:
             tar.extractall(directory, filter="data")
         return _load_cifar_pickles(directory / "cifar-10-batches-py")
-    raise _missing("cifar10", searched, ["cifar-10-batches-py/data_batch_1..5, test_batch",
-                                         "or cifar10-train.tar.gz + cifar10-test.tar.gz",
-                                         "or train/<class>/*.jpg"])
+    raise _missing(
+        "cifar10",
+        searched,
+        [
+            "cifar-10-batches-py/data_batch_1..5, test_batch",
+            "or cifar10-train.tar.gz + cifar10-test.tar.gz",
+            "or train/<class>/*.jpg",
+        ],
+    )
 
 
 def load_imagefolder(root: Path | None, download: bool) -> Dataset:

@@ -52,8 +52,10 @@ class Certs:
 def _need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        raise FileNotFoundError(f"'{tool}' is not installed; it is needed to make TLS certificates or node keys "
-                                f"(Debian: apt-get install {'openssh-client' if tool == 'ssh-keygen' else tool})")
+        raise FileNotFoundError(
+            f"'{tool}' is not installed; it is needed to make TLS certificates or node keys "
+            f"(Debian: apt-get install {'openssh-client' if tool == 'ssh-keygen' else tool})"
+        )
     return path
 
 
@@ -75,12 +77,49 @@ def make_test_certs(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1"
         f"extendedKeyUsage = serverAuth\nsubjectAltName = {sans}\n"
     )
     _run([openssl, "genrsa", "-out", "ca.key", "4096"], d)
-    _run([openssl, "req", "-x509", "-new", "-nodes", "-key", "ca.key", "-sha256", "-days", "30",
-          "-subj", "/CN=fedse test CA", "-out", "ca.crt"], d)
+    _run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-new",
+            "-nodes",
+            "-key",
+            "ca.key",
+            "-sha256",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=fedse test CA",
+            "-out",
+            "ca.crt",
+        ],
+        d,
+    )
     _run([openssl, "genrsa", "-out", "server.key", "4096"], d)
     _run([openssl, "req", "-new", "-key", "server.key", "-subj", f"/CN={hosts[0]}", "-out", "server.csr"], d)
-    _run([openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-          "-days", "30", "-sha256", "-extfile", "server.ext", "-out", "server.pem"], d)
+    _run(
+        [
+            openssl,
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-sha256",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ],
+        d,
+    )
     os.chmod(d / "ca.key", 0o600)
     os.chmod(d / "server.key", 0o600)
     return Certs(d / "ca.crt", d / "server.pem", d / "server.key")
@@ -101,16 +140,31 @@ def make_node_key(path: str | Path, comment: str = "fedse-supernode") -> Path:
     return path.with_name(path.name + ".pub")
 
 
-def superlink_command(*, certs: Certs | None, host: str = "127.0.0.1", port: int = 9093,
-                      database: str | Path | None = None) -> list[str]:
+def superlink_command(
+    *, certs: Certs | None, host: str = "127.0.0.1", port: int = 9093, database: str | Path | None = None
+) -> list[str]:
     """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure, warned)."""
-    cmd = [_flower("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    cmd = [
+        _flower("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if certs is None:
         log.warning("SuperLink without TLS or SuperNode authentication: traffic is readable and anyone can join")
         cmd.append("--insecure")
     else:
-        cmd += ["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key),
-                "--enable-supernode-auth"]
+        cmd += [
+            "--ssl-ca-certfile",
+            str(certs.ca),
+            "--ssl-certfile",
+            str(certs.cert),
+            "--ssl-keyfile",
+            str(certs.key),
+            "--enable-supernode-auth",
+        ]
     if database is not None:
         cmd += ["--database", str(database)]
     return cmd
@@ -179,14 +233,29 @@ def node_config_string(values: Mapping[str, str | int | float]) -> str:
     return " ".join(parts)
 
 
-def supernode_command(*, superlink: str, ca: str | Path | None, key: str | Path | None,
-                      node_config: Mapping[str, str | int | float], host: str = "127.0.0.1",
-                      port: int = 9094) -> list[str]:
+def supernode_command(
+    *,
+    superlink: str,
+    ca: str | Path | None,
+    key: str | Path | None,
+    node_config: Mapping[str, str | int | float],
+    host: str = "127.0.0.1",
+    port: int = 9094,
+) -> list[str]:
     """``flower-supernode`` trusting ``ca`` and authenticating with the private ``key``
     (``ca=None``: insecure, warned). ``node_config`` carries fedse's client settings:
     ``state-dir`` (private state on disk), ``partition-id``/``num-partitions`` (demos)."""
-    cmd = [_flower("flower-supernode"), "--superlink", superlink, "--node-config", node_config_string(node_config),
-           "--host", host, "--port", str(port)]
+    cmd = [
+        _flower("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--node-config",
+        node_config_string(node_config),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if ca is None:
         log.warning("SuperNode without TLS: traffic to the SuperLink is readable")
         cmd.append("--insecure")

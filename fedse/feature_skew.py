@@ -81,8 +81,9 @@ def apply_style(images: torch.Tensor, style: ClientStyle) -> torch.Tensor:
     if style.brightness:
         x = x + style.brightness
     if style.channel_gain:
-        gain = torch.tensor(style.channel_gain[: x.shape[1]] if x.shape[1] > 1 else style.channel_gain[:1],
-                            dtype=x.dtype)
+        gain = torch.tensor(
+            style.channel_gain[: x.shape[1]] if x.shape[1] > 1 else style.channel_gain[:1], dtype=x.dtype
+        )
         x = x * gain.view(1, -1, 1, 1)
     if style.noise_std:
         g = torch.Generator().manual_seed(style.seed)

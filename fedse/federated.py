@@ -53,7 +53,9 @@ class FederatedData:
     def shard(self, client: int) -> ClientShard:
         if not 0 <= client < self.num_clients:
             raise ValueError(f"client id {client} out of range; this federation has clients 0..{self.num_clients - 1}")
-        return ClientShard(client, *self._take(client, self.train_parts[client]), *self._take(client, self.test_parts[client]))
+        return ClientShard(
+            client, *self._take(client, self.train_parts[client]), *self._take(client, self.test_parts[client])
+        )
 
     def pooled_test(self, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Union of every client's test part (each in its own feature style), cut to

@@ -43,8 +43,9 @@ def train_logit_bias(model: nn.Module, shard: ClientShard, policy: RunPolicy) ->
     return label_log_prior(shard.train_labels, model.get_classifier().out_features)
 
 
-def logit_bias(model: nn.Module, shard: ClientShard, policy: RunPolicy, *, mean: tuple[float, ...],
-               std: tuple[float, ...]) -> torch.Tensor | None:
+def logit_bias(
+    model: nn.Module, shard: ClientShard, policy: RunPolicy, *, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor | None:
     """The offset the client predicts with (:mod:`fedse.prior`): the log label prior in mode
     ``train``; in mode ``predict`` the prior times the weight that fits ``model`` best on the
     client's train part; None when off."""
@@ -58,47 +59,141 @@ def logit_bias(model: nn.Module, shard: ClientShard, policy: RunPolicy, *, mean:
     return fit_prior_weight(logits, shard.train_labels, prior) * prior
 
 
-def _run(model: nn.Module, shard: ClientShard, cfg: Config, policy: RunPolicy, *, epochs: int,
-         trainable: set[str] | None, seed: int, mean: tuple[float, ...], std: tuple[float, ...],
-         proximal_mu: float = 0.0, anchor: dict[str, torch.Tensor] | None = None, private: tuple[str, ...] = (),
-         dp: SampleDP | None = None) -> TrainResult:
+def _run(
+    model: nn.Module,
+    shard: ClientShard,
+    cfg: Config,
+    policy: RunPolicy,
+    *,
+    epochs: int,
+    trainable: set[str] | None,
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    proximal_mu: float = 0.0,
+    anchor: dict[str, torch.Tensor] | None = None,
+    private: tuple[str, ...] = (),
+    dp: SampleDP | None = None,
+) -> TrainResult:
     t = cfg.train
     scale = policy.private_lr_scale
     lr_scale = {k: scale for k in private} if scale != 1.0 else None
-    return train(model, shard.train_images, shard.train_labels, mean=mean, std=std, epochs=epochs,
-                 batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                 trainable=trainable, lr_scale=lr_scale, proximal_mu=proximal_mu, anchor=anchor,
-                 augment=cfg.data.augment, seed=seed, device=default_device(), dp=dp,
-                 logit_bias=train_logit_bias(model, shard, policy))
+    return train(
+        model,
+        shard.train_images,
+        shard.train_labels,
+        mean=mean,
+        std=std,
+        epochs=epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        trainable=trainable,
+        lr_scale=lr_scale,
+        proximal_mu=proximal_mu,
+        anchor=anchor,
+        augment=cfg.data.augment,
+        seed=seed,
+        device=default_device(),
+        dp=dp,
+        logit_bias=train_logit_bias(model, shard, policy),
+    )
 
 
-def local_update(model: nn.Module, split: Split, policy: RunPolicy, shard: ClientShard, cfg: Config, *, seed: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], proximal_mu: float = 0.0,
-                 anchor: dict[str, torch.Tensor] | None = None, dp: SampleDP | None = None) -> TrainResult:
+def local_update(
+    model: nn.Module,
+    split: Split,
+    policy: RunPolicy,
+    shard: ClientShard,
+    cfg: Config,
+    *,
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    proximal_mu: float = 0.0,
+    anchor: dict[str, torch.Tensor] | None = None,
+    dp: SampleDP | None = None,
+) -> TrainResult:
     """One round of local training under ``policy``; returns the last phase's result.
     With ``dp`` every phase is a DP-SGD phase and ``dp.history`` accumulates all their steps."""
     if policy.schedule == "private-first" and split.private and split.shared:
-        _run(model, shard, cfg, policy, epochs=cfg.train.private_epochs, trainable=_param_names(model, split.private),
-             seed=seed, mean=mean, std=std, private=split.private, dp=dp)
-        return _run(model, shard, cfg, policy, epochs=cfg.train.local_epochs,
-                    trainable=_param_names(model, split.shared),
-                    seed=seed + 1, mean=mean, std=std, proximal_mu=proximal_mu, anchor=anchor, dp=dp)
-    return _run(model, shard, cfg, policy, epochs=cfg.train.local_epochs, trainable=None, seed=seed, mean=mean, std=std,
-                proximal_mu=proximal_mu, anchor=anchor, private=split.private, dp=dp)
+        _run(
+            model,
+            shard,
+            cfg,
+            policy,
+            epochs=cfg.train.private_epochs,
+            trainable=_param_names(model, split.private),
+            seed=seed,
+            mean=mean,
+            std=std,
+            private=split.private,
+            dp=dp,
+        )
+        return _run(
+            model,
+            shard,
+            cfg,
+            policy,
+            epochs=cfg.train.local_epochs,
+            trainable=_param_names(model, split.shared),
+            seed=seed + 1,
+            mean=mean,
+            std=std,
+            proximal_mu=proximal_mu,
+            anchor=anchor,
+            dp=dp,
+        )
+    return _run(
+        model,
+        shard,
+        cfg,
+        policy,
+        epochs=cfg.train.local_epochs,
+        trainable=None,
+        seed=seed,
+        mean=mean,
+        std=std,
+        proximal_mu=proximal_mu,
+        anchor=anchor,
+        private=split.private,
+        dp=dp,
+    )
 
 
-def adapt(model: nn.Module, keys: tuple[str, ...] | None, shard: ClientShard, cfg: Config, policy: RunPolicy, *,
-          epochs: int, seed: int, mean: tuple[float, ...], std: tuple[float, ...],
-          private: tuple[str, ...] = ()) -> TrainResult:
+def adapt(
+    model: nn.Module,
+    keys: tuple[str, ...] | None,
+    shard: ClientShard,
+    cfg: Config,
+    policy: RunPolicy,
+    *,
+    epochs: int,
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    private: tuple[str, ...] = (),
+) -> TrainResult:
     """Train only ``keys`` (None: every parameter) for ``epochs`` on the client's train part;
     keys in ``private`` train at the policy's private learning rate."""
     trainable = None if keys is None else _param_names(model, keys)
-    return _run(model, shard, cfg, policy, epochs=epochs, trainable=trainable, seed=seed, mean=mean, std=std,
-                private=private)
+    return _run(
+        model, shard, cfg, policy, epochs=epochs, trainable=trainable, seed=seed, mean=mean, std=std, private=private
+    )
 
 
-def adapt_and_evaluate(model: nn.Module, split: Split, shard: ClientShard, cfg: Config, policy: RunPolicy, *,
-                       seed: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, float]:
+def adapt_and_evaluate(
+    model: nn.Module,
+    split: Split,
+    shard: ClientShard,
+    cfg: Config,
+    policy: RunPolicy,
+    *,
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> dict[str, float]:
     """Cold start: a client that never trained adapts copies of the received ``model`` on its own
     train part for ``personalization.finetune_epochs`` and is evaluated on its own test part three
     ways: as received (``global_acc``), only its private keys adapted (``private_acc``), every key
@@ -108,8 +203,24 @@ def adapt_and_evaluate(model: nn.Module, split: Split, shard: ClientShard, cfg: 
     for kind, keys in kinds.items():
         copy = deepcopy(model)
         if keys:
-            adapt(copy, keys, shard, cfg, policy, epochs=cfg.personalization.finetune_epochs, seed=seed,
-                  mean=mean, std=std, private=split.private)
-        out[f"{kind}_acc"] = evaluate(copy, shard.test_images, shard.test_labels, mean=mean, std=std,
-                                      logit_bias=logit_bias(copy, shard, policy, mean=mean, std=std)).accuracy
+            adapt(
+                copy,
+                keys,
+                shard,
+                cfg,
+                policy,
+                epochs=cfg.personalization.finetune_epochs,
+                seed=seed,
+                mean=mean,
+                std=std,
+                private=split.private,
+            )
+        out[f"{kind}_acc"] = evaluate(
+            copy,
+            shard.test_images,
+            shard.test_labels,
+            mean=mean,
+            std=std,
+            logit_bias=logit_bias(copy, shard, policy, mean=mean, std=std),
+        ).accuracy
     return out

@@ -140,9 +140,7 @@ class BasicBlock(nn.Module):
         self.se = SEBlock(channels, reduction) if reduction else nn.Identity()
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride, bias=False), norm(channels)
-            )
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), norm(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)

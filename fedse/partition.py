@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import PartitionConfig
 from .io import atomic_save
@@ -75,8 +74,16 @@ def _by_proportions(index: np.ndarray, proportions: np.ndarray) -> list[np.ndarr
     return np.split(index, cuts)
 
 
-def _redraw(draw: Callable[[np.random.Generator], list], rng: np.random.Generator, *, scheme: str, alpha: float,
-            num_clients: int, min_size: int, max_retries: int) -> list[np.ndarray]:
+def _redraw(
+    draw: Callable[[np.random.Generator], list],
+    rng: np.random.Generator,
+    *,
+    scheme: str,
+    alpha: float,
+    num_clients: int,
+    min_size: int,
+    max_retries: int,
+) -> list[np.ndarray]:
     """Repeat a whole seeded draw until every client holds ``min_size`` samples (bounded)."""
     smallest = 0
     for _ in range(max_retries):
@@ -109,8 +116,15 @@ def dirichlet(
                 parts[client].extend(chunk.tolist())
         return parts
 
-    return _redraw(draw, np.random.default_rng(seed), scheme="dirichlet", alpha=alpha, num_clients=num_clients,
-                   min_size=min_size, max_retries=max_retries)
+    return _redraw(
+        draw,
+        np.random.default_rng(seed),
+        scheme="dirichlet",
+        alpha=alpha,
+        num_clients=num_clients,
+        min_size=min_size,
+        max_retries=max_retries,
+    )
 
 
 def quantity_skew(
@@ -125,8 +139,15 @@ def quantity_skew(
     def draw(rng: np.random.Generator) -> list[np.ndarray]:
         return _by_proportions(rng.permutation(len(labels)), rng.dirichlet(np.full(num_clients, alpha)))
 
-    return _redraw(draw, np.random.default_rng(seed), scheme="quantity", alpha=alpha, num_clients=num_clients,
-                   min_size=min_size, max_retries=max_retries)
+    return _redraw(
+        draw,
+        np.random.default_rng(seed),
+        scheme="quantity",
+        alpha=alpha,
+        num_clients=num_clients,
+        min_size=min_size,
+        max_retries=max_retries,
+    )
 
 
 def pathological(
@@ -158,8 +179,9 @@ def pathological(
             parts[client].extend(chunk.tolist())
     smallest = min(len(p) for p in parts)
     if smallest < min_size:
-        raise PartitionError(f"pathological split left a client with {smallest} < min_size={min_size} samples; "
-                             "use fewer clients")
+        raise PartitionError(
+            f"pathological split left a client with {smallest} < min_size={min_size} samples; use fewer clients"
+        )
     return _finish(parts)
 
 
@@ -225,8 +247,9 @@ def label_counts(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: i
     )
 
 
-def plot_label_counts(counts: np.ndarray, path: str | Path, *, class_names: Sequence[str] | None = None,
-                      title: str | None = None) -> None:
+def plot_label_counts(
+    counts: np.ndarray, path: str | Path, *, class_names: Sequence[str] | None = None, title: str | None = None
+) -> None:
     """Heatmap of samples per client (rows) and class (columns), written as PNG atomically."""
     import matplotlib
 
@@ -239,16 +262,22 @@ def plot_label_counts(counts: np.ndarray, path: str | Path, *, class_names: Sequ
     ax.set_xlabel("class")
     ax.set_ylabel("client")
     ax.set_xticks(range(classes))
-    ax.set_xticklabels(class_names if class_names is not None else range(classes), rotation=45, ha="right",
-                       fontsize=7)
+    ax.set_xticklabels(class_names if class_names is not None else range(classes), rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(clients))
     ax.tick_params(axis="y", labelsize=7)
     if clients <= 20 and classes <= 10:
         high = counts.max() if counts.size else 0
         for i in range(clients):
             for j in range(classes):
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6,
-                        color="black" if counts[i, j] > 0.6 * high else "white")
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black" if counts[i, j] > 0.6 * high else "white",
+                )
     fig.colorbar(image, ax=ax, label="samples")
     ax.set_title(title or "samples per client and class", fontsize=9)
     fig.tight_layout()

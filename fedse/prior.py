@@ -50,8 +50,9 @@ def label_log_prior(labels: torch.Tensor, num_classes: int, smoothing: float = 1
 
 
 @torch.no_grad()
-def fit_prior_weight(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor,
-                     weights: tuple[float, ...] = WEIGHTS) -> float:
+def fit_prior_weight(
+    logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor, weights: tuple[float, ...] = WEIGHTS
+) -> float:
     """The weight ``t`` (from ``weights``) maximising the likelihood of ``labels`` under
     ``softmax(logits + t * log_prior)``; the smallest such ``t`` on ties."""
     if len(labels) == 0:

@@ -30,9 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -40,6 +37,9 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -66,15 +66,23 @@ class SampleDP:
     and restarts (:meth:`state`, ``state=``), so the epsilon a client reports covers every DP step
     it ever took."""
 
-    def __init__(self, noise_multiplier: float, max_grad_norm: float, accountant: str = "rdp", *,
-                 state: Mapping[str, Any] | None = None, secure_mode: bool = False) -> None:
+    def __init__(
+        self,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        accountant: str = "rdp",
+        *,
+        state: Mapping[str, Any] | None = None,
+        secure_mode: bool = False,
+    ) -> None:
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.secure_mode = secure_mode  # Opacus's cryptographically secure generator (torchcsprng; config-checked)
         self.accountant = create_accountant(accountant)
         if state:
-            self.accountant.load_state_dict({"history": [tuple(h) for h in state["history"]],
-                                             "mechanism": state["mechanism"]})
+            self.accountant.load_state_dict(
+                {"history": [tuple(h) for h in state["history"]], "mechanism": state["mechanism"]}
+            )
 
     def state(self) -> dict[str, Any]:
         """The accountant's ``state_dict()`` as plain JSON-able data."""
@@ -86,8 +94,14 @@ class SampleDP:
         return float(self.accountant.get_epsilon(delta=delta)) if self.accountant.history else 0.0
 
     @contextlib.contextmanager
-    def phase(self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-              labels: torch.Tensor, batch_size: int) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, DataLoader]]:
+    def phase(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+    ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, DataLoader]]:
         """One DP-SGD phase: (model, optimizer, Poisson loader) wrapped by Opacus, with this client's
         accountant counting the steps; Opacus's hooks are removed from the model on exit.
 
@@ -97,12 +111,16 @@ class SampleDP:
         ``secure_mode`` Opacus draws both from its cryptographically secure generator instead."""
         engine = PrivacyEngine(accountant=self.accountant.mechanism(), secure_mode=self.secure_mode)
         engine.accountant = self.accountant  # the steps of this phase go to this client's accountant
-        generator = None if self.secure_mode else torch.Generator().manual_seed(
-            int.from_bytes(os.urandom(8), "little"))
+        generator = None if self.secure_mode else torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
         loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, generator=generator)
         dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm, poisson_sampling=True, noise_generator=generator,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=generator,
         )
         try:
             yield dp_model, dp_optimizer, dp_loader
@@ -115,8 +133,11 @@ def check_dp_model(model: nn.Module) -> None:
     """Opacus can only train modules without cross-sample statistics (no BatchNorm): Opacus's
     ModuleValidator, plus a type check that also catches BatchNorm subclasses."""
     errors = [str(e) for e in ModuleValidator.validate(model, strict=False)]
-    errors += [f"{name or type(model).__name__} is a {type(m).__name__} (BatchNorm)"
-               for name, m in model.named_modules() if isinstance(m, _BatchNorm)][:1]
+    errors += [
+        f"{name or type(model).__name__} is a {type(m).__name__} (BatchNorm)"
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm)
+    ][:1]
     if errors:
         raise ConfigError(
             f"privacy.mode=sample needs a model Opacus can privatize, but this one has "
@@ -134,8 +155,13 @@ def sample_noise_multiplier(cfg: Config, num_train: int, private_first: bool) ->
     sample_rate, steps_per_epoch = poisson_rate(num_train, cfg.train.batch_size)
     epochs = cfg.train.local_epochs + (cfg.train.private_epochs if private_first else 0)
     steps = cfg.server.rounds * epochs * steps_per_epoch
-    return get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=sample_rate,
-                                steps=steps, accountant=p.accountant)
+    return get_noise_multiplier(
+        target_epsilon=p.target_epsilon,
+        target_delta=p.delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=p.accountant,
+    )
 
 
 def poisson_rate(num_train: int, batch_size: int) -> tuple[float, int]:
@@ -155,9 +181,14 @@ def epsilon_of(history: list[tuple[float, float, int]] | None, delta: float, acc
 
 
 def _accountant(delta: float, population: int) -> RdpAccountant:
-    return RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
-                                       neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                                       sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    return RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
 
 
 def client_level_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
@@ -181,9 +212,15 @@ def client_noise_multiplier(cfg: Config) -> float:
     from dp_accounting import dp_event, mechanism_calibration, rdp
 
     rounds = cfg.server.rounds
-    return float(mechanism_calibration.calibrate_dp_mechanism(
-        rdp.RdpAccountant, lambda sigma: dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(sigma), rounds),
-        pr.target_epsilon, pr.delta, mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0)))
+    return float(
+        mechanism_calibration.calibrate_dp_mechanism(
+            rdp.RdpAccountant,
+            lambda sigma: dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(sigma), rounds),
+            pr.target_epsilon,
+            pr.delta,
+            mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0),
+        )
+    )
 
 
 @dataclass
@@ -225,5 +262,10 @@ class ClientDP:
 
 def make_client_dp(cfg: Config, num_clients: int, sampled: int) -> ClientDP:
     """The run's client-level DP: ``sampled`` of ``num_clients`` clients averaged per round."""
-    return ClientDP(client_noise_multiplier(cfg), sampled, num_clients, _accountant(cfg.privacy.delta, num_clients),
-                    wrapper_composes=cfg.privacy.clipping == "fixed")
+    return ClientDP(
+        client_noise_multiplier(cfg),
+        sampled,
+        num_clients,
+        _accountant(cfg.privacy.delta, num_clients),
+        wrapper_composes=cfg.privacy.clipping == "fixed",
+    )

@@ -96,10 +96,11 @@ def _names(keys: list[str]) -> str:
     return "[" + ", ".join(shown) + (" ..." if len(keys) > 5 else "") + "]"
 
 
-def _read_arrays(record: ArrayRecord, expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                 problems: list[str]) -> dict[str, np.ndarray]:
+def _read_arrays(
+    record: ArrayRecord, expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], problems: list[str]
+) -> dict[str, np.ndarray]:
     """The record's arrays as numpy, checked against ``expected`` (shape, dtype); problems appended."""
-    keys = [str(k) for k in record.keys()]
+    keys = [str(k) for k in record]
     if extra := sorted(set(keys) - set(expected)):
         problems.append(f"keys outside the shared set: {_names(extra)}")
     if missing := sorted(set(expected) - set(keys)):
@@ -128,7 +129,7 @@ def check_arrays(record: ArrayRecord, expected: Mapping[str, tuple[int, ...]]) -
     empty when it is. The dtype is not checked here (see :func:`screen_reply`)."""
     problems: list[str] = []
     try:
-        dtypes = {k: record[k].numpy().dtype for k in record.keys() if k in expected}
+        dtypes = {k: record[k].numpy().dtype for k in record if k in expected}
     except Exception as err:  # noqa: BLE001
         return [f"unreadable arrays ({type(err).__name__})"]
     _read_arrays(record, {k: (s, dtypes.get(k, np.dtype(np.float32))) for k, s in expected.items()}, problems)
@@ -161,7 +162,7 @@ def _scalar(value: object) -> bool:
 
 def _check_record_layout(content: RecordDict, schema: ReplySchema, problems: list[str]) -> None:
     kinds = {ARRAYS: content.array_records, METRICS: content.metric_records, CLIENT: content.config_records}
-    names = [str(k) for k in content.keys()]
+    names = [str(k) for k in content]
     if extra := sorted(set(names) - schema.records):
         problems.append(f"unexpected records: {_names(extra)}")
     for name in sorted(schema.records):
@@ -171,7 +172,7 @@ def _check_record_layout(content: RecordDict, schema: ReplySchema, problems: lis
 
 def _check_metrics(metrics: MetricRecord, schema: ReplySchema, problems: list[str]) -> dict[str, float | int]:
     expected = {NUM_EXAMPLES, *schema.metrics}
-    keys = [str(k) for k in metrics.keys()]
+    keys = [str(k) for k in metrics]
     if extra := sorted(set(keys) - expected):
         problems.append(f"unexpected metrics: {_names(extra)}")
     if missing := sorted(expected - set(keys)):
@@ -195,7 +196,7 @@ def _check_metrics(metrics: MetricRecord, schema: ReplySchema, problems: list[st
 
 
 def _check_client(record: ConfigRecord, schema: ReplySchema, problems: list[str]) -> dict[str, int]:
-    keys = [str(k) for k in record.keys()]
+    keys = [str(k) for k in record]
     if extra := sorted(set(keys) - set(schema.client)):
         problems.append(f"unexpected client fields: {_names(extra)}")
     if missing := sorted(set(schema.client) - set(keys)):
@@ -222,8 +223,9 @@ class Screened:
 
     def content(self, extra_metrics: Mapping[str, int | float] | None = None) -> RecordDict:
         """A fresh RecordDict of exactly the checked values (``extra_metrics``: set by the server)."""
-        content = RecordDict({METRICS: MetricRecord({**self.metrics, **(extra_metrics or {})}),
-                              CLIENT: ConfigRecord(dict(self.client))})
+        content = RecordDict(
+            {METRICS: MetricRecord({**self.metrics, **(extra_metrics or {})}), CLIENT: ConfigRecord(dict(self.client))}
+        )
         if self.arrays is not None:
             content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in self.arrays.items()})
         return content
@@ -236,10 +238,14 @@ def screen_reply(msg: Message, schema: ReplySchema) -> tuple[Screened | None, li
     try:
         content = msg.content
         _check_record_layout(content, schema, problems)
-        metrics = (_check_metrics(content.metric_records[METRICS], schema, problems)
-                   if METRICS in content.metric_records else {})
-        client = (_check_client(content.config_records[CLIENT], schema, problems)
-                  if CLIENT in content.config_records else {})
+        metrics = (
+            _check_metrics(content.metric_records[METRICS], schema, problems)
+            if METRICS in content.metric_records
+            else {}
+        )
+        client = (
+            _check_client(content.config_records[CLIENT], schema, problems) if CLIENT in content.config_records else {}
+        )
         arrays = None
         if schema.arrays is not None and ARRAYS in content.array_records:
             arrays = _read_arrays(content.array_records[ARRAYS], schema.arrays, problems)
@@ -250,14 +256,14 @@ def screen_reply(msg: Message, schema: ReplySchema) -> tuple[Screened | None, li
     return Screened(metrics, client, arrays), []
 
 
-def train_schema(shared: Mapping[str, torch.Tensor], *, dp_sample: bool, digests: bool,
-                 max_examples: int) -> ReplySchema:
+def train_schema(
+    shared: Mapping[str, torch.Tensor], *, dp_sample: bool, digests: bool, max_examples: int
+) -> ReplySchema:
     """The reply to a train message: shared arrays (shape and dtype of ``shared``), the step's
     metrics (training loss and accuracy; under sample-level DP only the client's epsilon), the
     client's claimed id (and private-state digests when the run asks for them)."""
     arrays = {k: (tuple(v.shape), np.dtype(str(v.dtype).removeprefix("torch."))) for k, v in shared.items()}
-    metrics = {"dp-epsilon": _NON_NEGATIVE} if dp_sample else {"train-loss": _NON_NEGATIVE,
-                                                               "train-acc": _PROBABILITY}
+    metrics = {"dp-epsilon": _NON_NEGATIVE} if dp_sample else {"train-loss": _NON_NEGATIVE, "train-acc": _PROBABILITY}
     client = {CLIENT_ID: (0, _CLIENT_ID_MAX)}
     if digests:
         client |= {DIGEST_IN: (0, _DIGEST_MAX), DIGEST_OUT: (0, _DIGEST_MAX)}

@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,20 +85,22 @@ def round_rows(log: RunLog) -> list[dict[str, Any]]:
         train, ev = log.train.get(rnd, {}), log.evaluate.get(rnd, {})
         local = [r["local-acc"] for r in ev.values() if "local-acc" in r]
         pooled = [r["pooled-acc"] for r in ev.values() if "pooled-acc" in r]
-        rows.append({
-            "round": rnd,
-            "clients": len(train),
-            "train_loss": _weighted(train, "train-loss"),
-            "train_acc": _weighted(train, "train-acc"),
-            "local_acc_mean": float(np.mean(local)) if local else None,
-            "local_acc_weighted": _weighted(ev, "local-acc"),
-            "pooled_acc_mean": float(np.mean(pooled)) if pooled else None,
-            "seconds": log.round_seconds.get(rnd),
-            "epsilon": _epsilon(log, rnd, train),
-            "dropped": sum(d["round"] == rnd for d in log.dropped),
-            "failed": sum(f["round"] == rnd for f in log.failed),
-            "refused": any(r["round"] == rnd for r in log.refused),
-        })
+        rows.append(
+            {
+                "round": rnd,
+                "clients": len(train),
+                "train_loss": _weighted(train, "train-loss"),
+                "train_acc": _weighted(train, "train-acc"),
+                "local_acc_mean": float(np.mean(local)) if local else None,
+                "local_acc_weighted": _weighted(ev, "local-acc"),
+                "pooled_acc_mean": float(np.mean(pooled)) if pooled else None,
+                "seconds": log.round_seconds.get(rnd),
+                "epsilon": _epsilon(log, rnd, train),
+                "dropped": sum(d["round"] == rnd for d in log.dropped),
+                "failed": sum(f["round"] == rnd for f in log.failed),
+                "refused": any(r["round"] == rnd for r in log.refused),
+            }
+        )
     return rows
 
 
@@ -137,7 +139,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     columns = list(columns or rows[0].keys())
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
@@ -145,9 +147,16 @@ def client_summary_rows(clients: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     """mean / std / median / worst 10% / best over clients, for local and pooled accuracy."""
     local = summarize([c["local_acc"] for c in clients if c["local_acc"] is not None])
     pooled = summarize([c["pooled_acc"] for c in clients if c["pooled_acc"] is not None])
-    return [{"client": name, "local_acc": local.get(key), "pooled_acc": pooled.get(key)}
-            for name, key in (("mean", "mean"), ("std", "std"), ("median", "median"),
-                              ("worst 10%", "worst10"), ("best", "best"))]
+    return [
+        {"client": name, "local_acc": local.get(key), "pooled_acc": pooled.get(key)}
+        for name, key in (
+            ("mean", "mean"),
+            ("std", "std"),
+            ("median", "median"),
+            ("worst 10%", "worst10"),
+            ("best", "best"),
+        )
+    ]
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -166,12 +175,14 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str = ""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("local_acc_mean", "personalized (own test, mean over clients)"),
-                       ("pooled_acc_mean", "pooled test (mean over clients)"),
-                       ("train_acc", "train (sample-weighted)")):
+    for key, label in (
+        ("local_acc_mean", "personalized (own test, mean over clients)"),
+        ("pooled_acc_mean", "pooled test (mean over clients)"),
+        ("train_acc", "train (sample-weighted)"),
+    ):
         pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -206,11 +217,13 @@ def write_run(
         atomic_save(run_dir / "shared_weights.pt", lambda f: torch.save(dict(shared_state), f))
     summary = {
         "split": dict(split_summary),
-        "clients": {row["client"]: {k: v for k, v in row.items() if k != "client"}
-                    for row in client_summary_rows(clients)},
+        "clients": {
+            row["client"]: {k: v for k, v in row.items() if k != "client"} for row in client_summary_rows(clients)
+        },
         "last_round": rounds[-1] if rounds else None,
-        "best_round_local_acc_mean": max((r["local_acc_mean"] for r in rounds if r["local_acc_mean"] is not None),
-                                         default=None),
+        "best_round_local_acc_mean": max(
+            (r["local_acc_mean"] for r in rounds if r["local_acc_mean"] is not None), default=None
+        ),
         "dropped_replies": log.dropped,
         "failed_replies": log.failed,
         "refused_rounds": log.refused,

@@ -57,18 +57,22 @@ def make_run_dir(cfg: Config, config_name: str) -> Path:
             if not named:
                 continue
             if not run_dir.is_dir():
-                raise FileExistsError(f"run folder {str(run_dir)!r} exists and is not a folder; "
-                                      "choose another output.name or remove it") from None
+                raise FileExistsError(
+                    f"run folder {str(run_dir)!r} exists and is not a folder; choose another output.name or remove it"
+                ) from None
             if any(run_dir.iterdir()):
-                raise FileExistsError(f"run folder {str(run_dir)!r} already exists and is not empty; "
-                                      "choose another output.name or remove it") from None
+                raise FileExistsError(
+                    f"run folder {str(run_dir)!r} already exists and is not empty; "
+                    "choose another output.name or remove it"
+                ) from None
         try:
             fd = os.open(run_dir / marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
             if not named:
                 continue
-            raise FileExistsError(f"run folder {str(run_dir)!r} was claimed by another run at the same time; "
-                                  "choose another output.name") from None
+            raise FileExistsError(
+                f"run folder {str(run_dir)!r} was claimed by another run at the same time; choose another output.name"
+            ) from None
         except OSError:
             if made:
                 run_dir.rmdir()
@@ -76,8 +80,9 @@ def make_run_dir(cfg: Config, config_name: str) -> Path:
         with os.fdopen(fd, "w") as f:
             f.write(f"claimed by pid {os.getpid()} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         return run_dir
-    raise FileExistsError(f"run folders {str(parent / names[0])!r} to '-{len(names)}' all exist; "
-                          "set output.name or remove some")
+    raise FileExistsError(
+        f"run folders {str(parent / names[0])!r} to '-{len(names)}' all exist; set output.name or remove some"
+    )
 
 
 def claim_run_dir(cfg: Config, config_name: str) -> tuple[Path, bool]:
@@ -92,8 +97,10 @@ def claim_run_dir(cfg: Config, config_name: str) -> tuple[Path, bool]:
     except OSError as err:
         detail = err.strerror or str(err)
         where = f" ({err.filename})" if err.filename and str(err.filename) != cfg.output.dir else ""
-        raise ConfigError(f"config key 'output.dir': cannot create a run folder under {cfg.output.dir!r}: "
-                          f"{detail}{where}; allowed: a directory this user can create and write to") from None
+        raise ConfigError(
+            f"config key 'output.dir': cannot create a run folder under {cfg.output.dir!r}: "
+            f"{detail}{where}; allowed: a directory this user can create and write to"
+        ) from None
 
 
 def discard_unstarted(run_dir: Path, existed: bool) -> None:
@@ -113,10 +120,17 @@ def discard_unstarted(run_dir: Path, existed: bool) -> None:
 
 def write_partition(fed: FederatedData, run_dir: Path) -> None:
     counts = fed.label_counts()
-    atomic_write_json(run_dir / "label_counts.json", {
-        "classes": list(fed.dataset.classes),
-        "train": fed.label_counts("train").tolist(),
-        "test": fed.label_counts("test").tolist(),
-    })
-    plot_label_counts(counts, run_dir / "label_distribution.png", class_names=list(fed.dataset.classes),
-                      title=f"{fed.dataset.name}: samples per client and class")
+    atomic_write_json(
+        run_dir / "label_counts.json",
+        {
+            "classes": list(fed.dataset.classes),
+            "train": fed.label_counts("train").tolist(),
+            "test": fed.label_counts("test").tolist(),
+        },
+    )
+    plot_label_counts(
+        counts,
+        run_dir / "label_distribution.png",
+        class_names=list(fed.dataset.classes),
+        title=f"{fed.dataset.name}: samples per client and class",
+    )

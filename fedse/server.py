@@ -55,17 +55,30 @@ def privacy_report(cfg: Config, run_log: RunLog, dp: ClientDP | None) -> dict[st
         return {"mode": "none"}
     if pr.mode == "sample":
         eps = [r["dp-epsilon"] for rows in run_log.train.values() for r in rows.values() if "dp-epsilon" in r]
-        return {"mode": "sample", "level": "one training example of one client", "delta": pr.delta,
-                "epsilon_max_over_clients": max(eps, default=0.0), "accountant": pr.accountant,
-                "max_grad_norm": pr.max_grad_norm}
+        return {
+            "mode": "sample",
+            "level": "one training example of one client",
+            "delta": pr.delta,
+            "epsilon_max_over_clients": max(eps, default=0.0),
+            "accountant": pr.accountant,
+            "max_grad_norm": pr.max_grad_norm,
+        }
     assert dp is not None
-    return {"mode": "client", "level": "all data of one client", "delta": pr.delta, "epsilon": dp.epsilon(),
-            "noise_multiplier": dp.noise_multiplier, "releases": dp.releases,
-            "rounds_refused": [r["round"] for r in run_log.refused],
-            "clients_per_release": dp.sampled, "population": dp.population,
-            "sampling": "fixed-size sample, no amplification claimed (accounted as if every client took part)",
-            "clipping": pr.clipping, "clipping_norm": pr.clipping_norm,
-            "accountant": "rdp (Flower, dp-accounting)"}
+    return {
+        "mode": "client",
+        "level": "all data of one client",
+        "delta": pr.delta,
+        "epsilon": dp.epsilon(),
+        "noise_multiplier": dp.noise_multiplier,
+        "releases": dp.releases,
+        "rounds_refused": [r["round"] for r in run_log.refused],
+        "clients_per_release": dp.sampled,
+        "population": dp.population,
+        "sampling": "fixed-size sample, no amplification claimed (accounted as if every client took part)",
+        "clipping": pr.clipping,
+        "clipping_norm": pr.clipping_norm,
+        "accountant": "rdp (Flower, dp-accounting)",
+    }
 
 
 class RunRecorder(Strategy):
@@ -76,9 +89,17 @@ class RunRecorder(Strategy):
     round, and hands the round's shared arrays to ``on_round_end`` (checkpoints), also for a round
     without an update."""
 
-    def __init__(self, guard: GuardedStrategy, log: RunLog, *, num_rounds: int, round_offset: int = 0,
-                 pooled_every: int | None = 0, on_round: Callable[[int, RunLog], None] | None = None,
-                 on_round_end: Callable[[int, ArrayRecord, RunLog], None] | None = None) -> None:
+    def __init__(
+        self,
+        guard: GuardedStrategy,
+        log: RunLog,
+        *,
+        num_rounds: int,
+        round_offset: int = 0,
+        pooled_every: int | None = 0,
+        on_round: Callable[[int, RunLog], None] | None = None,
+        on_round_end: Callable[[int, ArrayRecord, RunLog], None] | None = None,
+    ) -> None:
         self.guard = guard
         self.log = log
         self.num_rounds = num_rounds
@@ -112,14 +133,16 @@ class RunRecorder(Strategy):
         sent = {k: v.numpy() for k, v in self._sent.items()}
         return float(np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - sent[k]) ** 2)) for k in arrays)))
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                        ) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._started = time.perf_counter()
         self._sent = arrays
         return self.guard.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         result = self.guard.aggregate_train(server_round, replies)
         server_round += self.round_offset
@@ -127,8 +150,9 @@ class RunRecorder(Strategy):
         rows = self.log.train[server_round]
         # The norm as received, and after Flower's DP wrappers clipped the reply in place.
         kept = {node for _, node, _ in self.guard.last.kept}
-        clipped = {int(m.metadata.src_node_id): m.content[ARRAYS] for m in replies
-                   if int(m.metadata.src_node_id) in kept}
+        clipped = {
+            int(m.metadata.src_node_id): m.content[ARRAYS] for m in replies if int(m.metadata.src_node_id) in kept
+        }
         for cid, node, checked in self.guard.last.kept:
             rows[cid]["update-norm"] = self._update_norm(checked.arrays)
             rows[cid]["update-norm-aggregated"] = self._update_norm({k: v.numpy() for k, v in clipped[node].items()})
@@ -141,8 +165,9 @@ class RunRecorder(Strategy):
             self.on_round_end(server_round, arrays, self.log)
         return result
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                           ) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config[POOLED] = self.wants_pooled(server_round + self.round_offset)
         return self.guard.configure_evaluate(server_round, arrays, config, grid)
 
@@ -156,8 +181,9 @@ class RunRecorder(Strategy):
         return metrics
 
 
-def _start(cfg: Config, fed: FederatedData, num_clients: int
-           ) -> tuple[torch.nn.Module, Split, dict[str, torch.Tensor], ClientDP | None]:
+def _start(
+    cfg: Config, fed: FederatedData, num_clients: int
+) -> tuple[torch.nn.Module, Split, dict[str, torch.Tensor], ClientDP | None]:
     """The run's model, its split, the initial shared weights and the client-level DP state."""
     ds = fed.dataset
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
@@ -168,8 +194,9 @@ def _start(cfg: Config, fed: FederatedData, num_clients: int
     return model, split, split.shared_state(model), dp
 
 
-def _resume(run_dir: Path, cfg: Config, shared_like: dict[str, torch.Tensor], dp: ClientDP | None
-            ) -> tuple[int, dict[str, torch.Tensor], RunLog]:
+def _resume(
+    run_dir: Path, cfg: Config, shared_like: dict[str, torch.Tensor], dp: ClientDP | None
+) -> tuple[int, dict[str, torch.Tensor], RunLog]:
     done, shared, run_log, ledger = load_checkpoint(run_dir, cfg, shared_like)
     if dp is not None:
         try:
@@ -212,14 +239,24 @@ def run_server(
     max_test = cfg.server.max_num_examples or max(len(p) for p in fed.test_parts)
     guard = GuardedStrategy(
         create_strategy(cfg, dp),
-        train_schema(shared_like, dp_sample=cfg.privacy.mode == "sample", digests=cfg.evaluate.private_digest,
-                     max_examples=max_train),
+        train_schema(
+            shared_like,
+            dp_sample=cfg.privacy.mode == "sample",
+            digests=cfg.evaluate.private_digest,
+            max_examples=max_train,
+        ),
         lambda pooled: evaluate_schema(pooled=pooled, max_examples=max_test, max_train=max_train),
-        dp=dp, expected_nodes=num_clients, join_timeout=cfg.server.join_timeout,
+        dp=dp,
+        expected_nodes=num_clients,
+        join_timeout=cfg.server.join_timeout,
     )
     strategy = RunRecorder(
-        guard, run_log or RunLog(), num_rounds=cfg.server.rounds, round_offset=done,
-        pooled_every=cfg.evaluate.pooled_every if cfg.evaluate.pooled else None, on_round=on_round,
+        guard,
+        run_log or RunLog(),
+        num_rounds=cfg.server.rounds,
+        round_offset=done,
+        pooled_every=cfg.evaluate.pooled_every if cfg.evaluate.pooled else None,
+        on_round=on_round,
         on_round_end=(lambda rnd, arrays, rl: save_checkpoint(run_dir, cfg, rnd, arrays, rl, dp)) if run_dir else None,
     )
     payload = json.dumps(config_to_dict(cfg))
@@ -259,6 +296,8 @@ def final_tables(outcome_log: RunLog) -> str:
         text += f"\n\n{len(outcome_log.dropped)} replies refused by the guard; first: {outcome_log.dropped[0]}"
     if outcome_log.failed:
         reason = str(outcome_log.failed[0]["reason"]).replace("\\n", "\n").strip().splitlines()
-        text += (f"\n\n{len(outcome_log.failed)} client replies failed (see rounds.json / summary.json); "
-                 f"first reason: {reason[-1][:300] if reason else '?'}")
+        text += (
+            f"\n\n{len(outcome_log.failed)} client replies failed (see rounds.json / summary.json); "
+            f"first reason: {reason[-1][:300] if reason else '?'}"
+        )
     return text

@@ -48,8 +48,11 @@ def backend_config(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     gpus = cfg.simulation.client_gpu_fraction if torch.cuda.is_available() else 0.0
     return {
         "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": gpus},
-        "init_args": {"include_dashboard": False, "log_to_driver": verbose,
-                      "logging_level": "INFO" if verbose else "ERROR"},
+        "init_args": {
+            "include_dashboard": False,
+            "log_to_driver": verbose,
+            "logging_level": "INFO" if verbose else "ERROR",
+        },
     }
 
 
@@ -59,7 +62,7 @@ class _Progress:
     def __init__(self, rounds: int, quiet: bool) -> None:
         self.rounds, self.quiet, self.bar = rounds, quiet, None
         if not quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TextColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             self.task = self.bar.add_task("rounds", total=rounds)
@@ -76,12 +79,15 @@ class _Progress:
     def __call__(self, server_round: int, run_log: RunLog) -> None:
         row = round_rows(run_log)[-1]
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        text = (f"round {server_round}/{self.rounds}  clients {row['clients']}  loss {fmt(row['train_loss'])}  "
-                f"pers-acc {fmt(row['local_acc_mean'])}  pooled {fmt(row['pooled_acc_mean'])}  "
-                f"{row['seconds']:.1f}s" + (f"  eps {row['epsilon']:.3f}" if row["epsilon"] is not None else "")
-                + ("  no update (DP: reply count)" if row["refused"] else "")
-                + (f"  dropped {row['dropped']}" if row["dropped"] else "")
-                + (f"  failed {row['failed']}" if row["failed"] else ""))
+        text = (
+            f"round {server_round}/{self.rounds}  clients {row['clients']}  loss {fmt(row['train_loss'])}  "
+            f"pers-acc {fmt(row['local_acc_mean'])}  pooled {fmt(row['pooled_acc_mean'])}  "
+            f"{row['seconds']:.1f}s"
+            + (f"  eps {row['epsilon']:.3f}" if row["epsilon"] is not None else "")
+            + ("  no update (DP: reply count)" if row["refused"] else "")
+            + (f"  dropped {row['dropped']}" if row["dropped"] else "")
+            + (f"  failed {row['failed']}" if row["failed"] else "")
+        )
         if self.bar is not None:
             self.bar.console.print(text)
             self.bar.advance(self.task)
@@ -89,9 +95,17 @@ class _Progress:
             log.info(text)
 
 
-def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = None, quiet: bool = False,
-             verbose: bool = False, clients: int | None = None, resume: bool = False,
-             num_supernodes: int | None = None) -> SimulationResult:
+def simulate(
+    cfg: Config,
+    *,
+    config_name: str = "run",
+    run_dir: Path | None = None,
+    quiet: bool = False,
+    verbose: bool = False,
+    clients: int | None = None,
+    resume: bool = False,
+    num_supernodes: int | None = None,
+) -> SimulationResult:
     """Run the whole simulation described by ``cfg``; write the run folder.
 
     ``clients``: how many of the partitions take part (the first ones; default all),
@@ -106,8 +120,16 @@ def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = No
     if claimed:
         run_dir, existed = claim_run_dir(cfg, config_name)
     try:
-        outcome = _run(cfg, fed, run_dir, quiet=quiet, verbose=verbose, clients=clients, resume=resume,
-                       num_supernodes=num_supernodes)
+        outcome = _run(
+            cfg,
+            fed,
+            run_dir,
+            quiet=quiet,
+            verbose=verbose,
+            clients=clients,
+            resume=resume,
+            num_supernodes=num_supernodes,
+        )
     except BaseException:
         if claimed:
             discard_unstarted(run_dir, existed)
@@ -120,8 +142,17 @@ def simulate(cfg: Config, *, config_name: str = "run", run_dir: Path | None = No
     return SimulationResult(run_dir, outcome, time.perf_counter() - started)
 
 
-def _run(cfg: Config, fed: FederatedData, run_dir: Path, *, quiet: bool, verbose: bool, clients: int | None,
-         resume: bool, num_supernodes: int | None) -> ServerOutcome:
+def _run(
+    cfg: Config,
+    fed: FederatedData,
+    run_dir: Path,
+    *,
+    quiet: bool,
+    verbose: bool,
+    clients: int | None,
+    resume: bool,
+    num_supernodes: int | None,
+) -> ServerOutcome:
     write_partition(fed, run_dir)
     holder: dict[str, Any] = {}
     server_app = ServerApp()
@@ -131,8 +162,9 @@ def _run(cfg: Config, fed: FederatedData, run_dir: Path, *, quiet: bool, verbose
         @server_app.main()
         def _main(grid: Grid, context: Context) -> None:
             try:
-                holder["outcome"] = run_server(grid, cfg, fed, run_dir, on_round=progress, num_clients=clients,
-                                               resume=resume)
+                holder["outcome"] = run_server(
+                    grid, cfg, fed, run_dir, on_round=progress, num_clients=clients, resume=resume
+                )
             except Exception as err:  # re-raised in this process after the engine stopped
                 holder["error"] = err
 

@@ -133,8 +133,12 @@ class StateStore:
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buffer)
         payload = buffer.getvalue()
-        header = {"format": 1, "sha256": hashlib.sha256(payload).hexdigest(), "length": len(payload),
-                  "meta": dict(meta or {})}
+        header = {
+            "format": 1,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "length": len(payload),
+            "meta": dict(meta or {}),
+        }
         atomic_write_bytes(self.path, MAGIC + json.dumps(header).encode() + b"\n" + payload)
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -142,11 +146,13 @@ class StateStore:
         if not self.path.exists():
             return None
         raw = self.path.read_bytes()
-        advice = (f"restore {self.path} from a backup, or delete it to start this client from the common "
-                  "initialisation (its personalization is then lost)")
-        if not raw.startswith(MAGIC) or b"\n" not in raw[len(MAGIC):]:
+        advice = (
+            f"restore {self.path} from a backup, or delete it to start this client from the common "
+            "initialisation (its personalization is then lost)"
+        )
+        if not raw.startswith(MAGIC) or b"\n" not in raw[len(MAGIC) :]:
             raise StateCorruptError(f"{self.path} is not a fedse state file (bad header); {advice}")
-        line, _, payload = raw[len(MAGIC):].partition(b"\n")
+        line, _, payload = raw[len(MAGIC) :].partition(b"\n")
         try:
             header = json.loads(line)
         except json.JSONDecodeError:
@@ -160,8 +166,9 @@ class StateStore:
         try:
             tensors = torch.load(io.BytesIO(payload), weights_only=True)
         except Exception as err:  # noqa: BLE001 (weights_only refuses anything but tensors and plain data)
-            raise StateCorruptError(f"{self.path}: payload is not a plain mapping of tensors ({type(err).__name__}); "
-                                    f"{advice}") from None
+            raise StateCorruptError(
+                f"{self.path}: payload is not a plain mapping of tensors ({type(err).__name__}); {advice}"
+            ) from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise StateCorruptError(f"{self.path}: payload is not a mapping of tensors; {advice}")
         return tensors, header.get("meta", {})

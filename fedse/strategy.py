@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +34,15 @@ from .config import Config, ConfigError
 from .privacy import ClientDP
 from .records import CLIENT_ID, NUM_EXAMPLES, POOLED, UNIT_WEIGHT, ReplySchema, Screened, screen_reply
 
-__all__ = ["STRATEGIES", "AdaptiveClipping", "GuardedStrategy", "NodeCountError", "Screening", "clients_per_round",
-           "create_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "AdaptiveClipping",
+    "GuardedStrategy",
+    "NodeCountError",
+    "Screening",
+    "clients_per_round",
+    "create_strategy",
+]
 
 log = logging.getLogger("fedse")
 
@@ -72,10 +79,14 @@ def create_strategy(cfg: Config, dp: ClientDP | None = None) -> Strategy:
         return strategy
     try:
         if pr.clipping == "fixed":
-            return DifferentialPrivacyServerSideFixedClipping(strategy, dp.noise_multiplier, pr.clipping_norm,
-                                                              dp.sampled, accountant=dp.accountant)
+            return DifferentialPrivacyServerSideFixedClipping(
+                strategy, dp.noise_multiplier, pr.clipping_norm, dp.sampled, accountant=dp.accountant
+            )
         return AdaptiveClipping(
-            strategy, dp.noise_multiplier, dp.sampled, initial_clipping_norm=pr.clipping_norm,
+            strategy,
+            dp.noise_multiplier,
+            dp.sampled,
+            initial_clipping_norm=pr.clipping_norm,
             clipped_count_stddev=pr.clipped_count_stddev,
         )
     except ValueError as err:  # Flower's own rules, e.g. clipped_count_stddev too low for sigma
@@ -92,8 +103,9 @@ class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
     is smaller than the sensitivity of the sum it protects. Here the noise uses the bound of the
     clipping; the bound update is unchanged."""
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self._clipped_with = self.clipping_norm
         return super().aggregate_train(server_round, replies)
 
@@ -142,8 +154,16 @@ class GuardedStrategy(Strategy):
     DP it sets every weight to 1 and refuses a round without exactly ``dp.sampled`` usable replies.
     What it decided for the last round is in :attr:`last`; it records nothing else."""
 
-    def __init__(self, inner: Strategy, train_schema: ReplySchema, evaluate_schema: Callable[[bool], ReplySchema],
-                 *, dp: ClientDP | None = None, expected_nodes: int | None = None, join_timeout: float = 0.0) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        train_schema: ReplySchema,
+        evaluate_schema: Callable[[bool], ReplySchema],
+        *,
+        dp: ClientDP | None = None,
+        expected_nodes: int | None = None,
+        join_timeout: float = 0.0,
+    ) -> None:
         """``evaluate_schema(pooled)``: the schema of an evaluate reply, by whether the server asked
         for the pooled test set (``config["pooled"]``). ``expected_nodes``: the number of nodes the
         run needs; before round 1 the guard waits up to ``join_timeout`` seconds for them and stops
@@ -177,10 +197,12 @@ class GuardedStrategy(Strategy):
                     f"the federation has {found} nodes (SuperNodes) but the run needs {self.expected_nodes} "
                     f"(partition.num_clients); start {self.expected_nodes} SuperNodes (flwr run's local simulation: "
                     f"options.num-supernodes = {self.expected_nodes} under [superlink.local] in ~/.flwr/config.toml) "
-                    f"or set partition.num_clients={found}")
+                    f"or set partition.num_clients={found}"
+                )
             if not waiting:
-                log.info("waiting up to %.0f s for %d nodes (%d connected)", self.join_timeout, self.expected_nodes,
-                         found)
+                log.info(
+                    "waiting up to %.0f s for %d nodes (%d connected)", self.join_timeout, self.expected_nodes, found
+                )
                 waiting = True
             time.sleep(0.2)
 
@@ -207,8 +229,9 @@ class GuardedStrategy(Strategy):
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
-                self.last.failed.append({"node-id": node, "client": self._client_of_node.get(node),
-                                         "reason": _error_reason(msg)})
+                self.last.failed.append(
+                    {"node-id": node, "client": self._client_of_node.get(node), "reason": _error_reason(msg)}
+                )
                 continue
             checked, problems = screen_reply(msg, schema)
             if checked is not None:
@@ -219,8 +242,9 @@ class GuardedStrategy(Strategy):
                     problems = [f"a second reply for client {cid} this round"]
             if problems:
                 log.warning("round %d: dropping reply from node %d: %s", server_round, node, "; ".join(problems))
-                self.last.dropped.append({"node-id": node, "client": self._client_of_node.get(node),
-                                          "problems": problems})
+                self.last.dropped.append(
+                    {"node-id": node, "client": self._client_of_node.get(node), "problems": problems}
+                )
                 continue
             msg.content = checked.content({UNIT_WEIGHT: 1} if self.dp is not None else None)
             self.last.kept.append((cid, node, checked))
@@ -240,8 +264,10 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.screen(server_round, replies, self.train_schema)
         if self.dp is not None and len(kept) != self.dp.sampled:
-            self.last.refused = (f"{len(kept)} usable replies, the noise is sized for {self.dp.sampled}: "
-                                 "no release and no update this round")
+            self.last.refused = (
+                f"{len(kept)} usable replies, the noise is sized for {self.dp.sampled}: "
+                "no release and no update this round"
+            )
             log.warning("round %d: client-level DP: %s", server_round, self.last.refused)
             if self.dp.wrapper_composes:  # Flower's accounted wrapper refuses too, and drops its pending event
                 self.inner.aggregate_train(server_round, kept)

@@ -117,17 +117,26 @@ def train(
         p.requires_grad_(n in trainable)
         if n in trainable:
             groups.setdefault(lr * scale.get(n, 1.0), []).append(p)
-    optimizer = torch.optim.SGD([{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
-                                lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(
+        [{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
     anchored = []
     if proximal_mu > 0 and anchor:
         anchored = [(p, anchor[n].to(device)) for n, p in model.named_parameters() if n in anchor and n in trainable]
     generator = torch.Generator().manual_seed(seed)
     if dp is not None and anchored:
-        raise ValueError("FedProx's proximal term cannot be combined with sample-level DP "
-                         "(its gradient is not per-sample); use server.strategy=fedavg")
-    phase = (dp.phase(model, optimizer, images, labels, batch_size) if dp is not None
-             else contextlib.nullcontext((model, optimizer, None)))
+        raise ValueError(
+            "FedProx's proximal term cannot be combined with sample-level DP "
+            "(its gradient is not per-sample); use server.strategy=fedavg"
+        )
+    phase = (
+        dp.phase(model, optimizer, images, labels, batch_size)
+        if dp is not None
+        else contextlib.nullcontext((model, optimizer, None))
+    )
     with phase as (net, optimizer, loader):
         if loader is not None:
             epoch_batches = lambda: iter(loader)  # noqa: E731
@@ -176,8 +185,10 @@ def predict(
     """Logits of ``model`` in eval mode for every image, on the CPU."""
     device = device or default_device()
     model.to(device).eval()
-    out = [model(normalize(images[index].to(device), mean, std)).float().cpu()
-           for index in batches(len(images), batch_size, None)]
+    out = [
+        model(normalize(images[index].to(device), mean, std)).float().cpu()
+        for index in batches(len(images), batch_size, None)
+    ]
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -23,8 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedse.config import load_config
 from fedse.federated import build_federated_data
-from fedse.server import final_tables, run_server
 from fedse.rundir import claim_run_dir, discard_unstarted, write_partition
+from fedse.server import final_tables, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,9 +73,13 @@ def main(grid: Grid, context: Context) -> None:
         given = str(rc["output-dir"]) or cfg.output.dir
         out = resolve_output_dir(given, ROOT)
         if not Path(given).expanduser().is_absolute():
-            log.warning("output-dir %r is relative: resolved against the app's root %s (under flwr run, Flower's "
-                        "installed copy of the app); pass an absolute path, e.g. --run-config "
-                        "\"output-dir='$PWD/runs'\"", given, ROOT)
+            log.warning(
+                "output-dir %r is relative: resolved against the app's root %s (under flwr run, Flower's "
+                "installed copy of the app); pass an absolute path, e.g. --run-config "
+                "\"output-dir='$PWD/runs'\"",
+                given,
+                ROOT,
+            )
         cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
         run_dir, existed = claim_run_dir(cfg, config_file.stem)
     _say(f"run folder: {run_dir}" + (" (resumed)" if resume else ""))

@@ -40,9 +40,13 @@ def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
         model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
         split = policy.split(model)
         model.load_state_dict(shared, strict=False)
-        rows.append({"client": cid, "train_samples": len(shard.train_labels),
-                     **adapt_and_evaluate(model, split, shard, cfg, policy, seed=cfg.seed + cid, mean=ds.mean,
-                                          std=ds.std)})
+        rows.append(
+            {
+                "client": cid,
+                "train_samples": len(shard.train_labels),
+                **adapt_and_evaluate(model, split, shard, cfg, policy, seed=cfg.seed + cid, mean=ds.mean, std=ds.std),
+            }
+        )
     return rows
 
 
@@ -61,19 +65,30 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
     state = model.state_dict()
     upload = sum(state[k].numel() * state[k].element_size() for k in split.shared)
     hold = _holdout(run_cfg, result.outcome.shared_state, trained) if holdout else []
-    return MethodRun(method, seed, round_rows(result.outcome.log), client_rows(result.outcome.log), hold,
-                     split.summary(model), upload, result.wall_seconds)
+    return MethodRun(
+        method,
+        seed,
+        round_rows(result.outcome.log),
+        client_rows(result.outcome.log),
+        hold,
+        split.summary(model),
+        upload,
+        result.wall_seconds,
+    )
 
 
-def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path, *, holdout: int = 0,
-            command: str = "") -> dict[str, Any]:
+def compare(
+    cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path, *, holdout: int = 0, command: str = ""
+) -> dict[str, Any]:
     """Run every (seed, method); write the comparison folder ``out``; return its summary."""
     if unknown := [m for m in methods if m not in POLICIES]:
         raise ConfigError(f"unknown method(s) {unknown}; valid methods: {sorted(POLICIES)}")
     trained = cfg.partition.num_clients - holdout
     if holdout < 0 or trained < max(cfg.server.min_train_clients, 1):
-        raise ConfigError(f"--holdout {holdout} leaves {trained} training clients; need at least "
-                          f"server.min_train_clients={cfg.server.min_train_clients}")
+        raise ConfigError(
+            f"--holdout {holdout} leaves {trained} training clients; need at least "
+            f"server.min_train_clients={cfg.server.min_train_clients}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     runs = [_run(cfg, m, s, out, holdout) for s in seeds for m in methods]
     return write_comparison(cfg, runs, out, holdout=holdout, command=command)

@@ -18,11 +18,13 @@ from fedse.server import check_resume
 __all__ = ["run"]
 
 
-def run(cfg: Config, *, config_name: str, resume: Path | None = None, quiet: bool = False,
-        verbose: bool = False) -> simulation.SimulationResult:
+def run(
+    cfg: Config, *, config_name: str, resume: Path | None = None, quiet: bool = False, verbose: bool = False
+) -> simulation.SimulationResult:
     """Run ``cfg`` (or continue ``resume``, a run folder, from its checkpoint)."""
     fed = build_federated_data(cfg)
     if resume is not None:
         check_resume(resume, cfg, fed)
-    return simulation.simulate(cfg, config_name=config_name, run_dir=resume, resume=resume is not None,
-                               quiet=quiet, verbose=verbose)
+    return simulation.simulate(
+        cfg, config_name=config_name, run_dir=resume, resume=resume is not None, quiet=quiet, verbose=verbose
+    )

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_config
 from flwr.app import Array, ArrayRecord
 
-from conftest import tiny_config
 from fedse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedse.report import RunLog
 
@@ -41,19 +41,22 @@ def test_truncated_checkpoint(tmp_path):
         load_checkpoint(tmp_path, cfg, SHARED)
 
 
-@pytest.mark.parametrize("override,pattern", [
-    ({"log": None}, "expected the keys"),
-    ({"extra": 1}, "expected the keys"),
-    ({"round": 99}, r"round 99 is outside 1\.\.server\.rounds=2"),
-    ({"round": "1"}, "round '1'"),
-    ({"shared": {"w": torch.zeros(2)}}, "missing b"),
-    ({"shared": {"w": torch.zeros(3), "b": torch.zeros(1)}}, r"w: \(3,\)"),
-    ({"shared": {"w": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(1)}}, "torch.float64"),
-    ({"shared": {"w": torch.tensor([float("nan"), 0.0]), "b": torch.zeros(1)}}, "w: NaN or inf"),
-    ({"log": {"train": {"1": "x"}}}, "malformed run log"),
-    ({"log": {"bogus": 1}}, "malformed run log"),
-    ({"accountant": "{}"}, "privacy accountant does not match"),
-])
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ({"log": None}, "expected the keys"),
+        ({"extra": 1}, "expected the keys"),
+        ({"round": 99}, r"round 99 is outside 1\.\.server\.rounds=2"),
+        ({"round": "1"}, "round '1'"),
+        ({"shared": {"w": torch.zeros(2)}}, "missing b"),
+        ({"shared": {"w": torch.zeros(3), "b": torch.zeros(1)}}, r"w: \(3,\)"),
+        ({"shared": {"w": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(1)}}, "torch.float64"),
+        ({"shared": {"w": torch.tensor([float("nan"), 0.0]), "b": torch.zeros(1)}}, "w: NaN or inf"),
+        ({"log": {"train": {"1": "x"}}}, "malformed run log"),
+        ({"log": {"bogus": 1}}, "malformed run log"),
+        ({"accountant": "{}"}, "privacy accountant does not match"),
+    ],
+)
 def test_malformed_checkpoint_is_refused_naming_the_problem(tmp_path, override, pattern):
     cfg = tiny_config()
     _save(tmp_path, cfg, **override)

@@ -10,8 +10,18 @@ def test_unknown_key_exits_2_naming_it(capsys):
 
 
 def test_missing_dataset_exits_2_naming_the_file(capsys, tmp_path):
-    code = main(["simulate", "--set", "data.dataset=mnist", "--set", f"data.root={tmp_path}",
-                 "--set", f"output.dir={tmp_path / 'runs'}", "--quiet"])
+    code = main(
+        [
+            "simulate",
+            "--set",
+            "data.dataset=mnist",
+            "--set",
+            f"data.root={tmp_path}",
+            "--set",
+            f"output.dir={tmp_path / 'runs'}",
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "train-images-idx3-ubyte.gz" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing half-written
@@ -76,8 +86,13 @@ def test_output_name_outside_the_output_dir(capsys, tmp_path, monkeypatch, no_ra
     monkeypatch.chdir(work)
     name = str(tmp_path / "abs") if name == "/ABS" else name
     before = _tree(tmp_path)
-    _refused(capsys, ["simulate", "--set", f"output.name={name}", "--set", "output.dir=runs", "--quiet"],
-             "'output.name'", "not a plain folder name", "allowed")
+    _refused(
+        capsys,
+        ["simulate", "--set", f"output.name={name}", "--set", "output.dir=runs", "--quiet"],
+        "'output.name'",
+        "not a plain folder name",
+        "allowed",
+    )
     assert _tree(tmp_path) == before  # nothing written anywhere, not even output.dir
 
 
@@ -85,24 +100,40 @@ def test_output_name_taken_by_another_run(capsys, tmp_path, no_ray):
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "summary.json").write_text("{}")
     before = _tree(tmp_path)
-    _refused(capsys, ["simulate", "--set", f"output.dir={tmp_path / 'runs'}", "--set", "output.name=r", "--quiet"],
-             "already exists and is not empty", "output.name")
+    _refused(
+        capsys,
+        ["simulate", "--set", f"output.dir={tmp_path / 'runs'}", "--set", "output.name=r", "--quiet"],
+        "already exists and is not empty",
+        "output.name",
+    )
     assert _tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("item,key", [("train.lr=.nan", "train.lr"), ("partition.alpha=.inf", "partition.alpha"),
-                                      ("privacy.clipping_norm=.inf", "privacy.clipping_norm")])
+@pytest.mark.parametrize(
+    "item,key",
+    [
+        ("train.lr=.nan", "train.lr"),
+        ("partition.alpha=.inf", "partition.alpha"),
+        ("privacy.clipping_norm=.inf", "privacy.clipping_norm"),
+    ],
+)
 def test_non_finite_numbers(capsys, tmp_path, no_ray, item, key):
-    _refused(capsys, ["simulate", "--set", item, "--set", f"output.dir={tmp_path / 'runs'}", "--quiet"],
-             f"'{key}'", "finite")
+    _refused(
+        capsys, ["simulate", "--set", item, "--set", f"output.dir={tmp_path / 'runs'}", "--quiet"], f"'{key}'", "finite"
+    )
     assert not (tmp_path / "runs").exists()
 
 
 def test_output_dir_under_a_regular_file(capsys, tmp_path, no_ray):
     (tmp_path / "file").write_text("x")
     before = _tree(tmp_path)
-    line = _refused(capsys, ["simulate", "--set", f"output.dir={tmp_path / 'file' / 'runs'}", "--quiet"],
-                    "'output.dir'", str(tmp_path / "file"), "allowed")
+    line = _refused(
+        capsys,
+        ["simulate", "--set", f"output.dir={tmp_path / 'file' / 'runs'}", "--quiet"],
+        "'output.dir'",
+        str(tmp_path / "file"),
+        "allowed",
+    )
     assert "directory" in line
     assert _tree(tmp_path) == before
 
@@ -110,8 +141,12 @@ def test_output_dir_under_a_regular_file(capsys, tmp_path, no_ray):
 def test_output_dir_that_is_a_regular_file(capsys, tmp_path, no_ray):
     (tmp_path / "file").write_text("x")
     before = _tree(tmp_path)
-    line = _refused(capsys, ["simulate", "--set", f"output.dir={tmp_path / 'file'}", "--quiet"],
-                    "'output.dir'", str(tmp_path / "file"))
+    line = _refused(
+        capsys,
+        ["simulate", "--set", f"output.dir={tmp_path / 'file'}", "--quiet"],
+        "'output.dir'",
+        str(tmp_path / "file"),
+    )
     assert "not a directory" in line.lower()
     assert _tree(tmp_path) == before
 
@@ -132,14 +167,21 @@ def test_config_path_is_a_directory(capsys, tmp_path, no_ray):
     _refused(capsys, ["simulate", "--config", str(tmp_path)], "is a directory", str(tmp_path))
 
 
-@pytest.mark.parametrize("items,needles", [
-    (["privacy.secure_mode=true"], ["'privacy.secure_mode'", "pip install torchcsprng", "os.urandom"]),
-    (["privacy.mode=client", "privacy.noise_multiplier=1.0", "server.strategy=fedadam"],
-     ["'server.strategy'", "fedadam", "allowed: fedavg, fedprox"]),
-    (["privacy.mode=sample", "model.norm=groupnorm", "privacy.noise_multiplier=0"],
-     ["'privacy.noise_multiplier'", "(0, inf]"]),
-    (["server.max_num_examples=0"], ["'server.max_num_examples'", "[1, inf]"]),
-])
+@pytest.mark.parametrize(
+    "items,needles",
+    [
+        (["privacy.secure_mode=true"], ["'privacy.secure_mode'", "pip install torchcsprng", "os.urandom"]),
+        (
+            ["privacy.mode=client", "privacy.noise_multiplier=1.0", "server.strategy=fedadam"],
+            ["'server.strategy'", "fedadam", "allowed: fedavg, fedprox"],
+        ),
+        (
+            ["privacy.mode=sample", "model.norm=groupnorm", "privacy.noise_multiplier=0"],
+            ["'privacy.noise_multiplier'", "(0, inf]"],
+        ),
+        (["server.max_num_examples=0"], ["'server.max_num_examples'", "[1, inf]"]),
+    ],
+)
 def test_new_keys_are_checked(capsys, tmp_path, no_ray, items, needles):
     import importlib.util
 
@@ -169,9 +211,9 @@ def test_loadable_but_malformed_checkpoint_fails_before_ray(capsys, tmp_path, no
     import torch
     from flwr.app import ArrayRecord
 
-    from fedse.models import build_model
-    from fedse.federated import build_federated_data
     from fedse.checkpoint import save_checkpoint
+    from fedse.federated import build_federated_data
+    from fedse.models import build_model
     from fedse.policies import create_policy
     from fedse.report import RunLog
 

@@ -5,17 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-
 from conftest import tiny_config
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
 from fedse.client import make_client_app
-from fedse.models import build_model
-from fedse.records import CONFIG_JSON
 from fedse.config import config_to_dict
 from fedse.federated import build_federated_data
-from fedse.prior import label_log_prior
-from fedse.records import to_arrays
+from fedse.models import build_model
 from fedse.policies import create_policy
+from fedse.prior import label_log_prior
+from fedse.records import CONFIG_JSON, to_arrays
 from fedse.state import PRIVATE_KEY, digest, load_private
 from fedse.train import evaluate
 
@@ -38,8 +37,10 @@ def _context(pid):
 
 def _all_keys(content: RecordDict) -> set[str]:
     keys = set()
-    for record in list(content.array_records.values()) + list(content.config_records.values()) + list(
-        content.metric_records.values()
+    for record in (
+        list(content.array_records.values())
+        + list(content.config_records.values())
+        + list(content.metric_records.values())
     ):
         keys |= set(record.keys())
     return keys
@@ -93,8 +94,9 @@ def test_evaluate_reports_personalized_local_and_pooled_accuracy(task_identity):
     shard, ds = fed.shard(2), fed.dataset
     personalized = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
     # strict=False: torch re-adds BatchNorm step counters to a metadata-less dict; every real key is set.
-    assert not personalized.load_state_dict({**split.shared_state(model), **load_private(ctx)},
-                                            strict=False).missing_keys
+    assert not personalized.load_state_dict(
+        {**split.shared_state(model), **load_private(ctx)}, strict=False
+    ).missing_keys
     acc, loss = _by_hand(personalized, shard.test_images, shard.test_labels, ds.mean, ds.std)
     assert m["local-acc"] == acc and m["local-loss"] == pytest.approx(loss, rel=1e-5)
     x, y = fed.pooled_test(cfg.evaluate.pooled_max_samples, cfg.seed)
@@ -112,8 +114,9 @@ def test_label_prior_offsets_the_clients_own_test_only(task_identity):
     cfg, model, split = _setup("fedse-la")
     fed = build_federated_data(cfg)
     shard, ds = fed.shard(2), fed.dataset
-    reply = make_client_app()(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=True),
-                              _context(2))
+    reply = make_client_app()(
+        _message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=True), _context(2)
+    )
     m = reply.content["metrics"]
     prior = label_log_prior(shard.train_labels, ds.num_classes)
     own = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std, logit_bias=prior)
@@ -183,9 +186,9 @@ def test_client_with_its_own_data_dir_trains_on_it(task_identity, tmp_path):
         (tmp_path / "data" / "train" / f"c{c}").mkdir(parents=True)
         for i in range(6):
             Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
-                tmp_path / "data" / "train" / f"c{c}" / f"{i}.png")
-    cfg = tiny_config(data={"dataset": "imagefolder", "root": str(tmp_path / "data")},
-                      evaluate={"pooled": False})
+                tmp_path / "data" / "train" / f"c{c}" / f"{i}.png"
+            )
+    cfg = tiny_config(data={"dataset": "imagefolder", "root": str(tmp_path / "data")}, evaluate={"pooled": False})
     ds = build_federated_data(cfg).dataset  # the server side builds the model from the same format
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
     split = create_policy("fedse").split(model)

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from conftest import tiny_config
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
-from conftest import tiny_config
 from fedse.privacy import client_level_epsilon, client_noise_multiplier, make_client_dp
 from fedse.records import evaluate_schema, train_schema
 from fedse.report import RunLog
@@ -34,16 +34,21 @@ class _Nodes:
 
 def _cfg(clipping="fixed", sigma=1.0, num_clients=10):
     extra = {"clipped_count_stddev": 10.0} if clipping == "adaptive" else {}
-    return tiny_config(partition={"num_clients": num_clients}, server={"rounds": 20},
-                       privacy={"mode": "client", "noise_multiplier": sigma, "clipping": clipping,
-                                "clipping_norm": 1.0, **extra})
+    return tiny_config(
+        partition={"num_clients": num_clients},
+        server={"rounds": 20},
+        privacy={"mode": "client", "noise_multiplier": sigma, "clipping": clipping, "clipping_norm": 1.0, **extra},
+    )
 
 
 def _guard(cfg, dp, n_nodes=10):
-    guard = GuardedStrategy(create_strategy(cfg, dp),
-                            train_schema(SHARED, dp_sample=False, digests=False, max_examples=1000),
-                            lambda pooled: evaluate_schema(pooled=pooled, max_examples=1000, max_train=1000),
-                            dp=dp, expected_nodes=n_nodes)
+    guard = GuardedStrategy(
+        create_strategy(cfg, dp),
+        train_schema(SHARED, dp_sample=False, digests=False, max_examples=1000),
+        lambda pooled: evaluate_schema(pooled=pooled, max_examples=1000, max_train=1000),
+        dp=dp,
+        expected_nodes=n_nodes,
+    )
     zeros = ArrayRecord({"w": Array(np.zeros(DIM, np.float32))})
     messages = list(guard.configure_train(1, zeros, ConfigRecord({}), _Nodes(n_nodes)))
     return guard, messages
@@ -51,8 +56,13 @@ def _guard(cfg, dp, n_nodes=10):
 
 def _reply(to: Message, value: float, pid: int, metrics=None) -> Message:
     metrics = metrics or {"num-examples": 5, "train-loss": 0.1, "train-acc": 0.5}
-    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(DIM, value, np.float32))}),
-                          "metrics": MetricRecord(metrics), "client": ConfigRecord({"client-id": pid})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.full(DIM, value, np.float32))}),
+            "metrics": MetricRecord(metrics),
+            "client": ConfigRecord({"client-id": pid}),
+        }
+    )
     return Message(content, reply_to=to)
 
 
@@ -73,8 +83,9 @@ def test_a_dropped_reply_counts_as_missing(task_identity):
     dp = make_client_dp(cfg, 10, 10)
     guard, sent = _guard(cfg, dp)
     replies = [_reply(m, 0.001, i) for i, m in enumerate(sent)]
-    replies[0] = _reply(sent[0], 0.001, 0, {"num-examples": 5, "train-loss": 0.1, "train-acc": 0.5,
-                                              "unit-weight": -1.99})  # a client trying to set its own weight
+    replies[0] = _reply(
+        sent[0], 0.001, 0, {"num-examples": 5, "train-loss": 0.1, "train-acc": 0.5, "unit-weight": -1.99}
+    )  # a client trying to set its own weight
     assert guard.aggregate_train(1, replies)[0] is None
     assert "unit-weight" in guard.last.dropped[0]["problems"][0] and dp.releases == 0
 
@@ -87,8 +98,10 @@ def test_full_round_noise_on_the_mean_is_sigma_c_over_n_and_weights_are_equal(ta
     # Updates far inside the clipping bound (norm 0.001 * sqrt(DIM) = 0.14 < 1); num-examples differ
     # (1..10), but under client-level DP the server weighs every client equally.
     values = [0.001 * (i + 1) for i in range(10)]
-    replies = [_reply(m, v, i, {"num-examples": i + 1, "train-loss": 0.1, "train-acc": 0.5})
-               for i, (m, v) in enumerate(zip(sent, values))]
+    replies = [
+        _reply(m, v, i, {"num-examples": i + 1, "train-loss": 0.1, "train-acc": 0.5})
+        for i, (m, v) in enumerate(zip(sent, values, strict=True))
+    ]
     np.random.seed(1)
     arrays, _ = guard.aggregate_train(1, replies)
     noise = arrays["w"].numpy().astype(np.float64) - np.mean(values)
@@ -110,8 +123,11 @@ def test_pinned_and_hand_computed_client_level_epsilon():
     # By hand: the Gaussian mechanism's RDP is alpha / (2 sigma^2) per release; the accountant
     # converts with eps = rdp + log((a-1)/a) - (log(delta) + log(a)) / (a-1), minimised over its orders.
     alphas = np.linspace(1.01, 64, 200_000)
-    by_hand = np.min(rounds * alphas / (2 * sigma**2) + np.log((alphas - 1) / alphas)
-                     - (np.log(delta) + np.log(alphas)) / (alphas - 1))
+    by_hand = np.min(
+        rounds * alphas / (2 * sigma**2)
+        + np.log((alphas - 1) / alphas)
+        - (np.log(delta) + np.log(alphas)) / (alphas - 1)
+    )
     assert by_hand <= eps <= by_hand * 1.001  # the accountant's order grid is coarser than this one
     # Opacus's RDP accountant on the same releases (sample rate 1): the same figure within 1%.
     opacus = RDPAccountant()
@@ -141,8 +157,9 @@ def test_resumed_epsilon_equals_one_accountant_over_all_rounds(tmp_path):
     resumed.release()
     resumed.release()
     # One accountant that saw all five releases.
-    from fedse.privacy import _accountant
     from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    from fedse.privacy import _accountant
 
     single = _accountant(cfg.privacy.delta, 10)
     single.compose(GaussianPrivacyEvent(1.3, 10, 10), 3)

@@ -1,16 +1,15 @@
 """The comparison: gain arithmetic by hand, and a real two-method run writing every file."""
 
-import json
-
 import copy
+import json
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedse.comparison import gain_table, merge
-from simulations.compare import compare
 from fedse.config import ConfigError
+from simulations.compare import compare
 
 
 def _accuracy(model, images, labels, mean, std):
@@ -42,8 +41,18 @@ def test_two_method_comparison_writes_every_file(tmp_path):
     out = tmp_path / "cmp"
     summary = compare(cfg, ["fedavg", "fedse"], [0], out, holdout=1)
     files = {p.name for p in out.iterdir()}
-    assert files >= {"table.md", "table.csv", "per_client.csv", "gains.csv", "holdout.csv", "comparison.json",
-                     "accuracy_per_round.png", "personalized_vs_global.png", "label_distribution.png", "runs"}
+    assert files >= {
+        "table.md",
+        "table.csv",
+        "per_client.csv",
+        "gains.csv",
+        "holdout.csv",
+        "comparison.json",
+        "accuracy_per_round.png",
+        "personalized_vs_global.png",
+        "label_distribution.png",
+        "runs",
+    }
     # Identical partitions across methods: the same label counts per client.
     counts = [json.loads((out / "runs" / f"{m}-seed0" / "label_counts.json").read_text()) for m in ("fedavg", "fedse")]
     assert counts[0] == counts[1]
@@ -57,10 +66,10 @@ def test_two_method_comparison_writes_every_file(tmp_path):
     assert fedavg_hold["private_acc"] == fedavg_hold["global_acc"]  # nothing private to adapt
     # Client 3's accuracies recomputed from each run's final shared weights (shared_weights.pt):
     # `global` is that model as received; fedse's `private` adapts its excitation keys only.
-    from fedse.models import build_model
     from fedse.config import load_config
     from fedse.federated import build_federated_data
     from fedse.local import adapt
+    from fedse.models import build_model
     from fedse.policies import create_policy, resolve
 
     for run in summary["runs"]:
@@ -79,8 +88,18 @@ def test_two_method_comparison_writes_every_file(tmp_path):
         assert hold["global_acc"] == _accuracy(model, shard.test_images, shard.test_labels, ds.mean, ds.std)
         if split.private:
             before = copy.deepcopy(model.state_dict())
-            adapt(model, split.private, shard, run_cfg, policy, epochs=run_cfg.personalization.finetune_epochs,
-                  seed=run_cfg.seed + 3, mean=ds.mean, std=ds.std, private=split.private)
+            adapt(
+                model,
+                split.private,
+                shard,
+                run_cfg,
+                policy,
+                epochs=run_cfg.personalization.finetune_epochs,
+                seed=run_cfg.seed + 3,
+                mean=ds.mean,
+                std=ds.std,
+                private=split.private,
+            )
             moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
             assert moved and moved <= set(split.private)
             assert hold["private_acc"] == _accuracy(model, shard.test_images, shard.test_labels, ds.mean, ds.std)

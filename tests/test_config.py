@@ -116,8 +116,15 @@ def _nested(dotted, value):
 
 def test_the_float_walk_finds_every_section():
     keys = _float_keys()
-    assert {"train.lr", "partition.alpha", "privacy.clipping_norm", "privacy.noise_multiplier",
-            "train.private_lr_scale", "simulation.client_cpus", "server.round_timeout"} <= set(keys)
+    assert {
+        "train.lr",
+        "partition.alpha",
+        "privacy.clipping_norm",
+        "privacy.noise_multiplier",
+        "train.private_lr_scale",
+        "simulation.client_cpus",
+        "server.round_timeout",
+    } <= set(keys)
     assert {k.split(".")[0] for k in keys} >= {"partition", "train", "server", "simulation", "privacy"}
 
 
@@ -129,18 +136,23 @@ def test_every_float_key_refuses_nan_and_inf(key, value):
 
 
 def test_yaml_nan_and_inf_overrides_are_refused():
-    for item, key in [("train.lr=.nan", "train.lr"), ("partition.alpha=.inf", "partition.alpha"),
-                      ("privacy.clipping_norm=.inf", "privacy.clipping_norm"),
-                      ("train.private_lr_scale=-.inf", "train.private_lr_scale")]:
+    for item, key in [
+        ("train.lr=.nan", "train.lr"),
+        ("partition.alpha=.inf", "partition.alpha"),
+        ("privacy.clipping_norm=.inf", "privacy.clipping_norm"),
+        ("train.private_lr_scale=-.inf", "train.private_lr_scale"),
+    ]:
         with pytest.raises(ConfigError, match=rf"'{key}': got -?(nan|inf); allowed: a finite number"):
             load_config(None, [item])
 
 
-@pytest.mark.parametrize("name", ["../../x", "..", ".", "", "a/b", "/abs/run", "a\\b", "C:run", " run", "run\n",
-                                  "r\x00n"])
+@pytest.mark.parametrize(
+    "name", ["../../x", "..", ".", "", "a/b", "/abs/run", "a\\b", "C:run", " run", "run\n", "r\x00n"]
+)
 def test_output_name_must_be_one_plain_folder_name(name):
-    with pytest.raises(ConfigError,
-                       match=r"config key 'output\.name': .*(is not a plain folder name|NUL character); allowed"):
+    with pytest.raises(
+        ConfigError, match=r"config key 'output\.name': .*(is not a plain folder name|NUL character); allowed"
+    ):
         config_from_dict({"output": {"name": name}})
 
 
@@ -206,7 +218,10 @@ def test_client_level_dp_refuses_fedadam(strategy, ok):
     if ok:
         assert config_from_dict(raw).server.strategy == strategy
     else:
-        with pytest.raises(ConfigError, match=r"'server\.strategy': 'fedadam'.*privacy\.mode=client.*allowed: "
-                                              r"fedavg, fedprox"):
+        with pytest.raises(
+            ConfigError,
+            match=r"'server\.strategy': 'fedadam'.*privacy\.mode=client.*allowed: "
+            r"fedavg, fedprox",
+        ):
             config_from_dict(raw)
     assert config_from_dict({"server": {"strategy": "fedadam"}}).server.strategy == "fedadam"  # without DP: fine

@@ -10,9 +10,9 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
-from conftest import SHARED_DATA
 from fedse.data import DatasetError, load_dataset
 from fedse.transforms import augment, normalize
 
@@ -29,8 +29,10 @@ def _write_idx(directory, train=5, test=3, gz=True, size=4):
     x = rng.integers(0, 256, (train + test, size, size), dtype=np.uint8)
     y = rng.integers(0, 10, train + test).astype(np.uint8)
     files = {
-        "train-images-idx3-ubyte": _idx(x[:train]), "train-labels-idx1-ubyte": _idx(labels=y[:train]),
-        "t10k-images-idx3-ubyte": _idx(x[train:]), "t10k-labels-idx1-ubyte": _idx(labels=y[train:]),
+        "train-images-idx3-ubyte": _idx(x[:train]),
+        "train-labels-idx1-ubyte": _idx(labels=y[:train]),
+        "t10k-images-idx3-ubyte": _idx(x[train:]),
+        "t10k-labels-idx1-ubyte": _idx(labels=y[train:]),
     }
     directory.mkdir(parents=True, exist_ok=True)
     for name, payload in files.items():
@@ -70,13 +72,15 @@ def test_bad_or_truncated_idx_names_the_file(tmp_path):
         load_dataset("mnist", root=tmp_path)
 
 
-
-@pytest.mark.parametrize("damage, error", [
-    (lambda gz: gz[: len(gz) // 2], "EOFError"),  # cut short: a half-finished download
-    (lambda gz: gz[:10] + b"\xff" * 64, "zlib.error|error"),  # valid gzip header, garbage deflate stream
-    (lambda gz: b"not a gzip file at all", "BadGzipFile"),  # an OSError subclass
-    (lambda gz: gz[:-8] + b"\0\0\0\0" + gz[-4:], "BadGzipFile"),  # CRC mismatch
-])
+@pytest.mark.parametrize(
+    "damage, error",
+    [
+        (lambda gz: gz[: len(gz) // 2], "EOFError"),  # cut short: a half-finished download
+        (lambda gz: gz[:10] + b"\xff" * 64, "zlib.error|error"),  # valid gzip header, garbage deflate stream
+        (lambda gz: b"not a gzip file at all", "BadGzipFile"),  # an OSError subclass
+        (lambda gz: gz[:-8] + b"\0\0\0\0" + gz[-4:], "BadGzipFile"),  # CRC mismatch
+    ],
+)
 def test_truncated_or_corrupt_gz_idx_is_a_dataset_error_naming_the_file(tmp_path, damage, error):
     _write_idx(tmp_path, train=50)
     path = tmp_path / "train-images-idx3-ubyte.gz"
@@ -85,6 +89,7 @@ def test_truncated_or_corrupt_gz_idx_is_a_dataset_error_naming_the_file(tmp_path
     with pytest.raises(DatasetError, match=message) as info:
         load_dataset("mnist", root=tmp_path)
     assert str(path) in str(info.value)
+
 
 def test_missing_file_is_named_with_the_directory(tmp_path):
     _write_idx(tmp_path)
@@ -109,7 +114,6 @@ def test_cifar_pickle_batches_keep_channel_order(tmp_path):
     assert ds.labels.tolist()[:2] == [0, 9]
 
 
-
 _VALID = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 9]})
 
 
@@ -117,7 +121,7 @@ def _cifar_batches(directory, **override):
     """Six small valid batches (2 images each), any of them replaced by raw bytes from ``override``."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in [f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]:
-        (directory / name).write_bytes(override[name] if name in override else _VALID)
+        (directory / name).write_bytes(override.get(name, _VALID))
 
 
 class _Touch:
@@ -176,8 +180,14 @@ class _Py2Pickler(pickle._Pickler):
 
 def _py2_batch(data, labels, numpy_core="numpy._core"):
     buffer = io.BytesIO()
-    _Py2Pickler(buffer, protocol=2).dump({b"batch_label": b"training batch 1 of 5", b"labels": labels,
-                                          b"data": data, b"filenames": [b"a.png"] * len(labels)})
+    _Py2Pickler(buffer, protocol=2).dump(
+        {
+            b"batch_label": b"training batch 1 of 5",
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [b"a.png"] * len(labels),
+        }
+    )
     payload = buffer.getvalue()
     assert b"numpy._core.multiarray\n_reconstruct\n" in payload and b"_codecs" not in payload
     return payload.replace(b"numpy._core.multiarray\n", numpy_core.encode() + b".multiarray\n")
@@ -186,37 +196,51 @@ def _py2_batch(data, labels, numpy_core="numpy._core"):
 @pytest.mark.parametrize("numpy_core", ["numpy.core", "numpy._core"])  # numpy 1.x and numpy 2 module names
 def test_official_format_python2_batches_load(tmp_path, numpy_core):
     data = np.arange(2 * 3072, dtype=np.uint32).astype(np.uint8).reshape(2, 3072)
-    _cifar_batches(tmp_path, **{name: _py2_batch(data, [3, 4], numpy_core)
-                                for name in [f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]})
+    _cifar_batches(
+        tmp_path,
+        **{
+            name: _py2_batch(data, [3, 4], numpy_core)
+            for name in [f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]
+        },
+    )
     ds = load_dataset("cifar10", root=tmp_path)
     assert ds.images.shape == (12, 3, 32, 32) and ds.labels.tolist() == [3, 4] * 6
     assert np.array_equal(ds.images[:2].reshape(2, 3072).numpy(), data)
 
 
-@pytest.mark.parametrize("payload, message", [
-    (_VALID[: len(_VALID) // 2], r"truncated or corrupt CIFAR-10 batch"),
-    (b"", r"truncated or corrupt CIFAR-10 batch \(EOFError"),
-    (b"\x80\x05garbage", r"truncated or corrupt CIFAR-10 batch"),
-    (pickle.dumps([1, 2, 3]), r"holds a list, expected a dict"),
-    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 9]}),
-     r"missing key\(s\) \[b'data', b'labels'\]"),
-    (pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 9]}), r"float32 array .*expected a uint8"),
-    (pickle.dumps({b"data": np.zeros((2, 3071), np.uint8), b"labels": [0, 9]}), r"shape \(2, 3071\)"),
-    (pickle.dumps({b"data": b"\0" * 6144, b"labels": [0, 9]}), r'b"data" is a bytes'),
-    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}), r"outside 0\.\.9"),
-    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -1]}), r"outside 0\.\.9"),
-    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 2**70]}), r"outside 0\.\.9"),
-    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), r"2 images .* but 1 b\"labels\""),
-    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, "9"]}), r"not a sequence of ints"),
-    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1.0]}), r"not a sequence of ints"),
-    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": 2}), r"not a sequence of ints"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (_VALID[: len(_VALID) // 2], r"truncated or corrupt CIFAR-10 batch"),
+        (b"", r"truncated or corrupt CIFAR-10 batch \(EOFError"),
+        (b"\x80\x05garbage", r"truncated or corrupt CIFAR-10 batch"),
+        (pickle.dumps([1, 2, 3]), r"holds a list, expected a dict"),
+        (
+            pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 9]}),
+            r"missing key\(s\) \[b'data', b'labels'\]",
+        ),
+        (
+            pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 9]}),
+            r"float32 array .*expected a uint8",
+        ),
+        (pickle.dumps({b"data": np.zeros((2, 3071), np.uint8), b"labels": [0, 9]}), r"shape \(2, 3071\)"),
+        (pickle.dumps({b"data": b"\0" * 6144, b"labels": [0, 9]}), r'b"data" is a bytes'),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}), r"outside 0\.\.9"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -1]}), r"outside 0\.\.9"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 2**70]}), r"outside 0\.\.9"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), r"2 images .* but 1 b\"labels\""),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, "9"]}), r"not a sequence of ints"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1.0]}), r"not a sequence of ints"),
+        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": 2}), r"not a sequence of ints"),
+    ],
+)
 def test_malformed_cifar_batch_names_the_file(tmp_path, payload, message):
     d = tmp_path / "cifar-10-batches-py"
     _cifar_batches(d, test_batch=payload)
     with pytest.raises(DatasetError, match=r"test_batch: .*" + message) as info:
         load_dataset("cifar10", root=tmp_path)
     assert str(d / "test_batch") in str(info.value)
+
 
 def _png_tree(root, split, pixels):
     for cls, values in pixels.items():
@@ -252,7 +276,6 @@ def test_image_folder_and_tarball_read_the_same_pixels(tmp_path, monkeypatch):
     assert torch.equal(cached.images, folder.images)
 
 
-
 def test_unreadable_or_pickled_cifar_cache_is_rebuilt_not_unpickled(tmp_path, monkeypatch):
     tree, tars = tmp_path / "tree", tmp_path / "tars"
     _png_tree(tree, "train", {"cat": [10], "dog": [30]})
@@ -272,6 +295,7 @@ def test_unreadable_or_pickled_cifar_cache_is_rebuilt_not_unpickled(tmp_path, mo
         again = load_dataset("cifar10", root=tars)
         assert torch.equal(again.images, first.images) and not marker.exists()
 
+
 def test_image_folder_rejects_mixed_sizes_naming_the_file(tmp_path):
     _png_tree(tmp_path, "train", {"a": [1]})
     Image.fromarray(np.zeros((5, 5, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / "odd.png")
@@ -286,7 +310,7 @@ def test_normalize_and_augment():
     g = torch.Generator().manual_seed(0)
     assert torch.equal(augment(batch, g, crop_padding=0, flip=False), batch)
     flipped = augment(batch, torch.Generator().manual_seed(1), crop_padding=0, flip=True)
-    kinds = [torch.equal(f, b) or torch.equal(f, b.flip(2)) for f, b in zip(flipped, batch)]
+    kinds = [torch.equal(f, b) or torch.equal(f, b.flip(2)) for f, b in zip(flipped, batch, strict=True)]
     assert all(kinds) and not torch.equal(flipped, batch)
     # Every output is a window of the zero-padded input at an offset in 0..2p (p = crop_padding),
     # mirrored or not when flip is on; pixel values are distinct and non-zero, so the window is unique.
@@ -296,10 +320,14 @@ def test_normalize_and_augment():
         assert out.shape == images.shape
         padded = torch.nn.functional.pad(images, (p,) * 4)
         drawn = []
-        for o, img in zip(out, padded):
-            windows = {(dy, dx): img[:, dy:dy + 5, dx:dx + 5] for dy in range(2 * p + 1) for dx in range(2 * p + 1)}
-            found = [(at, f) for at, win in windows.items() for f in (False, True)
-                     if torch.equal(o, win.flip(2) if f else win)]
+        for o, img in zip(out, padded, strict=True):
+            windows = {(dy, dx): img[:, dy : dy + 5, dx : dx + 5] for dy in range(2 * p + 1) for dx in range(2 * p + 1)}
+            found = [
+                (at, f)
+                for at, win in windows.items()
+                for f in (False, True)
+                if torch.equal(o, win.flip(2) if f else win)
+            ]
             assert len(found) == 1, found
             drawn.append(found[0])
         assert {at for at, _ in drawn} == set(windows)  # every shift occurs (pinned by the seed)

@@ -57,8 +57,19 @@ def _fake_certs(directory: Path) -> Path:
 
 def test_server_prints_the_control_api_exposure_and_keeps_node_auth_on(tmp_path, captured_exec, capsys):
     certs = _fake_certs(tmp_path / "certs")
-    rc = cli.main(["server", "--certs", str(certs), "--host", "0.0.0.0", "--port", "9443",
-                   "--database", str(tmp_path / "superlink.db")])
+    rc = cli.main(
+        [
+            "server",
+            "--certs",
+            str(certs),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9443",
+            "--database",
+            str(tmp_path / "superlink.db"),
+        ]
+    )
     assert rc == 0
     [cmd] = captured_exec
     assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
@@ -94,14 +105,17 @@ def test_exposure_names_who_can_register_and_how_to_close_it():
     assert "tcp/9093 reachable only from the clients' hosts" in text
 
 
-@pytest.mark.parametrize("host, who", [
-    ("127.0.0.1", "any process on this machine"),
-    ("localhost", "any process on this machine"),
-    ("::1", "any process on this machine"),
-    ("0.0.0.0", "anyone who can reach port 9093 on any address of this machine"),
-    ("::", "anyone who can reach port 9093 on any address of this machine"),
-    ("server.example.org", "anyone who can reach server.example.org:9093"),
-])
+@pytest.mark.parametrize(
+    "host, who",
+    [
+        ("127.0.0.1", "any process on this machine"),
+        ("localhost", "any process on this machine"),
+        ("::1", "any process on this machine"),
+        ("0.0.0.0", "anyone who can reach port 9093 on any address of this machine"),
+        ("::", "anyone who can reach port 9093 on any address of this machine"),
+        ("server.example.org", "anyone who can reach server.example.org:9093"),
+    ],
+)
 def test_exposure_says_who_can_reach_the_address(host, who):
     assert control_api_exposure(host, 9093).startswith(f"Control API exposure: {who}")
 

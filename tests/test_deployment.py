@@ -10,6 +10,7 @@ refused; a caller holding only ca.crt can register a key (the exposure
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +28,9 @@ from fedse.state import StateStore, digest
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl, ssh-keygen"),
+    pytest.mark.skipif(
+        not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl, ssh-keygen"
+    ),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +72,9 @@ class Processes:
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         handle = (self.logs / f"{name}.log").open("w")
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
+        )
         self.procs[name] = proc
         return proc
 
@@ -81,10 +85,8 @@ class Processes:
         proc = self.procs[name]
         descendants = _children(proc.pid)
         for pid in [proc.pid, *descendants]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig) if pid == proc.pid else os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -118,8 +120,12 @@ def _run_folder(out: Path) -> Path:
 
 
 def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr_home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
     (tmp_path / "logs").mkdir()
     procs = Processes(env, tmp_path / "logs")
     certs = make_test_certs(tmp_path / "certs")
@@ -127,20 +133,32 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
     port = _free_port()
     address = f"127.0.0.1:{port}"
     write_connection(tmp_path / "flwr_home", "tls", address, certs.ca)
-    common = "partition.num_clients=3 server.min_train_clients=2 server.min_evaluate_clients=2 " \
-             "server.round_timeout=60 evaluate.private_digest=true model.width=8"
+    common = (
+        "partition.num_clients=3 server.min_train_clients=2 server.min_evaluate_clients=2 "
+        "server.round_timeout=60 evaluate.private_digest=true model.width=8"
+    )
     try:
         procs.start("superlink", superlink_command(certs=certs, port=port, database=tmp_path / "state.db"))
         _wait(lambda: "Uvicorn running" in procs.log("superlink"), 90, "the SuperLink")
         for i in range(3):  # node 3 stays unregistered
-            reg = subprocess.run([FLWR, "supernode", "register", str(keys[i]), "tls", "--name", f"node{i}"],
-                                 env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+            reg = subprocess.run(
+                [FLWR, "supernode", "register", str(keys[i]), "tls", "--name", f"node{i}"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=ROOT,
+            )
             assert reg.returncode == 0, reg.stdout + reg.stderr
 
         def supernode(i: int) -> list[str]:
-            return supernode_command(superlink=address, ca=certs.ca, key=keys[i].with_suffix(""), port=_free_port(),
-                                     node_config={"partition-id": i % 3, "num-partitions": 3,
-                                                  "state-dir": str(tmp_path / f"state{i}")})
+            return supernode_command(
+                superlink=address,
+                ca=certs.ca,
+                key=keys[i].with_suffix(""),
+                port=_free_port(),
+                node_config={"partition-id": i % 3, "num-partitions": 3, "state-dir": str(tmp_path / f"state{i}")},
+            )
 
         for i in range(3):
             procs.start(f"node{i}", supernode(i))
@@ -196,8 +214,14 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         # If this starts failing, Flower closed the gap: revise the warning and the README.
         outsider = {**env, "FLWR_HOME": str(tmp_path / "outsider_home")}
         write_connection(tmp_path / "outsider_home", "tls", address, certs.ca)
-        reg = subprocess.run([FLWR, "supernode", "register", str(keys[4]), "tls", "--name", "intruder"],
-                             env=outsider, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        reg = subprocess.run(
+            [FLWR, "supernode", "register", str(keys[4]), "tls", "--name", "intruder"],
+            env=outsider,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         assert reg.returncode == 0, reg.stdout + reg.stderr
         assert "registered successfully" in reg.stdout
     finally:

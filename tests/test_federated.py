@@ -2,8 +2,8 @@
 
 import numpy as np
 import torch
-
 from conftest import tiny_config
+
 from fedse.federated import build_federated_data
 
 
@@ -13,14 +13,14 @@ def test_shards_are_deterministic_disjoint_and_cover_the_dataset():
     assert fed is build_federated_data(tiny_config())  # cached per process: same config, same object
     everything = np.concatenate([*fed.train_parts, *fed.test_parts])
     assert np.array_equal(np.sort(everything), np.arange(len(fed.dataset.labels)))
-    for train, test in zip(fed.train_parts, fed.test_parts):
+    for train, test in zip(fed.train_parts, fed.test_parts, strict=True):
         assert 0.15 < len(test) / (len(train) + len(test)) < 0.35  # about test_fraction = 0.25
 
 
 def test_each_client_test_part_follows_its_own_label_distribution():
     fed = build_federated_data(tiny_config(partition={"alpha": 0.1, "num_clients": 5, "min_size": 20}))
     train, test = fed.label_counts("train"), fed.label_counts("test")
-    for tr, te in zip(train, test):
+    for tr, te in zip(train, test, strict=True):
         assert set(np.flatnonzero(te)) <= set(np.flatnonzero(tr))  # no class in test the client never trains on
 
 
@@ -35,8 +35,9 @@ def test_pooled_test_takes_the_same_share_from_every_client():
 
 def test_feature_skew_changes_images_per_client_not_labels():
     plain = build_federated_data(tiny_config())
-    skewed = build_federated_data(tiny_config(partition={"feature_skew": ["rotation", "contrast"],
-                                                         "feature_skew_strength": 1.0}))
+    skewed = build_federated_data(
+        tiny_config(partition={"feature_skew": ["rotation", "contrast"], "feature_skew_strength": 1.0})
+    )
     for cid in range(3):
         a, b = plain.shard(cid), skewed.shard(cid)
         assert torch.equal(a.train_labels, b.train_labels) and not torch.equal(a.train_images, b.train_images)

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
@@ -16,8 +17,6 @@ from hypothesis import strategies as st
 
 from fedse.records import evaluate_schema, train_schema
 from fedse.strategy import GuardedStrategy
-
-import torch
 
 SHARED = {"w": torch.zeros(2), "b": torch.zeros(1)}
 CAP = 1000
@@ -27,7 +26,9 @@ def _guard(**kw) -> GuardedStrategy:
     return GuardedStrategy(
         kw.pop("inner", FedAvg()),
         train_schema(SHARED, dp_sample=False, digests=False, max_examples=CAP),
-        lambda pooled: evaluate_schema(pooled=pooled, max_examples=CAP, max_train=CAP), **kw)
+        lambda pooled: evaluate_schema(pooled=pooled, max_examples=CAP, max_train=CAP),
+        **kw,
+    )
 
 
 def _kept(guard: GuardedStrategy) -> set[int]:
@@ -38,8 +39,13 @@ def _content(arrays=None, metrics=None, client=None, *, w=(1.0, 2.0), b=(0.0,), 
     arrays = arrays if arrays is not None else {"w": np.asarray(w, dtype=dtype), "b": np.asarray(b, dtype=dtype)}
     metrics = metrics if metrics is not None else {"num-examples": n, "train-loss": 0.5, "train-acc": 0.75}
     client = client if client is not None else {"client-id": pid}
-    return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-                       "metrics": MetricRecord(metrics), "client": ConfigRecord(client)})
+    return RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord(metrics),
+            "client": ConfigRecord(client),
+        }
+    )
 
 
 def _reply(content: RecordDict, node: int, kind: str = MessageType.TRAIN) -> Message:
@@ -53,8 +59,10 @@ def _error(node: int) -> Message:
 
 
 def _honest():
-    return [_reply(_content(w=(1.0, 2.0), b=(0.0,), n=1, pid=0), 100),
-            _reply(_content(w=(5.0, 6.0), b=(4.0,), n=3, pid=1), 101)]
+    return [
+        _reply(_content(w=(1.0, 2.0), b=(0.0,), n=1, pid=0), 100),
+        _reply(_content(w=(5.0, 6.0), b=(4.0,), n=3, pid=1), 101),
+    ]
 
 
 def _crafted_metrics(**change):
@@ -80,8 +88,18 @@ ATTACKS = [
     ("non-integer client-id", _content(client={"client-id": "abc"}), "client-id"),
     ("bytes client-id", _content(client={"client-id": b"\x00\xff"}), "client-id"),
     ("extra client field", _content(client={"client-id": 14, "note": "x"}), "unexpected client fields"),
-    ("private key", _content(arrays={"w": np.ones(2, np.float32), "b": np.ones(1, np.float32),
-                                     "layer1.0.se.fc1.weight": np.ones(1, np.float32)}, pid=15), "outside the shared"),
+    (
+        "private key",
+        _content(
+            arrays={
+                "w": np.ones(2, np.float32),
+                "b": np.ones(1, np.float32),
+                "layer1.0.se.fc1.weight": np.ones(1, np.float32),
+            },
+            pid=15,
+        ),
+        "outside the shared",
+    ),
     ("wrong shape", _content(arrays={"w": np.ones(3, np.float32), "b": np.ones(1, np.float32)}, pid=16), "shape (3,)"),
     ("NaN array", _content(w=(np.nan, 1.0), pid=17), "non-finite"),
     ("missing array key", _content(arrays={"w": np.ones(2, np.float32)}, pid=18), "missing shared keys"),
@@ -93,12 +111,17 @@ def _with_extra_records():
     extra_metric["more"] = MetricRecord({"x": 1.0})
     extra_arrays = _content(pid=20)
     extra_arrays["arrays2"] = ArrayRecord({"w": Array(np.ones(2, np.float32))})
-    no_metrics = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32)),
-                                                    "b": Array(np.ones(1, np.float32))}),
-                             "client": ConfigRecord({"client-id": 21})})
-    return [("extra MetricRecord", extra_metric, "unexpected records"),
-            ("extra ArrayRecord", extra_arrays, "unexpected records"),
-            ("no metrics", no_metrics, "no 'metrics' record")]
+    no_metrics = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.ones(2, np.float32)), "b": Array(np.ones(1, np.float32))}),
+            "client": ConfigRecord({"client-id": 21}),
+        }
+    )
+    return [
+        ("extra MetricRecord", extra_metric, "unexpected records"),
+        ("extra ArrayRecord", extra_arrays, "unexpected records"),
+        ("no metrics", no_metrics, "no 'metrics' record"),
+    ]
 
 
 ALL_ATTACKS = ATTACKS + _with_extra_records()
@@ -170,8 +193,15 @@ def test_only_checked_fields_reach_the_run_log(task_identity):
     extra = _content(n=1, pid=2)
     extra["client"]["note"] = "<script>"  # an extra client field: the reply is dropped, not logged
     recorder.aggregate_train(1, [*_honest(), _reply(extra, 102)])
-    assert recorder.log.train[5][0] == {"node-id": 100, "client-id": 0, "num-examples": 1, "train-loss": 0.5,
-                                        "train-acc": 0.75, "update-norm": None, "update-norm-aggregated": None}
+    assert recorder.log.train[5][0] == {
+        "node-id": 100,
+        "client-id": 0,
+        "num-examples": 1,
+        "train-loss": 0.5,
+        "train-acc": 0.75,
+        "update-norm": None,
+        "update-norm-aggregated": None,
+    }
     assert set(recorder.log.train[5]) == {0, 1}
     assert [(d["round"], d["node-id"]) for d in recorder.log.dropped] == [(5, 102)]
 
@@ -180,16 +210,23 @@ def _eval_reply(node, pid, acc, n=10, pooled=False, **extra):
     metrics = {"num-examples": n, "local-acc": acc, "local-loss": 0.3, **extra}
     if pooled:
         metrics |= {"pooled-acc": 0.5, "pooled-loss": 0.9}
-    return _reply(RecordDict({"metrics": MetricRecord(metrics),
-                              "client": ConfigRecord({"client-id": pid, "num-train": 30})}),
-                  node, MessageType.EVALUATE)
+    return _reply(
+        RecordDict({"metrics": MetricRecord(metrics), "client": ConfigRecord({"client-id": pid, "num-train": 30})}),
+        node,
+        MessageType.EVALUATE,
+    )
 
 
 def test_evaluate_replies_are_screened(task_identity):
     guard = _guard()
-    replies = [_eval_reply(100, 0, 0.5, n=10), _eval_reply(101, 1, 1.0, n=30),
-               _eval_reply(102, 2, 7.0), _eval_reply(103, 3, 0.5, n=10**9), _eval_reply(104, 4, 0.5, pooled=True),
-               _eval_reply(105, 5, float("nan"))]
+    replies = [
+        _eval_reply(100, 0, 0.5, n=10),
+        _eval_reply(101, 1, 1.0, n=30),
+        _eval_reply(102, 2, 7.0),
+        _eval_reply(103, 3, 0.5, n=10**9),
+        _eval_reply(104, 4, 0.5, pooled=True),
+        _eval_reply(105, 5, float("nan")),
+    ]
     metrics = guard.aggregate_evaluate(1, replies)
     assert metrics["local-acc"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)  # weighted by the honest counts
     assert {d["node-id"] for d in guard.last.dropped} == {102, 103, 104, 105}
@@ -198,11 +235,31 @@ def test_evaluate_replies_are_screened(task_identity):
 
 # ---------------------------------------------------------------------------- properties
 
-_names = st.sampled_from(["arrays", "metrics", "client", "config", "w", "b", "num-examples", "train-loss",
-                          "train-acc", "client-id", "unit-weight", "x"])
-_scalars = st.one_of(st.integers(-2**40, 2**40), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-                     st.text(max_size=5), st.binary(max_size=5), st.lists(st.integers(0, 3), max_size=3),
-                     st.lists(st.floats(-1, 1), max_size=3))
+_names = st.sampled_from(
+    [
+        "arrays",
+        "metrics",
+        "client",
+        "config",
+        "w",
+        "b",
+        "num-examples",
+        "train-loss",
+        "train-acc",
+        "client-id",
+        "unit-weight",
+        "x",
+    ]
+)
+_scalars = st.one_of(
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.lists(st.integers(0, 3), max_size=3),
+    st.lists(st.floats(-1, 1), max_size=3),
+)
 _dtypes = st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.int8, np.complex64, np.bool_])
 
 
@@ -211,8 +268,13 @@ def _arrays(draw):
     out = {}
     for name in draw(st.lists(_names, max_size=4, unique=True)):
         shape = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
-        values = draw(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32),
-                               min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+        values = draw(
+            st.lists(
+                st.floats(allow_nan=True, allow_infinity=True, width=32),
+                min_size=int(np.prod(shape)),
+                max_size=int(np.prod(shape)),
+            )
+        )
         with np.errstate(all="ignore"):  # NaN/inf cast to integer dtypes: whatever bits result are fine
             out[name] = Array(np.asarray(values, dtype=np.float64).reshape(shape).astype(draw(_dtypes)))
     return ArrayRecord(out)
@@ -231,8 +293,13 @@ def _records(draw):
             content[name] = draw(_arrays())
         elif kind == "metrics":
             items = draw(st.dictionaries(_names, _scalars, max_size=4))
-            content[name] = MetricRecord({k: v for k, v in items.items() if _metric_value(v) is not None
-                                          or isinstance(v, list) and all(isinstance(x, int) for x in v)})
+            content[name] = MetricRecord(
+                {
+                    k: v
+                    for k, v in items.items()
+                    if _metric_value(v) is not None or isinstance(v, list) and all(isinstance(x, int) for x in v)
+                }
+            )
         else:
             content[name] = ConfigRecord(draw(st.dictionaries(_names, _scalars, max_size=4)))
     return content
@@ -244,13 +311,20 @@ def _conforms(content: RecordDict) -> bool:
         return False
     arrays, metrics, client = content["arrays"], content["metrics"], content["client"]
     ok_arrays = set(arrays.keys()) == {"w", "b"} and all(
-        arrays[k].numpy().dtype == np.float32 and arrays[k].numpy().shape == tuple(SHARED[k].shape)
-        and np.isfinite(arrays[k].numpy()).all() for k in ("w", "b"))
+        arrays[k].numpy().dtype == np.float32
+        and arrays[k].numpy().shape == tuple(SHARED[k].shape)
+        and np.isfinite(arrays[k].numpy()).all()
+        for k in ("w", "b")
+    )
     n = metrics.get("num-examples")
-    ok_metrics = set(metrics.keys()) == {"num-examples", "train-loss", "train-acc"} and type(n) is int \
-        and 1 <= n <= CAP and all(type(metrics[k]) in (int, float) and math.isfinite(metrics[k])
-                                  for k in ("train-loss", "train-acc")) \
-        and metrics["train-loss"] >= 0 and 0 <= metrics["train-acc"] <= 1
+    ok_metrics = (
+        set(metrics.keys()) == {"num-examples", "train-loss", "train-acc"}
+        and type(n) is int
+        and 1 <= n <= CAP
+        and all(type(metrics[k]) in (int, float) and math.isfinite(metrics[k]) for k in ("train-loss", "train-acc"))
+        and metrics["train-loss"] >= 0
+        and 0 <= metrics["train-acc"] <= 1
+    )
     pid = client.get("client-id")
     return ok_arrays and ok_metrics and set(client.keys()) == {"client-id"} and type(pid) is int and pid >= 0
 
@@ -264,7 +338,8 @@ def test_guard_never_raises_and_passes_only_conforming_replies(task_identity, co
     guard.aggregate_train(1, replies + _honest())
     assert len(guard.last.dropped) == len(contents) - len(conforming)
     assert {d["node-id"] for d in guard.last.dropped} == {1000 + i for i in range(len(contents))} - {
-        1000 + i for i in conforming}
+        1000 + i for i in conforming
+    }
     json.dumps(guard.last.dropped)
 
 
@@ -276,8 +351,9 @@ _MUTATIONS = {
 }
 _BAD = {
     "num-examples": st.one_of(st.integers(max_value=0), st.integers(min_value=CAP + 1), st.floats()),
-    "train-acc": st.one_of(st.floats(min_value=1.0, exclude_min=True), st.floats(max_value=0, exclude_max=True),
-                           st.just(float("nan"))),
+    "train-acc": st.one_of(
+        st.floats(min_value=1.0, exclude_min=True), st.floats(max_value=0, exclude_max=True), st.just(float("nan"))
+    ),
     "client-id": st.one_of(st.integers(max_value=-1), st.text(max_size=3), st.floats()),
     "w": st.sampled_from([float("nan"), float("inf"), -float("inf")]),
 }

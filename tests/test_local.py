@@ -3,11 +3,11 @@
 import copy
 
 import torch
-
 from conftest import tiny_config
-from fedse.models import build_model
+
 from fedse.federated import build_federated_data
 from fedse.local import adapt, local_update
+from fedse.models import build_model
 from fedse.policies import create_policy, resolve
 
 
@@ -23,8 +23,17 @@ def test_fedrep_trains_head_first_then_body_with_head_frozen():
     cfg, fed, model, split = _setup("fedrep")
     shard, ds = fed.shard(0), fed.dataset
     head_only = copy.deepcopy(model)
-    adapt(head_only, split.private, shard, cfg, resolve(cfg), epochs=cfg.train.private_epochs, seed=5, mean=ds.mean,
-          std=ds.std)
+    adapt(
+        head_only,
+        split.private,
+        shard,
+        cfg,
+        resolve(cfg),
+        epochs=cfg.train.private_epochs,
+        seed=5,
+        mean=ds.mean,
+        std=ds.std,
+    )
     before = copy.deepcopy(model.state_dict())
     local_update(model, split, resolve(cfg), shard, cfg, seed=5, mean=ds.mean, std=ds.std)
     after = model.state_dict()
@@ -37,8 +46,13 @@ def test_private_only_adaptation_on_one_class_leaves_batchnorm_statistics_alone(
     cfg, fed, model, split = _setup("fedse")
     shard, ds = fed.shard(1), fed.dataset
     one_class = shard.train_labels == shard.train_labels[0]
-    skewed = type(shard)(shard.client_id, shard.train_images[one_class], shard.train_labels[one_class],
-                         shard.test_images, shard.test_labels)
+    skewed = type(shard)(
+        shard.client_id,
+        shard.train_images[one_class],
+        shard.train_labels[one_class],
+        shard.test_images,
+        shard.test_labels,
+    )
     before = copy.deepcopy(model.state_dict())
     adapt(model, split.private, skewed, cfg, resolve(cfg), epochs=3, seed=0, mean=ds.mean, std=ds.std)
     after = model.state_dict()

@@ -7,7 +7,9 @@ from torch import nn
 from fedse.models import MODELS, BasicBlock, SEBlock, create_model, make_divisible, se_hidden_width
 
 
-@pytest.mark.parametrize("channels,reduction,hidden", [(64, 16, 4), (256, 16, 16), (512, 16, 32), (16, 16, 4), (32, 4, 8)])
+@pytest.mark.parametrize(
+    "channels,reduction,hidden", [(64, 16, 4), (256, 16, 16), (512, 16, 32), (16, 16, 4), (32, 4, 8)]
+)
 def test_se_block_parameter_count_matches_formula(channels, reduction, hidden):
     se = SEBlock(channels, reduction)
     assert se.hidden == hidden == se_hidden_width(channels, reduction)

@@ -27,8 +27,8 @@ def test_seeded_disjoint_covering_min_size(name):
     a = create_partition(name, LABELS, 10, seed=1, **PARAMS[name])
     b = create_partition(name, LABELS, 10, seed=1, **PARAMS[name])
     c = create_partition(name, LABELS, 10, seed=2, **PARAMS[name])
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
     assert len(a) == 10
     assert np.array_equal(np.sort(np.concatenate(a)), np.arange(len(LABELS)))  # disjoint and covering
     assert min(len(p) for p in a) >= PARAMS[name].get("min_size", 1)
@@ -57,9 +57,14 @@ def test_pathological_gives_exactly_k_classes_per_client():
     assert ((counts > 0).sum(1) == 3).all()
 
 
-@pytest.mark.parametrize("k,clients,pattern", [(0, 10, "classes_per_client must be in \\[1, 10\\].*got 0"),
-                                               (11, 10, "got 11"),
-                                               (2, 4, "4 clients x 2 classes each = 8 slots < 10 classes")])
+@pytest.mark.parametrize(
+    "k,clients,pattern",
+    [
+        (0, 10, "classes_per_client must be in \\[1, 10\\].*got 0"),
+        (11, 10, "got 11"),
+        (2, 4, "4 clients x 2 classes each = 8 slots < 10 classes"),
+    ],
+)
 def test_pathological_impossible_settings(k, clients, pattern):
     with pytest.raises(PartitionError, match=pattern):
         create_partition("pathological", LABELS, clients, seed=0, classes_per_client=k)

@@ -5,15 +5,15 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
-from conftest import tiny_config
-from fedse.models import build_model
 from fedse.config import ConfigError
 from fedse.federated import build_federated_data
 from fedse.local import local_update, logit_bias, train_logit_bias
-from fedse.prior import fit_prior_weight, label_log_prior
+from fedse.models import build_model
 from fedse.policies import POLICIES, create_policy, resolve
+from fedse.prior import fit_prior_weight, label_log_prior
 from fedse.train import evaluate, train
 
 
@@ -66,8 +66,20 @@ def test_training_with_the_offset_leaves_the_prior_out_of_the_weights():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2))
         nn.init.zeros_(model[1].weight), nn.init.zeros_(model[1].bias)
-        train(model, x, y, mean=(0.0,), std=(1.0,), epochs=30, batch_size=50, lr=0.5, momentum=0.0,
-              seed=0, logit_bias=bias, device=torch.device("cpu"))
+        train(
+            model,
+            x,
+            y,
+            mean=(0.0,),
+            std=(1.0,),
+            epochs=30,
+            batch_size=50,
+            lr=0.5,
+            momentum=0.0,
+            seed=0,
+            logit_bias=bias,
+            device=torch.device("cpu"),
+        )
         gaps[name] = (model[1].bias[0] - model[1].bias[1]).item()
     assert gaps["plain"] == pytest.approx(math.log(181 / 21), abs=0.1)  # the log-odds of the prior
     assert abs(gaps["adjusted"]) < 0.1
@@ -81,8 +93,12 @@ def test_modes_follow_the_policy_the_override_and_sample_dp():
     assert resolve(tiny_config(personalization={"policy": "fedse-pc", "label_prior": "off"})).label_prior == "off"
     assert resolve(tiny_config(personalization={"policy": "fedavg", "label_prior": "train"})).label_prior == "train"
     dp = {"mode": "sample", "noise_multiplier": 1.0}
-    assert resolve(tiny_config(personalization={"policy": "fedse-la"}, model={"norm": "groupnorm"},
-                               privacy=dp)).label_prior == "off"
+    assert (
+        resolve(
+            tiny_config(personalization={"policy": "fedse-la"}, model={"norm": "groupnorm"}, privacy=dp)
+        ).label_prior
+        == "off"
+    )
     with pytest.raises(ConfigError, match="personalization.label_prior.*privacy.mode=sample"):
         tiny_config(personalization={"label_prior": "predict"}, model={"norm": "groupnorm"}, privacy=dp)
     with pytest.raises(ConfigError, match="personalization.label_prior"):
@@ -120,8 +136,9 @@ def test_client_offsets_come_from_its_own_train_labels():
     with torch.no_grad():
         logits = model((shard.train_images.float() / 255 - m) / s).double()
     y = shard.train_labels.long()
-    losses = {i / 10: torch.nn.functional.cross_entropy(logits + (i / 10) * prior.double(), y).item()
-              for i in range(21)}
+    losses = {
+        i / 10: torch.nn.functional.cross_entropy(logits + (i / 10) * prior.double(), y).item() for i in range(21)
+    }
     best, runner_up = sorted(losses, key=losses.get)[:2]
     assert losses[runner_up] - losses[best] > 1e-6  # a clear maximum, not a float32 rounding tie
     assert best not in (0.0, 1.0, 2.0)  # an interior fit: no default or boundary value passes by chance
@@ -138,7 +155,8 @@ def test_prediction_mode_trains_exactly_as_fedse():
     for policy in ("fedse", "fedse-pc"):
         cfg = tiny_config(personalization={"policy": policy})
         model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-        local_update(model, create_policy(policy).split(model), resolve(cfg), shard, cfg, seed=3, mean=ds.mean,
-                     std=ds.std)
+        local_update(
+            model, create_policy(policy).split(model), resolve(cfg), shard, cfg, seed=3, mean=ds.mean, std=ds.std
+        )
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

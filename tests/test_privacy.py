@@ -6,16 +6,15 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from opacus.accountants import RDPAccountant
 
-from conftest import tiny_config
 from fedse.client import make_client_app
-from fedse.models import build_model
-from fedse.records import CONFIG_JSON
 from fedse.config import ConfigError, config_to_dict
 from fedse.federated import build_federated_data
-from fedse.models import create_model
+from fedse.models import build_model, create_model
+from fedse.policies import create_policy
 from fedse.privacy import (
     SampleDP,
     check_dp_model,
@@ -24,8 +23,7 @@ from fedse.privacy import (
     poisson_rate,
     sample_noise_multiplier,
 )
-from fedse.records import to_arrays
-from fedse.policies import create_policy
+from fedse.records import CONFIG_JSON, to_arrays
 from fedse.state import load_accountant
 from fedse.train import train
 
@@ -76,8 +74,9 @@ def test_pinned_rdp_epsilon():
 
 
 def test_target_epsilon_gives_a_noise_multiplier_that_reaches_it():
-    cfg = tiny_config(model={"norm": "groupnorm"}, server={"rounds": 4},
-                      privacy={"mode": "sample", "target_epsilon": 3.0})
+    cfg = tiny_config(
+        model={"norm": "groupnorm"}, server={"rounds": 4}, privacy={"mode": "sample", "target_epsilon": 3.0}
+    )
     sigma = sample_noise_multiplier(cfg, 300, private_first=False)
     q, steps = poisson_rate(300, cfg.train.batch_size)
     eps = epsilon_of([(sigma, q, 4 * steps)], cfg.privacy.delta)
@@ -126,13 +125,16 @@ def test_client_with_batchnorm_and_sample_dp_refuses(task_identity):
         make_client_app()(_msg(cfg, to_arrays(split.shared_state(model)), 1), ctx)
 
 
-@pytest.mark.parametrize("raw,pattern", [
-    ({"privacy": {"mode": "sample"}}, "exactly one of privacy.noise_multiplier or privacy.target_epsilon"),
-    ({"privacy": {"mode": "client", "noise_multiplier": 1.0, "target_epsilon": 2.0}}, "exactly one"),
-    ({"privacy": {"mode": "sample", "noise_multiplier": 1.0}, "server": {"strategy": "fedprox"}}, "fedprox"),
-    ({"privacy": {"mode": "laplace"}}, "'privacy.mode'"),
-    ({"privacy": {"delta": 0}}, r"'privacy\.delta': 0\.0 is out of range"),
-])
+@pytest.mark.parametrize(
+    "raw,pattern",
+    [
+        ({"privacy": {"mode": "sample"}}, "exactly one of privacy.noise_multiplier or privacy.target_epsilon"),
+        ({"privacy": {"mode": "client", "noise_multiplier": 1.0, "target_epsilon": 2.0}}, "exactly one"),
+        ({"privacy": {"mode": "sample", "noise_multiplier": 1.0}, "server": {"strategy": "fedprox"}}, "fedprox"),
+        ({"privacy": {"mode": "laplace"}}, "'privacy.mode'"),
+        ({"privacy": {"delta": 0}}, r"'privacy\.delta': 0\.0 is out of range"),
+    ],
+)
 def test_privacy_config_errors(raw, pattern):
     from fedse.config import config_from_dict
 
@@ -145,8 +147,11 @@ def test_client_level_updates_are_clipped_to_the_bound(tmp_path):
     from fedse.simulation import simulate
 
     bound = 0.5
-    cfg = tiny_config(server={"rounds": 2}, output={"dir": str(tmp_path), "name": "cdp"},
-                      privacy={"mode": "client", "noise_multiplier": 1e-6, "clipping_norm": bound})
+    cfg = tiny_config(
+        server={"rounds": 2},
+        output={"dir": str(tmp_path), "name": "cdp"},
+        privacy={"mode": "client", "noise_multiplier": 1e-6, "clipping_norm": bound},
+    )
     result = simulate(cfg, quiet=True)
     rows = [r for rnd in result.outcome.log.train.values() for r in rnd.values()]
     assert len(rows) == 6 and not result.outcome.log.failed

@@ -4,8 +4,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
+
 from fedse.rundir import make_run_dir
 
 
@@ -13,8 +13,11 @@ def test_a_second_claim_of_the_same_name_fails_clearly(tmp_path):
     cfg = tiny_config(output={"dir": str(tmp_path / "runs"), "name": "r"})
     run_dir = make_run_dir(cfg, "c")
     assert run_dir == tmp_path / "runs" / "r" and run_dir.is_dir()
-    with pytest.raises(FileExistsError, match=r"run folder '.*/runs/r' already exists and is not empty; choose "
-                                              r"another output\.name"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"run folder '.*/runs/r' already exists and is not empty; choose "
+        r"another output\.name",
+    ):
         make_run_dir(cfg, "c")
 
 

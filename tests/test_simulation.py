@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import tiny_config
+
 from fedse.simulation import simulate
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,16 @@ def test_run_folder_holds_every_report_file(run):
     cfg, result = run
     files = {p.name for p in result.run_dir.iterdir()}
     assert files >= {
-        "config.yaml", "rounds.json", "rounds.csv", "clients.json", "clients.csv", "summary.json",
-        "label_counts.json", "label_distribution.png", "accuracy.png", "shared_weights.pt",
+        "config.yaml",
+        "rounds.json",
+        "rounds.csv",
+        "clients.json",
+        "clients.csv",
+        "summary.json",
+        "label_counts.json",
+        "label_distribution.png",
+        "accuracy.png",
+        "shared_weights.pt",
     }
     from fedse.federated import build_federated_data
 
@@ -72,8 +80,8 @@ def test_run_folder_holds_every_report_file(run):
 def test_shared_weights_file_has_only_shared_keys(run):
     import torch
 
-    from fedse.models import build_model
     from fedse.federated import build_federated_data
+    from fedse.models import build_model
     from fedse.policies import create_policy
 
     cfg, result = run

@@ -12,7 +12,10 @@ from fedse.state import StateCorruptError, StateStore, digest
 
 def _tensors(seed):
     g = torch.Generator().manual_seed(seed)
-    return {"layer1.0.se.fc1.weight": torch.randn(4, 16, generator=g), "layer1.0.se.fc1.bias": torch.randn(4, generator=g)}
+    return {
+        "layer1.0.se.fc1.weight": torch.randn(4, 16, generator=g),
+        "layer1.0.se.fc1.bias": torch.randn(4, generator=g),
+    }
 
 
 def test_round_trip_is_bit_identical(tmp_path):

@@ -15,16 +15,20 @@ SHARED = {"w": torch.zeros(2), "b": torch.zeros(1)}
 def _msg(named: dict, n: int, pid: int) -> Message:
     instruction = Message(RecordDict({}), dst_node_id=10 + pid, message_type=MessageType.TRAIN)
     record = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in named.items()})
-    content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": n}),
-                          "client": ConfigRecord({"client-id": pid})})
+    content = RecordDict(
+        {"arrays": record, "metrics": MetricRecord({"num-examples": n}), "client": ConfigRecord({"client-id": pid})}
+    )
     content["metrics"]["train-loss"], content["metrics"]["train-acc"] = 0.1, 0.5
     return Message(content, reply_to=instruction)
 
 
 def _guard(**kw):
-    return GuardedStrategy(kw.pop("inner", FedAvg()), train_schema(SHARED, dp_sample=False, digests=False,
-                                                                   max_examples=100),
-                           lambda pooled: evaluate_schema(pooled=pooled, max_examples=100, max_train=100), **kw)
+    return GuardedStrategy(
+        kw.pop("inner", FedAvg()),
+        train_schema(SHARED, dp_sample=False, digests=False, max_examples=100),
+        lambda pooled: evaluate_schema(pooled=pooled, max_examples=100, max_train=100),
+        **kw,
+    )
 
 
 def test_pooled_evaluation_is_requested_on_schedule():
@@ -39,8 +43,9 @@ def test_pooled_evaluation_is_requested_on_schedule():
 
 @pytest.mark.parametrize("name,cls", [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam")])
 def test_strategy_registry_builds_flowers_own_strategies(name, cls):
-    from fedse.strategy import create_strategy
     from conftest import tiny_config
+
+    from fedse.strategy import create_strategy
 
     strategy = create_strategy(tiny_config(server={"strategy": name, "min_train_clients": 3}))
     assert type(strategy).__name__ == cls and strategy.min_train_nodes == 3
@@ -49,10 +54,10 @@ def test_strategy_registry_builds_flowers_own_strategies(name, cls):
 
 
 def test_client_level_dp_wraps_the_strategy_with_flowers_wrapper():
-    from fedse.strategy import create_strategy
     from conftest import tiny_config
 
     from fedse.privacy import make_client_dp
+    from fedse.strategy import create_strategy
 
     def build(**privacy):
         cfg = tiny_config(privacy={"mode": "client", "noise_multiplier": 1.0, **privacy})
@@ -90,7 +95,7 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive(task_identity):
 def test_aggregated_metrics_are_the_example_weighted_means(task_identity):
     # Train: 10 and 30 examples, train-loss 0.2 and 0.6, train-acc 0.5 and 0.25.
     replies = [_msg({"w": [1.0, 1.0], "b": [1.0]}, n, pid) for pid, n in enumerate((10, 30))]
-    for reply, (loss, acc) in zip(replies, ((0.2, 0.5), (0.6, 0.25))):
+    for reply, (loss, acc) in zip(replies, ((0.2, 0.5), (0.6, 0.25)), strict=True):
         reply.content["metrics"]["train-loss"], reply.content["metrics"]["train-acc"] = loss, acc
     guard = _guard()
     _, metrics = guard.aggregate_train(1, replies)
@@ -101,8 +106,12 @@ def test_aggregated_metrics_are_the_example_weighted_means(task_identity):
     evaluated = []
     for pid, (n, acc, loss) in enumerate(((5, 0.8, 1.0), (15, 0.4, 3.0))):
         instruction = Message(RecordDict({}), dst_node_id=10 + pid, message_type=MessageType.EVALUATE)
-        content = RecordDict({"metrics": MetricRecord({"num-examples": n, "local-acc": acc, "local-loss": loss}),
-                              "client": ConfigRecord({"client-id": pid, "num-train": 50})})
+        content = RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": n, "local-acc": acc, "local-loss": loss}),
+                "client": ConfigRecord({"client-id": pid, "num-train": 50}),
+            }
+        )
         evaluated.append(Message(content, reply_to=instruction))
     metrics = guard.aggregate_evaluate(1, evaluated)
     assert set(metrics) == {"local-acc", "local-loss"}

@@ -87,8 +87,19 @@ def test_lr_scale_sets_a_per_parameter_learning_rate():
     private = set(create_policy("fedse").split(model).private)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _toy(64)
-    train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, momentum=0.0,
-          lr_scale={k: 0.0 for k in private}, seed=0)
+    train(
+        model,
+        x,
+        y,
+        mean=MEAN,
+        std=STD,
+        epochs=1,
+        batch_size=16,
+        lr=0.1,
+        momentum=0.0,
+        lr_scale={k: 0.0 for k in private},
+        seed=0,
+    )
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in private)  # scale 0: frozen in place
     assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
