@@ -63,14 +63,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    scheme: Literal["iid", "dirichlet", "pathological", "quantity"] = "dirichlet"
+    # 'dirichlet' splits each class across clients (global form: redrawn until min_size holds, which
+    # fails at hundreds of clients); 'dirichlet-client' draws each client's own label mix and size
+    # (per-client form: min_size holds by construction, seconds at 10,000 clients).
+    scheme: Literal["iid", "dirichlet", "dirichlet-client", "pathological", "quantity"] = "dirichlet"
     num_clients: int = field(default=10, metadata=_range(1, 100_000))
-    # Dirichlet concentration for label ('dirichlet') or size ('quantity') skew; smaller = more skewed.
+    # Dirichlet concentration for label ('dirichlet', 'dirichlet-client') or size ('quantity') skew;
+    # smaller = more skewed.
     alpha: float = field(default=0.5, metadata=_range(0, None, lo_open=True))
     # Classes per client for 'pathological'.
     classes_per_client: int = field(default=2, metadata=_range(1, None))
-    # Every client gets at least this many samples (train + test) or the partition is redrawn.
+    # Every client gets at least this many samples (train + test): 'dirichlet' and 'quantity' redraw
+    # until it holds, 'dirichlet-client' gives it to every client first.
     min_size: int = field(default=10, metadata=_range(1, None))
+    # Spread of client sizes under 'dirichlet-client': the samples above min_size are shared by
+    # log-normal(0, size_sigma) weights (FedDyn's unbalanced setting uses 0.3), so real federations'
+    # few large and many small clients can be modelled; 0 = equal sizes.
+    size_sigma: float = field(default=0.0, metadata=_range(0, None))
     # Share of each client's data held out as its own test part (same label distribution).
     test_fraction: float = field(default=0.25, metadata=_range(0, 1, lo_open=True))
     # Feature skew: each client's images pass through its own fixed transformation.
@@ -173,8 +182,12 @@ class EvaluateConfig:
 class SimulationConfig:
     # CPU cores reserved per virtual client (Ray resources); also torch threads per client.
     client_cpus: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
-    # Share of one GPU per virtual client; used only when CUDA is present.
+    # Share of one GPU per virtual client (Ray places the client on a GPU and shows it only that
+    # one); 0: the client runs on the CPU, CUDA hidden from it. Used where the cluster has GPUs.
     client_gpu_fraction: float = field(default=0.0, metadata=_range(0, 1))
+    # An existing Ray cluster to run on ("ray://HOST:10001" or "HOST:6379" or "auto": started with
+    # `ray start --head`); null: a local one, started and stopped by the run.
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)

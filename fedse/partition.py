@@ -4,6 +4,13 @@
 * ``dirichlet``: label skew, Hsu, Qi, Brown 2019 (arXiv:1909.06335): each
   class is split across clients with proportions drawn from Dirichlet(alpha);
   the whole draw is repeated until every client holds ``min_size`` samples.
+  (The global form, as Flower Datasets' ``DirichletPartitioner``; at hundreds
+  of clients and more the redraw rarely meets ``min_size``.)
+* ``dirichlet-client``: label skew in the per-client form, Acar et al. 2021
+  (FedDyn; FedLab's ``client_inner_dirichlet_partition``): each client draws
+  its own label proportions from Dirichlet(alpha) and its own size (at least
+  ``min_size``, log-normal spread ``size_sigma``), then samples without
+  replacement. Meets ``min_size`` by construction, at any number of clients.
 * ``pathological``: ``k`` classes per client, McMahan et al. 2017 (shards).
 * ``quantity``: client sizes from Dirichlet(alpha), labels IID within a client
   (NIID-Bench, Li et al. 2022).
@@ -34,6 +41,7 @@ __all__ = [
     "PartitionError",
     "create_partition",
     "dirichlet",
+    "dirichlet_per_client",
     "iid",
     "label_counts",
     "pathological",
@@ -69,13 +77,22 @@ def iid(labels: np.ndarray, num_clients: int, *, seed: int, min_size: int = 1) -
     return _finish(np.array_split(rng.permutation(len(labels)), num_clients))
 
 
-def _by_proportions(index: np.ndarray, proportions: np.ndarray) -> list[np.ndarray]:
-    cuts = (np.cumsum(proportions)[:-1] * len(index)).astype(int)
-    return np.split(index, cuts)
+def _owners(count: int, proportions: np.ndarray) -> np.ndarray:
+    """The client of each of ``count`` shuffled samples cut by ``proportions`` (cut ``i`` at
+    ``floor(cumsum(proportions)[i] * count)``), as one array: no per-client loop."""
+    cuts = np.clip((np.cumsum(proportions)[:-1] * count).astype(np.int64), 0, count)
+    return np.repeat(np.arange(len(proportions)), np.diff(cuts, prepend=0, append=count))
+
+
+def _group(index: np.ndarray, owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """One sorted int64 array per client from (sample index, its client) pairs."""
+    ranked = np.lexsort((index, owner))
+    sizes = np.bincount(owner, minlength=num_clients)
+    return np.split(index[ranked].astype(np.int64), np.cumsum(sizes)[:-1])
 
 
 def _redraw(
-    draw: Callable[[np.random.Generator], list],
+    draw: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]],
     rng: np.random.Generator,
     *,
     scheme: str,
@@ -83,18 +100,20 @@ def _redraw(
     num_clients: int,
     min_size: int,
     max_retries: int,
+    alternative: str = "",
 ) -> list[np.ndarray]:
-    """Repeat a whole seeded draw until every client holds ``min_size`` samples (bounded)."""
+    """Repeat a whole seeded draw of (sample index, its client) pairs until every client holds
+    ``min_size`` samples (bounded); a draw is checked by its sizes alone and grouped only once."""
     smallest = 0
     for _ in range(max_retries):
-        parts = draw(rng)
-        smallest = min(len(p) for p in parts)
+        index, owner = draw(rng)
+        smallest = int(np.bincount(owner, minlength=num_clients).min())
         if smallest >= min_size:
-            return _finish(parts)
+            return _group(index, owner, num_clients)
     raise PartitionError(
         f"{scheme}(alpha={alpha}) over {num_clients} clients: after {max_retries} retries the smallest "
         f"client still had {smallest} < min_size={min_size} samples; use a larger alpha, fewer clients "
-        "or a smaller min_size"
+        f"or a smaller min_size{alternative}"
     )
 
 
@@ -108,13 +127,12 @@ def dirichlet(
     _check_clients(labels, num_clients, min_size)
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
 
-    def draw(rng: np.random.Generator) -> list[list[int]]:
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
+    def draw(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        pieces, owners = [], []
         for members in by_class:
-            index = rng.permutation(members)
-            for client, chunk in enumerate(_by_proportions(index, rng.dirichlet(np.full(num_clients, alpha)))):
-                parts[client].extend(chunk.tolist())
-        return parts
+            pieces.append(rng.permutation(members))
+            owners.append(_owners(len(members), rng.dirichlet(np.full(num_clients, alpha))))
+        return np.concatenate(pieces), np.concatenate(owners)
 
     return _redraw(
         draw,
@@ -124,7 +142,105 @@ def dirichlet(
         num_clients=num_clients,
         min_size=min_size,
         max_retries=max_retries,
+        alternative=(
+            ", or scheme 'dirichlet-client' (each client draws its own label proportions and size: "
+            "min_size is met at any number of clients)"
+        ),
     )
+
+
+def _client_sizes(total: int, num_clients: int, min_size: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """``min_size`` each plus a share of the rest by log-normal(0, sigma) weights, rounded so the
+    sizes sum to ``total`` exactly (cumulative rounding: each size within one of its share)."""
+    rest = total - num_clients * min_size
+    log_w = sigma * rng.standard_normal(num_clients)
+    w = np.exp(log_w - log_w.max())  # in log space: no overflow for any sigma
+    cuts = np.floor(np.cumsum(w) / w.sum() * rest + 0.5).astype(np.int64)
+    cuts = np.minimum(cuts, rest)
+    cuts[-1] = rest
+    return min_size + np.diff(cuts, prepend=0)
+
+
+def dirichlet_per_client(
+    labels: np.ndarray,
+    num_clients: int,
+    *,
+    alpha: float,
+    seed: int,
+    min_size: int = 10,
+    size_sigma: float = 0.0,
+) -> list[np.ndarray]:
+    """Label skew, per-client form (Acar et al. 2021, FedDyn, arXiv:2111.04263; FedLab's
+    ``client_inner_dirichlet_partition``): client ``k`` draws its label proportions
+    ``p_k ~ Dirichlet(alpha * 1_C)`` over the ``C`` classes and its size ``n_k``, then takes ``n_k``
+    samples without replacement, each of class ``c`` with probability ``p_k[c]``; once a class has
+    run out, ``p_k`` is renormalised over the classes left. (Hsu et al. 2019 draw the proportions the
+    same way but write ``Dirichlet(alpha' * prior)``: with a uniform prior their ``alpha'`` is this
+    ``alpha * C``.)
+
+    Sizes: ``min_size`` each plus a share of the remaining samples in proportion to log-normal
+    weights ``exp(size_sigma * z)``, ``z ~ N(0, 1)`` (FedDyn's unbalanced setting, where 0.3 is
+    usual); ``size_sigma=0`` gives equal sizes (differing by at most one). The sizes are scaled to
+    the dataset, so, unlike the per-client form with sizes drawn freely, the parts are disjoint *and
+    cover every sample*, and ``min_size`` holds by construction: no redraws, at any scale. The price
+    of covering: the draws made after a class has run out follow the renormalised proportions, so
+    the clients' label mix is somewhat less skewed than their ``p_k``; the gap is largest with few
+    clients (where the class totals the clients ask for differ most from the data's), for which the
+    global ``dirichlet`` fits the data better.
+
+    Vectorised, no per-sample loop: every client's class counts are drawn at once (multinomial);
+    a class asked for more than it holds is granted to a uniformly random subset of the requests
+    (multivariate hypergeometric over clients) and the unmet requests are drawn again over the
+    classes left, with each client's ``p_k`` renormalised; every round empties at least one class,
+    so there are at most ``C`` rounds. A client with no mass left on any remaining class (possible
+    for tiny ``alpha``) draws in proportion to what is left."""
+    labels = np.asarray(labels)
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise PartitionError(f"dirichlet-client alpha must be a finite number > 0, got {alpha}")
+    if not (size_sigma >= 0 and math.isfinite(size_sigma)):
+        raise PartitionError(f"dirichlet-client size_sigma must be a finite number >= 0, got {size_sigma}")
+    if min_size < 0:
+        raise PartitionError(f"min_size must be >= 0, got {min_size}")
+    _check_clients(labels, num_clients, min_size)
+    rng = np.random.default_rng(seed)
+    classes, codes = np.unique(labels, return_inverse=True)
+    codes = codes.ravel()
+    num_classes = len(classes)
+    supply = np.bincount(codes, minlength=num_classes).astype(np.int64)
+    sizes = _client_sizes(len(labels), num_clients, min_size, size_sigma, rng)
+    props = rng.dirichlet(np.full(num_classes, alpha), size=num_clients)
+
+    granted = np.zeros((num_clients, num_classes), dtype=np.int64)
+    wanted = rng.multinomial(sizes, props)
+    for _ in range(num_classes + 1):
+        asked = wanted.sum(0)
+        over = asked > supply
+        granted[:, ~over] += wanted[:, ~over]
+        supply[~over] -= asked[~over]
+        if not over.any():
+            break
+        unmet = np.zeros(num_clients, dtype=np.int64)
+        for c in np.flatnonzero(over):
+            got = rng.multivariate_hypergeometric(wanted[:, c], supply[c])
+            granted[:, c] += got
+            unmet += wanted[:, c] - got
+            supply[c] = 0
+        left = props * (supply > 0)
+        mass = left.sum(1, keepdims=True)
+        stuck = mass[:, 0] <= 0
+        left[stuck] = supply / supply.sum()
+        mass[stuck] = 1.0
+        wanted = rng.multinomial(unmet, left / mass)
+    else:  # unreachable: every round empties a class and the sizes sum to the supply
+        raise AssertionError("dirichlet-client: requests outlived the classes")
+
+    # Each class's indices in a seeded random order, dealt to its clients in client order.
+    order = rng.permutation(len(labels))
+    order = order[np.argsort(codes[order], kind="stable")]
+    deal = np.concatenate([granted.T, supply[:, None]], axis=1).ravel()  # per class: clients, then unassigned
+    owner = np.repeat(np.tile(np.append(np.arange(num_clients), -1), num_classes), deal)
+    mine = owner >= 0
+    return _group(order[mine], owner[mine], num_clients)
 
 
 def quantity_skew(
@@ -136,8 +252,8 @@ def quantity_skew(
         raise PartitionError(f"quantity alpha must be > 0, got {alpha}")
     _check_clients(labels, num_clients, min_size)
 
-    def draw(rng: np.random.Generator) -> list[np.ndarray]:
-        return _by_proportions(rng.permutation(len(labels)), rng.dirichlet(np.full(num_clients, alpha)))
+    def draw(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return rng.permutation(len(labels)), _owners(len(labels), rng.dirichlet(np.full(num_clients, alpha)))
 
     return _redraw(
         draw,
@@ -188,6 +304,7 @@ def pathological(
 PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
     "iid": iid,
     "dirichlet": dirichlet,
+    "dirichlet-client": dirichlet_per_client,
     "pathological": pathological,
     "quantity": quantity_skew,
 }
@@ -205,7 +322,7 @@ def create_partition(name: str, labels: np.ndarray, num_clients: int, *, seed: i
 
 def partition_from_config(labels: np.ndarray, p: PartitionConfig, *, seed: int) -> list[np.ndarray]:
     """``create_partition(p.scheme, ...)`` with every parameter the scheme takes that is a config
-    field (``alpha``, ``min_size``, ``classes_per_client``) read from that field."""
+    field (``alpha``, ``min_size``, ``classes_per_client``, ``size_sigma``) read from that field."""
     if p.scheme not in PARTITIONERS:
         raise ValueError(f"unknown partition scheme {p.scheme!r}; valid schemes: {sorted(PARTITIONERS)}")
     fields = {f.name for f in dataclasses.fields(p)} - {"scheme", "num_clients"}

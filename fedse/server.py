@@ -286,12 +286,17 @@ def run_server(
     return ServerOutcome(strategy.log, final, summary)
 
 
-def final_tables(outcome_log: RunLog) -> str:
-    """The per-client table and its summary lines, as printed at the end of a run, then
-    any refused or failed replies (with the first failure's reason)."""
+def final_tables(outcome_log: RunLog, max_rows: int = 20) -> str:
+    """The per-client table (up to ``max_rows`` clients; beyond that only a pointer to
+    ``clients.csv``, which always holds every client) and its summary lines, as printed at the end
+    of a run, then any refused or failed replies (with the first failure's reason)."""
     clients = client_rows(outcome_log)
     cols = ["client", "train_samples", "local_acc", "pooled_acc"]
-    text = format_table(clients, cols) + "\n\n" + format_table(client_summary_rows(clients))
+    if len(clients) <= max_rows:
+        text = format_table(clients, cols) + "\n\n"
+    else:
+        text = f"{len(clients)} clients evaluated: every client's row is in clients.csv in the run folder\n\n"
+    text += format_table(client_summary_rows(clients))
     if outcome_log.dropped:
         text += f"\n\n{len(outcome_log.dropped)} replies refused by the guard; first: {outcome_log.dropped[0]}"
     if outcome_log.failed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,19 +42,23 @@ class SimulationResult:
 
 
 def backend_config(cfg: Config, verbose: bool = False) -> dict[str, Any]:
-    """Ray resources per virtual client; a GPU fraction only where CUDA is present.
+    """Ray resources per virtual client and Ray's init arguments (Flower passes them to ``ray.init``).
 
-    Client failures reach the server as error replies (counted per round in the
-    report), so actors' own logs go to the terminal only with ``verbose``."""
-    gpus = cfg.simulation.client_gpu_fraction if torch.cuda.is_available() else 0.0
-    return {
-        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": gpus},
-        "init_args": {
-            "include_dashboard": False,
-            "log_to_driver": verbose,
-            "logging_level": "INFO" if verbose else "ERROR",
-        },
+    On a local Ray, a GPU fraction is asked for only where this machine has CUDA (Ray would wait
+    forever for a GPU that is not there); on a cluster (``simulation.ray_address``) the cluster's
+    nodes decide, so the configured fraction is asked for as is. Client failures reach the server as
+    error replies (counted per round in the report), so actors' own logs go to the terminal only
+    with ``verbose``."""
+    sim = cfg.simulation
+    gpus = sim.client_gpu_fraction if sim.ray_address is not None or torch.cuda.is_available() else 0.0
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": verbose,
+        "logging_level": "INFO" if verbose else "ERROR",
     }
+    if sim.ray_address is not None:
+        init_args["address"] = sim.ray_address
+    return {"client_resources": {"num_cpus": sim.client_cpus, "num_gpus": gpus}, "init_args": init_args}
 
 
 class _Progress:
@@ -172,7 +177,11 @@ def _run(
         level = flwr_logger.level
         if not verbose:  # Flower's INFO lines and its run_simulation deprecation notice
             flwr_logger.setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning
+        # A client with no GPU share must not see the GPU: Ray then hides CUDA from its actor, and
+        # fedse.train picks the CPU. Ray does this today by default but warns that the default will
+        # change; fedse asks for it explicitly (and Ray's FutureWarning about the default is moot).
+        os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "1"
+        warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
         try:
             run_simulation(
                 server_app=server_app,

@@ -1,14 +1,16 @@
-"""Partitioners: seeded, disjoint, covering, min size, skew vs alpha, clear errors; feature skew."""
+"""Partitioners: seeded, disjoint, covering, min size, skew vs alpha, clear errors, 10,000 clients; feature skew."""
 
 import numpy as np
 import pytest
 import torch
 
+from fedse.config import PartitionConfig
 from fedse.feature_skew import ClientStyle, apply_style, make_client_styles
 from fedse.partition import (
     PartitionError,
     create_partition,
     label_counts,
+    partition_from_config,
     plot_label_counts,
     split_train_test,
 )
@@ -17,6 +19,7 @@ LABELS = np.repeat(np.arange(10), 100)  # 10 classes x 100 samples
 PARAMS = {
     "iid": {},
     "dirichlet": {"alpha": 0.5, "min_size": 10},
+    "dirichlet-client": {"alpha": 0.5, "min_size": 10, "size_sigma": 0.5},
     "pathological": {"classes_per_client": 2},
     "quantity": {"alpha": 1.0, "min_size": 10},
 }
@@ -35,11 +38,12 @@ def test_seeded_disjoint_covering_min_size(name):
     assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in a)
 
 
-def _skew(alpha):
+def _skew(alpha, scheme="dirichlet", labels=LABELS, clients=10):
     """Mean total-variation distance between client label distributions and the global one."""
     values = []
     for seed in range(5):
-        counts = label_counts(LABELS, create_partition("dirichlet", LABELS, 10, seed=seed, alpha=alpha, min_size=1), 10)
+        parts = create_partition(scheme, labels, clients, seed=seed, alpha=alpha, min_size=1)
+        counts = label_counts(labels, parts, 10)
         dist = counts / counts.sum(1, keepdims=True)
         values.append(0.5 * np.abs(dist - 0.1).sum(1).mean())
     return float(np.mean(values))
@@ -49,6 +53,84 @@ def test_dirichlet_skew_grows_as_alpha_falls():
     skew = [_skew(a) for a in (100.0, 1.0, 0.1)]
     assert skew[0] < skew[1] < skew[2]
     assert skew[0] < 0.1 and skew[2] > 0.5
+
+
+LABELS_10K = np.repeat(np.arange(10), 1000)  # 10 classes x 1000 samples
+
+
+def test_dirichlet_client_skew_grows_as_alpha_falls():
+    skew = [_skew(a, "dirichlet-client", LABELS_10K, 20) for a in (100.0, 1.0, 0.1, 0.01)]
+    assert skew[0] < skew[1] < skew[2] < skew[3]
+    assert skew[0] < 0.1 and skew[2] > 0.5
+    held = label_counts(LABELS_10K, create_partition("dirichlet-client", LABELS_10K, 20, seed=0, alpha=0.01), 10)
+    assert (held > 0).sum(1).mean() < 4  # tiny alpha: most clients hold one or a few classes
+
+
+def test_dirichlet_client_sizes_equal_at_sigma_0_spread_grows_with_sigma():
+    labels = np.repeat(np.arange(10), 1003)  # 10,030: not a multiple of the client count
+    equal = [len(p) for p in create_partition("dirichlet-client", labels, 100, seed=0, alpha=0.3, size_sigma=0.0)]
+    assert sum(equal) == len(labels) and max(equal) - min(equal) <= 1
+
+    def spread(sigma):
+        sizes = np.array(
+            [len(p) for p in create_partition("dirichlet-client", labels, 100, seed=0, alpha=0.3, size_sigma=sigma)]
+        )
+        assert sizes.sum() == len(labels) and sizes.min() >= 10
+        return sizes.std() / sizes.mean()
+
+    assert spread(0.0) < spread(0.3) < spread(1.0) < spread(3.0)
+    huge = create_partition("dirichlet-client", labels, 100, seed=0, alpha=0.3, min_size=25, size_sigma=50.0)
+    assert min(len(p) for p in huge) == 25  # min_size holds however wide the spread
+
+
+def test_dirichlet_client_exhausted_class_is_renormalised_over_the_rest():
+    # Every client asks for about half class 0, but class 0 has 5 samples: the rest of every request is
+    # drawn from the classes left, and every sample is dealt exactly once.
+    labels = np.array([0] * 5 + [1] * 495 + [2] * 500)
+    parts = create_partition("dirichlet-client", labels, 10, seed=3, alpha=1000.0, min_size=10)
+    counts = label_counts(labels, parts, 3)
+    assert counts[:, 0].sum() == 5 and (counts.sum(1) == 100).all()
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    # Tiny alpha: clients put all their mass on one class and must fall back on what is left.
+    tiny = create_partition("dirichlet-client", LABELS, 50, seed=0, alpha=1e-3, min_size=20)
+    assert np.array_equal(np.sort(np.concatenate(tiny)), np.arange(len(LABELS)))
+    assert [len(p) for p in tiny] == [20] * 50
+
+
+def test_dirichlet_client_at_10000_clients_on_70000_labels():
+    # The scale of issue 15: completes quickly (vectorised; no per-sample loop), disjoint, sizes met.
+    labels = np.random.default_rng(0).integers(0, 10, 70_000)
+    parts = create_partition("dirichlet-client", labels, 10_000, seed=0, alpha=0.3, min_size=5, size_sigma=0.5)
+    assert len(parts) == 10_000 and min(len(p) for p in parts) >= 5
+    assert np.array_equal(np.bincount(np.concatenate(parts), minlength=70_000), np.ones(70_000, dtype=np.int64))
+    # 1,000 clients with alpha=0.3 and min_size=10: what the global form refuses.
+    parts = create_partition("dirichlet-client", labels, 1_000, seed=0, alpha=0.3, min_size=10)
+    assert min(len(p) for p in parts) >= 10
+
+
+def test_dirichlet_client_reads_its_parameters_from_the_config():
+    config = PartitionConfig(scheme="dirichlet-client", num_clients=20, alpha=0.2, min_size=30, size_sigma=0.7)
+    parts = partition_from_config(LABELS_10K, config, seed=4)
+    same = create_partition("dirichlet-client", LABELS_10K, 20, seed=4, alpha=0.2, min_size=30, size_sigma=0.7)
+    assert all(np.array_equal(x, y) for x, y in zip(parts, same, strict=True))
+    assert not all(
+        np.array_equal(x, y)
+        for x, y in zip(parts, create_partition("dirichlet-client", LABELS_10K, 20, seed=4, alpha=0.2), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "params,pattern",
+    [
+        ({"alpha": 0.0}, "dirichlet-client alpha must be a finite number > 0, got 0.0"),
+        ({"alpha": 0.5, "size_sigma": -1.0}, "size_sigma must be a finite number >= 0, got -1.0"),
+        ({"alpha": 0.5, "size_sigma": float("nan")}, "size_sigma must be a finite number >= 0, got nan"),
+        ({"alpha": 0.5, "min_size": 101}, "10 clients x min_size 101 = 1010 samples needed, but the dataset has 1000"),
+    ],
+)
+def test_dirichlet_client_impossible_settings(params, pattern):
+    with pytest.raises(PartitionError, match=pattern):
+        create_partition("dirichlet-client", LABELS, 10, seed=0, **params)
 
 
 def test_pathological_gives_exactly_k_classes_per_client():
@@ -74,7 +156,7 @@ def test_impossible_min_size_is_a_clear_error():
     small = np.repeat(np.arange(10), 5)  # 50 samples
     with pytest.raises(PartitionError, match="min_size 10 = 100 samples needed, but the dataset has 50"):
         create_partition("dirichlet", small, 10, seed=0, alpha=0.1, min_size=10)
-    with pytest.raises(PartitionError, match=r"after 7 retries.*min_size=30.*larger alpha"):
+    with pytest.raises(PartitionError, match=r"after 7 retries.*min_size=30.*larger alpha.*scheme 'dirichlet-client'"):
         from fedse.partition import dirichlet
 
         dirichlet(LABELS, 20, alpha=0.01, seed=0, min_size=30, max_retries=7)
