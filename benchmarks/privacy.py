@@ -6,23 +6,33 @@
    whole run (delta 1e-5) and without DP. Personalized accuracy is the mean
    over clients of the accuracy on their own test part after the last round.
 2. Step time: the same model and batch, one plain SGD step against one DP-SGD
-   step (Opacus, per-sample clipping and noise), interleaved, median of repeats.
+   step (fedse's DP phase: per-sample gradients by torch.func, Opacus's
+   clipping, noise, Poisson sampling and accountant) and, for reference, one
+   DP-SGD step with per-sample gradients from Opacus's hooks (fedse before
+   issue 15), interleaved, median of repeats; at 28x28, batch 64, and at the
+   quickstart's scale (8x8, batch 32) side by side. Results keep the ratios
+   to the plain step only.
 
     python benchmarks/privacy.py                     # both, writes benchmarks/results/privacy.*
-    python benchmarks/privacy.py --only steps        # just the step-time ratio
+    python benchmarks/privacy.py --only steps        # just the step-time ratios (keeps the accuracy table)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from fedse.config import load_config  # noqa: E402
 from fedse.io import atomic_save, atomic_write_json, atomic_write_text  # noqa: E402
 from fedse.models import create_model  # noqa: E402
-from fedse.privacy import SampleDP  # noqa: E402
+from fedse.privacy import Criterion, SampleDP, Step  # noqa: E402
 from fedse.report import format_table, summarize  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402
 from fedse.train import train  # noqa: E402
@@ -72,30 +82,107 @@ def accuracy_vs_epsilon(config: str, overrides: list[str]) -> list[dict]:
     return rows
 
 
-def step_times(repeats: int = 10, batch: int = 64, steps: int = 10) -> dict:
-    """Seconds per optimizer step over one epoch of ``steps`` batches (the DP side includes
-    Opacus's per-call set-up, amortized over the epoch, as every client round pays it)."""
+# The two step-time configurations, measured side by side in one run: this benchmark's own
+# (28x28, Fashion-MNIST-sized) and the quickstart's (digits 8x8, batch 32, a typical
+# 160-image client: 5 steps per epoch).
+STEP_SCALES = {
+    "28x28": {"image": 28, "batch": 64, "steps": 10},
+    "quickstart": {"image": 8, "batch": 32, "steps": 5},
+}
+
+
+class OpacusHooksDP(SampleDP):
+    """For reference only: the DP phase fedse had before issue 15, Opacus's ``make_private``, whose
+    GradSampleModule computes per-sample gradients with hooks, layer by layer. Same Poisson loader,
+    optimizer, clipping, noise and accountant as :class:`SampleDP`; only the per-sample gradients
+    differ in how they are computed."""
+
+    @contextlib.contextmanager
+    def phase(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        criterion: Criterion,
+    ) -> Iterator[tuple[Step, DataLoader]]:
+        engine = PrivacyEngine(accountant=self.accountant.mechanism())
+        engine.accountant = self.accountant
+        generator = torch.Generator().manual_seed(0)
+        loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, generator=generator)
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=generator,
+        )
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            if len(y) == 0:  # skipped, as fedse did then
+                return None, None
+            loss, logits = criterion(dp_model(x), y)
+            dp_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            dp_optimizer.step()
+            return loss.detach(), logits.detach()
+
+        try:
+            yield step, dp_loader
+        finally:
+            dp_model.remove_hooks()
+            dp_model.del_grad_sample()
+
+
+STEP_KINDS = {
+    "plain": lambda: None,
+    "dp": lambda: SampleDP(noise_multiplier=1.0, max_grad_norm=1.0),
+    "dp_opacus_hooks": lambda: OpacusHooksDP(noise_multiplier=1.0, max_grad_norm=1.0),
+}
+
+
+def step_times(repeats: int = 10) -> dict:
+    """Seconds per optimizer step over one epoch of :func:`fedse.train.train`: plain SGD, fedse's
+    DP-SGD and, for reference, DP-SGD with Opacus's hooks (:class:`OpacusHooksDP`), at every
+    :data:`STEP_SCALES` entry; every scale and kind interleaved, median of ``repeats`` after two
+    warm-ups. The DP sides include the DP phase's set-up (Poisson loader, DP optimizer), amortized
+    over the epoch, as every client round pays it. The ratios to the plain step are the figures
+    to compare across machines; the milliseconds (printed, not kept) are this machine's."""
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (batch * steps, 1, 28, 28), dtype=torch.uint8)
-    y = torch.randint(0, 10, (batch * steps,))
-    times: dict[str, list[float]] = {"plain": [], "dp": []}
-    for i in range(repeats + 2):
-        for kind in ("plain", "dp"):
-            model = create_model("se_resnet8", num_classes=10, in_channels=1, norm="groupnorm")
-            dp = SampleDP(noise_multiplier=1.0, max_grad_norm=1.0) if kind == "dp" else None
-            start = time.perf_counter()
-            result = train(model, x, y, mean=(0.5,), std=(0.25,), epochs=1, batch_size=batch, lr=0.05, seed=i, dp=dp)
-            if i >= 2:  # warm-up
-                times[kind].append((time.perf_counter() - start) / result.steps)
-    plain, dp = statistics.median(times["plain"]), statistics.median(times["dp"])
-    return {
-        "model": f"se_resnet8 (GroupNorm), 1x28x28, batch {batch}, {steps} steps per epoch",
-        "repeats": repeats,
-        "plain_step_ms": round(1000 * plain, 2),
-        "dp_step_ms": round(1000 * dp, 2),
-        "ratio": round(dp / plain, 3),
-        "torch_threads": torch.get_num_threads(),
-    }
+    data = {}
+    for scale, c in STEP_SCALES.items():
+        n = c["batch"] * c["steps"]
+        x = torch.randint(0, 256, (n, 1, c["image"], c["image"]), dtype=torch.uint8)
+        data[scale] = (x, torch.randint(0, 10, (n,)))
+    times: dict[tuple[str, str], list[float]] = {(s, k): [] for s in STEP_SCALES for k in STEP_KINDS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus's secure-RNG and backward-hook warnings (reference path)
+        for i in range(repeats + 2):
+            for scale, c in STEP_SCALES.items():
+                x, y = data[scale]
+                for kind, make_dp in STEP_KINDS.items():
+                    model = create_model("se_resnet8", num_classes=10, in_channels=1, norm="groupnorm")
+                    dp = make_dp()
+                    start = time.perf_counter()
+                    result = train(
+                        model, x, y, mean=(0.5,), std=(0.25,), epochs=1, batch_size=c["batch"], lr=0.05, seed=i, dp=dp
+                    )
+                    if i >= 2:  # warm-up
+                        times[scale, kind].append((time.perf_counter() - start) / result.steps)
+    out: dict = {"repeats": repeats, "torch_threads": torch.get_num_threads(), "scales": {}}
+    for scale, c in STEP_SCALES.items():
+        ms = {kind: 1000 * statistics.median(times[scale, kind]) for kind in STEP_KINDS}
+        out["scales"][scale] = {
+            "model": f"se_resnet8 width 16 (GroupNorm), 1x{c['image']}x{c['image']}, batch {c['batch']}, "
+            f"{c['steps']} steps per epoch",
+            "ratio": round(ms["dp"] / ms["plain"], 3),
+            "ratio_opacus_hooks": round(ms["dp_opacus_hooks"] / ms["plain"], 3),
+            "ms": {kind: round(v, 2) for kind, v in ms.items()},
+        }
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -130,6 +217,33 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(results: dict) -> str:
+    """privacy.md: the step-time ratios and the accuracy table, each with its command."""
+    parts = []
+    if steps := results.get("step_time"):
+        scales = steps["scales"].items()
+        rows = [
+            {
+                "scale": k,
+                "model": v["model"],
+                "dp_step / plain_step": v["ratio"],
+                "with Opacus hooks (before)": v["ratio_opacus_hooks"],
+            }
+            for k, v in scales
+        ]
+        parts.append(
+            f"## DP-SGD step time\n\n`{steps['command']}` (median of {steps['repeats']}, "
+            f"{steps['torch_threads']} torch threads; ratios only: absolute times are the machine's)\n\n"
+            + format_table(rows)
+        )
+    if acc := results.get("accuracy_vs_epsilon"):
+        parts.append(
+            f"## Accuracy against epsilon\n\n`{acc.get('command', 'python benchmarks/privacy.py')}`\n\n"
+            + format_table(acc["rows"])
+        )
+    return "\n\n".join(parts) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
@@ -137,16 +251,26 @@ def main() -> None:
     parser.add_argument("--only", choices=["accuracy", "steps"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    results: dict = {}
+    command = "python " + " ".join(["benchmarks/privacy.py", *sys.argv[1:]])
+    # One part measured (--only) updates that part of privacy.json / privacy.md and keeps the other.
+    path = args.out / "privacy.json"
+    results: dict = json.loads(path.read_text()) if path.exists() else {}
     if args.only != "accuracy":
-        results["step_time"] = step_times()
+        results["step_time"] = {"command": command, **step_times()}
         print(json.dumps(results["step_time"]), flush=True)
+        for scale in results["step_time"]["scales"].values():  # keep only the ratios
+            del scale["ms"]
     if args.only != "steps":
         rows = accuracy_vs_epsilon(args.config, args.overrides)
-        results["accuracy_vs_epsilon"] = {"config": args.config, "overrides": args.overrides, "rows": rows}
-        atomic_write_text(args.out / "privacy.md", format_table(rows) + "\n")
+        results["accuracy_vs_epsilon"] = {
+            "command": command,
+            "config": args.config,
+            "overrides": args.overrides,
+            "rows": rows,
+        }
         plot(rows, args.out / "privacy.png")
-    atomic_write_json(args.out / f"privacy{'-' + args.only if args.only else ''}.json", results)
+    atomic_write_json(path, results)
+    atomic_write_text(args.out / "privacy.md", markdown(results))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Differential privacy for what is shared: sample level (Opacus) and client level (Flower).
 
-Sample level (``privacy.mode: sample``): each client trains with DP-SGD
-(Opacus ``PrivacyEngine``: Poisson sampling, per-sample clipping of the
-gradient of *every* parameter that trains, private excitation included,
-Gaussian noise). The accountant's state is kept per client across rounds, so
-the epsilon a client reports covers every DP step it ever took.
+Sample level (``privacy.mode: sample``): each client trains with DP-SGD:
+Poisson sampling, per-sample clipping of the gradient of *every* parameter
+that trains (private excitation included), Gaussian noise. The per-sample
+gradients are exact autodiff of each example's own loss through the whole
+model (``torch.func``: ``vmap`` over ``grad`` of a ``functional_call``,
+:func:`per_sample_gradients`); Opacus does the rest with its public pieces:
+``DPDataLoader`` (Poisson sampling), ``DPOptimizer`` (clipping, noise,
+averaging) and its accountant, whose hook counts every step. No Opacus hooks
+sit on the model. The accountant's state is kept per client across rounds,
+so the epsilon a client reports covers every DP step it ever took.
 
 Client level (``privacy.mode: client``): Flower's own wrappers around the
 strategy clip each client's update to the shared weights and add Gaussian
@@ -25,7 +30,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +42,13 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
-from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,15 +56,47 @@ from .config import Config, ConfigError
 
 __all__ = [
     "ClientDP",
+    "Criterion",
     "SampleDP",
+    "Step",
     "check_dp_model",
     "client_level_epsilon",
     "client_noise_multiplier",
     "make_client_dp",
     "epsilon_of",
+    "per_sample_gradients",
     "poisson_rate",
     "sample_noise_multiplier",
 ]
+
+
+# (model output, labels) -> (mean loss, the logits that loss saw): the training objective, which
+# the plain step applies to a batch and the DP step to each example alone.
+Criterion = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (inputs, labels) -> (mean loss, logits), both detached (None, None for an empty batch): one step.
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def per_sample_gradients(
+    model: nn.Module, names: Sequence[str], x: torch.Tensor, y: torch.Tensor, criterion: Criterion
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of the parameters ``names``: for each example ``i``, the gradient of
+    ``criterion(model(x[i:i+1]), y[i:i+1])``, exact autodiff through the whole model
+    (``vmap`` over ``grad`` of a ``functional_call``; every other parameter and buffer is the
+    module's own, held fixed). Returns ``({name: (batch, *shape)}, mean loss, logits)``, the
+    last two detached. The model must have no cross-sample statistics (no BatchNorm in training
+    mode: :func:`check_dp_model`), so each example's forward is the batch's row for it."""
+    params = dict(model.named_parameters())
+    trained = {n: params[n].detach() for n in names}
+
+    def sample_loss(
+        trained: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        loss, logits = criterion(functional_call(model, trained, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+        return loss, (loss.detach(), logits.detach().squeeze(0))
+
+    grads, (losses, logits) = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))(trained, x, y)
+    return grads, losses.mean(), logits
 
 
 class SampleDP:
@@ -101,32 +140,77 @@ class SampleDP:
         images: torch.Tensor,
         labels: torch.Tensor,
         batch_size: int,
-    ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, DataLoader]]:
-        """One DP-SGD phase: (model, optimizer, Poisson loader) wrapped by Opacus, with this client's
-        accountant counting the steps; Opacus's hooks are removed from the model on exit.
+        criterion: Criterion,
+    ) -> Iterator[tuple[Step, DataLoader]]:
+        """One DP-SGD phase of ``model`` under ``optimizer`` (whose parameters are the ones that
+        train): yields ``(step, loader)``, Opacus's Poisson loader over (images, labels) and the
+        DP step, which takes a batch of it and returns its mean loss and logits.
+
+        The step fills each trained parameter's ``grad_sample`` with its per-sample gradients
+        (:func:`per_sample_gradients` of ``criterion``) and calls Opacus's ``DPOptimizer``, which
+        clips each example's gradient over all of them to ``max_grad_norm``, adds the noise,
+        divides by the expected batch size and steps ``optimizer``; its step hook adds the step to
+        this client's accountant. An empty Poisson batch is a noise-only step, counted like any
+        other. Everything Opacus puts on the parameters is removed on exit.
 
         Poisson sampling and noise draw from a generator seeded from ``os.urandom``, never from the
         run's seed: noise or batches predictable from the configuration would void the guarantee
         (and the subsampling amplification). DP runs are therefore not bit-reproducible. With
-        ``secure_mode`` Opacus draws both from its cryptographically secure generator instead."""
-        engine = PrivacyEngine(accountant=self.accountant.mechanism(), secure_mode=self.secure_mode)
-        engine.accountant = self.accountant  # the steps of this phase go to this client's accountant
-        generator = None if self.secure_mode else torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, generator=generator)
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
+        ``secure_mode`` both draw from a cryptographically secure generator (torchcsprng's
+        ``/dev/urandom`` device, as Opacus's ``PrivacyEngine(secure_mode=True)``) instead."""
+        check_dp_model(model)
+        if self.secure_mode:
+            import torchcsprng  # config-checked: privacy.secure_mode needs it
+
+            generator = torchcsprng.create_random_device_generator("/dev/urandom")
+        else:
+            generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        # What PrivacyEngine.make_private sets up, without wrapping the model (no hooks): the Poisson
+        # loader (each example in each of ceil(n / batch) steps with probability 1 / that), the
+        # optimizer that clips, noises and averages over the expected batch size, the accountant.
+        loader = DPDataLoader.from_data_loader(
+            DataLoader(TensorDataset(images, labels), batch_size=batch_size), generator=generator
+        )
+        sample_rate = 1 / len(loader)
+        dp_optimizer = DPOptimizer(
+            optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=generator,
+            expected_batch_size=int(len(loader.dataset) * sample_rate),
+            generator=generator,
+            secure_mode=self.secure_mode,
         )
+        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        trained = dp_optimizer.params
+        names = _names_of(model, trained)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            dp_optimizer.zero_grad(set_to_none=True)
+            loss = logits = None
+            if len(y):
+                grads, loss, logits = per_sample_gradients(model, names, x, y, criterion)
+            else:
+                grads = {n: p.new_zeros((0, *p.shape)) for n, p in zip(names, trained, strict=True)}
+            for n, p in zip(names, trained, strict=True):
+                p.grad_sample = grads[n]  # what DPOptimizer clips (Opacus's per-sample gradient slot)
+            dp_optimizer.step()
+            return loss, logits
+
         try:
-            yield dp_model, dp_optimizer, dp_loader
+            yield step, loader
         finally:
-            dp_model.remove_hooks()
-            dp_model.del_grad_sample()
+            for p in trained:
+                for attr in ("grad_sample", "summed_grad"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+
+
+def _names_of(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
+    """The model's names of ``params``; every one must be a parameter of the model that trains."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    if missing := [p for p in params if id(p) not in by_id]:
+        raise ValueError(f"{len(missing)} optimizer parameter(s) are not parameters of the model")
+    return [by_id[id(p)] for p in params]
 
 
 def check_dp_model(model: nn.Module) -> None:

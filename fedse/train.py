@@ -98,9 +98,10 @@ def train(
     keep their running statistics. ``lr_scale``: per-parameter multipliers of
     ``lr`` (e.g. a faster private part); absent names use ``lr``. ``proximal_mu`` with ``anchor`` adds the
     FedProx term ``mu/2 * ||w - w_anchor||^2`` over the anchored parameters.
-    ``dp``: train with DP-SGD (Opacus: Poisson sampling, per-sample clipping of
-    every trainable parameter's gradient, Gaussian noise), one :meth:`SampleDP.phase`
-    whose steps ``dp``'s accountant counts.
+    ``dp``: train with DP-SGD (Poisson sampling, per-sample clipping of every
+    trainable parameter's gradient, Gaussian noise), one :meth:`SampleDP.phase`:
+    its batches and its step replace the plain ones, and ``dp``'s accountant counts
+    every step.
     ``logit_bias``: a fixed per-class offset added to the logits (the client's log
     label prior, :mod:`fedse.prior`); loss and accuracy use the offset logits.
     """
@@ -132,41 +133,48 @@ def train(
             "FedProx's proximal term cannot be combined with sample-level DP "
             "(its gradient is not per-sample); use server.strategy=fedavg"
         )
+    bias = None if logit_bias is None else logit_bias.to(device)
+
+    def criterion(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = out if bias is None else out + bias
+        return F.cross_entropy(logits, y), logits
+
+    def plain_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits = criterion(model(x), y)
+        objective = loss
+        if anchored:
+            objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in anchored)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        return loss.detach(), logits.detach()
+
+    # What DP changes is the step (per-sample clipping and noise) and the batches (Poisson).
     phase = (
-        dp.phase(model, optimizer, images, labels, batch_size)
+        dp.phase(model, optimizer, images, labels, batch_size, criterion)
         if dp is not None
-        else contextlib.nullcontext((model, optimizer, None))
+        else contextlib.nullcontext((plain_step, None))
     )
-    with phase as (net, optimizer, loader):
+    with phase as (step, loader):
         if loader is not None:
             epoch_batches = lambda: iter(loader)  # noqa: E731
         else:
             epoch_batches = lambda: ((images[i], labels[i]) for i in batches(len(labels), batch_size, generator))  # noqa: E731
         flip = images.shape[1] == 3
-        bias = None if logit_bias is None else logit_bias.to(device)
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
         for _ in range(epochs):
             for xb, yb in epoch_batches():
-                if len(yb) == 0:  # an empty Poisson batch: probability (1 - q)^n, about e^-batch_size
-                    continue
                 x = normalize(xb.to(device), mean, std)
                 if augment:
                     x = augment_batch(x, generator, flip=flip)
                 y = yb.to(device)
-                logits = net(x)
-                if bias is not None:
-                    logits = logits + bias
-                loss = F.cross_entropy(logits, y)
-                objective = loss
-                if anchored:
-                    objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in anchored)
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                optimizer.step()
+                loss, logits = step(x, y)
+                steps += 1
+                if len(y) == 0:  # an empty Poisson batch (probability (1 - q)^n): a noise-only DP step
+                    continue
                 total_loss += loss.item() * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
-                steps += 1
     for p in model.parameters():
         p.requires_grad_(True)
     return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, steps)

@@ -1,13 +1,15 @@
-"""Differential privacy: DP step == plain step without noise, model check, cumulative epsilon,
-pinned epsilon, client-level clipping bound, no private key leaves."""
+"""Differential privacy: per-sample gradients == Opacus's, DP step == plain step without noise,
+model check, cumulative epsilon, pinned epsilon, client-level clipping bound, no private key leaves."""
 
 import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
 from fedse.client import make_client_app
@@ -20,14 +22,27 @@ from fedse.privacy import (
     check_dp_model,
     client_level_epsilon,
     epsilon_of,
+    per_sample_gradients,
     poisson_rate,
     sample_noise_multiplier,
 )
 from fedse.records import CONFIG_JSON, to_arrays
 from fedse.state import load_accountant
 from fedse.train import train
+from fedse.transforms import normalize
 
 MEAN, STD = (0.5,), (0.25,)
+BIAS = torch.tensor([0.7, -1.2, 0.1])  # a fixed logit offset (a label prior)
+
+
+def _criterion(out, y):
+    logits = out + BIAS
+    return F.cross_entropy(logits, y), logits
+
+
+def _frozen(name):
+    """A frozen subset: the stem and the first stage's convolutions and norms (its SE block trains)."""
+    return name.startswith(("conv1", "bn1")) or (name.startswith("layer1.") and ".se." not in name)
 
 
 def _data(n=48, seed=0):
@@ -46,6 +61,72 @@ def test_dp_step_without_noise_and_with_loose_clipping_equals_plain_step():
         models.append(model.state_dict())
     for key in models[0]:
         torch.testing.assert_close(models[0][key], models[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_per_sample_gradients_equal_opacus_grad_sample_module():
+    # torch.func (vmap over grad of each example's own loss) against Opacus's hooks, on a GroupNorm
+    # se_resnet8 with a frozen subset and a logit bias in the loss.
+    x, y = _data(n=16)
+    x = normalize(x, MEAN, STD)
+    torch.manual_seed(0)
+    model = create_model("se_resnet8", num_classes=3, in_channels=1, width=8, norm="groupnorm")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not _frozen(name))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert 0 < len(names) < len(list(model.parameters()))
+    grads, loss, logits = per_sample_gradients(model, names, x, y, _criterion)
+    gsm = GradSampleModule(model)  # loss_reduction="mean": grad_sample is each example's own gradient
+    ref_loss, ref_logits = _criterion(gsm(x), y)
+    ref_loss.backward()
+    worst = 0.0
+    for name, p in model.named_parameters():
+        if name not in grads:
+            assert getattr(p, "grad_sample", None) is None
+            continue
+        assert grads[name].shape == (16, *p.shape)
+        torch.testing.assert_close(grads[name], p.grad_sample, rtol=1e-5, atol=1e-6)
+        worst = max(worst, (grads[name] - p.grad_sample).abs().max().item())
+    assert worst < 1e-6
+    torch.testing.assert_close(logits, ref_logits.detach())
+    torch.testing.assert_close(loss, ref_loss.detach())
+    gsm.remove_hooks()
+
+
+def test_dp_step_equals_plain_step_with_frozen_subset_lr_groups_momentum_and_logit_bias():
+    x, y = _data()
+    states = []
+    for dp in (None, SampleDP(noise_multiplier=0.0, max_grad_norm=1e6)):
+        torch.manual_seed(0)
+        model = create_model("se_resnet8", num_classes=3, in_channels=1, width=8, norm="groupnorm")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        trainable = {n for n, _ in model.named_parameters() if not _frozen(n)}
+        lr_scale = {n: 3.0 for n in trainable if ".se." in n}
+        train(model, x, y, mean=MEAN, std=STD, epochs=3, batch_size=len(y), lr=0.05, momentum=0.9,
+              weight_decay=5e-4, trainable=trainable, lr_scale=lr_scale, seed=0, dp=dp, logit_bias=BIAS)  # fmt: skip
+        state = model.state_dict()
+        for name, _ in model.named_parameters():
+            assert torch.equal(state[name], before[name]) == (name not in trainable), name
+        states.append(state)
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_dp_phase_puts_no_hooks_on_the_model_and_takes_a_noise_step_on_an_empty_batch():
+    x, y = _data()
+    model = create_model("se_resnet8", num_classes=3, in_channels=1, width=8, norm="groupnorm")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp = SampleDP(noise_multiplier=1.0, max_grad_norm=1.0)
+    with dp.phase(model, optimizer, x, y, 16, _criterion) as (step, loader):
+        assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
+        loss, logits = step(normalize(x[:0], MEAN, STD), y[:0])
+        assert loss is None and logits is None
+        assert dp.state()["history"] == [[1.0, 1 / len(loader), 1]]  # counted like any step
+        assert all(not torch.equal(v, before[k]) for k, v in model.state_dict().items())  # noise moved all
+        loss, logits = step(normalize(x, MEAN, STD), y)
+        assert logits.shape == (len(y), 3) and loss.ndim == 0
+    assert dp.state()["history"] == [[1.0, 1 / 3, 2]]
+    assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in model.parameters())
 
 
 def test_dp_with_tight_clipping_differs_from_plain():
