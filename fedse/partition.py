@@ -374,13 +374,17 @@ def plot_label_counts(
     import matplotlib.pyplot as plt
 
     clients, classes = counts.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * classes + 2), max(3.0, 0.3 * clients + 1.5)))
-    image = ax.imshow(counts, aspect="auto", cmap="viridis")
+    # One row per client up to 40 clients; beyond that the figure stops growing (at 1,000 clients an
+    # uncapped height was a 33,000-pixel image and half a gigabyte in the driver) and rows thin out.
+    height = max(3.0, 0.3 * min(clients, 40) + 1.5)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * classes + 2), height))
+    image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("class")
     ax.set_ylabel("client")
     ax.set_xticks(range(classes))
     ax.set_xticklabels(class_names if class_names is not None else range(classes), rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(clients))
+    if clients <= 40:
+        ax.set_yticks(range(clients))
     ax.tick_params(axis="y", labelsize=7)
     if clients <= 20 and classes <= 10:
         high = counts.max() if counts.size else 0

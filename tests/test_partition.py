@@ -214,3 +214,14 @@ def test_apply_style_identity_rotation_contrast_noise():
     noisy = apply_style(flat, ClientStyle(noise_std=0.1, seed=3))
     assert torch.equal(noisy, apply_style(flat, ClientStyle(noise_std=0.1, seed=3)))
     assert not torch.equal(noisy, apply_style(flat, ClientStyle(noise_std=0.1, seed=4)))
+
+
+def test_label_plot_stays_small_at_many_clients(tmp_path):
+    # The figure's height is capped: 1,000 clients give the same image size as 40.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    plot_label_counts(rng.integers(0, 50, (40, 10)), tmp_path / "forty.png")
+    plot_label_counts(rng.integers(0, 50, (1000, 10)), tmp_path / "thousand.png")
+    with Image.open(tmp_path / "forty.png") as a, Image.open(tmp_path / "thousand.png") as b:
+        assert a.size == b.size and a.size[1] < 2000
