@@ -98,6 +98,7 @@ def _run(
         device=default_device(),
         dp=dp,
         logit_bias=train_logit_bias(model, shard, policy),
+        bf16=t.bf16,
     )
 
 

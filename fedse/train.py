@@ -91,6 +91,7 @@ def train(
     device: torch.device | None = None,
     dp: SampleDP | None = None,
     logit_bias: torch.Tensor | None = None,
+    bf16: bool = False,
 ) -> TrainResult:
     """SGD on (images, labels) for ``epochs`` epochs; returns mean loss and accuracy.
 
@@ -104,7 +105,11 @@ def train(
     every step.
     ``logit_bias``: a fixed per-class offset added to the logits (the client's log
     label prior, :mod:`fedse.prior`); loss and accuracy use the offset logits.
+    ``bf16``: forward pass and loss under bfloat16 autocast (mixed precision, meant for CUDA;
+    the weights, their gradients and the optimizer stay float32). Not with ``dp``.
     """
+    if bf16 and dp is not None:
+        raise ValueError("bf16 autocast cannot be combined with sample-level DP (per-sample clipping in float32)")
     device = device or default_device()
     model.to(device).train()
     names = {n for n, _ in model.named_parameters()}
@@ -140,7 +145,8 @@ def train(
         return F.cross_entropy(logits, y), logits
 
     def plain_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, logits = criterion(model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, logits = criterion(model(x), y)
         objective = loss
         if anchored:
             objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in anchored)

@@ -225,3 +225,17 @@ def test_client_level_dp_refuses_fedadam(strategy, ok):
         ):
             config_from_dict(raw)
     assert config_from_dict({"server": {"strategy": "fedadam"}}).server.strategy == "fedadam"  # without DP: fine
+
+
+def test_bf16_is_refused_with_sample_level_dp():
+    from fedse.config import ConfigError
+
+    config_from_dict({"train": {"bf16": True}})
+    with pytest.raises(ConfigError, match="'train.bf16'.*privacy.mode=sample"):
+        config_from_dict(
+            {
+                "train": {"bf16": True},
+                "model": {"norm": "groupnorm"},
+                "privacy": {"mode": "sample", "noise_multiplier": 1.0},
+            }
+        )

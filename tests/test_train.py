@@ -103,3 +103,40 @@ def test_lr_scale_sets_a_per_parameter_learning_rate():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in private)  # scale 0: frozen in place
     assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
+
+
+def test_bf16_autocast_runs_the_forward_pass_in_bfloat16_and_keeps_float32_weights():
+    import copy
+
+    import pytest
+
+    torch.manual_seed(0)
+    base = create_model("se_resnet8", num_classes=2, in_channels=1, width=8)
+    x, y = _toy()
+    seen = []
+    runs = {}
+    for bf16 in (False, True):
+        model = copy.deepcopy(base)
+        hook = model.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        runs[bf16] = train(model, x, y, mean=MEAN, std=STD, epochs=2, batch_size=32, lr=0.05, seed=0, bf16=bf16)
+        hook.remove()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        runs[bf16, "acc"] = evaluate(model, x, y, mean=MEAN, std=STD).accuracy
+    assert set(seen[: len(seen) // 2]) == {torch.float32} and set(seen[len(seen) // 2 :]) == {torch.bfloat16}
+    assert runs[True].loss != runs[False].loss  # really in lower precision
+    assert runs[True, "acc"] > 0.9  # and it still learns
+    from fedse.privacy import SampleDP
+
+    with pytest.raises(ValueError, match="bf16"):
+        train(
+            copy.deepcopy(base),
+            x,
+            y,
+            mean=MEAN,
+            std=STD,
+            epochs=1,
+            batch_size=32,
+            lr=0.05,
+            bf16=True,
+            dp=SampleDP(1.0, 1.0),
+        )
