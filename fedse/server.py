@@ -108,7 +108,8 @@ class RunRecorder(Strategy):
         self.on_round = on_round
         self.on_round_end = on_round_end
         self._started = time.perf_counter()
-        self._sent: ArrayRecord | None = None
+        self._sent: ArrayRecord | None = None  # this round's shared arrays, as sent
+        self._sent_numpy: dict[str, np.ndarray] | None = None  # the same, decoded once per round (update norms)
 
     def summary(self) -> None:
         self.guard.summary()
@@ -128,9 +129,9 @@ class RunRecorder(Strategy):
 
     def _update_norm(self, arrays: dict[str, np.ndarray]) -> float | None:
         """L2 norm of an update (shared arrays minus what was sent), over all keys."""
-        if self._sent is None:
+        sent = self._sent_numpy
+        if sent is None:
             return None
-        sent = {k: v.numpy() for k, v in self._sent.items()}
         return float(np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - sent[k]) ** 2)) for k in arrays)))
 
     def configure_train(
@@ -138,6 +139,7 @@ class RunRecorder(Strategy):
     ) -> Iterable[Message]:
         self._started = time.perf_counter()
         self._sent = arrays
+        self._sent_numpy = {k: v.numpy() for k, v in arrays.items()}
         return self.guard.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
