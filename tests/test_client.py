@@ -202,3 +202,17 @@ def test_client_with_its_own_data_dir_trains_on_it(task_identity, tmp_path):
     assert ev.content["metrics"]["num-examples"] == 20
     with pytest.raises(ValueError, match="evaluate.pooled=false"):
         app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=True), ctx)
+
+
+@pytest.mark.parametrize("damage,message", [("nan", "non-finite values"), ("missing", "missing shared keys")])
+def test_client_refuses_non_finite_or_missing_shared_weights(task_identity, damage, message):
+    # (a wrong shape and a key outside the shared set: test_bad_server_message_is_refused_with_a_reason)
+    cfg, model, split = _setup()
+    shared = split.shared_state(model)
+    key = next(k for k, v in shared.items() if v.is_floating_point())
+    if damage == "nan":
+        shared[key] = torch.full_like(shared[key], float("nan"))
+    else:
+        del shared[key]
+    with pytest.raises(ValueError, match=f"server sent invalid shared weights: .*{message}"):
+        make_client_app()(_message(cfg, to_arrays(shared)), _context(0))
