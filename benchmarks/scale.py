@@ -5,8 +5,8 @@ under the default policy (``fedse-la``), 3 rounds, 30 clients sampled per round
 for training and for evaluation (no pooled evaluation, so every round does the
 same work). Each client count runs in its own process (a fresh driver), and in
 that same process, after the simulation, the same sampled clients' work (build
-the model, train, evaluate on the own test part) is redone back to back in plain
-PyTorch, so the two are measured side by side.
+the model, the client's own local update, evaluate on the own test part) is
+redone back to back without Flower, so the two are measured side by side.
 
     python benchmarks/scale.py                       # 100, 300, 1000 clients
     python benchmarks/scale.py --clients 100 1000 --json benchmarks/results/scale.json
@@ -59,10 +59,11 @@ def _worker_rss_peak(stop: threading.Event, out: dict[str, int]) -> None:
 def one(num_clients: int) -> dict:
     from fedse.config import config_from_dict
     from fedse.federated import build_federated_data
+    from fedse.local import local_update
     from fedse.models import build_model
     from fedse.policies import resolve
     from fedse.simulation import simulate
-    from fedse.train import evaluate, train
+    from fedse.train import evaluate
 
     with tempfile.TemporaryDirectory() as out:
         cfg = config_from_dict(
@@ -91,33 +92,22 @@ def one(num_clients: int) -> dict:
     rounds = sorted(log.round_seconds)
     ds = fed.dataset
     plain = []
-    for rnd in rounds:  # the same sampled clients' work, back to back in this process
+    policy = resolve(cfg)
+    for rnd in rounds:  # the same sampled clients' work through the client's own training path
         started = time.perf_counter()
         for cid in sorted(log.train[rnd]):
             shard = fed.shard(cid)
             model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-            t = cfg.train
-            train(
-                model,
-                shard.train_images,
-                shard.train_labels,
-                mean=ds.mean,
-                std=ds.std,
-                epochs=t.local_epochs,
-                batch_size=t.batch_size,
-                lr=t.lr,
-                momentum=t.momentum,
-                weight_decay=t.weight_decay,
-                seed=cid,
-            )
+            local_update(model, policy.split(model), policy, shard, cfg, seed=cid, mean=ds.mean, std=ds.std)
         for cid in sorted(log.evaluate[rnd]):
             shard = fed.shard(cid)
+            model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
             evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std)
         plain.append(time.perf_counter() - started)
     sim = [log.round_seconds[r] for r in rounds]
     sim_steady, plain_steady = statistics.median(sim[1:]), statistics.median(plain[1:])
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    private = resolve(cfg).split(model).private_state(model)
+    private = policy.split(model).private_state(model)
     return {
         "clients": num_clients,
         "sampled_per_round": SAMPLED,
