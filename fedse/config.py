@@ -80,6 +80,10 @@ class PartitionConfig:
     # log-normal(0, size_sigma) weights (FedDyn's unbalanced setting uses 0.3), so real federations'
     # few large and many small clients can be modelled; 0 = equal sizes.
     size_sigma: float = field(default=0.0, metadata=_range(0, None))
+    # Under 'dirichlet-client': every client's mean size, the clients sharing num_clients x this many
+    # samples and the rest of the dataset left out (cross-device: a client holds as much at 10,000
+    # clients as at 100); 0 = share the whole dataset.
+    samples_per_client: int = field(default=0, metadata=_range(0, None))
     # Share of each client's data held out as its own test part (same label distribution).
     test_fraction: float = field(default=0.25, metadata=_range(0, 1, lo_open=True))
     # Feature skew: each client's images pass through its own fixed transformation.
@@ -396,6 +400,12 @@ def _check_cross(cfg: Config) -> None:
             f"config key 'server.min_evaluate_clients': {s.min_evaluate_clients} exceeds "
             f"partition.num_clients={p.num_clients}; allowed: at most the number of clients"
         )
+    for key, default in (("size_sigma", 0.0), ("samples_per_client", 0)):
+        if p.scheme != "dirichlet-client" and getattr(p, key) != default:
+            raise ConfigError(
+                f"config key 'partition.{key}': {getattr(p, key)!r} is only used by partition.scheme="
+                f"dirichlet-client (got scheme {p.scheme!r}); allowed: {default} with this scheme"
+            )
     pr = cfg.privacy
     if pr.mode != "none" and (pr.noise_multiplier is None) == (pr.target_epsilon is None):
         raise ConfigError(

@@ -19,7 +19,8 @@ Feature skew, which transforms images rather than splitting indices, is
 :mod:`fedse.feature_skew`.
 
 Each returns one sorted int64 index array per client; the arrays are disjoint
-and cover every sample. Every function owns its ``np.random.default_rng(seed)``.
+and cover every sample (except ``dirichlet-client`` with ``samples_per_client``,
+which leaves the rest out). Every function owns its ``np.random.default_rng(seed)``.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def dirichlet_per_client(
     seed: int,
     min_size: int = 10,
     size_sigma: float = 0.0,
+    samples_per_client: int = 0,
 ) -> list[np.ndarray]:
     """Label skew, per-client form (Acar et al. 2021, FedDyn, arXiv:2111.04263; FedLab's
     ``client_inner_dirichlet_partition``): client ``k`` draws its label proportions
@@ -202,12 +204,26 @@ def dirichlet_per_client(
     if min_size < 0:
         raise PartitionError(f"min_size must be >= 0, got {min_size}")
     _check_clients(labels, num_clients, min_size)
+    total = len(labels)
+    if samples_per_client:
+        if samples_per_client < max(min_size, 1):
+            raise PartitionError(
+                f"samples_per_client={samples_per_client} is below min_size={min_size}; "
+                "use samples_per_client >= min_size (or 0 to share the whole dataset)"
+            )
+        total = num_clients * samples_per_client
+        if total > len(labels):
+            raise PartitionError(
+                f"{num_clients} clients x samples_per_client {samples_per_client} = {total} samples, "
+                f"but the dataset has {len(labels)}; use at most {len(labels) // num_clients} per client "
+                "or fewer clients"
+            )
     rng = np.random.default_rng(seed)
     classes, codes = np.unique(labels, return_inverse=True)
     codes = codes.ravel()
     num_classes = len(classes)
     supply = np.bincount(codes, minlength=num_classes).astype(np.int64)
-    sizes = _client_sizes(len(labels), num_clients, min_size, size_sigma, rng)
+    sizes = _client_sizes(total, num_clients, min_size, size_sigma, rng)
     props = rng.dirichlet(np.full(num_classes, alpha), size=num_clients)
 
     granted = np.zeros((num_clients, num_classes), dtype=np.int64)
@@ -322,7 +338,8 @@ def create_partition(name: str, labels: np.ndarray, num_clients: int, *, seed: i
 
 def partition_from_config(labels: np.ndarray, p: PartitionConfig, *, seed: int) -> list[np.ndarray]:
     """``create_partition(p.scheme, ...)`` with every parameter the scheme takes that is a config
-    field (``alpha``, ``min_size``, ``classes_per_client``, ``size_sigma``) read from that field."""
+    field (``alpha``, ``min_size``, ``classes_per_client``, ``size_sigma``,
+    ``samples_per_client``) read from that field."""
     if p.scheme not in PARTITIONERS:
         raise ValueError(f"unknown partition scheme {p.scheme!r}; valid schemes: {sorted(PARTITIONERS)}")
     fields = {f.name for f in dataclasses.fields(p)} - {"scheme", "num_clients"}

@@ -119,9 +119,23 @@ def test_dirichlet_client_reads_its_parameters_from_the_config():
     )
 
 
+def test_dirichlet_client_samples_per_client_fixes_sizes_and_leaves_the_rest_out():
+    labels = np.random.default_rng(0).integers(0, 10, 70_000)
+    for n in (100, 1_000):
+        parts = create_partition("dirichlet-client", labels, n, seed=0, alpha=0.3, samples_per_client=60)
+        assert [len(p) for p in parts] == [60] * n  # the same size at 100 clients as at 1,000
+        assert np.array_equal(np.unique(np.concatenate(parts)), np.sort(np.concatenate(parts)))  # disjoint
+    spread = create_partition("dirichlet-client", labels, 100, seed=0, alpha=0.3, samples_per_client=60, size_sigma=1)
+    assert sum(len(p) for p in spread) == 6_000 and min(len(p) for p in spread) >= 10
+    config = PartitionConfig(scheme="dirichlet-client", num_clients=100, alpha=0.3, samples_per_client=60)
+    assert [len(p) for p in partition_from_config(labels, config, seed=0)] == [60] * 100
+
+
 @pytest.mark.parametrize(
     "params,pattern",
     [
+        ({"alpha": 0.5, "samples_per_client": 101}, "10 clients x samples_per_client 101 = 1010 samples, but the"),
+        ({"alpha": 0.5, "samples_per_client": 5}, "samples_per_client=5 is below min_size=10"),
         ({"alpha": 0.0}, "dirichlet-client alpha must be a finite number > 0, got 0.0"),
         ({"alpha": 0.5, "size_sigma": -1.0}, "size_sigma must be a finite number >= 0, got -1.0"),
         ({"alpha": 0.5, "size_sigma": float("nan")}, "size_sigma must be a finite number >= 0, got nan"),
