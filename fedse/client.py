@@ -108,12 +108,8 @@ def _setup(msg: Message, context: Context) -> _Setup:
     if problems := check_arrays(received, {k: tuple(state[k].shape) for k in split.shared}):
         raise ValueError(f"server sent invalid shared weights: {'; '.join(problems)}")
     update = from_arrays(received)
-    private = restore(context)
+    private = restore(context, split.private_state(model))
     if private is not None:
-        if set(private) != set(split.private):
-            raise ValueError(
-                "stored private state does not match this run's private keys; was the policy or model changed mid-run?"
-            )
         update.update(private)
     model.load_state_dict(update, strict=False)
     return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, NODE_DATA_DIR in context.node_config)

@@ -42,18 +42,48 @@ __all__ = [
 ]
 
 PRIVATE_KEY = "fedse.private"
+LAYOUT_KEY = "fedse.private-layout"
 ACCOUNTANT_KEY = "fedse.accountant"
 
 
-def load_private(context: Context) -> dict[str, torch.Tensor] | None:
-    """This client's private tensors from earlier rounds, or None on its first round."""
+def _layout_crc(state: Mapping[str, torch.Tensor]) -> int:
+    """CRC32 of the keys, dtypes and shapes, in order: what a packed buffer needs to be read back."""
+    text = ";".join(f"{k}|{t.dtype}|{tuple(t.shape)}" for k, t in state.items())
+    return zlib.crc32(text.encode())
+
+
+def load_private(context: Context, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """This client's private tensors from earlier rounds, or None on its first round.
+
+    ``template``: the private tensors of a freshly built model (their keys, dtypes and shapes, in
+    order, say how to read the packed buffer back); a stored state of another layout (the policy or
+    model changed mid-run) is a ValueError."""
     if PRIVATE_KEY not in context.state.array_records:
         return None
-    return from_arrays(context.state.array_records[PRIVATE_KEY])
+    stored = context.state.config_records.get(LAYOUT_KEY)
+    if stored is None or int(stored["crc"]) != _layout_crc(template):
+        raise ValueError(
+            "stored private state does not match this run's private keys; was the policy or model changed mid-run?"
+        )
+    buffer = from_arrays(context.state.array_records[PRIVATE_KEY])["packed"]
+    out, offset = {}, 0
+    for key, like in template.items():
+        size = like.numel() * like.element_size()
+        out[key] = buffer[offset : offset + size].clone().view(like.dtype).reshape(like.shape)
+        offset += size
+    if offset != buffer.numel():
+        raise ValueError(f"stored private state holds {buffer.numel()} bytes, this run's private keys {offset}")
+    return out
 
 
 def save_private(context: Context, state: Mapping[str, torch.Tensor]) -> None:
-    context.state[PRIVATE_KEY] = to_arrays(state)
+    """Keep the private tensors in ``context.state`` packed into one byte buffer (plus the CRC of
+    their layout): one Flower ``Array`` per client, not one per tensor, which is what keeps 1,000+
+    virtual clients' state small in the simulation driver (measured in ``benchmarks/scale.py``)."""
+    parts = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in state.values()]
+    packed = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    context.state[PRIVATE_KEY] = to_arrays({"packed": packed})
+    context.state[LAYOUT_KEY] = ConfigRecord({"crc": _layout_crc(state)})
 
 
 def load_accountant(context: Context) -> dict[str, Any] | None:
@@ -72,11 +102,12 @@ def _store(context: Context) -> StateStore | None:
     return StateStore(str(directory)) if directory else None
 
 
-def restore(context: Context) -> dict[str, torch.Tensor] | None:
+def restore(context: Context, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """This client's private tensors: from ``context.state`` within a run; else, for a client
     with a ``state-dir``, from disk (with its accountant history), so a restarted client resumes
-    bit-identically. None on a client's very first round. A corrupt file raises."""
-    private = load_private(context)
+    bit-identically. None on a client's very first round. A corrupt file raises; so does a stored
+    state whose keys, dtypes or shapes differ from ``template`` (this run's private tensors)."""
+    private = load_private(context, template)
     if private is not None:
         return private
     store = _store(context)
@@ -84,6 +115,10 @@ def restore(context: Context) -> dict[str, torch.Tensor] | None:
     if loaded is None:
         return None
     tensors, meta = loaded
+    if _layout_crc(tensors) != _layout_crc(template):
+        raise ValueError(
+            "stored private state does not match this run's private keys; was the policy or model changed mid-run?"
+        )
     save_private(context, tensors)
     if meta.get("accountant"):
         save_accountant(context, meta["accountant"])

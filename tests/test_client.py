@@ -63,7 +63,7 @@ def test_private_state_is_kept_and_restored_across_rounds(task_identity):
     app, ctx = make_client_app(), _context(1)
     initial_private = split.private_state(model)
     r1 = app(_message(cfg, to_arrays(split.shared_state(model))), ctx)
-    stored = load_private(ctx)
+    stored = load_private(ctx, split.private_state(model))
     assert set(stored) == set(split.private) and PRIVATE_KEY in ctx.state
     assert any(not torch.equal(stored[k], initial_private[k]) for k in stored)  # it trained
     assert r1.content["client"]["private-digest-in"] == digest(initial_private)
@@ -95,7 +95,7 @@ def test_evaluate_reports_personalized_local_and_pooled_accuracy(task_identity):
     personalized = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
     # strict=False: torch re-adds BatchNorm step counters to a metadata-less dict; every real key is set.
     assert not personalized.load_state_dict(
-        {**split.shared_state(model), **load_private(ctx)}, strict=False
+        {**split.shared_state(model), **load_private(ctx, split.private_state(model))}, strict=False
     ).missing_keys
     acc, loss = _by_hand(personalized, shard.test_images, shard.test_labels, ds.mean, ds.std)
     assert m["local-acc"] == acc and m["local-loss"] == pytest.approx(loss, rel=1e-5)

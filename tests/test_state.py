@@ -81,3 +81,27 @@ def test_a_checksummed_payload_that_is_not_tensors_is_refused_unrun(tmp_path):
     with pytest.raises(StateCorruptError, match="not a plain mapping of tensors"):
         store.load()
     assert not (tmp_path / "marker").exists()
+
+
+def test_context_state_is_one_packed_array_read_back_bit_identically():
+    import pickle
+
+    from flwr.app import Context, RecordDict
+
+    from fedse.state import LAYOUT_KEY, PRIVATE_KEY, load_private, save_private
+
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    saved = {**_tensors(1), "bn.num_batches_tracked": torch.tensor(12, dtype=torch.int64)}
+    assert load_private(ctx, saved) is None  # first round
+    save_private(ctx, saved)
+    ctx = pickle.loads(pickle.dumps(ctx))  # as it comes back from a Ray actor
+    record = ctx.state.array_records[PRIVATE_KEY]
+    assert list(record.keys()) == ["packed"]  # one Array per client, not one per tensor
+    assert record["packed"].shape == (4 * 16 * 4 + 4 * 4 + 8,)  # the tensors' bytes, nothing else
+    loaded = load_private(ctx, {k: torch.zeros_like(v) for k, v in saved.items()})
+    assert list(loaded) == list(saved)
+    assert all(torch.equal(loaded[k], saved[k]) and loaded[k].dtype == saved[k].dtype for k in saved)
+    other = {"layer1.0.se.fc1.weight": torch.zeros(4, 8), "layer1.0.se.fc1.bias": torch.zeros(4)}
+    with pytest.raises(ValueError, match="does not match this run's private keys"):
+        load_private(ctx, other)  # another model or policy mid-run
+    assert LAYOUT_KEY in ctx.state.config_records
