@@ -28,12 +28,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .config import Config
+if TYPE_CHECKING:  # models and the training loop import with torch alone (a bare GPU machine)
+    from .config import Config
 
 __all__ = [
     "MODELS",

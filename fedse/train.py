@@ -4,8 +4,11 @@ Every policy, client and baseline trains through :func:`train` and measures
 through :func:`evaluate`; what varies is which parameters train (``trainable``)
 and the optional FedProx anchor, never the loop.
 
-Data are in-memory uint8 image tensors; normalisation (and light augmentation)
-happen per batch on the device, so nothing float-sized is kept per client.
+Data are in-memory uint8 image tensors; a client's are moved to the device
+once per call (on a GPU they stay there for the round, and batches are cut on
+the device), and normalisation (and light augmentation) happen per batch on the
+device, so nothing float-sized is kept per client. Loss and accuracy are summed
+on the device and read once at the end: no host synchronisation per step.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .models import NORM_TYPES
-from .privacy import SampleDP
 from .transforms import augment as augment_batch
 from .transforms import normalize
+
+if TYPE_CHECKING:  # the loop runs without Opacus and Flower installed (a bare GPU machine) unless dp is used
+    from .privacy import SampleDP
 
 __all__ = ["EvalResult", "TrainResult", "batches", "default_device", "evaluate", "predict", "train"]
 
@@ -162,12 +168,17 @@ def train(
         else contextlib.nullcontext((plain_step, None))
     )
     with phase as (step, loader):
-        if loader is not None:
+        if loader is not None:  # DP: Opacus's Poisson batches, from the host
             epoch_batches = lambda: iter(loader)  # noqa: E731
-        else:
-            epoch_batches = lambda: ((images[i], labels[i]) for i in batches(len(labels), batch_size, generator))  # noqa: E731
+        else:  # the client's data on the device for the whole call; batches cut there
+            x_all, y_all = images.to(device), labels.to(device)
+            epoch_batches = lambda: (  # noqa: E731
+                (x_all[i], y_all[i]) for i in (j.to(device) for j in batches(len(labels), batch_size, generator))
+            )
         flip = images.shape[1] == 3
-        total_loss, correct, seen, steps = 0.0, 0, 0, 0
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen, steps = 0, 0
         for _ in range(epochs):
             for xb, yb in epoch_batches():
                 x = normalize(xb.to(device), mean, std)
@@ -178,12 +189,12 @@ def train(
                 steps += 1
                 if len(y) == 0:  # an empty Poisson batch (probability (1 - q)^n): a noise-only DP step
                     continue
-                total_loss += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
+                total_loss += loss.double() * len(y)
+                correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
     for p in model.parameters():
         p.requires_grad_(True)
-    return TrainResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, steps)
+    return TrainResult(total_loss.item() / max(seen, 1), correct.item() / max(seen, 1), seen, steps)
 
 
 @torch.no_grad()
@@ -199,11 +210,12 @@ def predict(
     """Logits of ``model`` in eval mode for every image, on the CPU."""
     device = device or default_device()
     model.to(device).eval()
+    on_device = images.to(device)
     out = [
-        model(normalize(images[index].to(device), mean, std)).float().cpu()
+        model(normalize(on_device[index.to(device)], mean, std)).float()
         for index in batches(len(images), batch_size, None)
     ]
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out).cpu() if out else torch.empty(0)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ LAYERS: list[list[str]] = [
     ["fedse.train", "fedse.local", "fedse.state"],
     ["fedse.report", "fedse.checkpoint", "fedse.rundir", "fedse.comparison"],
     ["fedse.client", "fedse.strategy", "fedse.server"],
-    ["fedse.simulation", "fedse.deploy"],
+    ["fedse.simulation", "fedse.deploy", "fedse.launch"],
     ["simulations.simulate", "simulations.compare"],
     ["fedse.cli"],
 ]
@@ -79,3 +79,20 @@ def test_the_checker_sees_a_violation(tmp_path):
     fake = tmp_path / "bad.py"
     fake.write_text("from .server import run_server\n")
     assert _project_imports("fedse.models", fake) == {"fedse.server"}
+
+
+def test_models_and_the_training_loop_import_with_torch_alone():
+    # A bare GPU machine (benchmarks/gpu.py's plain mode) has torch but no flwr, Opacus or PyYAML.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('flwr', 'opacus', 'yaml', 'ray'): sys.modules[name] = None\n"
+        "import fedse.models, fedse.train\n"
+        "m = fedse.models.create_model('se_resnet8', num_classes=10, in_channels=3, image_size=32)\n"
+        "print(sum(p.numel() for p in m.parameters()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 79_062  # se_resnet8 at CIFAR shape, as with every dependency
