@@ -150,14 +150,21 @@ class RunRecorder(Strategy):
         server_round += self.round_offset
         self._record(self.log.train, server_round)
         rows = self.log.train[server_round]
-        # The norm as received, and after Flower's DP wrappers clipped the reply in place.
+        # The norm as received, and after Flower's DP wrappers clipped the reply in place (without
+        # client-level DP nothing clips, the two are equal and the replies are not decoded again).
         kept = {node for _, node, _ in self.guard.last.kept}
         clipped = {
-            int(m.metadata.src_node_id): m.content[ARRAYS] for m in replies if int(m.metadata.src_node_id) in kept
+            int(m.metadata.src_node_id): m.content[ARRAYS]
+            for m in replies
+            if self.guard.dp is not None and int(m.metadata.src_node_id) in kept
         }
         for cid, node, checked in self.guard.last.kept:
             rows[cid]["update-norm"] = self._update_norm(checked.arrays)
-            rows[cid]["update-norm-aggregated"] = self._update_norm({k: v.numpy() for k, v in clipped[node].items()})
+            rows[cid]["update-norm-aggregated"] = (
+                self._update_norm({k: v.numpy() for k, v in clipped[node].items()})
+                if node in clipped
+                else rows[cid]["update-norm"]
+            )
         if self.guard.last.refused:
             self.log.refused.append({"round": server_round, "reason": self.guard.last.refused})
         if self.guard.dp is not None:
