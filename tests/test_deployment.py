@@ -10,20 +10,17 @@ refused; a caller holding only ca.crt can register a key (the exposure
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fedse.deploy import make_node_key, make_test_certs, superlink_command, supernode_command, write_connection
+from fedse.launch import LocalProcesses, free_port, wait_for
 from fedse.state import StateStore, digest
 
 pytestmark = [
@@ -37,78 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLWR = str(Path(sys.executable).with_name("flwr"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().split(")")[-1].split()[1]) == pid:
-                    kids.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return kids
-
-
-class Processes:
-    """Start processes in their own sessions; stop each group, and children started in other sessions."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs, self.procs = env, logs, {}
-
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        handle = (self.logs / f"{name}.log").open("w")
-        proc = subprocess.Popen(
-            cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
-        )
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs[name]
-        descendants = _children(proc.pid)
-        for pid in [proc.pid, *descendants]:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, sig) if pid == proc.pid else os.kill(pid, sig)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        for pid in descendants:
-            _wait(lambda p=pid: not Path(f"/proc/{p}").exists() or _zombie(p), 20, f"process {pid} to stop")
-
-    def stop_all(self) -> None:
-        for name in reversed(list(self.procs)):
-            if self.procs[name].poll() is None or _children(self.procs[name].pid):
-                self.kill(name, signal.SIGTERM)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _run(procs: Processes, name: str, out: Path, overrides: str, resume: str = "") -> subprocess.Popen:
+def _run(procs: LocalProcesses, name: str, out: Path, overrides: str, resume: str = "") -> subprocess.Popen:
     config = f'overrides="{overrides}" output-dir="{out}"' + (f' resume-from="{resume}"' if resume else "")
     return procs.start(name, [FLWR, "run", str(ROOT), "tls", "--run-config", config, "--stream"])
 
@@ -126,11 +52,10 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
-    (tmp_path / "logs").mkdir()
-    procs = Processes(env, tmp_path / "logs")
+    procs = LocalProcesses(env, tmp_path / "logs", ROOT)
     certs = make_test_certs(tmp_path / "certs")
     keys = [make_node_key(tmp_path / "keys" / f"node{i}") for i in range(5)]  # 3 members, 2 outsiders
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     write_connection(tmp_path / "flwr_home", "tls", address, certs.ca)
     common = (
@@ -139,7 +64,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
     )
     try:
         procs.start("superlink", superlink_command(certs=certs, port=port, database=tmp_path / "state.db"))
-        _wait(lambda: "Uvicorn running" in procs.log("superlink"), 90, "the SuperLink")
+        wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 90, "the SuperLink")
         for i in range(3):  # node 3 stays unregistered
             reg = subprocess.run(
                 [FLWR, "supernode", "register", str(keys[i]), "tls", "--name", f"node{i}"],
@@ -156,13 +81,13 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
                 superlink=address,
                 ca=certs.ca,
                 key=keys[i].with_suffix(""),
-                port=_free_port(),
+                port=free_port(),
                 node_config={"partition-id": i % 3, "num-partitions": 3, "state-dir": str(tmp_path / f"state{i}")},
             )
 
         for i in range(3):
             procs.start(f"node{i}", supernode(i))
-        _wait(lambda: procs.log("superlink").count("Activated node_id") >= 3, 90, "three SuperNodes to activate")
+        wait_for(lambda: procs.log("superlink").count("Activated node_id") >= 3, 90, "three SuperNodes to activate")
 
         # An unregistered key is refused: that SuperNode exits with an error on its own.
         intruder = procs.start("node3", supernode(3))
@@ -173,7 +98,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         # Run 1: three rounds; SuperNode 2 is killed once round 2 has started.
         out1 = tmp_path / "runs1"
         run1 = _run(procs, "run1", out1, f"server.rounds=3 {common}")
-        _wait(lambda: "[ROUND 2/3]" in procs.log("run1"), 300, "round 2 of run 1")
+        wait_for(lambda: "[ROUND 2/3]" in procs.log("run1"), 300, "round 2 of run 1")
         procs.kill("node2")
         assert run1.wait(timeout=400) == 0, procs.log("run1")[-3000:]
         folder = _run_folder(out1)
@@ -200,7 +125,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         # Restart SuperNode 2 between runs: its private weights come back bit-identical from disk.
         on_disk = {i: digest(StateStore(tmp_path / f"state{i}").load()[0]) for i in range(3)}
         procs.start("node2b", supernode(2))
-        _wait(lambda: procs.log("superlink").count("Activated node_id") >= 4, 90, "SuperNode 2 to come back")
+        wait_for(lambda: procs.log("superlink").count("Activated node_id") >= 4, 90, "SuperNode 2 to come back")
         out2 = tmp_path / "runs2"
         run2 = _run(procs, "run2", out2, f"server.rounds=1 {common}")
         assert run2.wait(timeout=400) == 0, procs.log("run2")[-3000:]
