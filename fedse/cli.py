@@ -62,6 +62,23 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of running: combine comparison folders measured under the same config "
         "(other methods or seeds) into --out",
     )
+    prd = sub.add_parser(
+        "predict", help="score images with a client's personalized model: a CSV of labels and probabilities"
+    )
+    prd.add_argument(
+        "model", type=Path, help="a run folder (with --client N), a deployed client's state dir, or a .fedse file"
+    )
+    prd.add_argument("--client", type=int, default=None, help="the client, in a run folder")
+    source = prd.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--images",
+        type=Path,
+        help="a folder of PNG/JPEG images; in subfolders named after the model's classes, accuracy is reported",
+    )
+    source.add_argument(
+        "--split", choices=["train", "test"], help="the client's own part of the run's dataset (run folders only)"
+    )
+    prd.add_argument("--out", type=Path, required=True, help="the CSV to write")
     crt = sub.add_parser("certs", help="make a test certificate authority and a SuperLink certificate")
     crt.add_argument("directory", type=Path)
     key = sub.add_parser("keygen", help="make a SuperNode key pair (register the .pub with flwr supernode register)")
@@ -153,6 +170,50 @@ def _deploy(args: argparse.Namespace) -> int:
     )
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import IMAGE_SUFFIXES, read_images
+    from .personal import load_personalized, predict_csv
+
+    loaded = load_personalized(args.model, args.client)
+    labels = None
+    if args.split is not None:
+        from .federated import build_federated_data
+
+        if not (args.model / "config.yaml").is_file():
+            raise ConfigError(f"--split needs a run folder (with config.yaml); {args.model} is not one")
+        shard = build_federated_data(load_config(args.model / "config.yaml")).shard(int(loaded.header["client"]))
+        images, labels = (
+            (shard.test_images, shard.test_labels)
+            if args.split == "test"
+            else (
+                shard.train_images,
+                shard.train_labels,
+            )
+        )
+        names = [f"{args.split}-{i}" for i in range(len(labels))]
+    else:
+        if not args.images.is_dir():
+            raise FileNotFoundError(f"--images {args.images} is not a folder")
+        files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"--images {args.images}: no {'/'.join(IMAGE_SUFFIXES)} files there")
+        images = read_images(files)
+        names = [str(p.relative_to(args.images)) for p in files]
+        if all(p.parent != args.images for p in files):  # class subfolders: the labels are known
+            classes = loaded.classes
+            unknown = sorted({p.parent.name for p in files} - set(classes))
+            if unknown:
+                raise ConfigError(f"--images: subfolders {unknown} are not among the model's classes {classes}")
+            labels = torch.tensor([classes.index(p.parent.name) for p in files])
+    accuracy = predict_csv(loaded, images, names, args.out, labels)
+    print(f"{len(names)} images scored with client {loaded.header['client']}'s model -> {args.out}")
+    if accuracy is not None:
+        print(f"accuracy {accuracy:.4f}")
+    return 0
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -176,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedse: error: {err}", file=sys.stderr)
             return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "predict":
+        from .data import DatasetError
+        from .state import StateCorruptError
+
+        try:
+            return _predict(args)
+        except (ConfigError, DatasetError, StateCorruptError, FileNotFoundError, ValueError, OSError) as err:
+            return _fail(err)
     logging.getLogger("fedse").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     resume = getattr(args, "resume", None)
     try:

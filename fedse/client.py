@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -19,7 +21,9 @@ from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, own_data
 from .local import adapt, local_update, logit_bias
 from .models import SEResNet, build_model
+from .personal import MODEL_FILE, client_model_path, write_personalized
 from .policies import RunPolicy, resolve
+from .prior import label_log_prior
 from .privacy import SampleDP, check_dp_model, sample_noise_multiplier
 from .records import (
     ARRAYS,
@@ -29,10 +33,13 @@ from .records import (
     CONFIG_JSON,
     DIGEST_IN,
     DIGEST_OUT,
+    EXPORT_ONLY,
+    FINAL,
     METRICS,
     NODE_CLIENT_ID,
     NODE_DATA_DIR,
     NODE_PARTITION_ID,
+    NODE_STATE_DIR,
     NUM_EXAMPLES,
     NUM_TRAIN,
     POOLED,
@@ -44,7 +51,7 @@ from .records import (
 )
 from .split import Split
 from .state import digest, load_accountant, persist, restore, save_accountant
-from .train import default_device, evaluate
+from .train import EvalResult, default_device, evaluate
 
 __all__ = ["handle_evaluate", "handle_train", "make_client_app"]
 
@@ -168,10 +175,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     return _reply(msg, to_arrays(s.split.shared_state(s.model)), metrics, client)
 
 
-def handle_evaluate(msg: Message, context: Context) -> Message:
+def handle_evaluate(msg: Message, context: Context, export_dir: str | None = None) -> Message:
     """Personalized model (received shared + own private) on the client's own test part,
-    and, when asked, on the pooled test set of all clients."""
+    and, when asked, on the pooled test set of all clients. At the run's final evaluation
+    (``final`` in the message) the client writes the model it evaluated (:func:`_export`)."""
     s = _setup(msg, context)
+    received = s.split.shared_state(s.model)  # copies, taken before any fine-tuning
     device = default_device()
     if s.policy.finetune:  # fedavg-ft: fine-tune a copy of the received model; nothing is kept
         adapt(
@@ -185,15 +194,12 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
             mean=s.mean,
             std=s.std,
         )
+    bias = logit_bias(s.model, s.shard, s.policy, mean=s.mean, std=s.std)
     local = evaluate(
-        s.model,
-        s.shard.test_images,
-        s.shard.test_labels,
-        mean=s.mean,
-        std=s.std,
-        device=device,
-        logit_bias=logit_bias(s.model, s.shard, s.policy, mean=s.mean, std=s.std),
+        s.model, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device, logit_bias=bias
     )
+    if bool(msg.content[CONFIG].get(FINAL, False)):
+        _export(s, msg, context, local, bias, received, export_dir)
     metrics: dict[str, float | int] = {
         NUM_EXAMPLES: local.num_examples,
         "local-acc": local.accuracy,
@@ -214,8 +220,69 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     return _reply(msg, None, metrics, client)
 
 
-def make_client_app() -> ClientApp:
+def _export(
+    s: _Setup,
+    msg: Message,
+    context: Context,
+    local: EvalResult,
+    bias: torch.Tensor | None,
+    received: dict[str, torch.Tensor],
+    export_dir: str | None,
+) -> None:
+    """Write the model just evaluated (fedse.personal): a deployed client with a state-dir writes the
+    complete model there; a simulated client writes its private part (the whole model where the
+    policy fine-tunes at evaluation) into the run folder's ``clients/``; a client with neither writes
+    nothing. The path comes from the node or the simulator, never from the message."""
+    state_dir = context.node_config.get(NODE_STATE_DIR)
+    if state_dir:
+        path, keys = Path(str(state_dir)) / MODEL_FILE, None
+    elif export_dir is not None:
+        path = client_model_path(export_dir, s.client_id)
+        keys = None if s.policy.finetune else list(s.split.private)
+    else:
+        return
+    ds, m = s.fed.dataset, s.cfg.model
+    weight = None
+    if bias is not None:
+        prior = label_log_prior(s.shard.train_labels, ds.num_classes)
+        weight = float((bias * prior).sum() / (prior * prior).sum())
+    config = msg.content[CONFIG]
+    header = {
+        "client": s.client_id,
+        "policy": s.cfg.personalization.policy,
+        "dataset": s.cfg.data.dataset,
+        "model": {"name": m.name, "width": m.width, "reduction": m.reduction, "norm": m.norm},
+        "num_classes": ds.num_classes,
+        "in_channels": ds.channels,
+        "image_size": ds.image_size,
+        "classes": list(ds.classes),
+        "mean": list(s.mean),
+        "std": list(s.std),
+        "prior": {"mode": s.policy.label_prior, "weight": weight},
+        "round": int(config.get(SERVER_ROUND, 0)),
+        "evaluated_in_final_round": not bool(config.get(EXPORT_ONLY, False)),
+        "local_acc": local.accuracy,
+        "local_loss": local.loss,
+        "test_samples": local.num_examples,
+        "train_samples": len(s.shard.train_labels),
+    }
+    if not header["evaluated_in_final_round"]:
+        header["note"] = (
+            "not evaluated in the run's last round: the final shared weights plus this client's latest private part"
+        )
+    write_personalized(path, model=s.model, keys=keys, shared=received, offset=bias, header=header)
+
+
+def make_client_app(export_dir: str | Path | None = None) -> ClientApp:
+    """The ClientApp. ``export_dir``: where simulated clients write their personalized models at the
+    end of a run (the run folder; set by :func:`fedse.simulation.simulate`, which hands this app to
+    its actors). Deployed clients write theirs into their ``state-dir``."""
     app = ClientApp()
     app.train()(handle_train)
-    app.evaluate()(handle_evaluate)
+    export = None if export_dir is None else str(export_dir)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, export)
+
     return app

@@ -230,6 +230,10 @@ class OutputConfig:
     # Run folder name (None: <config name>-<timestamp>): one plain folder name, so the run folder is
     # always a direct child of output.dir ('../x', 'a/b' or an absolute path would write elsewhere).
     name: str | None = None
+    # At the end of a run every client writes its personalized model (fedse.personal): in simulation
+    # into the run folder's clients/, a deployed client with a state-dir into that directory. A client
+    # not evaluated in the last round is asked once more after it, with the final shared weights.
+    client_models: bool = True
 
 
 @dataclass(frozen=True)

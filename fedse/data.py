@@ -35,7 +35,7 @@ import torch
 
 from .io import atomic_save, atomic_write_bytes
 
-__all__ = ["DATASETS", "Dataset", "DatasetError", "load_dataset"]
+__all__ = ["DATASETS", "IMAGE_SUFFIXES", "Dataset", "DatasetError", "load_dataset", "read_images"]
 
 
 class DatasetError(RuntimeError):
@@ -304,6 +304,13 @@ def _stack(arrays: list[np.ndarray], where: list[str]) -> np.ndarray:
             )
         out.append(a[None] if grey else a.transpose(2, 0, 1))
     return np.stack(out)
+
+
+def read_images(paths: Sequence[Path]) -> torch.Tensor:
+    """uint8 (N, C, H, W) of the image files ``paths`` (PNG, JPEG; all of one size; grey when all are)."""
+    if not paths:
+        raise DatasetError("no images given")
+    return torch.from_numpy(_stack([_decode(Path(p), str(p)) for p in paths], [str(p) for p in paths]).copy())
 
 
 def _read_folder_split(

@@ -33,6 +33,8 @@ __all__ = [
     "CONFIG",
     "CONFIG_JSON",
     "DIGEST_IN",
+    "EXPORT_ONLY",
+    "FINAL",
     "DIGEST_OUT",
     "METRICS",
     "NODE_CLIENT_ID",
@@ -63,6 +65,8 @@ CONFIG_JSON = "fedse-config"  # the run's configuration (JSON)
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 POOLED = "pooled"  # evaluate on the pooled test set this round
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+FINAL = "final"  # the run's last evaluation: the client writes its personalized model (fedse.personal)
+EXPORT_ONLY = "export-only"  # after the run, to a client not evaluated in the last round: write the model
 # Client -> server: metrics, and the "client" record.
 NUM_EXAMPLES = "num-examples"
 UNIT_WEIGHT = "unit-weight"  # client-level DP averages updates uniformly; the server sets it, never the client

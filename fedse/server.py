@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -31,7 +31,19 @@ from .federated import FederatedData
 from .models import build_model
 from .policies import resolve
 from .privacy import ClientDP, check_dp_model, make_client_dp
-from .records import ARRAYS, CONFIG_JSON, POOLED, evaluate_schema, from_arrays, to_arrays, train_schema
+from .records import (
+    ARRAYS,
+    CONFIG,
+    CONFIG_JSON,
+    EXPORT_ONLY,
+    FINAL,
+    POOLED,
+    SERVER_ROUND,
+    evaluate_schema,
+    from_arrays,
+    to_arrays,
+    train_schema,
+)
 from .report import RunLog, client_rows, client_summary_rows, format_table, write_run
 from .split import Split
 from .strategy import GuardedStrategy, clients_per_round, create_strategy
@@ -87,7 +99,8 @@ class RunRecorder(Strategy):
     Flower's round ``r`` is recorded as ``r + round_offset`` (a resumed run). It also asks for
     pooled evaluation every ``pooled_every`` rounds and at the last (``None``: never), times each
     round, and hands the round's shared arrays to ``on_round_end`` (checkpoints), also for a round
-    without an update."""
+    without an update. ``mark_final``: the last round's evaluate messages carry ``final`` (the
+    clients write their personalized models)."""
 
     def __init__(
         self,
@@ -99,8 +112,10 @@ class RunRecorder(Strategy):
         pooled_every: int | None = 0,
         on_round: Callable[[int, RunLog], None] | None = None,
         on_round_end: Callable[[int, ArrayRecord, RunLog], None] | None = None,
+        mark_final: bool = False,
     ) -> None:
         self.guard = guard
+        self.mark_final = mark_final
         self.log = log
         self.num_rounds = num_rounds
         self.round_offset = round_offset
@@ -178,6 +193,7 @@ class RunRecorder(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config[POOLED] = self.wants_pooled(server_round + self.round_offset)
+        config[FINAL] = self.mark_final and server_round + self.round_offset == self.num_rounds
         return self.guard.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -267,6 +283,7 @@ def run_server(
         pooled_every=cfg.evaluate.pooled_every if cfg.evaluate.pooled else None,
         on_round=on_round,
         on_round_end=(lambda rnd, arrays, rl: save_checkpoint(run_dir, cfg, rnd, arrays, rl, dp)) if run_dir else None,
+        mark_final=cfg.output.client_models,
     )
     payload = json.dumps(config_to_dict(cfg))
     started = time.perf_counter()
@@ -283,6 +300,9 @@ def run_server(
     if privacy["mode"] != "none":
         log.info("privacy: %s", privacy)
     summary: dict[str, Any] = {"privacy": privacy}
+    extra: dict[str, Any] = {"wall_seconds": time.perf_counter() - started, "privacy": privacy}
+    if cfg.output.client_models:
+        extra["client_models"] = _export_rest(grid, guard, cfg, strategy.log, to_arrays(final), payload)
     if run_dir is not None:
         summary = write_run(
             run_dir,
@@ -290,9 +310,35 @@ def run_server(
             log=strategy.log,
             split_summary=split.summary(model),
             shared_state=final,
-            extra={"wall_seconds": time.perf_counter() - started, "privacy": privacy},
+            extra=extra,
         )
     return ServerOutcome(strategy.log, final, summary)
+
+
+def _export_rest(
+    grid: Grid, guard: GuardedStrategy, cfg: Config, run_log: RunLog, arrays: ArrayRecord, payload: str
+) -> dict[str, int]:
+    """After the last round, ask every node whose client was not evaluated in it to write its
+    personalized model from the final shared weights and its latest private part (an evaluate
+    message marked ``final`` and ``export-only``; the reply's content is not used)."""
+    evaluated = set(run_log.evaluate.get(cfg.server.rounds, {}))
+    done = {guard.node_of(cid) for cid in evaluated} - {None}
+    nodes = sorted(n for n in grid.get_node_ids() if n not in done)
+    counts = {"written_at_final_evaluation": len(evaluated), "asked_after_the_run": len(nodes), "failed": 0}
+    if not nodes:
+        return counts
+    config = ConfigRecord(
+        {CONFIG_JSON: payload, FINAL: True, EXPORT_ONLY: True, SERVER_ROUND: cfg.server.rounds, POOLED: False}
+    )
+    messages = [
+        Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=node, message_type=MessageType.EVALUATE)
+        for node in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
+    counts["failed"] = len(nodes) - sum(not r.has_error() for r in replies)
+    if counts["failed"]:
+        log.warning("%d of %d clients did not write their personalized model", counts["failed"], len(nodes))
+    return counts
 
 
 def final_tables(outcome_log: RunLog, max_rows: int = 20) -> str:

@@ -185,7 +185,7 @@ def _run(
         try:
             run_simulation(
                 server_app=server_app,
-                client_app=make_client_app(),
+                client_app=make_client_app(run_dir if cfg.output.client_models else None),
                 num_supernodes=num_supernodes or clients or cfg.partition.num_clients,
                 backend_config=backend_config(cfg, verbose),
                 verbose_logging=verbose,

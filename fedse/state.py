@@ -35,10 +35,12 @@ __all__ = [
     "digest",
     "load_accountant",
     "load_private",
+    "read_tensor_file",
     "persist",
     "restore",
     "save_accountant",
     "save_private",
+    "write_tensor_file",
 ]
 
 PRIVATE_KEY = "fedse.private"
@@ -151,11 +153,55 @@ class StateCorruptError(RuntimeError):
     """A state file failed its checksum or cannot be parsed; nothing was re-initialised."""
 
 
+def write_tensor_file(
+    path: str | Path, magic: bytes, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
+) -> None:
+    """``magic``, one JSON header line (format, SHA-256 and length of the payload, ``meta``), then the
+    payload: ``torch.save`` of the tensors (CPU copies). Written atomically."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buffer)
+    payload = buffer.getvalue()
+    header = {"format": 1, "sha256": hashlib.sha256(payload).hexdigest(), "length": len(payload)}
+    header["meta"] = dict(meta or {})
+    atomic_write_bytes(Path(path), magic + json.dumps(header).encode() + b"\n" + payload)
+
+
+def read_tensor_file(path: str | Path, magic: bytes, kind: str, advice: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a file :func:`write_tensor_file` wrote. The payload is checked against the
+    header's SHA-256 and length before it is read, and read with ``torch.load(weights_only=True)``
+    (tensors and plain data only: a pickled object is refused, never run). Any defect is a
+    :class:`StateCorruptError` naming the file, what is wrong and ``advice``."""
+    raw = Path(path).read_bytes()
+    if not raw.startswith(magic) or b"\n" not in raw[len(magic) :]:
+        raise StateCorruptError(f"{path} is not a fedse {kind} file (bad header); {advice}")
+    line, _, payload = raw[len(magic) :].partition(b"\n")
+    try:
+        header = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise StateCorruptError(f"{path}: unreadable header; {advice}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("meta", {}), dict):
+        raise StateCorruptError(f"{path}: header is not a JSON object with a 'meta' object; {advice}")
+    actual = hashlib.sha256(payload).hexdigest()
+    if len(payload) != header.get("length") or actual != header.get("sha256"):
+        raise StateCorruptError(
+            f"{path}: checksum mismatch (expected sha256 {header.get('sha256')}, "
+            f"{header.get('length')} bytes; found {actual}, {len(payload)} bytes); {advice}"
+        )
+    try:
+        tensors = torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as err:  # noqa: BLE001 (weights_only refuses anything but tensors and plain data)
+        raise StateCorruptError(
+            f"{path}: payload is not a plain mapping of tensors ({type(err).__name__}); {advice}"
+        ) from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise StateCorruptError(f"{path}: payload is not a mapping of tensors; {advice}")
+    return tensors, header.get("meta", {})
+
+
 class StateStore:
     """One client's private state on disk: ``<directory>/private_state.bin``.
 
-    Layout: ``MAGIC``, one JSON header line (format, SHA-256 and length of the
-    payload, metadata), then the payload (``torch.save`` of the tensors).
+    Layout: :func:`write_tensor_file` with ``MAGIC``.
     """
 
     FILENAME = "private_state.bin"
@@ -165,45 +211,14 @@ class StateStore:
         self.path = self.directory / self.FILENAME
 
     def save(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> None:
-        buffer = io.BytesIO()
-        torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buffer)
-        payload = buffer.getvalue()
-        header = {
-            "format": 1,
-            "sha256": hashlib.sha256(payload).hexdigest(),
-            "length": len(payload),
-            "meta": dict(meta or {}),
-        }
-        atomic_write_bytes(self.path, MAGIC + json.dumps(header).encode() + b"\n" + payload)
+        write_tensor_file(self.path, MAGIC, tensors, meta)
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """(tensors, metadata), or None when this client has no state yet."""
         if not self.path.exists():
             return None
-        raw = self.path.read_bytes()
         advice = (
             f"restore {self.path} from a backup, or delete it to start this client from the common "
             "initialisation (its personalization is then lost)"
         )
-        if not raw.startswith(MAGIC) or b"\n" not in raw[len(MAGIC) :]:
-            raise StateCorruptError(f"{self.path} is not a fedse state file (bad header); {advice}")
-        line, _, payload = raw[len(MAGIC) :].partition(b"\n")
-        try:
-            header = json.loads(line)
-        except json.JSONDecodeError:
-            raise StateCorruptError(f"{self.path}: unreadable header; {advice}") from None
-        actual = hashlib.sha256(payload).hexdigest()
-        if len(payload) != header.get("length") or actual != header.get("sha256"):
-            raise StateCorruptError(
-                f"{self.path}: checksum mismatch (expected sha256 {header.get('sha256')}, "
-                f"{header.get('length')} bytes; found {actual}, {len(payload)} bytes); {advice}"
-            )
-        try:
-            tensors = torch.load(io.BytesIO(payload), weights_only=True)
-        except Exception as err:  # noqa: BLE001 (weights_only refuses anything but tensors and plain data)
-            raise StateCorruptError(
-                f"{self.path}: payload is not a plain mapping of tensors ({type(err).__name__}); {advice}"
-            ) from None
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise StateCorruptError(f"{self.path}: payload is not a mapping of tensors; {advice}")
-        return tensors, header.get("meta", {})
+        return read_tensor_file(self.path, MAGIC, "state", advice)

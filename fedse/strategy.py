@@ -182,6 +182,10 @@ class GuardedStrategy(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
+    def node_of(self, client: int) -> int | None:
+        """The node bound to ``client`` (None before it first replied)."""
+        return self._node_of_client.get(client)
+
     def check_nodes(self, grid: Grid) -> None:
         """Wait (up to ``join_timeout``) for exactly ``expected_nodes`` nodes; raise when they differ."""
         if self.expected_nodes is None:

@@ -121,6 +121,15 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
             assert correct == pytest.approx(round(correct), abs=1e-9)
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["clients"]["mean"]["local_acc"] == pytest.approx(sum(c["local_acc"] for c in clients) / 3)
+        # Each client alive at the end wrote its complete personalized model into its state dir at the
+        # final evaluation: loaded there, it scores exactly what the run's report says.
+        from fedse.personal import load_personalized
+
+        for c in clients[:2]:
+            loaded = load_personalized(tmp_path / f"state{c['client']}")
+            shard = fed.shard(c["client"])
+            assert loaded.header["complete"] and loaded.header["round"] == 3
+            assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == c["local_acc"]
 
         # Restart SuperNode 2 between runs: its private weights come back bit-identical from disk.
         on_disk = {i: digest(StateStore(tmp_path / f"state{i}").load()[0]) for i in range(3)}

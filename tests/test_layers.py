@@ -17,7 +17,7 @@ LAYERS: list[list[str]] = [
     ["fedse.models", "fedse.records"],
     ["fedse.split", "fedse.policies", "fedse.prior", "fedse.privacy"],
     ["fedse.data", "fedse.transforms", "fedse.partition", "fedse.feature_skew", "fedse.federated"],
-    ["fedse.train", "fedse.local", "fedse.state"],
+    ["fedse.train", "fedse.local", "fedse.state", "fedse.personal", "fedse.fingerprint"],
     ["fedse.report", "fedse.checkpoint", "fedse.rundir", "fedse.comparison"],
     ["fedse.client", "fedse.strategy", "fedse.server"],
     ["fedse.simulation", "fedse.deploy", "fedse.launch"],

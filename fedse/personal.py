@@ -1,0 +1,228 @@
+"""A client's personalized model as a file: written by the client, loaded and used anywhere.
+
+What a client evaluates is the shared weights it received plus its own private
+tensors (plus, under ``fedavg-ft``, a fine-tuning of the whole model), its
+normalisation, and the label-prior offset its policy predicts with. The client
+writes exactly that, at the final evaluation of a run:
+
+* in simulation, ``<run folder>/clients/client_<id>.fedse``: the private tensors
+  (or the whole model where the policy changes shared keys at evaluation), with
+  the CRC of the shared weights they go with; the final shared weights are the
+  run folder's ``shared_weights.pt``;
+* on a deployed client with a ``state-dir``: ``<state-dir>/personalized.fedse``,
+  the complete model.
+
+Either way: :func:`fedse.state.write_tensor_file` (atomic; SHA-256 checked on
+load; tensors read with ``torch.load(weights_only=True)``, so no pickled object is
+ever run) with a JSON header: the policy, the model's configuration, classes,
+normalisation, the prior (mode and weight; the offset itself is a tensor), the
+rounds the shared and private parts come from, and the accuracy the client
+measured with it on its own test part.
+
+:func:`load_personalized` rebuilds the model from such a file and returns a
+:class:`PersonalizedModel`, whose :meth:`~PersonalizedModel.predict` applies the
+normalisation and the offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import create_model
+from .state import StateCorruptError, digest, read_tensor_file, write_tensor_file
+from .train import EvalResult, default_device, evaluate, predict
+
+__all__ = [
+    "CLIENTS_DIR",
+    "MODEL_FILE",
+    "PersonalizedModel",
+    "client_model_path",
+    "load_personalized",
+    "predict_csv",
+    "write_personalized",
+]
+
+MAGIC = b"FEDSE-MODEL\n"
+CLIENTS_DIR = "clients"
+MODEL_FILE = "personalized.fedse"  # in a deployed client's state dir
+SHARED_FILE = "shared_weights.pt"  # in a run folder (fedse.report.write_run)
+_MODEL_KEYS = ("name", "width", "reduction", "norm")
+
+
+def client_model_path(run_dir: str | Path, client: int) -> Path:
+    return Path(run_dir) / CLIENTS_DIR / f"client_{client:05d}.fedse"
+
+
+def write_personalized(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    keys: list[str] | None,
+    shared: Mapping[str, torch.Tensor],
+    offset: torch.Tensor | None,
+    header: Mapping[str, Any],
+) -> None:
+    """Write ``model``'s tensors (``keys``; None: all) and the prior ``offset`` to ``path``.
+    ``shared``: the shared weights the model was built from (their CRC goes in the header, so a
+    private-only file is loaded only with the shared weights it belongs to)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    chosen = state if keys is None else {k: state[k] for k in keys}
+    tensors = {f"model.{k}": v for k, v in chosen.items()}
+    if offset is not None:
+        tensors["prior.offset"] = offset.detach().float().cpu()
+    meta = {**header, "complete": keys is None, "shared_crc": digest(dict(shared))}
+    write_tensor_file(path, MAGIC, tensors, meta)
+
+
+@dataclass
+class PersonalizedModel:
+    """A client's model, ready to use: ``predict`` gives class probabilities of uint8 images."""
+
+    model: nn.Module
+    header: dict[str, Any]
+    offset: torch.Tensor | None
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.header["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.header["std"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.header["classes"])
+
+    def logits(self, images: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Logits of uint8 images (N, C, H, W), with the client's prior offset added."""
+        self._check_images(images)
+        out = predict(self.model, images, mean=self.mean, std=self.std, device=device or default_device())
+        return out if self.offset is None else out + self.offset
+
+    def predict(self, images: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Class probabilities (N, classes)."""
+        return F.softmax(self.logits(images, device), dim=1)
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+        """Accuracy and loss as the client measured them (the same evaluation loop and offset)."""
+        self._check_images(images)
+        return evaluate(self.model, images, labels, mean=self.mean, std=self.std, logit_bias=self.offset)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        want = (self.header["in_channels"], self.header["image_size"], self.header["image_size"])
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(
+                f"images must be uint8 (N, {want[0]}, {want[1]}, {want[2]}) for this model, "
+                f"got {images.dtype} {tuple(images.shape)}"
+            )
+
+
+def _resolve(path: Path, client: int | None) -> Path:
+    if path.is_file():
+        return path
+    if (path / MODEL_FILE).is_file() and client is None:
+        return path / MODEL_FILE
+    if client is not None:
+        found = client_model_path(path, client)
+        if found.is_file():
+            return found
+        raise FileNotFoundError(f"no personalized model for client {client} in {path} (looked for {found})")
+    raise FileNotFoundError(
+        f"{path} holds no personalized model: pass a .fedse file, a deployed client's state dir "
+        f"(with {MODEL_FILE}) or a run folder with client=N"
+    )
+
+
+def load_personalized(path: str | Path, client: int | None = None) -> PersonalizedModel:
+    """Client ``client``'s model from a run folder, or the model in a ``.fedse`` file or a deployed
+    client's state dir. The file's checksum, its header and every tensor's shape are checked; a
+    private-only file is combined with the run folder's final shared weights, which must be the
+    ones it was written with (their CRC). Errors: :class:`~fedse.state.StateCorruptError` or
+    ValueError, naming the file and what is wrong."""
+    file = _resolve(Path(path), client)
+    advice = "re-export it from the run (or the client's state dir); this file cannot be used"
+    tensors, header = read_tensor_file(file, MAGIC, "personalized-model", advice)
+    missing = {"model", "num_classes", "in_channels", "image_size", "mean", "std", "classes", "complete"} - set(header)
+    if missing:
+        raise StateCorruptError(f"{file}: header lacks {sorted(missing)}; {advice}")
+    spec = header["model"]
+    if not isinstance(spec, dict) or set(spec) != set(_MODEL_KEYS):
+        raise StateCorruptError(f"{file}: header 'model' must hold exactly {list(_MODEL_KEYS)}; {advice}")
+    try:
+        model = create_model(
+            spec["name"],
+            num_classes=int(header["num_classes"]),
+            in_channels=int(header["in_channels"]),
+            width=spec["width"],
+            reduction=spec["reduction"],
+            norm=spec["norm"],
+            image_size=int(header["image_size"]),
+        )
+    except (ValueError, TypeError, KeyError) as err:
+        raise StateCorruptError(f"{file}: header describes no buildable model ({err}); {advice}") from None
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    if not header["complete"]:
+        shared_path = file.parent.parent / SHARED_FILE
+        if not shared_path.is_file():
+            raise FileNotFoundError(
+                f"{file} holds only the client's private part; its run folder's {SHARED_FILE} "
+                f"({shared_path}) is missing"
+            )
+        try:
+            shared = torch.load(shared_path, weights_only=True, map_location="cpu")
+        except Exception as err:  # noqa: BLE001 (weights_only: tensors and plain data only)
+            raise StateCorruptError(f"{shared_path}: not a plain mapping of tensors ({type(err).__name__})") from None
+        if not isinstance(shared, dict) or digest(shared) != header.get("shared_crc"):
+            raise StateCorruptError(
+                f"{shared_path} are not the shared weights {file} was written with (CRC mismatch): "
+                "the run folder and the client file come from different runs or rounds"
+            )
+        state = {**shared, **state}
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+        wrong = sorted(set(state) ^ set(expected))[:5] or [k for k in expected if state[k].shape != expected[k].shape]
+        raise StateCorruptError(f"{file}: tensors do not fit the model its header describes ({wrong[:5]}); {advice}")
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise StateCorruptError(f"{file}: the model holds NaN or inf; {advice}")
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    offset = tensors.get("prior.offset")
+    if offset is not None and offset.shape != (int(header["num_classes"]),):
+        raise StateCorruptError(f"{file}: prior offset of shape {tuple(offset.shape)}; {advice}")
+    return PersonalizedModel(model, header, offset)
+
+
+def predict_csv(
+    loaded: PersonalizedModel,
+    images: torch.Tensor,
+    names: list[str],
+    out: str | Path,
+    labels: torch.Tensor | None = None,
+) -> float | None:
+    """Score ``images`` with ``loaded``; write ``out`` (CSV, atomically): name, predicted class,
+    then one probability column per class, and the true class where ``labels`` are known.
+    Returns the accuracy when they are (None otherwise)."""
+    import csv
+    import io as _io
+
+    from .io import atomic_write_text
+
+    probs = loaded.predict(images)
+    predicted = probs.argmax(1)
+    classes = loaded.classes
+    text = _io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["name", "predicted", *[f"p_{c}" for c in classes], *(["label"] if labels is not None else [])])
+    for i, name in enumerate(names):
+        row = [name, classes[int(predicted[i])], *[f"{float(p):.6f}" for p in probs[i]]]
+        writer.writerow(row + ([classes[int(labels[i])]] if labels is not None else []))
+    atomic_write_text(Path(out), text.getvalue())
+    return None if labels is None else (predicted == labels).float().mean().item()

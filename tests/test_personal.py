@@ -1,0 +1,170 @@
+"""Each client's personalized model as a file: written at the final evaluation, loaded anywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import tiny_config
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedse.client import make_client_app
+from fedse.config import config_to_dict
+from fedse.federated import build_federated_data
+from fedse.models import build_model
+from fedse.personal import MAGIC, MODEL_FILE, client_model_path, load_personalized
+from fedse.policies import create_policy
+from fedse.records import CONFIG_JSON, to_arrays
+from fedse.state import StateCorruptError
+
+
+def _setup(policy):
+    cfg = tiny_config(personalization={"policy": policy})
+    ds = build_federated_data(cfg).dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    return cfg, model, create_policy(policy).split(model)
+
+
+def _message(cfg, arrays, message_type, **config):
+    record = ConfigRecord({CONFIG_JSON: json.dumps(config_to_dict(cfg)), "server-round": 2, **config})
+    return Message(RecordDict({"arrays": arrays, "config": record}), dst_node_id=7, message_type=message_type)
+
+
+def _context(pid, **node):
+    return Context(run_id=1, node_id=7, node_config={"partition-id": pid, **node}, state=RecordDict(), run_config={})
+
+
+def _train_then_final_evaluate(policy, tmp_path, pid=1, **node):
+    cfg, model, split = _setup(policy)
+    app, ctx = make_client_app(export_dir=tmp_path), _context(pid, **node)
+    sent = to_arrays(split.shared_state(model))
+    trained = app(_message(cfg, sent, MessageType.TRAIN), ctx)
+    final = trained.content["arrays"]  # as if the server's aggregate were this client's update
+    reply = app(_message(cfg, final, MessageType.EVALUATE, final=True), ctx)
+    assert not reply.has_error(), reply.error
+    return cfg, final, reply
+
+
+def _shared_file(run_dir, arrays):
+    torch.save({k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}, run_dir / "shared_weights.pt")
+
+
+@pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn"])
+def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity, tmp_path, policy):
+    cfg, final, reply = _train_then_final_evaluate(policy, tmp_path)
+    path = client_model_path(tmp_path, 1)
+    assert path.is_file()
+    _shared_file(tmp_path, final)  # what write_run puts in the run folder
+    loaded = load_personalized(tmp_path, 1)
+    shard = build_federated_data(cfg).shard(1)
+    result = loaded.evaluate(shard.test_images, shard.test_labels)
+    assert result.accuracy == reply.content["metrics"]["local-acc"]  # to the last digit
+    assert result.loss == reply.content["metrics"]["local-loss"]
+    header = loaded.header
+    assert header["client"] == 1 and header["policy"] == policy and header["evaluated_in_final_round"]
+    assert header["complete"] == (policy == "fedavg-ft")  # fine-tuned at evaluation: the whole model is stored
+    assert (loaded.offset is None) == (header["prior"]["mode"] == "off")
+    probs = loaded.predict(shard.test_images[:5])
+    assert probs.shape == (5, header["num_classes"]) and torch.allclose(probs.sum(1), torch.ones(5))
+    # predict applies the offset: its argmax is the evaluated prediction
+    logits = loaded.logits(shard.test_images)
+    assert (logits.argmax(1) == shard.test_labels).float().mean().item() == pytest.approx(result.accuracy)
+
+
+def test_nothing_is_written_without_final_and_nothing_of_it_is_sent(task_identity, tmp_path):
+    cfg, model, split = _setup("fedse-la")
+    app, ctx = make_client_app(export_dir=tmp_path), _context(0)
+    reply = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE), ctx)
+    assert not reply.has_error() and not (tmp_path / "clients").exists()
+    _, _, final_reply = _train_then_final_evaluate("fedse-la", tmp_path, pid=0)
+    assert list(final_reply.content.array_records) == []  # an evaluate reply carries no arrays
+    assert set(final_reply.content["metrics"].keys()) == {"num-examples", "local-acc", "local-loss"}
+
+
+def test_a_deployed_client_writes_its_complete_model_into_its_state_dir(task_identity, tmp_path):
+    state = tmp_path / "state"
+    cfg, final, reply = _train_then_final_evaluate("fedse-la", tmp_path / "sim", **{"state-dir": str(state)})
+    assert (state / MODEL_FILE).is_file() and not (tmp_path / "sim" / "clients").exists()
+    loaded = load_personalized(state)  # complete: no run folder needed
+    assert loaded.header["complete"]
+    shard = build_federated_data(cfg).shard(1)
+    assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == reply.content["metrics"]["local-acc"]
+
+
+def _rewrite(path, payload: bytes, meta=None):
+    raw = path.read_bytes()
+    line = json.loads(raw[len(MAGIC) :].partition(b"\n")[0])
+    line |= {"sha256": hashlib.sha256(payload).hexdigest(), "length": len(payload)}
+    if meta is not None:
+        line["meta"] = meta
+    path.write_bytes(MAGIC + json.dumps(line).encode() + b"\n" + payload)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("unpickled: this must never run",))
+
+
+def test_loading_refuses_a_bad_checksum_a_pickle_and_foreign_shared_weights(task_identity, tmp_path, capsys):
+    _, final, _ = _train_then_final_evaluate("fedse-la", tmp_path)
+    _shared_file(tmp_path, final)
+    path = client_model_path(tmp_path, 1)
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(StateCorruptError, match="checksum mismatch"):
+        load_personalized(tmp_path, 1)
+    path.write_bytes(good)
+    _rewrite(path, pickle.dumps({"model.x": _Boom()}))  # a valid checksum over a pickle payload
+    with pytest.raises(StateCorruptError, match="not a plain mapping of tensors"):
+        load_personalized(tmp_path, 1)
+    assert "must never run" not in capsys.readouterr().out
+    path.write_bytes(good)
+    shared = torch.load(tmp_path / "shared_weights.pt", weights_only=True)
+    other = {k: v.clone() for k, v in shared.items()}
+    other[next(iter(other))] += 1.0  # another round's shared weights
+    torch.save(other, tmp_path / "shared_weights.pt")
+    with pytest.raises(StateCorruptError, match="are not the shared weights"):
+        load_personalized(tmp_path, 1)
+    torch.save(shared, tmp_path / "shared_weights.pt")
+    with pytest.raises(FileNotFoundError, match="no personalized model for client 9"):
+        load_personalized(tmp_path, 9)
+    buffer = io.BytesIO()
+    torch.save({"model.fc.weight": torch.zeros(3, 3)}, buffer)
+    meta = json.loads(good[len(MAGIC) :].partition(b"\n")[0])["meta"] | {"complete": True}
+    _rewrite(path, buffer.getvalue(), meta)
+    with pytest.raises(StateCorruptError, match="do not fit the model"):
+        load_personalized(tmp_path, 1)
+
+
+def test_fedse_predict_on_a_folder_of_pngs_writes_the_csv(task_identity, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from fedse.cli import main
+
+    state = tmp_path / "state"
+    cfg, _, reply = _train_then_final_evaluate("fedse-la", tmp_path / "sim", **{"state-dir": str(state)})
+    shard = build_federated_data(cfg).shard(1)
+    loaded = load_personalized(state)
+    folder = tmp_path / "images"
+    for i, (image, label) in enumerate(zip(shard.test_images, shard.test_labels, strict=True)):
+        (folder / loaded.classes[int(label)]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0].numpy()).save(folder / loaded.classes[int(label)] / f"{i:03d}.png")
+    out = tmp_path / "scores.csv"
+    assert main(["predict", str(state), "--images", str(folder), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(shard.test_labels)
+    assert set(rows[0]) == {"name", "predicted", "label", *[f"p_{c}" for c in loaded.classes]}
+    correct = sum(r["predicted"] == r["label"] for r in rows) / len(rows)
+    assert correct == pytest.approx(reply.content["metrics"]["local-acc"])  # the same images, the same model
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(shard.test_images[0][0].numpy()).save(flat / "a.png")
+    assert main(["predict", str(state), "--images", str(flat), "--out", str(tmp_path / "one.csv")]) == 0
+    assert "label" not in next(csv.DictReader((tmp_path / "one.csv").open()))  # no labels known
+    assert main(["predict", str(tmp_path / "nowhere"), "--images", str(flat), "--out", str(out)]) == 2
