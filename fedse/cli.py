@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         "--split", choices=["train", "test"], help="the client's own part of the run's dataset (run folders only)"
     )
     prd.add_argument("--out", type=Path, required=True, help="the CSV to write")
+    mon = sub.add_parser(
+        "monitor", help="each client's gate fingerprint against other clients' data and corrupted inputs (AUROC)"
+    )
+    mon.add_argument("run", type=Path, help="a finished simulation's run folder (with clients/)")
+    mon.add_argument("--out", type=Path, default=None, help="where to write (default: RUN/monitor)")
+    mon.add_argument("--max-other", type=int, default=1000, help="other clients' test images per client (sampled)")
+    mon.add_argument("--seed", type=int, default=0)
     crt = sub.add_parser("certs", help="make a test certificate authority and a SuperLink certificate")
     crt.add_argument("directory", type=Path)
     key = sub.add_parser("keygen", help="make a SuperNode key pair (register the .pub with flwr supernode register)")
@@ -237,6 +244,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedse: error: {err}", file=sys.stderr)
             return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "monitor":
+        from simulations.monitor import monitor
+
+        from .data import DatasetError
+        from .state import StateCorruptError
+
+        try:
+            if not (args.run / "config.yaml").is_file():
+                raise ConfigError(f"{args.run} is not a run folder (no config.yaml)")
+            out = args.out or args.run / "monitor"
+            monitor(args.run, out, max_other=args.max_other, seed=args.seed)
+        except (ConfigError, DatasetError, StateCorruptError, FileNotFoundError, ValueError, OSError) as err:
+            return _fail(err)
+        print((out / "table.md").read_text())
+        print(f"monitor folder: {out}")
+        return 0
     if args.command == "predict":
         from .data import DatasetError
         from .state import StateCorruptError

@@ -21,7 +21,7 @@ from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, own_data
 from .local import adapt, local_update, logit_bias
 from .models import SEResNet, build_model
-from .personal import MODEL_FILE, client_model_path, write_personalized
+from .personal import MODEL_FILE, client_model_path, fit_gates, write_personalized
 from .policies import RunPolicy, resolve
 from .prior import label_log_prior
 from .privacy import SampleDP, check_dp_model, sample_noise_multiplier
@@ -270,7 +270,12 @@ def _export(
         header["note"] = (
             "not evaluated in the run's last round: the final shared weights plus this client's latest private part"
         )
-    write_personalized(path, model=s.model, keys=keys, shared=received, offset=bias, header=header)
+    # The gate fingerprint: fitted on the train part, its threshold set on the held-out test part.
+    fitted = fit_gates(s.model, s.shard.train_images, s.shard.test_images, mean=s.mean, std=s.std)
+    gates = None
+    if fitted is not None:
+        gates, header["gate_threshold"] = fitted
+    write_personalized(path, model=s.model, keys=keys, shared=received, offset=bias, header=header, gates=gates)
 
 
 def make_client_app(export_dir: str | Path | None = None) -> ClientApp:

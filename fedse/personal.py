@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import create_model
+from .fingerprint import GateStats, probe
+from .models import SEBlock, create_model
 from .state import StateCorruptError, digest, read_tensor_file, write_tensor_file
 from .train import EvalResult, default_device, evaluate, predict
 
@@ -44,6 +45,7 @@ __all__ = [
     "MODEL_FILE",
     "PersonalizedModel",
     "client_model_path",
+    "fit_gates",
     "load_personalized",
     "predict_csv",
     "write_personalized",
@@ -68,15 +70,18 @@ def write_personalized(
     shared: Mapping[str, torch.Tensor],
     offset: torch.Tensor | None,
     header: Mapping[str, Any],
+    gates: GateStats | None = None,
 ) -> None:
-    """Write ``model``'s tensors (``keys``; None: all) and the prior ``offset`` to ``path``.
-    ``shared``: the shared weights the model was built from (their CRC goes in the header, so a
-    private-only file is loaded only with the shared weights it belongs to)."""
+    """Write ``model``'s tensors (``keys``; None: all), the prior ``offset`` and the client's gate
+    statistics to ``path``. ``shared``: the shared weights the model was built from (their CRC goes
+    in the header, so a private-only file is loaded only with the shared weights it belongs to)."""
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     chosen = state if keys is None else {k: state[k] for k in keys}
     tensors = {f"model.{k}": v for k, v in chosen.items()}
     if offset is not None:
         tensors["prior.offset"] = offset.detach().float().cpu()
+    if gates is not None:
+        tensors |= {f"gates.{k}": v for k, v in gates.to_state().items()}
     meta = {**header, "complete": keys is None, "shared_crc": digest(dict(shared))}
     write_tensor_file(path, MAGIC, tensors, meta)
 
@@ -88,6 +93,7 @@ class PersonalizedModel:
     model: nn.Module
     header: dict[str, Any]
     offset: torch.Tensor | None
+    gates: GateStats | None = None  # the client's gate fingerprint (its train part), where written
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -110,6 +116,15 @@ class PersonalizedModel:
     def predict(self, images: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """Class probabilities (N, classes)."""
         return F.softmax(self.logits(images, device), dim=1)
+
+    def gate_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Per image, how far its SE gates are from this client's own (diagonal Mahalanobis, mean
+        over channels; :mod:`fedse.fingerprint`). Above ``header["gate_threshold"]["value"]``: unusual
+        for this client, at the false-alarm rate the threshold was set for on its held-out data."""
+        if self.gates is None:
+            raise ValueError("this model file holds no gate statistics (a model without SE blocks)")
+        self._check_images(images)
+        return self.gates.score(probe(self.model, images, mean=self.mean, std=self.std).gates)
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
         """Accuracy and loss as the client measured them (the same evaluation loop and offset)."""
@@ -197,7 +212,36 @@ def load_personalized(path: str | Path, client: int | None = None) -> Personaliz
     offset = tensors.get("prior.offset")
     if offset is not None and offset.shape != (int(header["num_classes"]),):
         raise StateCorruptError(f"{file}: prior offset of shape {tuple(offset.shape)}; {advice}")
-    return PersonalizedModel(model, header, offset)
+    gates = None
+    if any(k.startswith("gates.") for k in tensors):
+        try:
+            gates = GateStats.from_state({k.removeprefix("gates."): v for k, v in tensors.items() if k[:6] == "gates."})
+        except ValueError as err:
+            raise StateCorruptError(f"{file}: gate statistics: {err}; {advice}") from None
+        widths = [m.channels for m in model.modules() if isinstance(m, SEBlock)]
+        if [len(m) for m in gates.mean] != widths:
+            raise StateCorruptError(f"{file}: gate statistics do not fit the model's SE blocks {widths}; {advice}")
+    return PersonalizedModel(model, header, offset, gates)
+
+
+def fit_gates(
+    model: nn.Module,
+    train_images: torch.Tensor,
+    held_out: torch.Tensor,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    false_alarm: float = 0.05,
+) -> tuple[GateStats, dict[str, float]] | None:
+    """A client's gate fingerprint: statistics of its SE gates on its own train part, and the
+    score threshold that flags ``false_alarm`` of its held-out images (None without SE blocks)."""
+    from .fingerprint import threshold_at
+
+    if not any(isinstance(m, SEBlock) for m in model.modules()) or len(train_images) < 2 or len(held_out) < 1:
+        return None
+    stats = GateStats.fit(probe(model, train_images, mean=mean, std=std).gates)
+    scores = stats.score(probe(model, held_out, mean=mean, std=std).gates)
+    return stats, {"false_alarm": false_alarm, "value": threshold_at(scores, false_alarm)}
 
 
 def predict_csv(

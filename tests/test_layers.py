@@ -21,7 +21,7 @@ LAYERS: list[list[str]] = [
     ["fedse.report", "fedse.checkpoint", "fedse.rundir", "fedse.comparison"],
     ["fedse.client", "fedse.strategy", "fedse.server"],
     ["fedse.simulation", "fedse.deploy", "fedse.launch"],
-    ["simulations.simulate", "simulations.compare"],
+    ["simulations.simulate", "simulations.compare", "simulations.monitor"],
     ["fedse.cli"],
 ]
 APPS = ["clients.app", "server.app"]  # the Flower apps: thin, on top of the library, below nothing

@@ -75,7 +75,7 @@ def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity,
     assert (logits.argmax(1) == shard.test_labels).float().mean().item() == pytest.approx(result.accuracy)
 
 
-def test_nothing_is_written_without_final_and_nothing_of_it_is_sent(task_identity, tmp_path):
+def test_nothing_is_written_without_final_and_neither_model_nor_gate_statistics_are_sent(task_identity, tmp_path):
     cfg, model, split = _setup("fedse-la")
     app, ctx = make_client_app(export_dir=tmp_path), _context(0)
     reply = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE), ctx)
@@ -168,3 +168,47 @@ def test_fedse_predict_on_a_folder_of_pngs_writes_the_csv(task_identity, tmp_pat
     assert main(["predict", str(state), "--images", str(flat), "--out", str(tmp_path / "one.csv")]) == 0
     assert "label" not in next(csv.DictReader((tmp_path / "one.csv").open()))  # no labels known
     assert main(["predict", str(tmp_path / "nowhere"), "--images", str(flat), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_a_simulation_leaves_every_clients_model_and_the_monitor_reads_them(tmp_path):
+    from simulations.monitor import METHODS, monitor
+
+    from fedse.fingerprint import auroc, msp_score, probe
+    from fedse.simulation import simulate
+
+    cfg = tiny_config(
+        partition={"num_clients": 4},
+        server={"rounds": 2, "fraction_evaluate": 0.5, "min_train_clients": 2, "min_evaluate_clients": 2},
+        output={"dir": str(tmp_path), "name": "run"},
+    )
+    run_dir = simulate(cfg, quiet=True).run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["client_models"] == {"written_at_final_evaluation": 2, "asked_after_the_run": 2, "failed": 0}
+    fed = build_federated_data(cfg)
+    last = json.loads((run_dir / "client_rounds.json").read_text())["evaluate"]["2"]
+    for client in range(4):
+        loaded = load_personalized(run_dir, client)
+        shard = fed.shard(client)
+        accuracy = loaded.evaluate(shard.test_images, shard.test_labels).accuracy
+        assert loaded.header["evaluated_in_final_round"] == (str(client) in last)
+        if str(client) in last:  # the run's figure, to the last digit
+            assert accuracy == last[str(client)]["local-acc"]
+        else:
+            assert "latest private part" in loaded.header["note"]
+    result = monitor(run_dir, tmp_path / "monitor", max_other=50)
+    assert [r["client"] for r in result["per_client"]] == [0, 1, 2, 3]
+    assert {p.name for p in (tmp_path / "monitor").iterdir()} >= {"monitor.json", "table.md", "scores.png"}
+    # One figure recomputed by hand: client 1's MSP AUROC against its own strong Gaussian noise.
+    from fedse.fingerprint import corrupt
+
+    loaded, shard = load_personalized(run_dir, 1), fed.shard(1)
+    noisy = corrupt(shard.test_images, "gaussian_noise", 2, seed=1)
+    scores = [
+        msp_score(probe(loaded.model, x, mean=loaded.mean, std=loaded.std, logit_bias=loaded.offset).logits)
+        for x in (shard.test_images, noisy)
+    ]
+    assert result["per_client"][1]["auroc"]["gaussian_noise 2"]["msp"] == auroc(*scores)
+    assert set(result["per_client"][1]["auroc"]["blur 1"]) == set(METHODS)
+    # the stored threshold was set on the own test part at 5% false alarms
+    assert all(r["false_alarm_own_test"] <= 0.05 for r in result["per_client"])

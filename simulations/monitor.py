@@ -1,0 +1,194 @@
+"""``fedse monitor RUN_DIR``: each client watches its own inputs with its gate fingerprint.
+
+For every client of a finished simulation run, its personalized model (the run
+folder's ``clients/``, :mod:`fedse.personal`) scores:
+
+* its own test part (normal: the client's own data, never used to fit anything
+  but the threshold);
+* other clients' test parts (up to ``max_other`` images, seeded): another
+  site's data;
+* its own test part under each corruption of :data:`fedse.fingerprint.CORRUPTIONS`
+  at strengths 1 and 2 (a new camera, a failing sensor).
+
+Three label-free scores on the same model: the gate monitor (the client's gate
+statistics, fitted on its train part at the end of the run), the maximum softmax
+probability (Hendrycks & Gimpel 2017, with the client's prior offset), and
+Mahalanobis on the penultimate features (Lee et al. 2018, class means and tied
+covariance fitted on the client's train part). Per client and scenario: the ROC
+AUC of each score (own test images against the others), the false-alarm rate
+of the stored gate threshold on the own test part, and the MMD between the own
+and the scenario's gate vectors (a batch statistic). Written to ``OUT``:
+``monitor.json`` (every figure), ``table.md`` (mean and std over clients),
+``gate_heatmaps.png``, ``similarity.png`` (gate fingerprints beside label
+distributions), ``scores.png`` (score histograms of one client).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedse.config import load_config
+from fedse.federated import build_federated_data
+from fedse.fingerprint import CORRUPTIONS, FeatureGaussian, auroc, corrupt, mmd2, msp_score, probe
+from fedse.io import atomic_save, atomic_write_json, atomic_write_text
+from fedse.personal import PersonalizedModel, load_personalized
+
+__all__ = ["METHODS", "monitor"]
+
+METHODS = ("gates", "msp", "features")
+MMD_SAMPLES = 200
+
+
+def _scores(loaded: PersonalizedModel, features: FeatureGaussian, images: torch.Tensor) -> dict[str, Any]:
+    p = probe(loaded.model, images, mean=loaded.mean, std=loaded.std, logit_bias=loaded.offset)
+    assert loaded.gates is not None
+    return {
+        "gates": loaded.gates.score(p.gates),
+        "msp": msp_score(p.logits),
+        "features": features.score(p.features),
+        "_gate_vectors": torch.cat(p.gates, dim=1),
+    }
+
+
+def _scenarios(fed, client: int, own: torch.Tensor, max_other: int, seed: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed * 1_000 + client)
+    others = torch.cat([fed.shard(c).test_images for c in range(fed.num_clients) if c != client])
+    pick = torch.from_numpy(np.sort(rng.permutation(len(others))[:max_other]))
+    out = {"other clients": others[pick]}
+    for kind in CORRUPTIONS:
+        for strength in (1, 2):
+            out[f"{kind} {strength}"] = corrupt(own, kind, strength, seed=seed * 1_000 + client)
+    return out
+
+
+def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Score every client of ``run_dir`` (see the module docstring); write ``out``; return the figures."""
+    cfg = load_config(run_dir / "config.yaml")
+    fed = build_federated_data(cfg)
+    per_client: list[dict[str, Any]] = []
+    fingerprints, examples = [], None
+    for client in range(fed.num_clients):
+        loaded = load_personalized(run_dir, client)
+        if loaded.gates is None:
+            raise ValueError(f"client {client}'s model file has no gate statistics (a model without SE blocks?)")
+        shard = fed.shard(client)
+        train = probe(loaded.model, shard.train_images, mean=loaded.mean, std=loaded.std)
+        features = FeatureGaussian.fit(train.features, shard.train_labels)
+        normal = _scores(loaded, features, shard.test_images)
+        threshold = float(loaded.header["gate_threshold"]["value"])
+        row: dict[str, Any] = {
+            "client": client,
+            "test_samples": len(shard.test_labels),
+            "false_alarm_own_test": float((normal["gates"] > threshold).float().mean()),
+            "auroc": {},
+            "mmd_gates": {},
+        }
+        own_vectors = normal["_gate_vectors"][:MMD_SAMPLES]
+        for name, images in _scenarios(fed, client, shard.test_images, max_other, seed).items():
+            unusual = _scores(loaded, features, images)
+            row["auroc"][name] = {m: auroc(normal[m], unusual[m]) for m in METHODS}
+            row["mmd_gates"][name] = mmd2(own_vectors, unusual["_gate_vectors"][:MMD_SAMPLES])
+            if client == 0 and name in ("other clients", "gaussian_noise 2"):
+                examples = (examples or {"own test": normal["gates"]}) | {name: unusual["gates"]}
+        per_client.append(row)
+        fingerprints.append([m.numpy() for m in loaded.gates.mean])
+    scenarios = list(per_client[0]["auroc"])
+    summary = {
+        s: {
+            m: {
+                "mean": statistics.fmean(r["auroc"][s][m] for r in per_client),
+                "std": statistics.pstdev(r["auroc"][s][m] for r in per_client),
+            }
+            for m in METHODS
+        }
+        for s in scenarios
+    }
+    result = {
+        "run": str(run_dir),
+        "clients": len(per_client),
+        "max_other": max_other,
+        "seed": seed,
+        "summary_auroc": summary,
+        "false_alarm_own_test_mean": statistics.fmean(r["false_alarm_own_test"] for r in per_client),
+        "per_client": per_client,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "monitor.json", result)
+    atomic_write_text(out / "table.md", _table(summary, len(per_client)))
+    _plots(out, fingerprints, fed.label_counts("train"), examples or {})
+    return result
+
+
+def _table(summary: dict[str, Any], clients: int) -> str:
+    lines = [
+        f"ROC AUC, own test part against each scenario: mean ± std over {clients} clients",
+        "",
+        "| scenario | gate monitor | max softmax prob. | feature Mahalanobis | best |",
+        "|---|---|---|---|---|",
+    ]
+    for scenario, by_method in summary.items():
+        cells = [f"{by_method[m]['mean']:.3f} ± {by_method[m]['std']:.3f}" for m in METHODS]
+        best = max(METHODS, key=lambda m: by_method[m]["mean"])
+        lines.append(f"| {scenario} | {' | '.join(cells)} | {best} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, fingerprints: list[list[np.ndarray]], label_counts: np.ndarray, examples: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = fingerprints[:20]  # the first 20 clients: one panel each
+    cols = min(5, len(shown))
+    rows = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 1.6 * rows + 0.6), squeeze=False)
+    width = max(len(b) for b in shown[0])
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index >= len(shown):
+            continue
+        grid = np.full((len(shown[index]), width), np.nan)
+        for b, means in enumerate(shown[index]):
+            grid[b, : len(means)] = means
+        ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="magma", interpolation="nearest")
+        ax.set_title(f"client {index}", fontsize=8)
+    fig.suptitle("mean gate per SE block (rows) and channel (columns)", fontsize=9)
+    fig.tight_layout()
+    atomic_save(out / "gate_heatmaps.png", lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+    def cosine(x: np.ndarray) -> np.ndarray:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x @ x.T
+
+    flat = np.stack([np.concatenate(f) for f in fingerprints])
+    centred = flat - flat.mean(0, keepdims=True)  # the clients' differences, not the common gate level
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, matrix, title in (
+        (axes[0], cosine(centred), "gate fingerprints (centred), cosine"),
+        (axes[1], cosine(label_counts.astype(float)), "label distributions, cosine"),
+    ):
+        image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("client")
+        ax.set_ylabel("client")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    atomic_save(out / "similarity.png", lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, scores in examples.items():
+        ax.hist(scores.numpy(), bins=40, alpha=0.5, density=True, label=name)
+    ax.set_xlabel("gate score (client 0)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save(out / "scores.png", lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
