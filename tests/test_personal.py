@@ -172,10 +172,9 @@ def test_fedse_predict_on_a_folder_of_pngs_writes_the_csv(task_identity, tmp_pat
 
 @pytest.mark.slow
 def test_a_simulation_leaves_every_clients_model_and_the_monitor_reads_them(tmp_path):
-    from simulations.monitor import METHODS, monitor
-
     from fedse.fingerprint import auroc, msp_score, probe
     from fedse.simulation import simulate
+    from simulations.monitor import METHODS, monitor
 
     cfg = tiny_config(
         partition={"num_clients": 4},
