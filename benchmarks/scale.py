@@ -1,12 +1,23 @@
 """Scale: time and memory per round at 100, 300 and 1,000 clients with the same 30 sampled.
 
-MNIST (``../shared/data/mnist``), ``dirichlet-client`` with alpha 0.3, se_resnet8
-under the default policy (``fedse-la``), 3 rounds, 30 clients sampled per round
-for training and for evaluation (no pooled evaluation, so every round does the
-same work). Each client count runs in its own process (a fresh driver), and in
-that same process, after the simulation, the same sampled clients' work (build
-the model, the client's own local update, evaluate on the own test part) is
-redone back to back without Flower, so the two are measured side by side.
+MNIST (``../shared/data/mnist``), ``dirichlet-client`` with alpha 0.3 and 60
+samples per client (``partition.samples_per_client``: a client holds as much at
+1,000 clients as at 100, so 30 sampled clients are the same work at every
+count), se_resnet8 under the default policy (``fedse-la``), 3 rounds, 30 clients
+sampled per round for training and for evaluation (no pooled evaluation, so
+every round does the same work). Each client count runs in its own process (a
+fresh driver), and in that same process:
+
+1. the fedse simulation;
+2. the same sampled clients' work (build the model, the client's own local
+   update, evaluate on the own test part) redone back to back without Flower;
+3. Flower's floor: a minimal Flower app on the same engine, node count and
+   backend config (Flower's own ``FedAvg`` sampling 30 nodes, clients that
+   send the received se_resnet8 shared arrays straight back and evaluate
+   nothing), so its round time is what Flower alone costs for 30 train and 30
+   evaluate messages of this model.
+
+So round time = plain work + Flower's floor + fedse's own remainder.
 
     python benchmarks/scale.py                       # 100, 300, 1000 clients
     python benchmarks/scale.py --clients 100 1000 --json benchmarks/results/scale.json
@@ -15,13 +26,16 @@ Printed per client count: seconds per round (median of the rounds after the
 first), the plain-PyTorch seconds for the same sampled work, their ratio, the
 framework's seconds per client-round ((round - plain) / 30), the driver's peak
 RSS, the largest RSS any Ray worker reached (sampled every 0.2 s), and the bytes
-of private state one client keeps.
+of private state one client keeps: its tensors, and what keeping them in
+``context.state`` costs the driver beyond Flower's own per-node objects (measured
+with tracemalloc; "beyond tensors" is that cost minus the tensors' bytes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import statistics
@@ -36,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 SAMPLED = 30
+PER_CLIENT = 60
 
 
 def _worker_rss_peak(stop: threading.Event, out: dict[str, int]) -> None:
@@ -69,7 +84,12 @@ def one(num_clients: int) -> dict:
         cfg = config_from_dict(
             {
                 "data": {"dataset": "mnist", "root": str(MNIST)},
-                "partition": {"num_clients": num_clients, "scheme": "dirichlet-client", "alpha": 0.3},
+                "partition": {
+                    "num_clients": num_clients,
+                    "scheme": "dirichlet-client",
+                    "alpha": 0.3,
+                    "samples_per_client": PER_CLIENT,
+                },
                 "server": {
                     "rounds": 3,
                     "fraction_train": SAMPLED / num_clients,
@@ -78,7 +98,7 @@ def one(num_clients: int) -> dict:
                     "min_evaluate_clients": SAMPLED,
                 },
                 "evaluate": {"pooled": False},
-                "output": {"dir": out, "name": "scale"},
+                "output": {"dir": out, "name": "scale", "client_models": False},  # timed rounds only
             }
         )
         fed = build_federated_data(cfg)  # read and partitioned once, outside both timings
@@ -108,6 +128,12 @@ def one(num_clients: int) -> dict:
     sim_steady, plain_steady = statistics.median(sim[1:]), statistics.median(plain[1:])
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
     private = policy.split(model).private_state(model)
+    tensor_bytes = sum(v.numel() * v.element_size() for v in private.values())
+    node_bytes = context_state_cost(None, num_clients)
+    state_bytes = context_state_cost(private, num_clients) - node_bytes
+    floor = flower_floor(cfg, policy.split(model).shared_state(model))
+    floor_steady = statistics.median(floor[1:])
+    framework = (sim_steady - plain_steady) / SAMPLED
     return {
         "clients": num_clients,
         "sampled_per_round": SAMPLED,
@@ -118,12 +144,97 @@ def one(num_clients: int) -> dict:
         "round_seconds_steady": round(sim_steady, 2),
         "plain_seconds_steady": round(plain_steady, 2),
         "ratio": round(sim_steady / plain_steady, 2),
-        "framework_seconds_per_client_round": round((sim_steady - plain_steady) / SAMPLED, 3),
+        "framework_seconds_per_client_round": round(framework, 3),
+        "flower_floor_round_seconds": [round(x, 2) for x in floor],
+        "flower_floor_seconds_per_client_round": round(floor_steady / SAMPLED, 3),
+        "fedse_own_seconds_per_client_round": round(framework - floor_steady / SAMPLED, 3),
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "worker_peak_rss_mb": round(peak.get("peak_kb", 0) / 1024, 1),
-        "private_state_bytes_per_client": sum(v.numel() * v.element_size() for v in private.values()),
+        "private_state_bytes_per_client": tensor_bytes,
+        "flower_node_bytes_without_state": node_bytes,
+        "context_state_bytes_per_client": state_bytes,
+        "beyond_tensors_mb_per_1000_clients": round((state_bytes - tensor_bytes) * 1000 / 2**20, 2),
         "wall_seconds": round(result.wall_seconds, 1),
     }
+
+
+def context_state_cost(private: dict | None, n: int) -> int:
+    """Driver bytes per virtual node, measured with tracemalloc on the very objects Flower's simulation
+    engine keeps per node (``DeprecatedRunInfoStore`` holding the run's ``Context``), each after
+    ``save_private`` (skipped for ``private=None``: Flower's own cost) and a pickle round trip (the
+    context comes back from the actor that ran the client)."""
+    import pickle
+    import tracemalloc
+
+    from flwr.compat.client.run_info_store import DeprecatedRunInfoStore
+
+    from fedse.state import save_private
+
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    stores = []
+    for node in range(n):
+        store = DeprecatedRunInfoStore(node_id=node, node_config={"partition-id": node, "num-partitions": n})
+        store.register_context(run_id=1)
+        context = store.retrieve_context(1)
+        if private is not None:
+            save_private(context, private)
+        store.update_context(1, pickle.loads(pickle.dumps(context)))
+        stores.append(store)
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return round(used / n)
+
+
+def flower_floor(cfg, shared: dict) -> list[float]:
+    """Round times of a minimal Flower app on the same engine and backend config: Flower's FedAvg
+    sampling the same number of nodes, clients that return the received arrays and a count."""
+    from flwr.app import Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    from fedse.records import to_arrays
+    from fedse.simulation import backend_config
+
+    n = cfg.partition.num_clients
+    client = ClientApp()
+
+    @client.train()
+    def _train(msg: Message, context: Context) -> Message:
+        arrays = msg.content["arrays"]
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    @client.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    ticks: list[float] = []
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(
+            fraction_train=SAMPLED / n,
+            fraction_evaluate=SAMPLED / n,
+            min_train_nodes=SAMPLED,
+            min_evaluate_nodes=SAMPLED,
+            min_available_nodes=n,
+        )
+        ticks.append(time.perf_counter())
+        # evaluate_fn runs once before round 1 and once after each round's train and evaluate
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_arrays(shared),
+            num_rounds=cfg.server.rounds,
+            evaluate_fn=lambda rnd, arrays: ticks.append(time.perf_counter()),
+        )
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    run_simulation(server_app=server, client_app=client, num_supernodes=n, backend_config=backend_config(cfg))
+    ticks = ticks[1:]  # from the first evaluate_fn call (round 0), after the nodes came up
+    return [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
 
 
 def main() -> None:

@@ -1,0 +1,63 @@
+"""The GPU benchmark's code path, run on the CPU: what a lent GPU machine would run (plain mode)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gpu_benchmark(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), *args, "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_gpu_benchmark_plain_mode_runs_concurrent_slots_on_cpu(tmp_path):
+    result = _gpu_benchmark(
+        tmp_path, "--device", "cpu", "--concurrency", "1", "2", "--samples", "32", "--clients-per-slot", "2"
+    )
+    assert result["device"] == "cpu" and result["gpu"] is None
+    runs = result["runs"]
+    assert [r["concurrent"] for r in runs] == [1, 2]
+    assert [r["clients"] for r in runs] == [2, 4]  # concurrency x clients per slot
+    for r in runs:
+        assert r["clients_per_second"] == pytest.approx(r["clients"] / r["seconds"], rel=0.01)
+        assert r["device_memory_mb"] is None and not r["oom"]  # no device memory on a CPU
+    assert result["summary"] == {
+        "largest_concurrent_without_oom": 2,
+        "out_of_memory_at": None,
+        "client_gpu_fraction_that_avoids_it": None,
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_benchmark_measures_device_memory_on_cuda(tmp_path):
+    result = _gpu_benchmark(tmp_path, "--concurrency", "1", "2", "--samples", "64", "--clients-per-slot", "1")
+    assert result["gpu"] and all(r["device_memory_per_client_mb"] > 0 for r in result["runs"])
+    assert result["summary"]["client_gpu_fraction_that_avoids_it"] == 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_matches_cpu():
+    from fedse.models import create_model
+    from fedse.train import train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (64,))
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = create_model("se_resnet8", num_classes=10, in_channels=3, image_size=32)
+        kw = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "epochs": 1, "batch_size": 32, "lr": 0.05}
+        results.append(train(model, x, y, device=torch.device(device), **kw))
+    assert results[0].num_examples == results[1].num_examples == 64
+    assert results[1].loss == pytest.approx(results[0].loss, rel=1e-3)
