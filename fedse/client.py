@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from .config import Config, config_from_dict
-from .federated import ClientShard, FederatedData, build_federated_data, own_data
+from .federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
 from .local import adapt, local_update, logit_bias
 from .models import SEResNet, build_model
 from .personal import MODEL_FILE, client_model_path, fit_gates, write_personalized
@@ -107,7 +107,7 @@ def _setup(msg: Message, context: Context) -> _Setup:
     cfg = _parse_config(str(msg.content[CONFIG][CONFIG_JSON]))
     cid, fed, shard = _client_data(context, cfg)
     ds = fed.dataset
-    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    model = build_model(cfg, *model_shape(cfg, ds))  # the data must fit the run's model shape
     policy = resolve(cfg)
     split = policy.split(model)
     state = model.state_dict()

@@ -59,6 +59,10 @@ class DataConfig:
     download: bool = False
     # Random crop (and horizontal flip for colour images) on training batches.
     augment: bool = False
+    # Class names in label order. The named datasets have their own; for 'imagefolder' a client
+    # reading its own data maps its class folders onto these (a folder not listed is an error, a
+    # missing one leaves its label unused), so every client numbers the classes alike.
+    classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,13 @@ class ModelConfig:
     reduction: int = field(default=16, metadata=_range(1, None))
     # groupnorm is required for sample-level DP (Opacus).
     norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
+    # The model's input and output shape. None: implied by data.dataset (digits 1x8x8, MNIST and
+    # Fashion-MNIST 1x28x28, CIFAR-10 3x32x32, 10 classes; imagefolder: len(data.classes) classes,
+    # channels and size must be given). A deployed server builds the model from these alone: it
+    # holds no data. A client whose data has another shape refuses to train.
+    num_classes: int | None = field(default=None, metadata=_range(2, None))
+    in_channels: int | None = field(default=None, metadata=_range(1, 4))
+    image_size: int | None = field(default=None, metadata=_range(4, 1024))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 
 from .io import atomic_save, atomic_write_bytes
 
-__all__ = ["DATASETS", "IMAGE_SUFFIXES", "Dataset", "DatasetError", "load_dataset", "read_images"]
+__all__ = ["DATASETS", "DATASET_SHAPES", "IMAGE_SUFFIXES", "Dataset", "DatasetError", "load_dataset", "read_images"]
 
 
 class DatasetError(RuntimeError):
@@ -316,7 +316,15 @@ def read_images(paths: Sequence[Path]) -> torch.Tensor:
 def _read_folder_split(
     directory: Path, classes: Sequence[str] | None
 ) -> tuple[list[np.ndarray], list[int], list[str], list[str]]:
+    """Images of ``directory/<class>/*`` labelled by their class's index in ``classes`` (None: the
+    folders found, sorted). With ``classes`` given, a folder not among them is an error and a class
+    without a folder simply has no images here: a client missing a class numbers the rest alike."""
     found = sorted(p.name for p in directory.iterdir() if p.is_dir())
+    if classes and (unknown := sorted(set(found) - set(classes))):
+        raise DatasetError(
+            f"{directory}: class folders {unknown} are not among the run's classes {list(classes)} "
+            "(data.classes); rename them or add them to data.classes on every client and the server"
+        )
     classes = list(classes or found)
     arrays, labels, names = [], [], []
     for label, cls in enumerate(classes):
@@ -537,7 +545,31 @@ DATASETS: dict[str, Callable[[Path | None, bool], Dataset]] = {
 }
 
 
-def load_dataset(name: str, root: str | os.PathLike[str] | None = None, download: bool = False) -> Dataset:
+# (classes, channels, image size) of the named datasets: what a server needs to build the model
+# without holding any data. imagefolder has none: its shape comes from the config.
+DATASET_SHAPES: dict[str, tuple[tuple[str, ...], int, int]] = {
+    "digits": (tuple(str(i) for i in range(10)), 1, 8),
+    "mnist": (tuple(str(i) for i in range(10)), 1, 28),
+    "fashion-mnist": (FASHION_CLASSES, 1, 28),
+    "cifar10": (CIFAR_CLASSES, 3, 32),
+}
+
+
+def load_dataset(
+    name: str, root: str | os.PathLike[str] | None = None, download: bool = False, classes: Sequence[str] = ()
+) -> Dataset:
+    """``classes``: for ``imagefolder``, the class names in label order (the folders are mapped onto
+    them); for a named dataset they must be its own, in its order."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
-    return DATASETS[name](Path(root).expanduser() if root is not None else None, download)
+    path = Path(root).expanduser() if root is not None else None
+    if name == "imagefolder":
+        if path is None:
+            raise DatasetError("imagefolder: set data.root to a directory holding train/<class>/*.jpg|png")
+        return load_image_folder(path, classes=classes or None)
+    if classes and tuple(classes) != DATASET_SHAPES[name][0]:
+        raise DatasetError(
+            f"data.classes {list(classes)} differ from {name}'s classes {list(DATASET_SHAPES[name][0])}; "
+            "leave data.classes empty for a named dataset"
+        )
+    return DATASETS[name](path, download)

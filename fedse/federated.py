@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import Dataset, load_dataset
+from .data import DATASET_SHAPES, Dataset, load_dataset
 from .feature_skew import ClientStyle, apply_style, make_client_styles
 from .partition import label_counts, partition_from_config, split_train_test
 
-__all__ = ["ClientShard", "FederatedData", "build_federated_data", "own_data"]
+__all__ = ["ClientShard", "FederatedData", "build_federated_data", "model_shape", "own_data"]
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,38 @@ class FederatedData:
 
 
 def _key(cfg: Config) -> tuple:
-    return (cfg.seed, cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.partition)
+    return (cfg.seed, cfg.data.dataset, cfg.data.root, cfg.data.download, cfg.data.classes, cfg.partition)
+
+
+def model_shape(cfg: Config, dataset: Dataset | None = None) -> tuple[int, int, int]:
+    """(classes, channels, image size) of the run's model: ``model.num_classes``, ``in_channels`` and
+    ``image_size`` where set, else what ``data.dataset`` implies (``len(data.classes)`` classes for
+    imagefolder). No data is read: a deployed server builds its model from this alone. With
+    ``dataset`` (a client's data, or the simulator's), the data must have that shape."""
+    m, d = cfg.model, cfg.data
+    classes, channels, size = DATASET_SHAPES.get(d.dataset, (d.classes, None, None))
+    shape = (m.num_classes or len(d.classes or classes) or None, m.in_channels or channels, m.image_size or size)
+    if dataset is not None:
+        have = (dataset.num_classes, dataset.channels, dataset.image_size)
+        shape = tuple(s if s is not None else h for s, h in zip(shape, have, strict=True))
+        if shape != have:
+            raise ValueError(
+                f"the data has {have[0]} classes, {have[1]} channels, {have[2]}x{have[2]} images, "
+                f"but the run's model expects {shape[0]}, {shape[1]}, {shape[2]}x{shape[2]} "
+                "(model.num_classes, model.in_channels, model.image_size, data.classes)"
+            )
+    if None in shape:
+        raise ValueError(
+            f"dataset {d.dataset!r} implies no model shape: set model.num_classes (or data.classes), "
+            "model.in_channels and model.image_size"
+        )
+    return shape  # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=4)
 def _build(key: tuple) -> FederatedData:
-    seed, name, root, download, p = key
-    dataset = load_dataset(name, root=root, download=download)
+    seed, name, root, download, classes, p = key
+    dataset = load_dataset(name, root=root, download=download, classes=classes)
     labels = dataset.labels.numpy()
     parts = partition_from_config(labels, p, seed=seed)
     train, test = split_train_test(parts, labels, test_fraction=p.test_fraction, seed=seed)
@@ -106,8 +131,8 @@ def build_federated_data(cfg: Config) -> FederatedData:
 
 
 @functools.lru_cache(maxsize=4)
-def _own(seed: int, name: str, data_dir: str, test_fraction: float) -> FederatedData:
-    dataset = load_dataset(name, root=data_dir)
+def _own(seed: int, name: str, data_dir: str, test_fraction: float, classes: tuple[str, ...]) -> FederatedData:
+    dataset = load_dataset(name, root=data_dir, classes=classes)
     everything = np.arange(len(dataset.labels))
     train, test = split_train_test([everything], dataset.labels.numpy(), test_fraction=test_fraction, seed=seed)
     return FederatedData(dataset, tuple(train), tuple(test), None)
@@ -117,4 +142,4 @@ def own_data(cfg: Config, data_dir: str) -> FederatedData:
     """A deployed client's own data: every sample of ``cfg.data.dataset`` read from ``data_dir``
     (any supported on-disk format), split into its train and test part (``test_fraction``,
     stratified, seeded); a one-client federation, so ``shard(0)`` is the client's."""
-    return _own(cfg.seed, cfg.data.dataset, str(data_dir), cfg.partition.test_fraction)
+    return _own(cfg.seed, cfg.data.dataset, str(data_dir), cfg.partition.test_fraction, cfg.data.classes)

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
-from .federated import FederatedData
+from .federated import FederatedData, model_shape
 from .models import build_model
 from .policies import resolve
 from .privacy import ClientDP, check_dp_model, make_client_dp
@@ -51,6 +51,8 @@ from .strategy import GuardedStrategy, clients_per_round, create_strategy
 __all__ = ["RunRecorder", "ServerOutcome", "check_resume", "final_tables", "privacy_report", "run_server"]
 
 log = logging.getLogger("fedse")
+
+NO_DATA_MAX_EXAMPLES = 1_000_000  # a deployed server's default cap on num-examples (server.max_num_examples)
 
 
 @dataclass(frozen=True)
@@ -207,11 +209,12 @@ class RunRecorder(Strategy):
 
 
 def _start(
-    cfg: Config, fed: FederatedData, num_clients: int
+    cfg: Config, fed: FederatedData | None, num_clients: int
 ) -> tuple[torch.nn.Module, Split, dict[str, torch.Tensor], ClientDP | None]:
-    """The run's model, its split, the initial shared weights and the client-level DP state."""
-    ds = fed.dataset
-    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    """The run's model, its split, the initial shared weights and the client-level DP state. The
+    model's shape comes from the config (:func:`fedse.federated.model_shape`); ``fed`` (the
+    simulator's data; None on a deployed server, which holds none) must agree with it."""
+    model = build_model(cfg, *model_shape(cfg, fed.dataset if fed is not None else None))
     if cfg.privacy.mode == "sample":
         check_dp_model(model)
     split = resolve(cfg).split(model)
@@ -231,7 +234,7 @@ def _resume(
     return done, shared, run_log
 
 
-def check_resume(run_dir: Path, cfg: Config, fed: FederatedData, num_clients: int | None = None) -> int:
+def check_resume(run_dir: Path, cfg: Config, fed: FederatedData | None, num_clients: int | None = None) -> int:
     """Everything a resume of ``run_dir`` will read, checked now (before any engine starts):
     the checkpoint against this run's model and its DP ledger. Returns the rounds done."""
     _, _, shared, dp = _start(cfg, fed, num_clients or cfg.partition.num_clients)
@@ -241,7 +244,7 @@ def check_resume(run_dir: Path, cfg: Config, fed: FederatedData, num_clients: in
 def run_server(
     grid: Grid,
     cfg: Config,
-    fed: FederatedData,
+    fed: FederatedData | None,
     run_dir: Path | None,
     on_round: Callable[[int, RunLog], None] | None = None,
     num_clients: int | None = None,
@@ -260,8 +263,14 @@ def run_server(
             raise ValueError("resume needs the run folder to continue")
         done, shared, run_log = _resume(run_dir, cfg, shared_like, dp)
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.server.rounds)
-    max_train = cfg.server.max_num_examples or max(len(p) for p in fed.train_parts)
-    max_test = cfg.server.max_num_examples or max(len(p) for p in fed.test_parts)
+    # The cap on a reply's num-examples: the config's, else the largest part of the run's partition;
+    # a server without data (deployment) that was given none uses NO_DATA_MAX_EXAMPLES.
+    if cfg.server.max_num_examples:
+        max_train = max_test = cfg.server.max_num_examples
+    elif fed is not None:
+        max_train, max_test = max(len(p) for p in fed.train_parts), max(len(p) for p in fed.test_parts)
+    else:
+        max_train = max_test = NO_DATA_MAX_EXAMPLES
     guard = GuardedStrategy(
         create_strategy(cfg, dp),
         train_schema(

@@ -10,7 +10,9 @@ Run config (``pyproject.toml`` ``[tool.flwr.app.config]`` or ``flwr run . --run-
 * ``resume-from``: a run folder to continue from its last checkpoint (its ``config.yaml`` plus ``overrides``);
   resolved the same way.
 
-The strategy, guard and report live in :mod:`fedse.server` and :mod:`fedse.strategy`.
+The strategy, guard and report live in :mod:`fedse.server` and :mod:`fedse.strategy`. The server
+reads no data: the model's shape comes from the config, and the clients' label counts are never
+collected (each client's prior stays with it).
 """
 
 import logging
@@ -22,8 +24,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedse.config import load_config
-from fedse.federated import build_federated_data
-from fedse.rundir import claim_run_dir, discard_unstarted, write_partition
+from fedse.rundir import claim_run_dir, discard_unstarted
 from fedse.server import final_tables, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +66,9 @@ def main(grid: Grid, context: Context) -> None:
     if resume:
         run_dir = resolve_output_dir(resume, ROOT)
         cfg = load_config(run_dir / "config.yaml", overrides)
-        fed = build_federated_data(cfg)
     else:
         config_file = Path(str(rc["config-file"]))
         cfg = load_config(config_file if config_file.is_absolute() else ROOT / config_file, overrides)
-        fed = build_federated_data(cfg)
         given = str(rc["output-dir"]) or cfg.output.dir
         out = resolve_output_dir(given, ROOT)
         if not Path(given).expanduser().is_absolute():
@@ -84,8 +83,9 @@ def main(grid: Grid, context: Context) -> None:
         run_dir, existed = claim_run_dir(cfg, config_file.stem)
     _say(f"run folder: {run_dir}" + (" (resumed)" if resume else ""))
     try:
-        write_partition(fed, run_dir)
-        outcome = run_server(grid, cfg, fed, run_dir, resume=bool(resume))
+        # The server holds no data: the model's shape comes from the config (fedse.federated.model_shape),
+        # and no partition is written (it would describe data the server does not have).
+        outcome = run_server(grid, cfg, None, run_dir, resume=bool(resume))
     except BaseException:
         if not resume:  # a run that failed before its first round leaves no folder behind
             discard_unstarted(run_dir, existed)

@@ -102,6 +102,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         procs.kill("node2")
         assert run1.wait(timeout=400) == 0, procs.log("run1")[-3000:]
         folder = _run_folder(out1)
+        assert not (folder / "label_counts.json").exists()  # the server holds no data, writes no partition
         rounds = json.loads((folder / "rounds.json").read_text())
         assert [r["round"] for r in rounds] == [1, 2, 3]
         assert rounds[0]["clients"] == 3 and rounds[2]["clients"] == 2  # left out once it died
