@@ -79,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
         "--split", choices=["train", "test"], help="the client's own part of the run's dataset (run folders only)"
     )
     prd.add_argument("--out", type=Path, required=True, help="the CSV to write")
+    adp = sub.add_parser(
+        "adapt", help="a new client: fit its private part on a finished run's shared weights, from its own data"
+    )
+    adp.add_argument("run", type=Path, help="the finished run's folder (config.yaml, shared_weights.pt)")
+    adp.add_argument("--data-dir", type=Path, required=True, help="the client's own data (data.dataset's format)")
+    adp.add_argument("--out", type=Path, required=True, help="where to write its model (.fedse)")
+    adp.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     mon = sub.add_parser(
         "monitor", help="each client's gate fingerprint against other clients' data and corrupted inputs (AUROC)"
     )
@@ -244,6 +253,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedse: error: {err}", file=sys.stderr)
             return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "adapt":
+        from .data import DatasetError
+        from .personal import adapt_new_client
+        from .state import StateCorruptError
+
+        try:
+            if not (args.run / "config.yaml").is_file():
+                raise ConfigError(f"{args.run} is not a run folder (no config.yaml)")
+            loaded = adapt_new_client(args.run, args.data_dir, args.out, args.overrides)
+        except (ConfigError, DatasetError, StateCorruptError, FileNotFoundError, ValueError, OSError) as err:
+            return _fail(err)
+        h = loaded.header
+        print(
+            f"new client: {h['train_samples']} train / {h['test_samples']} test images, own test accuracy "
+            f"{h['local_acc']:.4f} -> {args.out}"
+        )
+        return 0
     if args.command == "monitor":
         from simulations.monitor import monitor
 

@@ -21,9 +21,8 @@ from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
 from .local import adapt, local_update, logit_bias
 from .models import SEResNet, build_model
-from .personal import MODEL_FILE, client_model_path, fit_gates, write_personalized
+from .personal import MODEL_FILE, client_model_path, export_model
 from .policies import RunPolicy, resolve
-from .prior import label_log_prior
 from .privacy import SampleDP, check_dp_model, sample_noise_multiplier
 from .records import (
     ARRAYS,
@@ -241,41 +240,24 @@ def _export(
         keys = None if s.policy.finetune else list(s.split.private)
     else:
         return
-    ds, m = s.fed.dataset, s.cfg.model
-    weight = None
-    if bias is not None:
-        prior = label_log_prior(s.shard.train_labels, ds.num_classes)
-        weight = float((bias * prior).sum() / (prior * prior).sum())
     config = msg.content[CONFIG]
-    header = {
-        "client": s.client_id,
-        "policy": s.cfg.personalization.policy,
-        "dataset": s.cfg.data.dataset,
-        "model": {"name": m.name, "width": m.width, "reduction": m.reduction, "norm": m.norm},
-        "num_classes": ds.num_classes,
-        "in_channels": ds.channels,
-        "image_size": ds.image_size,
-        "classes": list(ds.classes),
-        "mean": list(s.mean),
-        "std": list(s.std),
-        "prior": {"mode": s.policy.label_prior, "weight": weight},
-        "round": int(config.get(SERVER_ROUND, 0)),
-        "evaluated_in_final_round": not bool(config.get(EXPORT_ONLY, False)),
-        "local_acc": local.accuracy,
-        "local_loss": local.loss,
-        "test_samples": local.num_examples,
-        "train_samples": len(s.shard.train_labels),
-    }
-    if not header["evaluated_in_final_round"]:
-        header["note"] = (
-            "not evaluated in the run's last round: the final shared weights plus this client's latest private part"
-        )
-    # The gate fingerprint: fitted on the train part, its threshold set on the held-out test part.
-    fitted = fit_gates(s.model, s.shard.train_images, s.shard.test_images, mean=s.mean, std=s.std)
-    gates = None
-    if fitted is not None:
-        gates, header["gate_threshold"] = fitted
-    write_personalized(path, model=s.model, keys=keys, shared=received, offset=bias, header=header, gates=gates)
+    export_model(
+        path,
+        model=s.model,
+        keys=keys,
+        shared=received,
+        cfg=s.cfg,
+        policy=s.policy,
+        dataset=s.fed.dataset,
+        shard=s.shard,
+        client=s.client_id,
+        server_round=int(config.get(SERVER_ROUND, 0)),
+        result=local,
+        offset=bias,
+        note=None
+        if not config.get(EXPORT_ONLY, False)
+        else "not evaluated in the run's last round: the final shared weights plus this client's latest private part",
+    )
 
 
 def make_client_app(export_dir: str | Path | None = None) -> ClientApp:

@@ -35,8 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import Config, load_config
+from .federated import ClientShard, model_shape, own_data
 from .fingerprint import GateStats, probe
-from .models import SEBlock, create_model
+from .local import adapt, logit_bias
+from .models import SEBlock, build_model, create_model
+from .policies import RunPolicy, resolve
+from .prior import label_log_prior
 from .state import StateCorruptError, digest, read_tensor_file, write_tensor_file
 from .train import EvalResult, default_device, evaluate, predict
 
@@ -44,7 +49,9 @@ __all__ = [
     "CLIENTS_DIR",
     "MODEL_FILE",
     "PersonalizedModel",
+    "adapt_new_client",
     "client_model_path",
+    "export_model",
     "fit_gates",
     "load_personalized",
     "predict_csv",
@@ -270,3 +277,106 @@ def predict_csv(
         writer.writerow(row + ([classes[int(labels[i])]] if labels is not None else []))
     atomic_write_text(Path(out), text.getvalue())
     return None if labels is None else (predicted == labels).float().mean().item()
+
+
+def export_model(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    keys: list[str] | None,
+    shared: Mapping[str, torch.Tensor],
+    cfg: Config,
+    policy: RunPolicy,
+    dataset: Any,
+    shard: ClientShard,
+    client: int | None,
+    server_round: int,
+    result: EvalResult,
+    offset: torch.Tensor | None,
+    note: str | None = None,
+) -> None:
+    """Write the model a client just evaluated, with its header (what :func:`load_personalized`
+    needs, the accuracy it measured) and its gate fingerprint (fitted on ``shard``'s train part, the
+    threshold set on its test part)."""
+    m = cfg.model
+    weight = None
+    if offset is not None:
+        prior = label_log_prior(shard.train_labels, dataset.num_classes)
+        weight = float((offset * prior).sum() / (prior * prior).sum())
+    header: dict[str, Any] = {
+        "client": client,
+        "policy": cfg.personalization.policy,
+        "dataset": cfg.data.dataset,
+        "model": {"name": m.name, "width": m.width, "reduction": m.reduction, "norm": m.norm},
+        "num_classes": dataset.num_classes,
+        "in_channels": dataset.channels,
+        "image_size": dataset.image_size,
+        "classes": list(dataset.classes),
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+        "prior": {"mode": policy.label_prior, "weight": weight},
+        "round": server_round,
+        "evaluated_in_final_round": note is None,
+        "local_acc": result.accuracy,
+        "local_loss": result.loss,
+        "test_samples": result.num_examples,
+        "train_samples": len(shard.train_labels),
+    }
+    if note is not None:
+        header["note"] = note
+    fitted = fit_gates(model, shard.train_images, shard.test_images, mean=dataset.mean, std=dataset.std)
+    gates = None
+    if fitted is not None:
+        gates, header["gate_threshold"] = fitted
+    write_personalized(path, model=model, keys=keys, shared=shared, offset=offset, header=header, gates=gates)
+
+
+def adapt_new_client(
+    run_dir: str | Path, data_dir: str | Path, out: str | Path, overrides: list[str] | None = None
+) -> PersonalizedModel:
+    """A client that did not take part in the run (deployment's cold start, as ``fedse compare
+    --holdout``): build the run's model with its final shared weights, fit the policy's private part
+    (every key where the policy keeps none) for ``personalization.finetune_epochs`` on the client's
+    own train part (``data_dir``), evaluate on its own test part, and write its complete model to
+    ``out``. Returns it loaded."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml", overrides or [])
+    shared_path = run_dir / SHARED_FILE
+    if not shared_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {SHARED_FILE}: is it a finished run folder?")
+    try:
+        shared = torch.load(shared_path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 (weights_only: tensors and plain data only)
+        raise StateCorruptError(f"{shared_path}: not a plain mapping of tensors ({type(err).__name__})") from None
+    fed = own_data(cfg, data_dir)
+    shard, ds = fed.shard(0), fed.dataset
+    model = build_model(cfg, *model_shape(cfg, ds))
+    policy = resolve(cfg)
+    split = policy.split(model)
+    if set(shared) != set(split.shared):
+        raise StateCorruptError(f"{shared_path} does not hold this run's shared keys (policy or model changed?)")
+    model.load_state_dict(shared, strict=False)
+    keys = split.private or None
+    epochs = cfg.personalization.finetune_epochs
+    adapt(
+        model, keys, shard, cfg, policy, epochs=epochs, seed=cfg.seed, mean=ds.mean, std=ds.std, private=split.private
+    )
+    offset = logit_bias(model, shard, policy, mean=ds.mean, std=ds.std)
+    result = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std, logit_bias=offset)
+    export_model(
+        out,
+        model=model,
+        keys=None,
+        shared=shared,
+        cfg=cfg,
+        policy=policy,
+        dataset=ds,
+        shard=shard,
+        client=None,
+        server_round=0,
+        result=result,
+        offset=offset,
+        note=f"a new client: its private part fitted for {epochs} epochs on its own data on the run's final shared "
+        "weights",
+    )
+    return load_personalized(out)

@@ -211,3 +211,27 @@ def test_a_simulation_leaves_every_clients_model_and_the_monitor_reads_them(tmp_
     assert set(result["per_client"][1]["auroc"]["blur 1"]) == set(METHODS)
     # the stored threshold was set on the own test part at 5% false alarms
     assert all(r["false_alarm_own_test"] <= 0.05 for r in result["per_client"])
+
+
+def test_fedse_adapt_fits_a_new_clients_private_part_on_the_final_shared_weights(tmp_path):
+    import yaml
+
+    from fedse.cli import main
+    from fedse.federated import own_data
+
+    cfg, model, split = _setup("fedse-la")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    shared = split.shared_state(model)
+    torch.save(shared, run / "shared_weights.pt")
+    out = tmp_path / "new.fedse"
+    assert main(["adapt", str(run), "--data-dir", str(tmp_path), "--out", str(out)]) == 0
+    loaded = load_personalized(out)
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[k], shared[k]) for k in split.shared)  # the shared weights as received
+    assert any(not torch.equal(state[k], model.state_dict()[k]) for k in split.private)  # the private part fitted
+    shard = own_data(cfg, tmp_path).shard(0)  # digits: the client's own copy
+    assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == loaded.header["local_acc"]
+    assert loaded.header["client"] is None and "new client" in loaded.header["note"]
+    assert main(["adapt", str(tmp_path / "missing"), "--data-dir", str(tmp_path), "--out", str(out)]) == 2
