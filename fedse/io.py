@@ -33,10 +33,18 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *, private: bool = False) -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing; on success rename it over ``path``.
 
-    If the block raises, the temporary file is removed and ``path`` is untouched.
+    If the block raises, the temporary file is removed and ``path`` is untouched. The file gets the
+    permissions a plain ``open`` would (0666 less the umask); ``private``: owner only (0600), for a
+    client's private state and its personalized model.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open mode must be 'wb' or 'w', got {mode!r}")
@@ -44,6 +52,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
+    if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; a report should be as readable as any other
+        os.fchmod(fd, 0o600 if private else 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
             yield handle
@@ -56,8 +66,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     _fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_open(path, "wb") as handle:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, private: bool = False) -> None:
+    with atomic_open(path, "wb", private=private) as handle:
         handle.write(data)
 
 

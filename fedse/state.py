@@ -157,13 +157,13 @@ def write_tensor_file(
     path: str | Path, magic: bytes, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
 ) -> None:
     """``magic``, one JSON header line (format, SHA-256 and length of the payload, ``meta``), then the
-    payload: ``torch.save`` of the tensors (CPU copies). Written atomically."""
+    payload: ``torch.save`` of the tensors (CPU copies). Written atomically, readable by its owner only."""
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buffer)
     payload = buffer.getvalue()
     header = {"format": 1, "sha256": hashlib.sha256(payload).hexdigest(), "length": len(payload)}
     header["meta"] = dict(meta or {})
-    atomic_write_bytes(Path(path), magic + json.dumps(header).encode() + b"\n" + payload)
+    atomic_write_bytes(Path(path), magic + json.dumps(header).encode() + b"\n" + payload, private=True)
 
 
 def read_tensor_file(path: str | Path, magic: bytes, kind: str, advice: str) -> tuple[dict[str, torch.Tensor], dict]:

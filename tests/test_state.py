@@ -105,3 +105,19 @@ def test_context_state_is_one_packed_array_read_back_bit_identically():
     with pytest.raises(ValueError, match="does not match this run's private keys"):
         load_private(ctx, other)  # another model or policy mid-run
     assert LAYOUT_KEY in ctx.state.config_records
+
+
+def test_reports_get_the_umask_permissions_private_state_owner_only(tmp_path):
+    import os
+    import stat
+
+    from fedse.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.json", "{}")
+        StateStore(tmp_path).save(_tensors(0))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644  # as a plain open() would
+    assert stat.S_IMODE((tmp_path / StateStore.FILENAME).stat().st_mode) == 0o600  # a client's private tensors
