@@ -12,3 +12,13 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 __version__ = "0.1.0"
+
+__all__ = ["PersonalizedModel", "load_personalized"]
+
+
+def __getattr__(name: str):  # PEP 562: `import fedse` stays light; the model API loads on first use
+    if name in __all__:
+        from . import personal
+
+        return getattr(personal, name)
+    raise AttributeError(f"module 'fedse' has no attribute {name!r}")
