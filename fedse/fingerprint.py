@@ -44,6 +44,7 @@ __all__ = [
     "auroc",
     "corrupt",
     "mmd2",
+    "mmd_test",
     "msp_score",
     "probe",
     "threshold_at",
@@ -326,6 +327,29 @@ def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidth: float | None = None) -> fl
     term_a = (kaa.sum() - kaa.diagonal().sum()) / (m * (m - 1))
     term_b = (kbb.sum() - kbb.diagonal().sum()) / (n * (n - 1))
     return float(term_a + term_b - 2.0 * kab.mean())
+
+
+def mmd_test(a: torch.Tensor, b: torch.Tensor, *, permutations: int = 200, seed: int = 0) -> tuple[float, float]:
+    """(MMD^2, p-value) of a permutation test that ``a`` and ``b`` come from one distribution:
+    the p-value is ``(1 + #{permuted >= observed}) / (1 + permutations)`` over random relabellings of
+    the pooled rows (Gretton et al. 2012, sec. 5), the bandwidth fixed from the pooled sample by the
+    median heuristic, so every permutation uses the same kernel. A batch of gate vectors whose
+    p-value is below the chosen level against the client's own gates is flagged as drift."""
+    if permutations < 1:
+        raise ValueError(f"permutations must be >= 1, got {permutations}")
+    a64, b64 = torch.as_tensor(a).detach().cpu().double(), torch.as_tensor(b).detach().cpu().double()
+    pooled = torch.cat([a64, b64])
+    sq = torch.cdist(pooled, pooled)
+    upper = torch.triu_indices(len(pooled), len(pooled), offset=1)
+    median = float(np.median(sq[upper[0], upper[1]].numpy()))
+    bandwidth = median if median > 0 else 1.0
+    observed = mmd2(a64, b64, bandwidth)
+    generator = torch.Generator().manual_seed(seed)
+    m, exceed = len(a64), 0
+    for _ in range(permutations):
+        order = torch.randperm(len(pooled), generator=generator)
+        exceed += mmd2(pooled[order[:m]], pooled[order[m:]], bandwidth) >= observed
+    return observed, (1 + exceed) / (1 + permutations)
 
 
 # --------------------------------------------------------------------------- baselines

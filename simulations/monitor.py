@@ -16,8 +16,10 @@ probability (Hendrycks & Gimpel 2017, with the client's prior offset), and
 Mahalanobis on the penultimate features (Lee et al. 2018, class means and tied
 covariance fitted on the client's train part). Per client and scenario: the ROC
 AUC of each score (own test images against the others), the false-alarm rate
-of the stored gate threshold on the own test part, and the MMD between the own
-and the scenario's gate vectors (a batch statistic). Written to ``OUT``:
+of the stored gate threshold on the own test part, and a batch drift test: the
+MMD between the gate vectors of 200 of the client's own train images and 200 of
+the scenario's, with a permutation p-value (flagged below 0.05; the client's
+own test images are the false-alarm check). Written to ``OUT``:
 ``monitor.json`` (every figure), ``table.md`` (mean and std over clients),
 ``gate_heatmaps.png``, ``similarity.png`` (gate fingerprints beside label
 distributions), ``scores.png`` (score histograms of one client).
@@ -34,14 +36,16 @@ import torch
 
 from fedse.config import load_config
 from fedse.federated import build_federated_data
-from fedse.fingerprint import CORRUPTIONS, FeatureGaussian, auroc, corrupt, mmd2, msp_score, probe
+from fedse.fingerprint import CORRUPTIONS, FeatureGaussian, auroc, corrupt, mmd_test, msp_score, probe
 from fedse.io import atomic_save, atomic_write_json, atomic_write_text
 from fedse.personal import PersonalizedModel, load_personalized
 
 __all__ = ["METHODS", "monitor"]
 
 METHODS = ("gates", "msp", "features")
-MMD_SAMPLES = 200
+MMD_SAMPLES = 200  # images per batch in the drift test
+PERMUTATIONS = 100
+DRIFT_LEVEL = 0.05
 
 
 def _scores(loaded: PersonalizedModel, features: FeatureGaussian, images: torch.Tensor) -> dict[str, Any]:
@@ -53,6 +57,13 @@ def _scores(loaded: PersonalizedModel, features: FeatureGaussian, images: torch.
         "features": features.score(p.features),
         "_gate_vectors": torch.cat(p.gates, dim=1),
     }
+
+
+def _drift(reference: torch.Tensor, vectors: torch.Tensor, rng: torch.Generator, seed: int) -> dict[str, Any]:
+    """The batch drift test: MMD of up to MMD_SAMPLES of ``vectors`` against the reference gates."""
+    batch = vectors[torch.randperm(len(vectors), generator=rng)[:MMD_SAMPLES]]
+    stat, p = mmd_test(reference, batch, permutations=PERMUTATIONS, seed=seed)
+    return {"mmd2": stat, "p": p, "flagged": p < DRIFT_LEVEL}
 
 
 def _scenarios(fed, client: int, own: torch.Tensor, max_other: int, seed: int) -> dict[str, torch.Tensor]:
@@ -86,13 +97,17 @@ def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -
             "test_samples": len(shard.test_labels),
             "false_alarm_own_test": float((normal["gates"] > threshold).float().mean()),
             "auroc": {},
-            "mmd_gates": {},
+            "drift": {},
         }
-        own_vectors = normal["_gate_vectors"][:MMD_SAMPLES]
+        rng = torch.Generator().manual_seed(seed * 1_000 + client)
+        reference = torch.cat(train.gates, dim=1)
+        reference = reference[torch.randperm(len(reference), generator=rng)[:MMD_SAMPLES]]
+
+        row["drift"]["own test"] = _drift(reference, normal["_gate_vectors"], rng, seed)
         for name, images in _scenarios(fed, client, shard.test_images, max_other, seed).items():
             unusual = _scores(loaded, features, images)
             row["auroc"][name] = {m: auroc(normal[m], unusual[m]) for m in METHODS}
-            row["mmd_gates"][name] = mmd2(own_vectors, unusual["_gate_vectors"][:MMD_SAMPLES])
+            row["drift"][name] = _drift(reference, unusual["_gate_vectors"], rng, seed)
             if client == 0 and name in ("other clients", "gaussian_noise 2"):
                 examples = (examples or {"own test": normal["gates"]}) | {name: unusual["gates"]}
         per_client.append(row)
@@ -108,8 +123,10 @@ def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -
         }
         for s in scenarios
     }
+    flagged = {s: statistics.fmean(r["drift"][s]["flagged"] for r in per_client) for s in per_client[0]["drift"]}
     result = {
         "run": str(run_dir),
+        "drift_flagged_fraction": flagged,
         "clients": len(per_client),
         "max_other": max_other,
         "seed": seed,
@@ -119,22 +136,24 @@ def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "monitor.json", result)
-    atomic_write_text(out / "table.md", _table(summary, len(per_client)))
+    atomic_write_text(out / "table.md", _table(summary, flagged, len(per_client)))
     _plots(out, fingerprints, fed.label_counts("train"), examples or {})
     return result
 
 
-def _table(summary: dict[str, Any], clients: int) -> str:
+def _table(summary: dict[str, Any], flagged: dict[str, float], clients: int) -> str:
     lines = [
-        f"ROC AUC, own test part against each scenario: mean ± std over {clients} clients",
+        f"ROC AUC, own test part against each scenario: mean ± std over {clients} clients; batch drift: "
+        f"share of clients whose gate MMD test (200 vs 200 images) has p < {DRIFT_LEVEL}",
         "",
-        "| scenario | gate monitor | max softmax prob. | feature Mahalanobis | best |",
-        "|---|---|---|---|---|",
+        "| scenario | gate monitor | max softmax prob. | feature Mahalanobis | best | batch drift flagged |",
+        "|---|---|---|---|---|---|",
+        f"| own test (false alarms) | | | | | {flagged['own test']:.2f} |",
     ]
     for scenario, by_method in summary.items():
         cells = [f"{by_method[m]['mean']:.3f} ± {by_method[m]['std']:.3f}" for m in METHODS]
         best = max(METHODS, key=lambda m: by_method[m]["mean"])
-        lines.append(f"| {scenario} | {' | '.join(cells)} | {best} |")
+        lines.append(f"| {scenario} | {' | '.join(cells)} | {best} | {flagged[scenario]:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -263,3 +263,21 @@ def test_corrupt_refuses_unknown_kind_and_strength():
         corrupt(_smooth_images(), "fog", 1, 0)
     with pytest.raises(ValueError, match=r"strength must be one of \[1, 2\]"):
         corrupt(_smooth_images(), "blur", 3, 0)
+
+
+def test_mmd_permutation_test_flags_a_shift_and_not_a_resample():
+    from fedse.fingerprint import mmd_test
+
+    g = torch.Generator().manual_seed(3)
+    own, same = torch.randn(60, 5, generator=g), torch.randn(60, 5, generator=g)
+    shifted = torch.randn(60, 5, generator=g) + 0.8
+    stat_same, p_same = mmd_test(own, same, permutations=99, seed=0)
+    stat_shift, p_shift = mmd_test(own, shifted, permutations=99, seed=0)
+    assert p_shift == 0.01 and stat_shift > stat_same  # no permutation reaches the shifted sample's MMD
+    assert p_same > 0.05
+    # Under the null the p-value is uniform: about 5% of resamples fall below 0.05.
+    rejections = sum(
+        mmd_test(torch.randn(30, 3, generator=g), torch.randn(30, 3, generator=g), permutations=39, seed=k)[1] <= 0.05
+        for k in range(60)
+    )
+    assert rejections <= 9  # 60 x 0.05 = 3 expected; 9 or more has probability < 0.3%
