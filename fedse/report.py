@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,42 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str = ""
     plt.close(fig)
 
 
+def provenance() -> dict[str, Any]:
+    """What produced a run: the fedse commit (``git describe`` of the source tree, with ``-dirty``
+    for uncommitted changes; the package version where the source is not a git checkout), the
+    torch, flwr and opacus versions, Python, and the device the driver saw."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    source = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    versions = {}
+    for package in ("torch", "flwr", "opacus", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    device = f"cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+    from . import __version__
+
+    return {
+        "fedse": commit or __version__,
+        **versions,
+        "python": platform.python_version(),
+        "device": device,
+        "cpus": os.cpu_count(),
+    }
+
+
 def write_run(
     run_dir: Path,
     *,
@@ -227,6 +264,7 @@ def write_run(
         "dropped_replies": log.dropped,
         "failed_replies": log.failed,
         "refused_rounds": log.refused,
+        "provenance": provenance(),
         **(extra or {}),
     }
     atomic_write_json(run_dir / "summary.json", summary)

@@ -100,9 +100,9 @@ class RunRecorder(Strategy):
 
     Flower's round ``r`` is recorded as ``r + round_offset`` (a resumed run). It also asks for
     pooled evaluation every ``pooled_every`` rounds and at the last (``None``: never), times each
-    round, and hands the round's shared arrays to ``on_round_end`` (checkpoints), also for a round
-    without an update. ``mark_final``: the last round's evaluate messages carry ``final`` (the
-    clients write their personalized models)."""
+    round, and hands the round's shared arrays to ``on_round_end`` (checkpoints) after its training
+    and again after its evaluation, also for a round without an update. ``mark_final``: the last
+    round's evaluate messages carry ``final`` (the clients write their personalized models)."""
 
     def __init__(
         self,
@@ -127,6 +127,7 @@ class RunRecorder(Strategy):
         self._started = time.perf_counter()
         self._sent: ArrayRecord | None = None  # this round's shared arrays, as sent
         self._sent_numpy: dict[str, np.ndarray] | None = None  # the same, decoded once per round (update norms)
+        self._round_arrays: ArrayRecord | None = None  # this round's result (checkpointed after its evaluation)
 
     def summary(self) -> None:
         self.guard.summary()
@@ -187,6 +188,7 @@ class RunRecorder(Strategy):
         if self.guard.dp is not None:
             self.log.epsilon[server_round] = self.guard.dp.epsilon()
         arrays = result[0] if result[0] is not None else self._sent
+        self._round_arrays = arrays
         if self.on_round_end is not None and arrays is not None:
             self.on_round_end(server_round, arrays, self.log)
         return result
@@ -203,6 +205,10 @@ class RunRecorder(Strategy):
         server_round += self.round_offset
         self._record(self.log.evaluate, server_round)
         self.log.round_seconds[server_round] = time.perf_counter() - self._started
+        if self.on_round_end is not None and self._round_arrays is not None:
+            # checkpoint again with the round's evaluation in the log: a run resumed after it (a
+            # comparison continued after an interruption) keeps the round's figures
+            self.on_round_end(server_round, self._round_arrays, self.log)
         if self.on_round is not None:
             self.on_round(server_round, self.log)
         return metrics

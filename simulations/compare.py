@@ -2,7 +2,9 @@
 
 Runs one simulation per (seed, method) that differ only in
 ``personalization.policy``, then writes the comparison folder
-(:func:`fedse.comparison.write_comparison`).
+(:func:`fedse.comparison.write_comparison`). Rerun with the same ``--out``, it
+survives interruption: a (method, seed) that finished is read back from its run
+folder, one that was interrupted continues from its last checkpoint.
 
 Cold start (``--holdout K``): the last K partitions never train. After
 training, each adapts a copy of the final model on its own train part and is
@@ -13,14 +15,18 @@ the received model as is (``global``), only its private keys adapted
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from fedse.checkpoint import CHECKPOINT
 from fedse.comparison import MethodRun, write_comparison
-from fedse.config import Config, ConfigError
+from fedse.config import Config, ConfigError, config_to_dict
 from fedse.federated import build_federated_data
+from fedse.io import atomic_write_json
 from fedse.local import adapt_and_evaluate
 from fedse.models import build_model
 from fedse.policies import POLICIES, resolve
@@ -50,22 +56,40 @@ def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
     return rows
 
 
+RESULT = "method_run.json"  # in a finished (method, seed) run folder: what the comparison needs of it
+
+
 def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> MethodRun:
+    """One (method, seed): taken from its run folder when it finished before (``method_run.json``),
+    continued from its checkpoint when it was interrupted, else run afresh."""
     run_cfg = replace(
         cfg,
         seed=seed,
         personalization=replace(cfg.personalization, policy=method),
         output=replace(cfg.output, dir=str(out / "runs"), name=f"{method}-seed{seed}"),
     )
+    folder = out / "runs" / f"{method}-seed{seed}"
+    expected = {"config": config_to_dict(run_cfg), "holdout": holdout}
+    if (folder / RESULT).is_file():
+        try:
+            saved = json.loads((folder / RESULT).read_text())
+            if {k: saved.get(k) for k in expected} != expected:
+                raise ConfigError(f"{folder} was run with another configuration or --holdout; compare into a new --out")
+            return MethodRun(**saved["run"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"{folder / RESULT} is unreadable ({err}); delete that run folder to redo it") from None
+    resume = (folder / CHECKPOINT).is_file()
+    if folder.exists() and not resume:  # stopped before its first round: nothing to keep
+        shutil.rmtree(folder)
     trained = cfg.partition.num_clients - holdout
-    result = simulate(run_cfg, quiet=True, clients=trained)
+    result = simulate(run_cfg, quiet=True, clients=trained, run_dir=folder if resume else None, resume=resume)
     fed = build_federated_data(run_cfg)
     model = build_model(run_cfg, fed.dataset.num_classes, fed.dataset.channels, fed.dataset.image_size)
     split = resolve(run_cfg).split(model)
     state = model.state_dict()
     upload = sum(state[k].numel() * state[k].element_size() for k in split.shared)
     hold = _holdout(run_cfg, result.outcome.shared_state, trained) if holdout else []
-    return MethodRun(
+    run = MethodRun(
         method,
         seed,
         round_rows(result.outcome.log),
@@ -75,6 +99,8 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
         upload,
         result.wall_seconds,
     )
+    atomic_write_json(folder / RESULT, {**expected, "run": asdict(run)})
+    return run
 
 
 def compare(

@@ -134,3 +134,39 @@ def test_merge_combines_folders_measured_apart(tmp_path):
     with pytest.raises(ConfigError, match="is not a comparison folder"):
         merge([tmp_path / "a", tmp_path / "missing"], tmp_path / "x")
     assert not (tmp_path / "x").exists()  # nothing written on a refused merge
+
+
+@pytest.mark.slow
+def test_a_comparison_survives_interruption(tmp_path, monkeypatch):
+    import fedse.server
+
+    cfg = tiny_config(partition={"num_clients": 3}, output={"dir": str(tmp_path)})
+    out = tmp_path / "cmp"
+    first = compare(cfg, ["fedavg"], [0], out)
+    folder = out / "runs" / "fedavg-seed0"
+    stamp = (folder / "method_run.json").stat().st_mtime_ns
+    again = compare(cfg, ["fedavg"], [0], out)  # finished: read back, not rerun
+    assert (folder / "method_run.json").stat().st_mtime_ns == stamp
+    assert again["table"] == first["table"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["provenance"]) >= {"fedse", "torch", "flwr", "opacus", "device"}
+
+    # fedse's run is interrupted after its last checkpoint (the run folder's report is never written).
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fedse.server, "write_run", crash)
+    with pytest.raises(OSError, match="disk full"):
+        compare(cfg, ["fedavg", "fedse"], [0], out)
+    interrupted = out / "runs" / "fedse-seed0"
+    assert (interrupted / "checkpoint.pt").is_file() and not (interrupted / "method_run.json").exists()
+    timed = torch.load(interrupted / "checkpoint.pt", weights_only=True)["log"]["round_seconds"]
+    monkeypatch.undo()
+    done = compare(cfg, ["fedavg", "fedse"], [0], out)  # continues fedse from its checkpoint
+    fedse_run = next(r for r in done["runs"] if r["method"] == "fedse")
+    assert [r["round"] for r in fedse_run["rounds"]] == [1, 2]
+    # no round was redone: both rounds' times are those recorded before the interruption
+    assert [r["seconds"] for r in fedse_run["rounds"]] == [timed[1], timed[2]]
+    other = tiny_config(partition={"num_clients": 3}, model={"width": 4}, output={"dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="another configuration"):
+        compare(other, ["fedavg"], [0], out)
