@@ -181,10 +181,10 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
     s = _setup(msg, context)
     received = s.split.shared_state(s.model)  # copies, taken before any fine-tuning
     device = default_device()
-    if s.policy.finetune:  # fedavg-ft: fine-tune a copy of the received model; nothing is kept
+    if s.policy.finetune:  # fedavg-ft (all of it), fedbabu (the head): fine-tune what was received; nothing is kept
         adapt(
             s.model,
-            None,
+            s.policy.finetune_keys(s.model),
             s.shard,
             s.cfg,
             s.policy,

@@ -133,6 +133,7 @@ class PersonalizationConfig:
         "fedse-la",
         "fedse-pc",
         "fedavg-la",
+        "fedbabu",
     ] = "fedse-la"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))

@@ -146,13 +146,14 @@ def local_update(
             anchor=anchor,
             dp=dp,
         )
+    frozen = policy.frozen_keys(model)
     return _run(
         model,
         shard,
         cfg,
         policy,
         epochs=cfg.train.local_epochs,
-        trainable=None,
+        trainable=None if not frozen else _param_names(model, tuple(k for k in model.state_dict() if k not in frozen)),
         seed=seed,
         mean=mean,
         std=std,

@@ -35,6 +35,9 @@ class Policy:
     ``private_lr_scale``: learning-rate multiplier of the private part.
     ``label_prior``: how the client's own label prior offsets the logits
     (``off``, ``train`` or ``predict``).
+    ``frozen_parts``: parts that never train in the federated rounds (they keep their common
+    initialisation: FedBABU's head). ``finetune_parts``: what ``finetune`` adapts before
+    evaluation (empty: every parameter).
     """
 
     name: str
@@ -43,10 +46,14 @@ class Policy:
     finetune: bool = False
     private_lr_scale: float = 1.0
     label_prior: str = "off"
+    frozen_parts: frozenset[str] = frozenset()
+    finetune_parts: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        if bad := sorted(set(self.private_parts) - set(PARTS)):
+        if bad := sorted((set(self.private_parts) | self.frozen_parts | self.finetune_parts) - set(PARTS)):
             raise ValueError(f"policy {self.name!r}: unknown parts {bad}; valid parts: {PARTS}")
+        if self.finetune_parts and not self.finetune:
+            raise ValueError(f"policy {self.name!r}: finetune_parts without finetune")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"policy {self.name!r}: schedule {self.schedule!r}; valid: {SCHEDULES}")
         if self.label_prior not in LABEL_PRIOR_MODES:
@@ -54,6 +61,14 @@ class Policy:
 
     def split(self, model: nn.Module) -> Split:
         return split_model(model, self.private_parts, self.name)
+
+    def frozen_keys(self, model: nn.Module) -> tuple[str, ...]:
+        """State keys of ``frozen_parts`` (empty when none)."""
+        return split_model(model, self.frozen_parts).private if self.frozen_parts else ()
+
+    def finetune_keys(self, model: nn.Module) -> tuple[str, ...] | None:
+        """What fine-tuning before evaluation adapts: the keys of ``finetune_parts``; None: all."""
+        return split_model(model, self.finetune_parts).private if self.finetune_parts else None
 
 
 _FEDSE = {"private_parts": frozenset({"excitation"}), "private_lr_scale": 10.0}
@@ -93,6 +108,15 @@ POLICIES: dict[str, Policy] = {
         # FedAvg + logit adjustment (Menon et al. 2021; cf. FedLC): the ablation of fedse-la
         # without private excitation.
         Policy("fedavg-la", frozenset(), label_prior="train"),
+        # Oh, Kim, Yun, ICLR 2022 (FedBABU): the body trains and is averaged with the head frozen at
+        # its common random initialisation; each client fine-tunes the head before evaluating.
+        Policy(
+            "fedbabu",
+            frozenset(),
+            finetune=True,
+            frozen_parts=frozenset({"head"}),
+            finetune_parts=frozenset({"head"}),
+        ),
     )
 }
 
@@ -123,6 +147,12 @@ class RunPolicy:
     @property
     def finetune(self) -> bool:
         return self.policy.finetune
+
+    def frozen_keys(self, model: nn.Module) -> tuple[str, ...]:
+        return self.policy.frozen_keys(model)
+
+    def finetune_keys(self, model: nn.Module) -> tuple[str, ...] | None:
+        return self.policy.finetune_keys(model)
 
     def split(self, model: nn.Module) -> Split:
         return self.policy.split(model)

@@ -53,7 +53,7 @@ def _shared_file(run_dir, arrays):
     torch.save({k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}, run_dir / "shared_weights.pt")
 
 
-@pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn"])
+@pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn", "fedbabu"])
 def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity, tmp_path, policy):
     cfg, final, reply = _train_then_final_evaluate(policy, tmp_path)
     path = client_model_path(tmp_path, 1)
@@ -66,7 +66,7 @@ def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity,
     assert result.loss == reply.content["metrics"]["local-loss"]
     header = loaded.header
     assert header["client"] == 1 and header["policy"] == policy and header["evaluated_in_final_round"]
-    assert header["complete"] == (policy == "fedavg-ft")  # fine-tuned at evaluation: the whole model is stored
+    assert header["complete"] == (policy in ("fedavg-ft", "fedbabu"))  # fine-tuned at evaluation: all is stored
     assert (loaded.offset is None) == (header["prior"]["mode"] == "off")
     probs = loaded.predict(shard.test_images[:5])
     assert probs.shape == (5, header["num_classes"]) and torch.allclose(probs.sum(1), torch.ones(5))
@@ -235,3 +235,23 @@ def test_fedse_adapt_fits_a_new_clients_private_part_on_the_final_shared_weights
     assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == loaded.header["local_acc"]
     assert loaded.header["client"] is None and "new client" in loaded.header["note"]
     assert main(["adapt", str(tmp_path / "missing"), "--data-dir", str(tmp_path), "--out", str(out)]) == 2
+
+
+def test_fedbabu_trains_the_body_with_the_head_frozen_and_fine_tunes_only_the_head(task_identity, tmp_path):
+    # Oh et al. 2022: in the rounds the head keeps its common initialisation while the body learns;
+    # before evaluating, each client fine-tunes the head alone.
+    cfg, model, split = _setup("fedbabu")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    head = [k for k in initial if k.startswith("fc.")]
+    assert head == ["fc.weight", "fc.bias"]
+    app, ctx = make_client_app(export_dir=tmp_path), _context(1)
+    trained = app(_message(cfg, to_arrays(split.shared_state(model)), MessageType.TRAIN), ctx)
+    sent_back = {k: torch.from_numpy(v.numpy()) for k, v in trained.content["arrays"].items()}
+    assert all(torch.equal(sent_back[k], initial[k]) for k in head)  # the head did not train
+    assert not torch.equal(sent_back["conv1.weight"], initial["conv1.weight"])  # the body did
+    reply = app(_message(cfg, trained.content["arrays"], MessageType.EVALUATE, final=True), ctx)
+    assert not reply.has_error(), reply.error
+    evaluated = load_personalized(client_model_path(tmp_path, 1)).model.state_dict()  # complete: fine-tuned
+    assert all(not torch.equal(evaluated[k], sent_back[k]) for k in head)  # the head was fine-tuned
+    body = [k for k in sent_back if not k.startswith("fc.") and "num_batches" not in k]
+    assert all(torch.equal(evaluated[k], sent_back[k]) for k in body)  # the body was not
