@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 
 
-def _node_recording_app(record_dir):
+def _node_recording_app(record_dir, export_dir=None):
     """fedse's ClientApp, with each call recording the Ray node it ran on (test only)."""
     from flwr.clientapp import ClientApp
 
@@ -30,7 +30,7 @@ def _node_recording_app(record_dir):
 
     app = ClientApp()
     app.train()(on_node(handle_train))
-    app.evaluate()(on_node(handle_evaluate))
+    app.evaluate()(on_node(lambda msg, context: handle_evaluate(msg, context, export_dir)))
     return app
 
 
@@ -45,7 +45,9 @@ def test_simulation_runs_on_two_ray_nodes(tmp_path, monkeypatch):
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        monkeypatch.setattr(fedse.simulation, "make_client_app", lambda: _node_recording_app(seen))
+        monkeypatch.setattr(
+            fedse.simulation, "make_client_app", lambda export_dir=None: _node_recording_app(seen, export_dir)
+        )
         cfg = tiny_config(
             partition={"num_clients": 4, "alpha": 5.0},
             server={"rounds": 2, "min_train_clients": 4, "min_evaluate_clients": 4},
@@ -65,4 +67,6 @@ def test_simulation_runs_on_two_ray_nodes(tmp_path, monkeypatch):
     for cid in range(4):
         assert rows[2][cid]["private-digest-in"] == rows[1][cid]["private-digest-out"]
     assert json.loads((result.run_dir / "rounds.json").read_text())[-1]["round"] == 2
+    # Every client wrote its model file from whichever node evaluated it (one machine: one filesystem).
+    assert sorted(p.name for p in (result.run_dir / "clients").iterdir()) == [f"client_{c:05d}.fedse" for c in range(4)]
     assert not ray.is_initialized()
