@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
-from .local import adapt, local_update, logit_bias
+from .local import adapt, local_update, logit_bias, personal_model, personal_update
 from .models import SEResNet, build_model
 from .personal import MODEL_FILE, client_model_path, export_model
 from .policies import RunPolicy, resolve
@@ -76,6 +76,7 @@ class _Setup:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     own_data: bool
+    extra: dict[str, torch.Tensor]  # the policy's extra private state (Ditto's personal model), if any
 
 
 def _client_data(context: Context, cfg: Config) -> tuple[int, FederatedData, ClientShard]:
@@ -114,11 +115,15 @@ def _setup(msg: Message, context: Context) -> _Setup:
     if problems := check_arrays(received, {k: tuple(state[k].shape) for k in split.shared}):
         raise ValueError(f"server sent invalid shared weights: {'; '.join(problems)}")
     update = from_arrays(received)
-    private = restore(context, split.private_state(model))
+    template = {**split.private_state(model), **policy.extra_state(model)}
+    private = restore(context, template)
     if private is not None:
-        update.update(private)
+        update.update({k: v for k, v in private.items() if k in split.private})
     model.load_state_dict(update, strict=False)
-    return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, NODE_DATA_DIR in context.node_config)
+    # The extra state as stored; on a client's first round, initialised from the received model.
+    extra = {k: v for k, v in private.items() if k not in split.private} if private else policy.extra_state(model)
+    own = NODE_DATA_DIR in context.node_config
+    return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, own, extra)
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict) -> Message:
@@ -136,6 +141,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     """Train locally; keep private keys in ``context.state``; reply with shared keys only."""
     s = _setup(msg, context)
     private_in = s.split.private_state(s.model)
+    received = {k: v.detach().clone() for k, v in s.model.state_dict().items()} if s.extra else None
     mu = float(msg.content[CONFIG].get(PROXIMAL_MU, 0.0))
     pr = s.cfg.privacy
     dp = None
@@ -160,9 +166,22 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     s.model.cpu()
     private_out = s.split.private_state(s.model)
+    extra_out = s.extra
+    if received is not None:  # Ditto: the personal model's step, pulled toward the global model received
+        extra_out, _ = personal_update(
+            s.model,
+            s.extra,
+            s.shard,
+            s.cfg,
+            s.policy,
+            anchor=received,
+            seed=_seed(s.cfg, s.client_id, msg) + 1,
+            mean=s.mean,
+            std=s.std,
+        )
     if dp is not None:
         save_accountant(context, dp.state())
-    persist(context, private_out)
+    persist(context, {**private_out, **extra_out})
     client = {CLIENT_ID: s.client_id}
     if s.cfg.evaluate.private_digest:
         client |= {DIGEST_IN: digest(private_in), DIGEST_OUT: digest(private_out)}
@@ -181,9 +200,11 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
     s = _setup(msg, context)
     received = s.split.shared_state(s.model)  # copies, taken before any fine-tuning
     device = default_device()
+    # The model the client evaluates: its personal model (Ditto), else the received one with its private part.
+    mine = personal_model(s.model, s.extra) if s.policy.personal_model else s.model
     if s.policy.finetune:  # fedavg-ft (all of it), fedbabu (the head): fine-tune what was received; nothing is kept
         adapt(
-            s.model,
+            mine,
             s.policy.finetune_keys(s.model),
             s.shard,
             s.cfg,
@@ -193,12 +214,12 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
             mean=s.mean,
             std=s.std,
         )
-    bias = logit_bias(s.model, s.shard, s.policy, mean=s.mean, std=s.std)
+    bias = logit_bias(mine, s.shard, s.policy, mean=s.mean, std=s.std)
     local = evaluate(
-        s.model, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device, logit_bias=bias
+        mine, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device, logit_bias=bias
     )
     if bool(msg.content[CONFIG].get(FINAL, False)):
-        _export(s, msg, context, local, bias, received, export_dir)
+        _export(s, mine, msg, context, local, bias, received, export_dir)
     metrics: dict[str, float | int] = {
         NUM_EXAMPLES: local.num_examples,
         "local-acc": local.accuracy,
@@ -213,7 +234,7 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
         x, y = s.fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)
         # no label-prior offset here: the pooled test set follows the federation's label
         # distribution, not this client's
-        pooled = evaluate(s.model, x, y, mean=s.mean, std=s.std, device=device)
+        pooled = evaluate(s.model, x, y, mean=s.mean, std=s.std, device=device)  # the global model (Ditto's w)
         metrics |= {"pooled-acc": pooled.accuracy, "pooled-loss": pooled.loss}
     client = {CLIENT_ID: s.client_id, NUM_TRAIN: len(s.shard.train_labels)}
     return _reply(msg, None, metrics, client)
@@ -221,6 +242,7 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
 
 def _export(
     s: _Setup,
+    model: SEResNet,
     msg: Message,
     context: Context,
     local: EvalResult,
@@ -237,13 +259,14 @@ def _export(
         path, keys = Path(str(state_dir)) / MODEL_FILE, None
     elif export_dir is not None:
         path = client_model_path(export_dir, s.client_id)
-        keys = None if s.policy.finetune else list(s.split.private)
+        whole = s.policy.finetune or s.policy.personal_model
+        keys = None if whole else list(s.split.private)
     else:
         return
     config = msg.content[CONFIG]
     export_model(
         path,
-        model=s.model,
+        model=model,
         keys=keys,
         shared=received,
         cfg=s.cfg,

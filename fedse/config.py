@@ -134,9 +134,13 @@ class PersonalizationConfig:
         "fedse-pc",
         "fedavg-la",
         "fedbabu",
+        "ditto",
     ] = "fedse-la"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))
+    # Ditto's lambda: the personal model's pull toward the received global model, lambda/2 ||v - w||^2
+    # (Li et al. 2021 tune it in {0.01, 0.1, 1, 2}; 0 makes the personal model local-only training).
+    ditto_lambda: float = field(default=0.1, metadata=_range(0, None))
     # Offset logits by the client's own label prior (fedse.prior): 'train' (logit adjustment in training
     # and prediction), 'predict' (at prediction only, weight fitted on the client's train part), 'off';
     # null: the policy's own. Off under privacy.mode=sample.
@@ -422,6 +426,13 @@ def _check_cross(cfg: Config) -> None:
                 f"config key 'partition.{key}': {getattr(p, key)!r} is only used by partition.scheme="
                 f"dirichlet-client (got scheme {p.scheme!r}); allowed: {default} with this scheme"
             )
+    ps = cfg.personalization
+    if ps.policy == "ditto" and ps.ditto_lambda * cfg.train.lr >= 1:
+        raise ConfigError(
+            f"config key 'personalization.ditto_lambda': {ps.ditto_lambda} x train.lr {cfg.train.lr} = "
+            f"{ps.ditto_lambda * cfg.train.lr:g}; the proximal step overshoots the global model at 1 and "
+            f"diverges at 2; allowed: ditto_lambda < 1 / train.lr = {1 / cfg.train.lr:g}"
+        )
     pr = cfg.privacy
     if pr.mode != "none" and (pr.noise_multiplier is None) == (pr.target_epsilon is None):
         raise ConfigError(

@@ -22,13 +22,21 @@ from torch import nn
 
 from .config import Config
 from .federated import ClientShard
-from .policies import RunPolicy
+from .policies import PERSONAL, RunPolicy
 from .prior import fit_prior_weight, label_log_prior
 from .privacy import SampleDP
 from .split import Split
 from .train import TrainResult, default_device, evaluate, predict, train
 
-__all__ = ["adapt", "adapt_and_evaluate", "local_update", "logit_bias", "train_logit_bias"]
+__all__ = [
+    "adapt",
+    "adapt_and_evaluate",
+    "local_update",
+    "logit_bias",
+    "personal_model",
+    "personal_update",
+    "train_logit_bias",
+]
 
 
 def _param_names(model: nn.Module, keys: tuple[str, ...]) -> set[str]:
@@ -183,6 +191,50 @@ def adapt(
     return _run(
         model, shard, cfg, policy, epochs=epochs, trainable=trainable, seed=seed, mean=mean, std=std, private=private
     )
+
+
+def personal_model(model: nn.Module, extra: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model``'s architecture holding the client's personal model (Ditto's ``v_k``),
+    whose tensors are ``extra``'s ``personal.<key>`` entries."""
+    personal = deepcopy(model)
+    state = {k.removeprefix(PERSONAL): v for k, v in extra.items() if k.startswith(PERSONAL)}
+    # strict=False: torch re-adds BatchNorm step counters to a metadata-less dict; every real key is checked
+    if missing := personal.load_state_dict(state, strict=False).missing_keys:
+        raise ValueError(f"the stored personal model lacks {missing[:5]}")
+    return personal
+
+
+def personal_update(
+    model: nn.Module,
+    extra: dict[str, torch.Tensor],
+    shard: ClientShard,
+    cfg: Config,
+    policy: RunPolicy,
+    *,
+    anchor: dict[str, torch.Tensor],
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """Ditto's personal step (Li et al. 2021, Algorithm 1): the client's personal model ``v`` trains
+    on its own data for ``train.local_epochs`` with ``personalization.ditto_lambda / 2 ||v - w||^2``
+    toward ``anchor``, the global model it received this round. Returns the new ``extra`` state."""
+    personal = personal_model(model, extra)
+    result = _run(
+        personal,
+        shard,
+        cfg,
+        policy,
+        epochs=cfg.train.local_epochs,
+        trainable=None,
+        seed=seed,
+        mean=mean,
+        std=std,
+        proximal_mu=cfg.personalization.ditto_lambda,
+        anchor=anchor,
+    )
+    personal.cpu()
+    return {f"{PERSONAL}{k}": v.detach().clone() for k, v in personal.state_dict().items()}, result
 
 
 def adapt_and_evaluate(

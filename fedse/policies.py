@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import Config
 from .split import PARTS, Split, split_model
 
-__all__ = ["POLICIES", "Policy", "RunPolicy", "create_policy", "resolve"]
+__all__ = ["PERSONAL", "POLICIES", "Policy", "RunPolicy", "create_policy", "resolve"]
 
 SCHEDULES = ("joint", "private-first")
+PERSONAL = "personal."  # prefix of a personal model's tensors in a client's private state
 LABEL_PRIOR_MODES = ("off", "train", "predict")
 
 
@@ -38,6 +40,10 @@ class Policy:
     ``frozen_parts``: parts that never train in the federated rounds (they keep their common
     initialisation: FedBABU's head). ``finetune_parts``: what ``finetune`` adapts before
     evaluation (empty: every parameter).
+    ``personal_model``: besides the private keys of the one model, the client keeps a whole
+    model of its own, trained after the shared update with a proximal pull toward the received
+    global model, and evaluated in its place (Ditto). Its tensors are the policy's *extra private
+    state* (:meth:`extra_state`): kept with the private keys, never sent.
     """
 
     name: str
@@ -48,6 +54,7 @@ class Policy:
     label_prior: str = "off"
     frozen_parts: frozenset[str] = frozenset()
     finetune_parts: frozenset[str] = frozenset()
+    personal_model: bool = False
 
     def __post_init__(self) -> None:
         if bad := sorted((set(self.private_parts) | self.frozen_parts | self.finetune_parts) - set(PARTS)):
@@ -69,6 +76,14 @@ class Policy:
     def finetune_keys(self, model: nn.Module) -> tuple[str, ...] | None:
         """What fine-tuning before evaluation adapts: the keys of ``finetune_parts``; None: all."""
         return split_model(model, self.finetune_parts).private if self.finetune_parts else None
+
+    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The private state a client keeps beyond the private keys of ``model``, initialised from
+        ``model`` (the received one, on a client's first round): ``personal.<key>`` for every key
+        of the model under ``personal_model``; empty otherwise."""
+        if not self.personal_model:
+            return {}
+        return {f"{PERSONAL}{k}": v.detach().clone() for k, v in model.state_dict().items()}
 
 
 _FEDSE = {"private_parts": frozenset({"excitation"}), "private_lr_scale": 10.0}
@@ -117,6 +132,10 @@ POLICIES: dict[str, Policy] = {
             frozen_parts=frozenset({"head"}),
             finetune_parts=frozenset({"head"}),
         ),
+        # Li, Hu, Beirami, Smith, ICML 2021 (Ditto): the global model trains and is averaged as in
+        # FedAvg; each client also keeps a personal model, trained on its data with
+        # personalization.ditto_lambda/2 ||v - w||^2 toward the received global model, and evaluated.
+        Policy("ditto", frozenset(), personal_model=True),
     )
 }
 
@@ -153,6 +172,13 @@ class RunPolicy:
 
     def finetune_keys(self, model: nn.Module) -> tuple[str, ...] | None:
         return self.policy.finetune_keys(model)
+
+    def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.policy.extra_state(model)
+
+    @property
+    def personal_model(self) -> bool:
+        return self.policy.personal_model
 
     def split(self, model: nn.Module) -> Split:
         return self.policy.split(model)

@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -53,7 +54,7 @@ def _shared_file(run_dir, arrays):
     torch.save({k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}, run_dir / "shared_weights.pt")
 
 
-@pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn", "fedbabu"])
+@pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn", "fedbabu", "ditto"])
 def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity, tmp_path, policy):
     cfg, final, reply = _train_then_final_evaluate(policy, tmp_path)
     path = client_model_path(tmp_path, 1)
@@ -66,7 +67,7 @@ def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity,
     assert result.loss == reply.content["metrics"]["local-loss"]
     header = loaded.header
     assert header["client"] == 1 and header["policy"] == policy and header["evaluated_in_final_round"]
-    assert header["complete"] == (policy in ("fedavg-ft", "fedbabu"))  # fine-tuned at evaluation: all is stored
+    assert header["complete"] == (policy in ("fedavg-ft", "fedbabu", "ditto"))  # a whole model is stored
     assert (loaded.offset is None) == (header["prior"]["mode"] == "off")
     probs = loaded.predict(shard.test_images[:5])
     assert probs.shape == (5, header["num_classes"]) and torch.allclose(probs.sum(1), torch.ones(5))
@@ -255,3 +256,50 @@ def test_fedbabu_trains_the_body_with_the_head_frozen_and_fine_tunes_only_the_he
     assert all(not torch.equal(evaluated[k], sent_back[k]) for k in head)  # the head was fine-tuned
     body = [k for k in sent_back if not k.startswith("fc.") and "num_batches" not in k]
     assert all(torch.equal(evaluated[k], sent_back[k]) for k in body)  # the body was not
+
+
+def _ditto_round(lam, pid=1):
+    cfg = tiny_config(personalization={"policy": "ditto", "ditto_lambda": lam})
+    ds = build_federated_data(cfg).dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    policy = create_policy("ditto")
+    received = {k: v.clone() for k, v in model.state_dict().items()}
+    app, ctx = make_client_app(), _context(pid)
+    reply = app(_message(cfg, to_arrays(policy.split(model).shared_state(model)), MessageType.TRAIN), ctx)
+    assert not reply.has_error(), reply.error
+    from fedse.state import load_private
+
+    stored = load_private(ctx, {**policy.split(model).private_state(model), **policy.extra_state(model)})
+    personal = {k.removeprefix("personal."): v for k, v in stored.items()}
+    distance = sum(((personal[k] - received[k]) ** 2).sum() for k in received if personal[k].is_floating_point())
+    return cfg, reply, ctx, float(distance)
+
+
+def test_ditto_keeps_a_personal_model_pulled_toward_the_global_one(task_identity):
+    # Li et al. 2021: the global model trains as in FedAvg; the personal model v trains on the same
+    # data with lambda/2 ||v - w||^2 toward the received w: the larger lambda, the closer v stays.
+    _, free, _, far = _ditto_round(0.0)
+    _, _, _, mid = _ditto_round(1.0)
+    cfg, pulled, ctx, near = _ditto_round(10.0)  # lr x lambda = 0.5: a stable pull (far above 2, SGD overshoots)
+    assert near < mid < far
+    # The global update (what is sent) is FedAvg's, bit for bit: the personal step does not touch it.
+    avg_cfg, avg_model, avg_split = _setup("fedavg")
+    avg = make_client_app()(
+        _message(avg_cfg, to_arrays(avg_split.shared_state(avg_model)), MessageType.TRAIN), _context(1)
+    )
+    assert all(
+        np.array_equal(free.content["arrays"][k].numpy(), avg.content["arrays"][k].numpy()) for k in avg_split.shared
+    )
+    assert all(
+        np.array_equal(pulled.content["arrays"][k].numpy(), free.content["arrays"][k].numpy()) for k in avg_split.shared
+    )
+
+
+def test_ditto_evaluates_and_exports_its_personal_model(task_identity, tmp_path):
+    cfg, final, reply = _train_then_final_evaluate("ditto", tmp_path)
+    loaded = load_personalized(client_model_path(tmp_path, 1))
+    assert loaded.header["complete"]  # the personal model, whole
+    shard = build_federated_data(cfg).shard(1)
+    assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == reply.content["metrics"]["local-acc"]
+    received = {k: torch.from_numpy(v.numpy().copy()) for k, v in final.items()}
+    assert any(not torch.equal(loaded.model.state_dict()[k], received[k]) for k in received)  # not the global model
