@@ -8,6 +8,7 @@ Flower :class:`~flwr.clientapp.ClientApp` (``clients/app.py`` exposes it).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ from flwr.clientapp import ClientApp
 
 from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
-from .local import adapt, local_update, logit_bias, personal_model, personal_update
+from .local import adapt, adaptive_mixing, local_update, logit_bias, personal_model, personal_update
 from .models import SEResNet, build_model
 from .personal import MODEL_FILE, client_model_path, export_model
-from .policies import RunPolicy, resolve
+from .policies import LOCAL, RunPolicy, resolve
 from .privacy import SampleDP, check_dp_model, sample_noise_multiplier
 from .records import (
     ARRAYS,
@@ -141,7 +142,18 @@ def handle_train(msg: Message, context: Context) -> Message:
     """Train locally; keep private keys in ``context.state``; reply with shared keys only."""
     s = _setup(msg, context)
     private_in = s.split.private_state(s.model)
-    received = {k: v.detach().clone() for k, v in s.model.state_dict().items()} if s.extra else None
+    received = {k: v.detach().clone() for k, v in s.model.state_dict().items()} if s.policy.personal_model else None
+    if s.policy.adaptive_mixing:  # FedALA: start from the client's own mix of its last local and the global head
+        s.extra = adaptive_mixing(
+            s.model,
+            s.extra,
+            s.shard,
+            s.cfg,
+            learn=True,
+            seed=_seed(s.cfg, s.client_id, msg) + 2,
+            mean=s.mean,
+            std=s.std,
+        )
     mu = float(msg.content[CONFIG].get(PROXIMAL_MU, 0.0))
     pr = s.cfg.privacy
     dp = None
@@ -167,6 +179,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     s.model.cpu()
     private_out = s.split.private_state(s.model)
     extra_out = s.extra
+    if s.policy.adaptive_mixing:  # the trained model is the client's local model for the next mix
+        extra_out = s.extra | {f"{LOCAL}{k}": v.detach().clone() for k, v in s.model.state_dict().items()}
     if received is not None:  # Ditto: the personal model's step, pulled toward the global model received
         extra_out, _ = personal_update(
             s.model,
@@ -200,8 +214,12 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
     s = _setup(msg, context)
     received = s.split.shared_state(s.model)  # copies, taken before any fine-tuning
     device = default_device()
-    # The model the client evaluates: its personal model (Ditto), else the received one with its private part.
+    # The model the client evaluates: its personal model (Ditto), its mix (FedALA), else the received
+    # one with its private part.
     mine = personal_model(s.model, s.extra) if s.policy.personal_model else s.model
+    if s.policy.adaptive_mixing:  # FedALA: the client's mix of its last local head and the global one
+        mine = copy.deepcopy(s.model)
+        adaptive_mixing(mine, s.extra, s.shard, s.cfg, learn=False, seed=0, mean=s.mean, std=s.std)
     if s.policy.finetune:  # fedavg-ft (all of it), fedbabu (the head): fine-tune what was received; nothing is kept
         adapt(
             mine,
@@ -259,7 +277,7 @@ def _export(
         path, keys = Path(str(state_dir)) / MODEL_FILE, None
     elif export_dir is not None:
         path = client_model_path(export_dir, s.client_id)
-        whole = s.policy.finetune or s.policy.personal_model
+        whole = s.policy.finetune or s.policy.personal_model or s.policy.adaptive_mixing
         keys = None if whole else list(s.split.private)
     else:
         return

@@ -135,6 +135,7 @@ class PersonalizationConfig:
         "fedavg-la",
         "fedbabu",
         "ditto",
+        "fedala",
     ] = "fedse-la"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))

@@ -22,14 +22,16 @@ from torch import nn
 
 from .config import Config
 from .federated import ClientShard
-from .policies import PERSONAL, RunPolicy
+from .policies import LOCAL, MIXING, PERSONAL, RunPolicy, mixed_keys
 from .prior import fit_prior_weight, label_log_prior
 from .privacy import SampleDP
 from .split import Split
-from .train import TrainResult, default_device, evaluate, predict, train
+from .train import TrainResult, batches, default_device, evaluate, predict, train
+from .transforms import normalize
 
 __all__ = [
     "adapt",
+    "adaptive_mixing",
     "adapt_and_evaluate",
     "local_update",
     "logit_bias",
@@ -235,6 +237,64 @@ def personal_update(
     )
     personal.cpu()
     return {f"{PERSONAL}{k}": v.detach().clone() for k, v in personal.state_dict().items()}, result
+
+
+def adaptive_mixing(
+    model: nn.Module,
+    extra: dict[str, torch.Tensor],
+    shard: ClientShard,
+    cfg: Config,
+    *,
+    learn: bool,
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    eta: float = 1.0,
+    sample: float = 0.8,
+) -> dict[str, torch.Tensor]:
+    """FedALA's adaptive local aggregation (Zhang et al., AAAI 2023, Algorithm 1). ``model`` holds the
+    received global model; its head becomes ``local + (global - local) * W`` element-wise, ``local``
+    the client's last local head and ``W`` in [0, 1] its mixing weights (both from ``extra``); the
+    layers below keep the global weights. With ``learn``, ``W`` first takes one pass of
+    ``W <- clip(W - eta * dL/dhead * (global - local), 0, 1)`` over a seeded ``sample`` share of the
+    client's train part, everything else fixed (eval mode: no running statistic moves); PFLlib's
+    defaults eta = 1, 80%. Returns ``extra`` with the new ``W`` (the local model is unchanged)."""
+    keys = mixed_keys(model)
+    params = dict(model.named_parameters())
+    glob = {k: params[k].detach().clone() for k in keys}
+    local = {k: extra[f"{LOCAL}{k}"].to(glob[k].device) for k in keys}
+    weights = {k: extra[f"{MIXING}{k}"].clone().to(glob[k].device) for k in keys}
+
+    def mix() -> None:
+        with torch.no_grad():
+            for k in keys:
+                params[k].copy_(local[k] + (glob[k] - local[k]) * weights[k])
+
+    if learn and any(bool((glob[k] != local[k]).any()) for k in keys):
+        device = default_device()
+        model.to(device).eval()
+        glob = {k: v.to(device) for k, v in glob.items()}
+        local = {k: v.to(device) for k, v in local.items()}
+        weights = {k: v.to(device) for k, v in weights.items()}
+        params = dict(model.named_parameters())
+        generator = torch.Generator().manual_seed(seed)
+        n = len(shard.train_labels)
+        chosen = torch.randperm(n, generator=generator)[: max(1, int(n * sample))]
+        for index in batches(len(chosen), cfg.train.batch_size, generator):
+            mix()
+            pick = chosen[index]
+            x = normalize(shard.train_images[pick].to(device), mean, std)
+            loss = torch.nn.functional.cross_entropy(model(x), shard.train_labels[pick].to(device))
+            grads = torch.autograd.grad(loss, [params[k] for k in keys])
+            for k, g in zip(keys, grads, strict=True):
+                weights[k] = (weights[k] - eta * g * (glob[k] - local[k])).clamp_(0.0, 1.0)
+        model.cpu()
+        glob = {k: v.cpu() for k, v in glob.items()}
+        local = {k: v.cpu() for k, v in local.items()}
+        weights = {k: v.cpu() for k, v in weights.items()}
+        params = dict(model.named_parameters())
+    mix()
+    return extra | {f"{MIXING}{k}": weights[k].detach().clone() for k in keys}
 
 
 def adapt_and_evaluate(

@@ -20,10 +20,19 @@ from torch import nn
 from .config import Config
 from .split import PARTS, Split, split_model
 
-__all__ = ["PERSONAL", "POLICIES", "Policy", "RunPolicy", "create_policy", "resolve"]
+__all__ = ["LOCAL", "MIXING", "PERSONAL", "POLICIES", "mixed_keys", "Policy", "RunPolicy", "create_policy", "resolve"]
 
 SCHEDULES = ("joint", "private-first")
 PERSONAL = "personal."  # prefix of a personal model's tensors in a client's private state
+LOCAL = "local."  # FedALA: the client's last local model
+MIXING = "mixing."  # FedALA: the element-wise mixing weights of the head
+
+
+def mixed_keys(model: nn.Module) -> tuple[str, ...]:
+    """The keys FedALA mixes adaptively: the classifier head's (the layers below take the global model)."""
+    return split_model(model, {"head"}).private
+
+
 LABEL_PRIOR_MODES = ("off", "train", "predict")
 
 
@@ -44,6 +53,10 @@ class Policy:
     model of its own, trained after the shared update with a proximal pull toward the received
     global model, and evaluated in its place (Ditto). Its tensors are the policy's *extra private
     state* (:meth:`extra_state`): kept with the private keys, never sent.
+    ``adaptive_mixing``: FedALA's adaptive local aggregation. The client keeps its last local model
+    and element-wise mixing weights ``W`` for the head (extra state); on receiving the global
+    model it starts from ``local + (global - local) * W`` in the head (the global model below),
+    after one pass of learning ``W`` on its own data, and evaluates that mix.
     """
 
     name: str
@@ -55,6 +68,7 @@ class Policy:
     frozen_parts: frozenset[str] = frozenset()
     finetune_parts: frozenset[str] = frozenset()
     personal_model: bool = False
+    adaptive_mixing: bool = False
 
     def __post_init__(self) -> None:
         if bad := sorted((set(self.private_parts) | self.frozen_parts | self.finetune_parts) - set(PARTS)):
@@ -81,6 +95,10 @@ class Policy:
         """The private state a client keeps beyond the private keys of ``model``, initialised from
         ``model`` (the received one, on a client's first round): ``personal.<key>`` for every key
         of the model under ``personal_model``; empty otherwise."""
+        if self.adaptive_mixing:
+            state = model.state_dict()
+            local = {f"{LOCAL}{k}": v.detach().clone() for k, v in state.items()}
+            return local | {f"{MIXING}{k}": torch.ones_like(state[k]) for k in mixed_keys(model)}
         if not self.personal_model:
             return {}
         return {f"{PERSONAL}{k}": v.detach().clone() for k, v in model.state_dict().items()}
@@ -136,6 +154,10 @@ POLICIES: dict[str, Policy] = {
         # FedAvg; each client also keeps a personal model, trained on its data with
         # personalization.ditto_lambda/2 ||v - w||^2 toward the received global model, and evaluated.
         Policy("ditto", frozenset(), personal_model=True),
+        # Zhang et al., AAAI 2023 (FedALA): adaptive local aggregation. Each client mixes the received
+        # global head with its own last local head element-wise, W learned on its data (in [0, 1]),
+        # takes the global model below, trains from that mix and sends the result as in FedAvg.
+        Policy("fedala", frozenset(), adaptive_mixing=True),
     )
 }
 
@@ -179,6 +201,10 @@ class RunPolicy:
     @property
     def personal_model(self) -> bool:
         return self.policy.personal_model
+
+    @property
+    def adaptive_mixing(self) -> bool:
+        return self.policy.adaptive_mixing
 
     def split(self, model: nn.Module) -> Split:
         return self.policy.split(model)

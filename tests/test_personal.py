@@ -54,7 +54,7 @@ def _shared_file(run_dir, arrays):
     torch.save({k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}, run_dir / "shared_weights.pt")
 
 
-@pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn", "fedbabu", "ditto"])
+@pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn", "fedbabu", "ditto", "fedala"])
 def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity, tmp_path, policy):
     cfg, final, reply = _train_then_final_evaluate(policy, tmp_path)
     path = client_model_path(tmp_path, 1)
@@ -67,7 +67,7 @@ def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity,
     assert result.loss == reply.content["metrics"]["local-loss"]
     header = loaded.header
     assert header["client"] == 1 and header["policy"] == policy and header["evaluated_in_final_round"]
-    assert header["complete"] == (policy in ("fedavg-ft", "fedbabu", "ditto"))  # a whole model is stored
+    assert header["complete"] == (policy in ("fedavg-ft", "fedbabu", "ditto", "fedala"))  # a whole model is stored
     assert (loaded.offset is None) == (header["prior"]["mode"] == "off")
     probs = loaded.predict(shard.test_images[:5])
     assert probs.shape == (5, header["num_classes"]) and torch.allclose(probs.sum(1), torch.ones(5))
@@ -303,3 +303,34 @@ def test_ditto_evaluates_and_exports_its_personal_model(task_identity, tmp_path)
     assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == reply.content["metrics"]["local-acc"]
     received = {k: torch.from_numpy(v.numpy().copy()) for k, v in final.items()}
     assert any(not torch.equal(loaded.model.state_dict()[k], received[k]) for k in received)  # not the global model
+
+
+def test_fedala_learns_element_wise_mixing_weights_and_evaluates_the_mix(task_identity, tmp_path):
+    # Zhang et al. 2023: the client's head starts each round from local + (global - local) * W, with W
+    # in [0, 1] learned on its own data; the layers below take the global model.
+    from fedse.state import load_private
+
+    cfg, model, split = _setup("fedala")
+    policy = create_policy("fedala")
+    template = {**split.private_state(model), **policy.extra_state(model)}
+    app, ctx = make_client_app(export_dir=tmp_path), _context(1)
+    initial = to_arrays(split.shared_state(model))
+    app(_message(cfg, initial, MessageType.TRAIN), ctx)
+    first = load_private(ctx, template)
+    weights = {k: v for k, v in first.items() if k.startswith("mixing.")}
+    assert sorted(weights) == ["mixing.fc.bias", "mixing.fc.weight"]
+    assert all(bool((v == 1).all()) for v in weights.values())  # round 1: local == global, nothing to learn
+    # Round 2 receives a global model unlike the client's local one (the initial weights again).
+    app(_message(cfg, initial, MessageType.TRAIN), ctx)
+    second = load_private(ctx, template)
+    moved = {k: v for k, v in second.items() if k.startswith("mixing.")}
+    assert any(not bool((v == 1).all()) for v in moved.values())  # the mixing weights moved
+    assert all(bool(((v >= 0) & (v <= 1)).all()) for v in moved.values())
+    reply = app(_message(cfg, initial, MessageType.EVALUATE, final=True), ctx)
+    assert not reply.has_error(), reply.error
+    evaluated = load_personalized(client_model_path(tmp_path, 1)).model.state_dict()
+    glob = {k: torch.from_numpy(v.numpy().copy()) for k, v in initial.items()}
+    for k in ("fc.weight", "fc.bias"):
+        local = second[f"local.{k}"]
+        torch.testing.assert_close(evaluated[k], local + (glob[k] - local) * moved[f"mixing.{k}"])
+    assert all(torch.equal(evaluated[k], glob[k]) for k in glob if not k.startswith("fc."))  # the global body
