@@ -20,7 +20,16 @@ from flwr.clientapp import ClientApp
 
 from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
-from .local import adapt, adaptive_mixing, local_update, logit_bias, personal_model, personal_update
+from .local import (
+    adapt,
+    adaptive_mixing,
+    fit_personal_head,
+    local_update,
+    logit_bias,
+    personal_model,
+    personal_update,
+    with_personal_head,
+)
 from .models import SEResNet, build_model
 from .personal import MODEL_FILE, client_model_path, export_model
 from .policies import LOCAL, RunPolicy, resolve
@@ -181,6 +190,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     extra_out = s.extra
     if s.policy.adaptive_mixing:  # the trained model is the client's local model for the next mix
         extra_out = s.extra | {f"{LOCAL}{k}": v.detach().clone() for k, v in s.model.state_dict().items()}
+    if s.policy.personal_head:  # FedRoD: the personalized head on top of the updated body and generic head
+        extra_out = fit_personal_head(
+            s.model, s.extra, s.shard, s.cfg, s.policy, seed=_seed(s.cfg, s.client_id, msg) + 3, mean=s.mean, std=s.std
+        )
     if received is not None:  # Ditto: the personal model's step, pulled toward the global model received
         extra_out, _ = personal_update(
             s.model,
@@ -220,6 +233,8 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
     if s.policy.adaptive_mixing:  # FedALA: the client's mix of its last local head and the global one
         mine = copy.deepcopy(s.model)
         adaptive_mixing(mine, s.extra, s.shard, s.cfg, learn=False, seed=0, mean=s.mean, std=s.std)
+    if s.policy.personal_head:  # FedRoD: generic plus personalized head, no offset (the head learnt the prior)
+        mine = with_personal_head(s.model, s.extra)
     if s.policy.finetune:  # fedavg-ft (all of it), fedbabu (the head): fine-tune what was received; nothing is kept
         adapt(
             mine,
@@ -232,7 +247,7 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
             mean=s.mean,
             std=s.std,
         )
-    bias = logit_bias(mine, s.shard, s.policy, mean=s.mean, std=s.std)
+    bias = None if s.policy.personal_head else logit_bias(mine, s.shard, s.policy, mean=s.mean, std=s.std)
     local = evaluate(
         mine, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device, logit_bias=bias
     )
@@ -277,7 +292,7 @@ def _export(
         path, keys = Path(str(state_dir)) / MODEL_FILE, None
     elif export_dir is not None:
         path = client_model_path(export_dir, s.client_id)
-        whole = s.policy.finetune or s.policy.personal_model or s.policy.adaptive_mixing
+        whole = s.policy.finetune or s.policy.personal_model or s.policy.adaptive_mixing or s.policy.personal_head
         keys = None if whole else list(s.split.private)
     else:
         return

@@ -136,6 +136,7 @@ class PersonalizationConfig:
         "fedbabu",
         "ditto",
         "fedala",
+        "fedrod",
     ] = "fedse-la"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))

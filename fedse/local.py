@@ -16,13 +16,14 @@ statistics of a model part that does not train.
 from __future__ import annotations
 
 from copy import deepcopy
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .config import Config
 from .federated import ClientShard
-from .policies import LOCAL, MIXING, PERSONAL, RunPolicy, mixed_keys
+from .policies import LOCAL, MIXING, PERSONAL, ROD_HEAD, RunPolicy, mixed_keys
 from .prior import fit_prior_weight, label_log_prior
 from .privacy import SampleDP
 from .split import Split
@@ -32,12 +33,14 @@ from .transforms import normalize
 __all__ = [
     "adapt",
     "adaptive_mixing",
+    "fit_personal_head",
     "adapt_and_evaluate",
     "local_update",
     "logit_bias",
     "personal_model",
     "personal_update",
     "train_logit_bias",
+    "with_personal_head",
 ]
 
 
@@ -295,6 +298,43 @@ def adaptive_mixing(
         params = dict(model.named_parameters())
     mix()
     return extra | {f"{MIXING}{k}": weights[k].detach().clone() for k in keys}
+
+
+def with_personal_head(model: nn.Module, extra: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose head is the generic head plus the client's personalized head
+    (FedRoD predicts with ``g(z) + p(z)``; both are linear in the features ``z``, so the sum is one
+    head of the same shape)."""
+    combined = deepcopy(model)
+    params = dict(combined.named_parameters())
+    with torch.no_grad():
+        for key, value in extra.items():
+            if key.startswith(ROD_HEAD):
+                params[key.removeprefix(ROD_HEAD)].add_(value.to(params[key.removeprefix(ROD_HEAD)].device))
+    return combined
+
+
+def fit_personal_head(
+    model: nn.Module,
+    extra: dict[str, torch.Tensor],
+    shard: ClientShard,
+    cfg: Config,
+    policy: RunPolicy,
+    *,
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> dict[str, torch.Tensor]:
+    """FedRoD's personalized head (Chen & Chao 2022): ``p`` trains on the client's data for
+    ``train.local_epochs`` with plain cross-entropy (no label-prior offset: the empirical risk) on
+    ``g(z) + p(z)``, the body and the generic head ``g`` fixed. Returns the new ``extra``."""
+    combined = with_personal_head(model, extra)
+    keys = tuple(k.removeprefix(ROD_HEAD) for k in extra if k.startswith(ROD_HEAD))
+    generic = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+    plain = replace(policy, label_prior="off")
+    adapt(combined, keys, shard, cfg, plain, epochs=cfg.train.local_epochs, seed=seed, mean=mean, std=std)
+    combined.cpu()
+    state = combined.state_dict()
+    return extra | {f"{ROD_HEAD}{k}": (state[k] - generic[k].to(state[k].device)).detach().clone() for k in keys}
 
 
 def adapt_and_evaluate(

@@ -314,7 +314,10 @@ def export_model(
         "classes": list(dataset.classes),
         "mean": list(dataset.mean),
         "std": list(dataset.std),
-        "prior": {"mode": policy.label_prior, "weight": weight},
+        "prior": {
+            "mode": policy.label_prior if offset is not None else "off",
+            "weight": weight,
+        },  # what predict applies
         "round": server_round,
         "evaluated_in_final_round": note is None,
         "local_acc": result.accuracy,

@@ -20,12 +20,29 @@ from torch import nn
 from .config import Config
 from .split import PARTS, Split, split_model
 
-__all__ = ["LOCAL", "MIXING", "PERSONAL", "POLICIES", "mixed_keys", "Policy", "RunPolicy", "create_policy", "resolve"]
+__all__ = [
+    "LOCAL",
+    "MIXING",
+    "PERSONAL",
+    "POLICIES",
+    "ROD_HEAD",
+    "mixed_keys",
+    "Policy",
+    "RunPolicy",
+    "create_policy",
+    "resolve",
+]
 
 SCHEDULES = ("joint", "private-first")
 PERSONAL = "personal."  # prefix of a personal model's tensors in a client's private state
 LOCAL = "local."  # FedALA: the client's last local model
 MIXING = "mixing."  # FedALA: the element-wise mixing weights of the head
+ROD_HEAD = "rodhead."  # FedRoD: the personalized head, added to the generic one
+
+
+def _head(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    return {k: state[k] for k in split_model(model, {"head"}).private}
 
 
 def mixed_keys(model: nn.Module) -> tuple[str, ...]:
@@ -53,6 +70,10 @@ class Policy:
     model of its own, trained after the shared update with a proximal pull toward the received
     global model, and evaluated in its place (Ditto). Its tensors are the policy's *extra private
     state* (:meth:`extra_state`): kept with the private keys, never sent.
+    ``personal_head``: FedRoD's personalized head, kept as extra state (``rodhead.<head key>``, zeros at
+    first): after the shared update (which trains the generic head with the balanced softmax, i.e.
+    the ``train`` label prior), the client fits it on its own data with plain cross-entropy on the
+    sum of both heads, body and generic head fixed, and predicts with that sum (no offset).
     ``adaptive_mixing``: FedALA's adaptive local aggregation. The client keeps its last local model
     and element-wise mixing weights ``W`` for the head (extra state); on receiving the global
     model it starts from ``local + (global - local) * W`` in the head (the global model below),
@@ -69,6 +90,7 @@ class Policy:
     finetune_parts: frozenset[str] = frozenset()
     personal_model: bool = False
     adaptive_mixing: bool = False
+    personal_head: bool = False
 
     def __post_init__(self) -> None:
         if bad := sorted((set(self.private_parts) | self.frozen_parts | self.finetune_parts) - set(PARTS)):
@@ -95,6 +117,8 @@ class Policy:
         """The private state a client keeps beyond the private keys of ``model``, initialised from
         ``model`` (the received one, on a client's first round): ``personal.<key>`` for every key
         of the model under ``personal_model``; empty otherwise."""
+        if self.personal_head:
+            return {f"{ROD_HEAD}{k}": torch.zeros_like(v) for k, v in _head(model).items()}
         if self.adaptive_mixing:
             state = model.state_dict()
             local = {f"{LOCAL}{k}": v.detach().clone() for k, v in state.items()}
@@ -158,6 +182,10 @@ POLICIES: dict[str, Policy] = {
         # global head with its own last local head element-wise, W learned on its data (in [0, 1]),
         # takes the global model below, trains from that mix and sends the result as in FedAvg.
         Policy("fedala", frozenset(), adaptive_mixing=True),
+        # Chen & Chao, ICLR 2022 (FedRoD): body and generic head shared, trained with the balanced
+        # softmax (the client's log label prior added to the logits in training: fedavg-la's update);
+        # a private personalized head, fitted on top with plain cross-entropy, is added at prediction.
+        Policy("fedrod", frozenset(), label_prior="train", personal_head=True),
     )
 }
 
@@ -205,6 +233,10 @@ class RunPolicy:
     @property
     def adaptive_mixing(self) -> bool:
         return self.policy.adaptive_mixing
+
+    @property
+    def personal_head(self) -> bool:
+        return self.policy.personal_head
 
     def split(self, model: nn.Module) -> Split:
         return self.policy.split(model)

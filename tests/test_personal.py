@@ -54,7 +54,9 @@ def _shared_file(run_dir, arrays):
     torch.save({k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}, run_dir / "shared_weights.pt")
 
 
-@pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn", "fedbabu", "ditto", "fedala"])
+@pytest.mark.parametrize(
+    "policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn", "fedbabu", "ditto", "fedala", "fedrod"]
+)
 def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity, tmp_path, policy):
     cfg, final, reply = _train_then_final_evaluate(policy, tmp_path)
     path = client_model_path(tmp_path, 1)
@@ -67,7 +69,9 @@ def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity,
     assert result.loss == reply.content["metrics"]["local-loss"]
     header = loaded.header
     assert header["client"] == 1 and header["policy"] == policy and header["evaluated_in_final_round"]
-    assert header["complete"] == (policy in ("fedavg-ft", "fedbabu", "ditto", "fedala"))  # a whole model is stored
+    assert header["complete"] == (
+        policy in ("fedavg-ft", "fedbabu", "ditto", "fedala", "fedrod")
+    )  # a whole model is stored
     assert (loaded.offset is None) == (header["prior"]["mode"] == "off")
     probs = loaded.predict(shard.test_images[:5])
     assert probs.shape == (5, header["num_classes"]) and torch.allclose(probs.sum(1), torch.ones(5))
@@ -334,3 +338,33 @@ def test_fedala_learns_element_wise_mixing_weights_and_evaluates_the_mix(task_id
         local = second[f"local.{k}"]
         torch.testing.assert_close(evaluated[k], local + (glob[k] - local) * moved[f"mixing.{k}"])
     assert all(torch.equal(evaluated[k], glob[k]) for k in glob if not k.startswith("fc."))  # the global body
+
+
+def test_fedrod_generic_head_trains_with_balanced_softmax_and_a_personal_head_is_added(task_identity, tmp_path):
+    # Chen & Chao 2022: the shared update trains body and generic head with the balanced softmax
+    # (the client's log label prior added to the logits: exactly fedavg-la's update); the private
+    # head is fitted on top with plain cross-entropy and added at prediction.
+    from fedse.state import load_private
+
+    cfg, model, split = _setup("fedrod")
+    sent = to_arrays(split.shared_state(model))
+    app, ctx = make_client_app(export_dir=tmp_path), _context(1)
+    rod = app(_message(cfg, sent, MessageType.TRAIN), ctx)
+    for twin, same in (("fedavg-la", True), ("fedavg", False)):
+        twin_cfg, _, _ = _setup(twin)
+        other = make_client_app()(_message(twin_cfg, sent, MessageType.TRAIN), _context(1))
+        equal = all(np.array_equal(rod.content["arrays"][k].numpy(), other.content["arrays"][k].numpy()) for k in sent)
+        assert equal == same  # balanced softmax: fedavg-la's update bit for bit, not plain fedavg's
+    stored = load_private(ctx, {**split.private_state(model), **create_policy("fedrod").extra_state(model)})
+    personal = {k.removeprefix("rodhead."): v for k, v in stored.items()}
+    assert sorted(personal) == ["fc.bias", "fc.weight"] and all(bool(v.abs().sum() > 0) for v in personal.values())
+    reply = app(_message(cfg, rod.content["arrays"], MessageType.EVALUATE, final=True), ctx)
+    loaded = load_personalized(client_model_path(tmp_path, 1))
+    generic = {k: torch.from_numpy(v.numpy().copy()) for k, v in rod.content["arrays"].items()}
+    evaluated = loaded.model.state_dict()
+    for k in ("fc.weight", "fc.bias"):
+        torch.testing.assert_close(evaluated[k], generic[k] + personal[k])  # g(z) + p(z): one linear head
+    assert all(torch.equal(evaluated[k], generic[k]) for k in generic if not k.startswith("fc."))
+    assert loaded.offset is None and loaded.header["prior"]["mode"] == "off"  # the personal head learnt the prior
+    shard = build_federated_data(cfg).shard(1)
+    assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == reply.content["metrics"]["local-acc"]
