@@ -77,6 +77,7 @@ def method_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
                 "pooled_test": _pm(pooled),
                 "private_params": mine[0].split["private_params"],
                 "private_pct": f"{mine[0].split['private_percent']:.2f}",
+                "extra_private_values": mine[0].split.get("extra_private_values", 0),
                 "upload_bytes_per_client_round": mine[0].upload_bytes,
                 "seeds": len(mine),
                 "wall_s_per_run": f"{np.mean([r.seconds for r in mine]):.0f}",

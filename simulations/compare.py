@@ -25,7 +25,7 @@ from typing import Any
 from fedse.checkpoint import CHECKPOINT
 from fedse.comparison import MethodRun, write_comparison
 from fedse.config import Config, ConfigError, config_to_dict
-from fedse.federated import build_federated_data
+from fedse.federated import build_federated_data, model_shape
 from fedse.io import atomic_write_json
 from fedse.local import adapt_and_evaluate
 from fedse.models import build_model
@@ -59,6 +59,16 @@ def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
 RESULT = "method_run.json"  # in a finished (method, seed) run folder: what the comparison needs of it
 
 
+def _split_summary(run_cfg: Config) -> dict[str, Any]:
+    """The policy's split of the run's model (a function of the config), with the values of the extra
+    private state a client keeps beyond the model's private keys (Ditto's personal model, FedALA's local
+    model and mixing weights, FedRoD's personalized head)."""
+    model = build_model(run_cfg, *model_shape(run_cfg))
+    policy = resolve(run_cfg)
+    extra = sum(v.numel() for v in policy.extra_state(model).values())
+    return {**policy.split(model).summary(model), "extra_private_values": extra}
+
+
 def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> MethodRun:
     """One (method, seed): taken from its run folder when it finished before (``method_run.json``),
     continued from its checkpoint when it was interrupted, else run afresh."""
@@ -75,7 +85,7 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
             saved = json.loads((folder / RESULT).read_text())
             if {k: saved.get(k) for k in expected} != expected:
                 raise ConfigError(f"{folder} was run with another configuration or --holdout; compare into a new --out")
-            return MethodRun(**saved["run"])
+            return replace(MethodRun(**saved["run"]), split=_split_summary(run_cfg))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ConfigError(f"{folder / RESULT} is unreadable ({err}); delete that run folder to redo it") from None
     resume = (folder / CHECKPOINT).is_file()
@@ -95,7 +105,7 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
         round_rows(result.outcome.log),
         client_rows(result.outcome.log),
         hold,
-        split.summary(model),
+        _split_summary(run_cfg),
         upload,
         result.wall_seconds,
     )
