@@ -448,6 +448,12 @@ def _check_cross(cfg: Config) -> None:
             "combined with privacy.mode=sample (the prior depends on all of a client's labels, outside "
             "DP-SGD's per-example bound); allowed: off or null (null turns it off under sample-level DP)"
         )
+    if pr.mode == "sample" and cfg.personalization.policy == "fedala":
+        raise ConfigError(
+            "config key 'personalization.policy': 'fedala' cannot be combined with privacy.mode=sample (its "
+            "mixing weights are learned on the client's data outside DP-SGD and set where the released update "
+            "starts); allowed: another policy, or privacy.mode=client"
+        )
     if pr.mode == "sample" and cfg.train.bf16:
         raise ConfigError(
             "config key 'train.bf16': true cannot be combined with privacy.mode=sample (per-sample clipping "

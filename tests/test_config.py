@@ -48,6 +48,10 @@ def test_wrong_type_names_key_value_and_allowed(raw, pattern):
             {"personalization": {"policy": "ditto", "ditto_lambda": 40.0}},
             r"'personalization\.ditto_lambda': 40\.0 x train\.lr 0\.05 = 2; .* ditto_lambda < 1 / train\.lr = 20",
         ),
+        (
+            {"personalization": {"policy": "fedala"}, "privacy": {"mode": "sample", "noise_multiplier": 1.0}},
+            r"'personalization\.policy': 'fedala' cannot be combined with privacy\.mode=sample",
+        ),
         ({"partition": {"samples_per_client": 50}}, r"'partition\.samples_per_client': 50 is only used by .*dirichlet"),
         ({"partition": {"scheme": "iid", "size_sigma": 0.3}}, r"'partition\.size_sigma': 0\.3 is only used by"),
     ],
