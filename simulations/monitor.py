@@ -19,7 +19,8 @@ AUC of each score (own test images against the others), the false-alarm rate
 of the stored gate threshold on the own test part, and a batch drift test: the
 MMD between the gate vectors of 200 of the client's own train images and 200 of
 the scenario's, with a permutation p-value (flagged below 0.05; the client's
-own test images are the false-alarm check). Written to ``OUT``:
+own test images are the false-alarm check); and each score's distribution per
+client and scenario (10th, 50th, 90th percentiles). Written to ``OUT``:
 ``monitor.json`` (every figure), ``table.md`` (mean and std over clients),
 ``gate_heatmaps.png``, ``similarity.png`` (gate fingerprints beside label
 distributions), ``scores.png`` (score histograms of one client).
@@ -57,6 +58,12 @@ def _scores(loaded: PersonalizedModel, features: FeatureGaussian, images: torch.
         "features": features.score(p.features),
         "_gate_vectors": torch.cat(p.gates, dim=1),
     }
+
+
+def _quantiles(scores: dict[str, Any]) -> dict[str, list[float]]:
+    """Each method's score distribution in brief: its 10th, 50th and 90th percentiles."""
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    return {m: [round(float(v), 4) for v in torch.quantile(scores[m].double(), q)] for m in METHODS}
 
 
 def _drift(reference: torch.Tensor, vectors: torch.Tensor, rng: torch.Generator, seed: int) -> dict[str, Any]:
@@ -104,9 +111,11 @@ def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -
         reference = reference[torch.randperm(len(reference), generator=rng)[:MMD_SAMPLES]]
 
         row["drift"]["own test"] = _drift(reference, normal["_gate_vectors"], rng, seed)
+        row["score_quantiles"] = {"own test": _quantiles(normal)}
         for name, images in _scenarios(fed, client, shard.test_images, max_other, seed).items():
             unusual = _scores(loaded, features, images)
             row["auroc"][name] = {m: auroc(normal[m], unusual[m]) for m in METHODS}
+            row["score_quantiles"][name] = _quantiles(unusual)
             row["drift"][name] = _drift(reference, unusual["_gate_vectors"], rng, seed)
             if client == 0 and name in ("other clients", "gaussian_noise 2"):
                 examples = (examples or {"own test": normal["gates"]}) | {name: unusual["gates"]}
