@@ -190,6 +190,16 @@ def load_personalized(path: str | Path, client: int | None = None) -> Personaliz
         )
     except (ValueError, TypeError, KeyError) as err:
         raise StateCorruptError(f"{file}: header describes no buildable model ({err}); {advice}") from None
+    channels, classes = int(header["in_channels"]), int(header["num_classes"])
+    for key in ("mean", "std"):
+        value = header[key]
+        if not (isinstance(value, list) and len(value) == channels and all(isinstance(v, int | float) for v in value)):
+            raise StateCorruptError(f"{file}: header '{key}' must be {channels} numbers, got {value!r}; {advice}")
+    if not all(v > 0 for v in header["std"]):
+        raise StateCorruptError(f"{file}: header 'std' must be positive, got {header['std']!r}; {advice}")
+    names = header["classes"]
+    if not (isinstance(names, list) and len(names) == classes and all(isinstance(c, str) for c in names)):
+        raise StateCorruptError(f"{file}: header 'classes' must be {classes} names; {advice}")
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     if not header["complete"]:
         shared_path = file.parent.parent / SHARED_FILE
@@ -202,7 +212,9 @@ def load_personalized(path: str | Path, client: int | None = None) -> Personaliz
             shared = torch.load(shared_path, weights_only=True, map_location="cpu")
         except Exception as err:  # noqa: BLE001 (weights_only: tensors and plain data only)
             raise StateCorruptError(f"{shared_path}: not a plain mapping of tensors ({type(err).__name__})") from None
-        if not isinstance(shared, dict) or digest(shared) != header.get("shared_crc"):
+        if not isinstance(shared, dict) or not all(isinstance(v, torch.Tensor) for v in shared.values()):
+            raise StateCorruptError(f"{shared_path}: not a mapping of tensors")
+        if digest(shared) != header.get("shared_crc"):
             raise StateCorruptError(
                 f"{shared_path} are not the shared weights {file} was written with (CRC mismatch): "
                 "the run folder and the client file come from different runs or rounds"

@@ -368,3 +368,22 @@ def test_fedrod_generic_head_trains_with_balanced_softmax_and_a_personal_head_is
     assert loaded.offset is None and loaded.header["prior"]["mode"] == "off"  # the personal head learnt the prior
     shard = build_federated_data(cfg).shard(1)
     assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == reply.content["metrics"]["local-acc"]
+
+
+def test_loading_refuses_a_hostile_header(task_identity, tmp_path):
+    state = tmp_path / "state"
+    _train_then_final_evaluate("fedse-la", tmp_path / "sim", **{"state-dir": str(state)})
+    path = state / MODEL_FILE
+    raw = path.read_bytes()
+    line, _, payload = raw[len(MAGIC) :].partition(b"\n")
+    header = json.loads(line)
+    for key, value, pattern in (
+        ("std", [0.0], "header 'std' must be positive"),
+        ("mean", "grey", "header 'mean' must be 1 numbers"),
+        ("classes", ["a"], "header 'classes' must be 10 names"),
+        ("model", {"name": "resnet-9000"}, "header 'model' must hold exactly"),
+    ):
+        bad = {**header, "meta": {**header["meta"], key: value}}
+        path.write_bytes(MAGIC + json.dumps(bad).encode() + b"\n" + payload)
+        with pytest.raises(StateCorruptError, match=pattern):
+            load_personalized(state)
