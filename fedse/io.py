@@ -9,6 +9,7 @@ Windows), then fsync the directory so the rename itself survives a crash.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -33,6 +34,20 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask. On Linux read from /proc, which does not change it; elsewhere by setting
+    and restoring it once per process (umask is process-wide: re-setting it on every write would let
+    a file created meanwhile by another thread see the borrowed value)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return _umask_once()
+
+
+@functools.cache
+def _umask_once() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
