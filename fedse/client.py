@@ -8,7 +8,6 @@ Flower :class:`~flwr.clientapp.ClientApp` (``clients/app.py`` exposes it).
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 from dataclasses import dataclass
@@ -20,19 +19,10 @@ from flwr.clientapp import ClientApp
 
 from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
-from .local import (
-    adapt,
-    adaptive_mixing,
-    fit_personal_head,
-    local_update,
-    logit_bias,
-    personal_model,
-    personal_update,
-    with_personal_head,
-)
+from .local import adapt, evaluated_model, extra_after_update, extra_before_update, local_update, logit_bias
 from .models import SEResNet, build_model
 from .personal import MODEL_FILE, client_model_path, export_model
-from .policies import LOCAL, RunPolicy, resolve
+from .policies import RunPolicy, resolve
 from .privacy import SampleDP, check_dp_model, sample_noise_multiplier
 from .records import (
     ARRAYS,
@@ -87,6 +77,7 @@ class _Setup:
     std: tuple[float, ...]
     own_data: bool
     extra: dict[str, torch.Tensor]  # the policy's extra private state (Ditto's personal model), if any
+    received: dict[str, torch.Tensor]  # the shared weights as the server sent them
 
 
 def _client_data(context: Context, cfg: Config) -> tuple[int, FederatedData, ClientShard]:
@@ -124,7 +115,8 @@ def _setup(msg: Message, context: Context) -> _Setup:
     received = msg.content[ARRAYS]
     if problems := check_arrays(received, {k: tuple(state[k].shape) for k in split.shared}):
         raise ValueError(f"server sent invalid shared weights: {'; '.join(problems)}")
-    update = from_arrays(received)
+    sent = from_arrays(received)
+    update = dict(sent)
     template = {**split.private_state(model), **policy.extra_state(model)}
     private = restore(context, template)
     if private is not None:
@@ -133,7 +125,7 @@ def _setup(msg: Message, context: Context) -> _Setup:
     # The extra state as stored; on a client's first round, initialised from the received model.
     extra = {k: v for k, v in private.items() if k not in split.private} if private else policy.extra_state(model)
     own = NODE_DATA_DIR in context.node_config
-    return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, own, extra)
+    return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, own, extra, sent)
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict) -> Message:
@@ -151,18 +143,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     """Train locally; keep private keys in ``context.state``; reply with shared keys only."""
     s = _setup(msg, context)
     private_in = s.split.private_state(s.model)
-    received = {k: v.detach().clone() for k, v in s.model.state_dict().items()} if s.policy.personal_model else None
-    if s.policy.adaptive_mixing:  # FedALA: start from the client's own mix of its last local and the global head
-        s.extra = adaptive_mixing(
-            s.model,
-            s.extra,
-            s.shard,
-            s.cfg,
-            learn=True,
-            seed=_seed(s.cfg, s.client_id, msg) + 2,
-            mean=s.mean,
-            std=s.std,
-        )
+    args = {"seed": _seed(s.cfg, s.client_id, msg), "mean": s.mean, "std": s.std}
+    extra = extra_before_update(s.model, s.extra, s.shard, s.cfg, s.policy, **args)
     mu = float(msg.content[CONFIG].get(PROXIMAL_MU, 0.0))
     pr = s.cfg.privacy
     dp = None
@@ -178,34 +160,14 @@ def handle_train(msg: Message, context: Context) -> Message:
         s.policy,
         s.shard,
         s.cfg,
-        seed=_seed(s.cfg, s.client_id, msg),
-        mean=s.mean,
-        std=s.std,
+        **args,
         proximal_mu=mu,
         anchor=s.split.shared_state(s.model) if mu > 0 else None,
         dp=dp,
     )
     s.model.cpu()
     private_out = s.split.private_state(s.model)
-    extra_out = s.extra
-    if s.policy.adaptive_mixing:  # the trained model is the client's local model for the next mix
-        extra_out = s.extra | {f"{LOCAL}{k}": v.detach().clone() for k, v in s.model.state_dict().items()}
-    if s.policy.personal_head:  # FedRoD: the personalized head on top of the updated body and generic head
-        extra_out = fit_personal_head(
-            s.model, s.extra, s.shard, s.cfg, s.policy, seed=_seed(s.cfg, s.client_id, msg) + 3, mean=s.mean, std=s.std
-        )
-    if received is not None:  # Ditto: the personal model's step, pulled toward the global model received
-        extra_out, _ = personal_update(
-            s.model,
-            s.extra,
-            s.shard,
-            s.cfg,
-            s.policy,
-            anchor=received,
-            seed=_seed(s.cfg, s.client_id, msg) + 1,
-            mean=s.mean,
-            std=s.std,
-        )
+    extra_out = extra_after_update(s.model, extra, s.received, s.shard, s.cfg, s.policy, **args)
     if dp is not None:
         save_accountant(context, dp.state())
     persist(context, {**private_out, **extra_out})
@@ -225,16 +187,10 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
     and, when asked, on the pooled test set of all clients. At the run's final evaluation
     (``final`` in the message) the client writes the model it evaluated (:func:`_export`)."""
     s = _setup(msg, context)
-    received = s.split.shared_state(s.model)  # copies, taken before any fine-tuning
+    final = bool(msg.content[CONFIG].get(FINAL, False))
+    received = s.split.shared_state(s.model) if final else None  # copies, taken before any fine-tuning
     device = default_device()
-    # The model the client evaluates: its personal model (Ditto), its mix (FedALA), else the received
-    # one with its private part.
-    mine = personal_model(s.model, s.extra) if s.policy.personal_model else s.model
-    if s.policy.adaptive_mixing:  # FedALA: the client's mix of its last local head and the global one
-        mine = copy.deepcopy(s.model)
-        adaptive_mixing(mine, s.extra, s.shard, s.cfg, learn=False, seed=0, mean=s.mean, std=s.std)
-    if s.policy.personal_head:  # FedRoD: generic plus personalized head, no offset (the head learnt the prior)
-        mine = with_personal_head(s.model, s.extra)
+    mine = evaluated_model(s.model, s.extra, s.policy)
     if s.policy.finetune:  # fedavg-ft (all of it), fedbabu (the head): fine-tune what was received; nothing is kept
         adapt(
             mine,
@@ -251,7 +207,7 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
     local = evaluate(
         mine, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device, logit_bias=bias
     )
-    if bool(msg.content[CONFIG].get(FINAL, False)):
+    if final:
         _export(s, mine, msg, context, local, bias, received, export_dir)
     metrics: dict[str, float | int] = {
         NUM_EXAMPLES: local.num_examples,
@@ -292,7 +248,7 @@ def _export(
         path, keys = Path(str(state_dir)) / MODEL_FILE, None
     elif export_dir is not None:
         path = client_model_path(export_dir, s.client_id)
-        whole = s.policy.finetune or s.policy.personal_model or s.policy.adaptive_mixing or s.policy.personal_head
+        whole = s.policy.finetune or model is not s.model  # fine-tuned, or a model of the client's own
         keys = None if whole else list(s.split.private)
     else:
         return

@@ -33,6 +33,10 @@ from .transforms import normalize
 __all__ = [
     "adapt",
     "adaptive_mixing",
+    "evaluated_model",
+    "extra_after_update",
+    "extra_before_update",
+    "mix_head",
     "fit_personal_head",
     "adapt_and_evaluate",
     "local_update",
@@ -242,62 +246,64 @@ def personal_update(
     return {f"{PERSONAL}{k}": v.detach().clone() for k, v in personal.state_dict().items()}, result
 
 
+def mix_head(model: nn.Module, extra: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None) -> None:
+    """FedALA's mix, in place: ``model`` holds the received global model; its head becomes
+    ``local + (global - local) * W`` element-wise, ``local`` the client's last local head and ``W``
+    its mixing weights (``weights``, else the stored ones in ``extra``)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k in mixed_keys(model):
+            glob = params[k].detach().clone()
+            local = extra[f"{LOCAL}{k}"].to(glob.device)
+            w = (weights or {}).get(k, extra[f"{MIXING}{k}"]).to(glob.device)
+            params[k].copy_(local + (glob - local) * w)
+
+
 def adaptive_mixing(
     model: nn.Module,
     extra: dict[str, torch.Tensor],
     shard: ClientShard,
     cfg: Config,
     *,
-    learn: bool,
     seed: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     eta: float = 1.0,
     sample: float = 0.8,
 ) -> dict[str, torch.Tensor]:
-    """FedALA's adaptive local aggregation (Zhang et al., AAAI 2023, Algorithm 1). ``model`` holds the
-    received global model; its head becomes ``local + (global - local) * W`` element-wise, ``local``
-    the client's last local head and ``W`` in [0, 1] its mixing weights (both from ``extra``); the
-    layers below keep the global weights. With ``learn``, ``W`` first takes one pass of
-    ``W <- clip(W - eta * dL/dhead * (global - local), 0, 1)`` over a seeded ``sample`` share of the
-    client's train part, everything else fixed (eval mode: no running statistic moves); PFLlib's
-    defaults eta = 1, 80%. Returns ``extra`` with the new ``W`` (the local model is unchanged)."""
+    """FedALA's adaptive local aggregation (Zhang et al., AAAI 2023, Algorithm 1): ``W`` takes one
+    pass of ``W <- clip(W - eta * dL/dhead * (global - local), 0, 1)`` over a seeded ``sample`` share
+    of the client's train part, everything but the mixed head fixed (eval mode: no running statistic
+    moves; PFLlib's defaults eta = 1, 80%), then ``model``'s head is mixed with it
+    (:func:`mix_head`). Returns ``extra`` with the new ``W`` (the local model is unchanged)."""
     keys = mixed_keys(model)
+    device = default_device()
+    model.to(device)
     params = dict(model.named_parameters())
     glob = {k: params[k].detach().clone() for k in keys}
-    local = {k: extra[f"{LOCAL}{k}"].to(glob[k].device) for k in keys}
-    weights = {k: extra[f"{MIXING}{k}"].clone().to(glob[k].device) for k in keys}
-
-    def mix() -> None:
-        with torch.no_grad():
-            for k in keys:
-                params[k].copy_(local[k] + (glob[k] - local[k]) * weights[k])
-
-    if learn and any(bool((glob[k] != local[k]).any()) for k in keys):
-        device = default_device()
-        model.to(device).eval()
-        glob = {k: v.to(device) for k, v in glob.items()}
-        local = {k: v.to(device) for k, v in local.items()}
-        weights = {k: v.to(device) for k, v in weights.items()}
-        params = dict(model.named_parameters())
+    local = {k: extra[f"{LOCAL}{k}"].to(device) for k in keys}
+    weights = {k: extra[f"{MIXING}{k}"].to(device).clone() for k in keys}
+    if any(bool((glob[k] != local[k]).any()) for k in keys):  # else W has no gradient: nothing to learn
+        model.eval()
         generator = torch.Generator().manual_seed(seed)
         n = len(shard.train_labels)
         chosen = torch.randperm(n, generator=generator)[: max(1, int(n * sample))]
         for index in batches(len(chosen), cfg.train.batch_size, generator):
-            mix()
+            with torch.no_grad():
+                for k in keys:
+                    params[k].copy_(local[k] + (glob[k] - local[k]) * weights[k])
             pick = chosen[index]
             x = normalize(shard.train_images[pick].to(device), mean, std)
             loss = torch.nn.functional.cross_entropy(model(x), shard.train_labels[pick].to(device))
             grads = torch.autograd.grad(loss, [params[k] for k in keys])
             for k, g in zip(keys, grads, strict=True):
                 weights[k] = (weights[k] - eta * g * (glob[k] - local[k])).clamp_(0.0, 1.0)
-        model.cpu()
-        glob = {k: v.cpu() for k, v in glob.items()}
-        local = {k: v.cpu() for k, v in local.items()}
-        weights = {k: v.cpu() for k, v in weights.items()}
-        params = dict(model.named_parameters())
-    mix()
-    return extra | {f"{MIXING}{k}": weights[k].detach().clone() for k in keys}
+        with torch.no_grad():  # back to the received global head before the mix below
+            for k in keys:
+                params[k].copy_(glob[k])
+    mix_head(model, extra, weights)
+    model.cpu()
+    return extra | {f"{MIXING}{k}": weights[k].detach().cpu().clone() for k in keys}
 
 
 def with_personal_head(model: nn.Module, extra: dict[str, torch.Tensor]) -> nn.Module:
@@ -335,6 +341,62 @@ def fit_personal_head(
     combined.cpu()
     state = combined.state_dict()
     return extra | {f"{ROD_HEAD}{k}": (state[k] - generic[k].to(state[k].device)).detach().clone() for k in keys}
+
+
+def extra_before_update(
+    model: nn.Module,
+    extra: dict[str, torch.Tensor],
+    shard: ClientShard,
+    cfg: Config,
+    policy: RunPolicy,
+    *,
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> dict[str, torch.Tensor]:
+    """The policy's extra private state before the shared update (the one place the extra-state
+    policies act before it): FedALA starts ``model`` from its own mix; the others change nothing."""
+    if policy.adaptive_mixing:
+        return adaptive_mixing(model, extra, shard, cfg, seed=seed + 2, mean=mean, std=std)
+    return extra
+
+
+def extra_after_update(
+    model: nn.Module,
+    extra: dict[str, torch.Tensor],
+    received: dict[str, torch.Tensor],
+    shard: ClientShard,
+    cfg: Config,
+    policy: RunPolicy,
+    *,
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> dict[str, torch.Tensor]:
+    """The policy's extra private state after the shared update of ``model`` (``received``: the
+    weights the server sent): FedALA keeps the trained model as its local one, FedRoD fits its
+    personalized head, Ditto trains its personal model toward ``received``."""
+    if policy.adaptive_mixing:
+        return extra | {f"{LOCAL}{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    if policy.personal_head:
+        return fit_personal_head(model, extra, shard, cfg, policy, seed=seed + 3, mean=mean, std=std)
+    if policy.personal_model:
+        return personal_update(model, extra, shard, cfg, policy, anchor=received, seed=seed + 1, mean=mean, std=std)[0]
+    return extra
+
+
+def evaluated_model(model: nn.Module, extra: dict[str, torch.Tensor], policy: RunPolicy) -> nn.Module:
+    """The model a client evaluates (before any fine-tuning): Ditto's personal model, FedALA's mix,
+    FedRoD's generic plus personalized head; else ``model`` itself (received plus private part)."""
+    if policy.personal_model:
+        return personal_model(model, extra)
+    if policy.adaptive_mixing:
+        mine = deepcopy(model)
+        mix_head(mine, extra)
+        return mine
+    if policy.personal_head:
+        return with_personal_head(model, extra)
+    return model
 
 
 def adapt_and_evaluate(
