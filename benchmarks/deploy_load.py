@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
 
     from fedse.deploy import make_node_key, make_test_certs, superlink_command, supernode_command, write_connection
-    from fedse.launch import LocalProcesses, free_port, wait_for
+    from fedse.launch import LocalProcesses, free_port, register_supernode, wait_for
 
     flwr = str(Path(sys.executable).with_name("flwr"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,14 +76,7 @@ def main() -> None:
             )
             wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 120, "the SuperLink")
             for i in range(NODES):
-                reg = subprocess.run(
-                    [flwr, "supernode", "register", str(keys[i]), "tls", "--name", f"node{i}"],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                    cwd=ROOT,
-                )
+                reg = register_supernode(keys[i], f"node{i}", connection="tls", env=env, cwd=ROOT)
                 if reg.returncode != 0:
                     sys.exit(f"registering node {i} failed:\n{reg.stdout}{reg.stderr}")
             for i in range(NODES):

@@ -14,11 +14,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["LocalProcesses", "free_port", "wait_for"]
+__all__ = ["LocalProcesses", "free_port", "register_supernode", "wait_for"]
 
 
 def free_port() -> int:
@@ -36,6 +37,22 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def register_supernode(
+    public_key: Path, name: str, *, connection: str, env: dict[str, str], cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """``flwr supernode register PUBLIC_KEY CONNECTION --name NAME`` (the ``flwr`` beside this
+    Python), its output captured; the caller checks ``returncode``."""
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    return subprocess.run(
+        [flwr, "supernode", "register", str(public_key), connection, "--name", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def _children(pid: int) -> list[int]:

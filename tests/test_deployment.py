@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedse.deploy import make_node_key, make_test_certs, superlink_command, supernode_command, write_connection
-from fedse.launch import LocalProcesses, free_port, wait_for
+from fedse.launch import LocalProcesses, free_port, register_supernode, wait_for
 from fedse.state import StateStore, digest
 
 pytestmark = [
@@ -66,14 +66,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         procs.start("superlink", superlink_command(certs=certs, port=port, database=tmp_path / "state.db"))
         wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 90, "the SuperLink")
         for i in range(3):  # node 3 stays unregistered
-            reg = subprocess.run(
-                [FLWR, "supernode", "register", str(keys[i]), "tls", "--name", f"node{i}"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                cwd=ROOT,
-            )
+            reg = register_supernode(keys[i], f"node{i}", connection="tls", env=env, cwd=ROOT)
             assert reg.returncode == 0, reg.stdout + reg.stderr
 
         def supernode(i: int) -> list[str]:
@@ -149,14 +142,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         # If this starts failing, Flower closed the gap: revise the warning and the README.
         outsider = {**env, "FLWR_HOME": str(tmp_path / "outsider_home")}
         write_connection(tmp_path / "outsider_home", "tls", address, certs.ca)
-        reg = subprocess.run(
-            [FLWR, "supernode", "register", str(keys[4]), "tls", "--name", "intruder"],
-            env=outsider,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
+        reg = register_supernode(keys[4], "intruder", connection="tls", env=outsider, cwd=ROOT)
         assert reg.returncode == 0, reg.stdout + reg.stderr
         assert "registered successfully" in reg.stdout
     finally:
