@@ -26,6 +26,8 @@ normalisation and the offset.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from torch import nn
 from .config import Config, load_config
 from .federated import ClientShard, model_shape, own_data
 from .fingerprint import GateStats, probe
+from .io import atomic_write_text
 from .local import adapt, logit_bias
 from .models import SEBlock, build_model, create_model
 from .policies import RunPolicy, resolve
@@ -163,6 +166,18 @@ def _resolve(path: Path, client: int | None) -> Path:
     )
 
 
+def _read_shared(path: Path) -> dict[str, torch.Tensor]:
+    """A run folder's final shared weights: read with ``weights_only`` (no pickled object is run)
+    and checked to be a mapping of tensors."""
+    try:
+        shared = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 (weights_only: tensors and plain data only)
+        raise StateCorruptError(f"{path}: not a plain mapping of tensors ({type(err).__name__})") from None
+    if not isinstance(shared, dict) or not all(isinstance(v, torch.Tensor) for v in shared.values()):
+        raise StateCorruptError(f"{path}: not a mapping of tensors")
+    return shared
+
+
 def load_personalized(path: str | Path, client: int | None = None) -> PersonalizedModel:
     """Client ``client``'s model from a run folder, or the model in a ``.fedse`` file or a deployed
     client's state dir. The file's checksum, its header and every tensor's shape are checked; a
@@ -208,12 +223,7 @@ def load_personalized(path: str | Path, client: int | None = None) -> Personaliz
                 f"{file} holds only the client's private part; its run folder's {SHARED_FILE} "
                 f"({shared_path}) is missing"
             )
-        try:
-            shared = torch.load(shared_path, weights_only=True, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 (weights_only: tensors and plain data only)
-            raise StateCorruptError(f"{shared_path}: not a plain mapping of tensors ({type(err).__name__})") from None
-        if not isinstance(shared, dict) or not all(isinstance(v, torch.Tensor) for v in shared.values()):
-            raise StateCorruptError(f"{shared_path}: not a mapping of tensors")
+        shared = _read_shared(shared_path)
         if digest(shared) != header.get("shared_crc"):
             raise StateCorruptError(
                 f"{shared_path} are not the shared weights {file} was written with (CRC mismatch): "
@@ -273,15 +283,10 @@ def predict_csv(
     """Score ``images`` with ``loaded``; write ``out`` (CSV, atomically): name, predicted class,
     then one probability column per class, and the true class where ``labels`` are known.
     Returns the accuracy when they are (None otherwise)."""
-    import csv
-    import io as _io
-
-    from .io import atomic_write_text
-
     probs = loaded.predict(images)
     predicted = probs.argmax(1)
     classes = loaded.classes
-    text = _io.StringIO()
+    text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["name", "predicted", *[f"p_{c}" for c in classes], *(["label"] if labels is not None else [])])
     for i, name in enumerate(names):
@@ -359,17 +364,17 @@ def adapt_new_client(
     shared_path = run_dir / SHARED_FILE
     if not shared_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {SHARED_FILE}: is it a finished run folder?")
-    try:
-        shared = torch.load(shared_path, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 (weights_only: tensors and plain data only)
-        raise StateCorruptError(f"{shared_path}: not a plain mapping of tensors ({type(err).__name__})") from None
+    shared = _read_shared(shared_path)
     fed = own_data(cfg, data_dir)
     shard, ds = fed.shard(0), fed.dataset
     model = build_model(cfg, *model_shape(cfg, ds))
     policy = resolve(cfg)
     split = policy.split(model)
-    if set(shared) != set(split.shared):
-        raise StateCorruptError(f"{shared_path} does not hold this run's shared keys (policy or model changed?)")
+    state = model.state_dict()
+    if set(shared) != set(split.shared) or any(shared[k].shape != state[k].shape for k in split.shared):
+        raise StateCorruptError(f"{shared_path} does not hold this run's shared tensors (policy or model changed?)")
+    if not all(torch.isfinite(v).all() for v in shared.values() if v.is_floating_point()):
+        raise StateCorruptError(f"{shared_path}: the shared weights hold NaN or inf")
     model.load_state_dict(shared, strict=False)
     keys = split.private or None
     epochs = cfg.personalization.finetune_epochs

@@ -240,6 +240,17 @@ def test_fedse_adapt_fits_a_new_clients_private_part_on_the_final_shared_weights
     assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == loaded.header["local_acc"]
     assert loaded.header["client"] is None and "new client" in loaded.header["note"]
     assert main(["adapt", str(tmp_path / "missing"), "--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    # Shared weights of another shape, or holding NaN, are refused with one line, not a traceback.
+    for bad in (
+        {**shared, "fc.weight": torch.zeros(3, 3)},
+        {**shared, "fc.weight": torch.full_like(shared["fc.weight"], float("nan"))},
+    ):
+        torch.save(bad, run / "shared_weights.pt")
+        with pytest.raises(StateCorruptError, match="shared tensors|NaN or inf"):
+            from fedse.personal import adapt_new_client
+
+            adapt_new_client(run, tmp_path, tmp_path / "bad.fedse")
+        assert main(["adapt", str(run), "--data-dir", str(tmp_path), "--out", str(tmp_path / "bad.fedse")]) == 2
 
 
 def test_fedbabu_trains_the_body_with_the_head_frozen_and_fine_tunes_only_the_head(task_identity, tmp_path):
