@@ -53,6 +53,15 @@ def _pm(values: Sequence[float | None], scale: float = 100.0, digits: int = 2) -
     return f"{mean:.{digits}f} ± {float(np.std(vals)) * scale:.{digits}f}"
 
 
+def _weighted(pairs: Sequence[tuple[float | None, int | None]]) -> float | None:
+    """Accuracy over all clients' test samples pooled (each client weighted by its test size, as
+    PFLlib reports); None when any evaluated client lacks its test size (older runs)."""
+    pairs = [(a, n) for a, n in pairs if a is not None]
+    if not pairs or any(n is None for _, n in pairs) or not sum(n for _, n in pairs):
+        return None
+    return sum(a * n for a, n in pairs) / sum(n for _, n in pairs)
+
+
 def method_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     """One row per method; accuracies in %, mean ± std over seeds where several."""
     rows = []
@@ -62,6 +71,7 @@ def method_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
         best_round = [
             max((x["local_acc_mean"] for x in r.rounds if x["local_acc_mean"] is not None), default=None) for r in mine
         ]
+        weighted = [_weighted([(c["local_acc"], c.get("test_samples")) for c in r.clients]) for r in mine]
         pooled = [
             summarize([c["pooled_acc"] for c in r.clients if c["pooled_acc"] is not None]).get("mean") for r in mine
         ]
@@ -70,6 +80,7 @@ def method_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
                 "method": method,
                 "personalized_mean_last": _pm([s.get("mean") for s in stats]),
                 "personalized_mean_best_round": _pm(best_round),
+                "personalized_weighted_last": _pm(weighted),
                 "std_over_clients": _pm([s.get("std") for s in stats]),
                 "median": _pm([s.get("median") for s in stats]),
                 "worst_10pct": _pm([s.get("worst10") for s in stats]),

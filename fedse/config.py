@@ -132,6 +132,7 @@ class PersonalizationConfig:
         "fedse-prior",
         "fedse-la",
         "fedse-pc",
+        "fedse-bn-la",
         "fedavg-la",
         "fedbabu",
         "ditto",

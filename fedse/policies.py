@@ -162,6 +162,9 @@ POLICIES: dict[str, Policy] = {
         # fedse + prior correction at prediction: logits offset by t * log of the client's own label
         # prior, t fitted on its train part (Saerens et al., Neural Computation 2002); trains as fedse.
         Policy("fedse-pc", **_FEDSE, label_prior="predict"),
+        # fedse-bn + logit adjustment: excitation and normalisation private (feature skew), the
+        # client's label prior in training and prediction (label skew), as in fedse-la.
+        Policy("fedse-bn-la", frozenset({"excitation", "norm"}), private_lr_scale=10.0, label_prior="train"),
         # FedAvg + logit adjustment (Menon et al. 2021; cf. FedLC): the ablation of fedse-la
         # without private excitation.
         Policy("fedavg-la", frozenset(), label_prior="train"),

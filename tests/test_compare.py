@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fedse.comparison import gain_table, merge
+from fedse.comparison import MethodRun, gain_table, merge, method_table
 from fedse.config import ConfigError
 from simulations.compare import compare
 
@@ -33,6 +33,23 @@ def test_gain_table_hand_computed():
     assert gains["fedper"]["mean_gain_points"] == pytest.approx((-10 + 10 + 30) / 3)
     assert (gains["fedper"]["clients_gain"], gains["fedper"]["clients_lose"]) == (2, 1)
     assert gain_table([{"client": 0, "fedse": 0.5}]) == []  # no fedavg: no gains
+
+
+def test_method_table_reports_the_client_mean_and_the_sample_weighted_accuracy():
+    """Two seeds of one method: the client mean weighs clients equally, the weighted figure weighs
+    test samples (PFLlib's), both mean ± std over seeds; a run without test sizes gives '-'."""
+
+    def run(seed, clients):
+        rows = [{"local_acc": a, "test_samples": n, "pooled_acc": None} for a, n in clients]
+        split = {"private_params": 0, "private_percent": 0.0}
+        return MethodRun("fedavg", seed, [{"local_acc_mean": 0.5}], rows, [], split, 8, 1.0)
+
+    # seed 0: mean (1.0 + 0.5) / 2 = 0.75, weighted (10 * 1.0 + 30 * 0.5) / 40 = 0.625
+    # seed 1: mean (0.5 + 0.5) / 2 = 0.5, weighted 0.5
+    row = method_table([run(0, [(1.0, 10), (0.5, 30)]), run(1, [(0.5, 10), (0.5, 30)])])[0]
+    assert row["personalized_mean_last"] == "62.50 ± 12.50"
+    assert row["personalized_weighted_last"] == "56.25 ± 6.25"
+    assert method_table([run(0, [(1.0, None), (0.5, 30)])])[0]["personalized_weighted_last"] == "-"
 
 
 @pytest.mark.slow
