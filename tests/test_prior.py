@@ -90,6 +90,7 @@ def test_modes_follow_the_policy_the_override_and_sample_dp():
     assert resolve(tiny_config(personalization={"policy": "fedse"})).label_prior == "off"
     assert resolve(tiny_config(personalization={"policy": "fedse-la"})).label_prior == "train"
     assert resolve(tiny_config(personalization={"policy": "fedse-pc"})).label_prior == "predict"
+    assert resolve(tiny_config(personalization={"policy": "fedse-bn-la"})).label_prior == "train"
     assert resolve(tiny_config(personalization={"policy": "fedse-pc", "label_prior": "off"})).label_prior == "off"
     assert resolve(tiny_config(personalization={"policy": "fedavg", "label_prior": "train"})).label_prior == "train"
     dp = {"mode": "sample", "noise_multiplier": 1.0}
@@ -112,6 +113,17 @@ def test_prior_policies_keep_fedses_split(policy):
     model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
     assert create_policy(policy).split(model).private == create_policy("fedse").split(model).private
     assert POLICIES[policy].private_lr_scale == POLICIES["fedse"].private_lr_scale
+
+
+def test_fedse_bn_la_keeps_fedse_bns_split_with_the_prior_in_training():
+    cfg = tiny_config()
+    ds = build_federated_data(cfg).dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    private = create_policy("fedse-bn-la").split(model).private
+    assert private == create_policy("fedse-bn").split(model).private
+    assert set(private) > set(create_policy("fedse").split(model).private)
+    assert any(k.endswith("running_mean") for k in private)  # the norm layers' statistics stay too
+    assert (POLICIES["fedse-bn-la"].label_prior, POLICIES["fedse-bn-la"].private_lr_scale) == ("train", 10.0)
 
 
 def test_client_offsets_come_from_its_own_train_labels():
