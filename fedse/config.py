@@ -148,6 +148,9 @@ class PersonalizationConfig:
     # and prediction), 'predict' (at prediction only, weight fitted on the client's train part), 'off';
     # null: the policy's own. Off under privacy.mode=sample.
     label_prior: Literal["off", "train", "predict"] | None = None
+    # Pseudo-count added to every class when a client counts its label prior (1: add-one smoothing).
+    # Larger values shrink a small client's prior toward uniform more than a large client's.
+    prior_smoothing: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def train_logit_bias(model: nn.Module, shard: ClientShard, policy: RunPolicy) ->
     """The offset the training loss sees: the client's log label prior in mode ``train``."""
     if policy.label_prior != "train":
         return None
-    return label_log_prior(shard.train_labels, model.get_classifier().out_features)
+    return label_log_prior(shard.train_labels, model.get_classifier().out_features, policy.prior_smoothing)
 
 
 def logit_bias(
@@ -69,7 +69,7 @@ def logit_bias(
     mode = policy.label_prior
     if mode == "off":
         return None
-    prior = label_log_prior(shard.train_labels, model.get_classifier().out_features)
+    prior = label_log_prior(shard.train_labels, model.get_classifier().out_features, policy.prior_smoothing)
     if mode == "train":
         return prior
     logits = predict(model, shard.train_images, mean=mean, std=std, device=default_device())

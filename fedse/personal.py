@@ -318,7 +318,7 @@ def export_model(
     m = cfg.model
     weight = None
     if offset is not None:
-        prior = label_log_prior(shard.train_labels, dataset.num_classes)
+        prior = label_log_prior(shard.train_labels, dataset.num_classes, policy.prior_smoothing)
         weight = float((offset * prior).sum() / (prior * prior).sum())
     header: dict[str, Any] = {
         "client": client,
@@ -334,7 +334,8 @@ def export_model(
         "prior": {
             "mode": policy.label_prior if offset is not None else "off",
             "weight": weight,
-        },  # what predict applies
+            "smoothing": policy.prior_smoothing,
+        },  # what predict applies (the offset tensor); the weight is on the prior counted with this smoothing
         "round": server_round,
         "evaluated_in_final_round": note is None,
         "local_acc": result.accuracy,

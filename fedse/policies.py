@@ -207,6 +207,7 @@ class RunPolicy:
     private_lr_scale: float
     label_prior: str
     dp: str  # privacy.mode: none | sample | client
+    prior_smoothing: float = 1.0  # personalization.prior_smoothing: the pseudo-count of each class
 
     @property
     def name(self) -> str:
@@ -256,4 +257,4 @@ def resolve(cfg: Config, name: str | None = None) -> RunPolicy:
     prior = cfg.personalization.label_prior if cfg.personalization.label_prior is not None else policy.label_prior
     if cfg.privacy.mode == "sample":
         prior = "off"
-    return RunPolicy(policy, scale, prior, cfg.privacy.mode)
+    return RunPolicy(policy, scale, prior, cfg.privacy.mode, cfg.personalization.prior_smoothing)

@@ -126,6 +126,26 @@ def test_fedse_bn_la_keeps_fedse_bns_split_with_the_prior_in_training():
     assert (POLICIES["fedse-bn-la"].label_prior, POLICIES["fedse-bn-la"].private_lr_scale) == ("train", 10.0)
 
 
+def test_prior_smoothing_is_the_pseudo_count_of_each_class():
+    """personalization.prior_smoothing a: log((n_c + a) / (n + a C)), hand-computed on a client's
+    train labels; it shrinks toward uniform, and the config refuses a <= 0."""
+    fed = build_federated_data(tiny_config())
+    shard, ds = fed.shard(1), fed.dataset
+    model = build_model(tiny_config(), ds.num_classes, ds.channels, ds.image_size)
+    counts = torch.bincount(shard.train_labels.long(), minlength=ds.num_classes).double()
+    for a in (1.0, 7.5):
+        la = resolve(tiny_config(personalization={"policy": "fedse-la", "prior_smoothing": a}))
+        expected = ((counts + a) / (counts.sum() + a * ds.num_classes)).log().float()
+        assert torch.allclose(train_logit_bias(model, shard, la), expected, atol=1e-6)
+    spread = {
+        a: train_logit_bias(model, shard, resolve(tiny_config(personalization={"prior_smoothing": a}))).std().item()
+        for a in (1.0, 50.0)
+    }
+    assert spread[50.0] < spread[1.0]
+    with pytest.raises(ConfigError, match="prior_smoothing"):
+        tiny_config(personalization={"prior_smoothing": 0})
+
+
 def test_client_offsets_come_from_its_own_train_labels():
     fed = build_federated_data(tiny_config())
     shard, ds = fed.shard(1), fed.dataset
