@@ -20,6 +20,13 @@ from .config import ConfigError, load_config
 __all__ = ["main"]
 
 
+DEFAULT_METHODS = "fedavg,fedbn,fedper,local,fedse,fedse-la"
+
+
+def _methods(text: str | None) -> list[str] | None:
+    return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedse", description="Federated personalization with private excitation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cmp.add_argument(
         "--methods",
-        default="fedavg,fedbn,fedper,local,fedse,fedse-la",
-        help="comma-separated policies (default: %(default)s)",
+        default=None,
+        help=f"comma-separated policies (default: {DEFAULT_METHODS}); with --merge: take only these "
+        "methods from the folders",
     )
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     cmp.add_argument("--holdout", type=int, default=0, help="keep the last K clients out of training (cold start)")
@@ -324,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.out is None:
                     raise ConfigError("--merge needs --out: the folder the combined comparison is written to")
                 out = args.out
-                merge(args.merge, out, command=command)
+                merge(args.merge, out, command=command, methods=_methods(args.methods))
             else:
-                methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+                methods = _methods(args.methods or DEFAULT_METHODS)
                 seeds = _int_list(args.seeds, "seeds")
                 out = args.out or Path(cfg.output.dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
                 compare(cfg, methods, seeds, out, holdout=args.holdout, command=command)

@@ -15,7 +15,7 @@ is the same in all of them, and no (method, seed) may appear twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from .config import Config, ConfigError, config_from_dict, config_to_dict
 from .federated import build_federated_data
 from .io import atomic_save, atomic_write_json, atomic_write_text
 from .partition import plot_label_counts
+from .policies import RunPolicy, resolve
 from .report import format_table, summarize, write_csv
 
 __all__ = ["MethodRun", "gain_table", "merge", "method_table", "paired_gains", "per_client", "write_comparison"]
@@ -261,18 +262,37 @@ def write_comparison(
     return summary
 
 
-def _comparable(raw: dict[str, Any]) -> dict[str, Any]:
+# Settings only some policies read (personalization.<key>: does a resolved policy read it?). Folders
+# whose methods never read one may differ in it: fedavg measured at any prior smoothing is the same.
+_READ_BY: dict[str, Callable[[RunPolicy], bool]] = {
+    "prior_smoothing": lambda p: p.label_prior != "off",
+    "ditto_lambda": lambda p: p.personal_model,
+}
+
+
+def _unread(raw: dict[str, Any], methods: Sequence[str]) -> set[str]:
+    cfg = config_from_dict(raw)
+    return {key for key, reads in _READ_BY.items() if not any(reads(resolve(cfg, m)) for m in methods)}
+
+
+def _comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
     """A comparison's configuration without what may differ between merged folders (read
-    through today's config, so a key added since, at its default, is no difference)."""
+    through today's config, so a key added since, at its default, is no difference): seed, output,
+    the policy, and the settings none of ``methods`` reads."""
+    unread = _unread(raw, methods)
     raw = config_to_dict(config_from_dict(raw))
     raw.pop("seed", None)
     raw.pop("output", None)
-    raw.get("personalization", {}).pop("policy", None)
+    for key in ("policy", *unread):
+        raw.get("personalization", {}).pop(key, None)
     return raw
 
 
-def merge(folders: Sequence[Path], out: Path, *, command: str = "") -> dict[str, Any]:
-    """One comparison folder ``out`` from several measured under the same configuration."""
+def merge(
+    folders: Sequence[Path], out: Path, *, command: str = "", methods: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """One comparison folder ``out`` from several measured under the same configuration;
+    ``methods``: take only these from the folders (None: every method)."""
     if len(folders) < 2:
         raise ConfigError(f"--merge needs at least two comparison folders, got {len(folders)}")
     loaded = []
@@ -281,16 +301,42 @@ def merge(folders: Sequence[Path], out: Path, *, command: str = "") -> dict[str,
         if not path.is_file():
             raise ConfigError(f"{str(folder)!r} is not a comparison folder: {path} does not exist")
         try:
-            loaded.append((Path(folder), json.loads(path.read_text())))
+            data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path} is not valid JSON ({err}); was the comparison interrupted?") from None
+        if methods is not None:
+            data["methods"] = [m for m in data["methods"] if m in methods]
+            data["runs"] = [r for r in data["runs"] if r["method"] in methods]
+        if data["methods"]:
+            loaded.append((Path(folder), data))
+    if methods is not None and (missing := sorted(set(methods) - {m for _, d in loaded for m in d["methods"]})):
+        raise ConfigError(f"--methods {','.join(missing)}: in none of the folders {[str(f) for f in folders]}")
+    if not loaded:
+        raise ConfigError(f"--methods: none of them is in the folders {[str(f) for f in folders]}")
     first_folder, first = loaded[0]
+    base = _comparable(first["config"], first["methods"])
     for folder, data in loaded[1:]:
-        if _comparable(data["config"]) != _comparable(first["config"]) or data["holdout"] != first["holdout"]:
+        mine = _comparable(data["config"], data["methods"])
+        shared = {k: v for k, v in mine.get("personalization", {}).items() if k in base.get("personalization", {})}
+        theirs = {k: v for k, v in base.get("personalization", {}).items() if k in shared}
+        if {**mine, "personalization": shared} != {**base, "personalization": theirs} or data["holdout"] != first[
+            "holdout"
+        ]:
             raise ConfigError(
                 f"{str(folder)!r} was measured under another configuration or --holdout than "
-                f"{str(first_folder)!r}; only folders differing in methods and seeds can be merged"
+                f"{str(first_folder)!r}; only folders differing in methods, seeds and settings their "
+                f"methods do not read ({', '.join(f'personalization.{k}' for k in _READ_BY)}) can be merged"
             )
+        base["personalization"] = {**mine.get("personalization", {}), **base.get("personalization", {})}
+    # The merged configuration: the first folder's, with each policy-specific setting taken from a
+    # folder whose methods read it (all such folders agree: checked above).
+    config = json.loads(json.dumps(first["config"]))
+    for key in _READ_BY:
+        for _, data in loaded:
+            if key not in _unread(data["config"], data["methods"]):
+                value = config_to_dict(config_from_dict(data["config"]))["personalization"][key]
+                config.setdefault("personalization", {})[key] = value
+                break
     runs, seen = [], {}
     for folder, data in loaded:
         rows = {row["method"]: row for row in data["table"]}
@@ -313,4 +359,4 @@ def merge(folders: Sequence[Path], out: Path, *, command: str = "") -> dict[str,
             )
     order = list(dict.fromkeys(r.method for r in runs))
     runs.sort(key=lambda r: (r.seed, order.index(r.method)))
-    return write_comparison(config_from_dict(first["config"]), runs, out, holdout=first["holdout"], command=command)
+    return write_comparison(config_from_dict(config), runs, out, holdout=first["holdout"], command=command)

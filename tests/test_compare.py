@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -138,6 +139,27 @@ def test_merge_combines_folders_measured_apart(tmp_path):
     expected = [clients[c["client"]]["local_acc"] - c["local_acc"] for c in a["runs"][0]["clients"]]
     assert gain["method"] == "fedse" and gain["paired_seeds"] == 1
     assert gain["mean_gain_points"] == pytest.approx(100 * sum(expected) / 3)
+    # A setting only some policies read: fedavg and fedse never count a label prior, so their
+    # folders merge with one measured at another prior smoothing, and the merged configuration
+    # records the smoothing of the methods that read it; two folders that both read it must agree.
+    smooth = replace(cfg, personalization=replace(cfg.personalization, prior_smoothing=16.0))
+    compare(smooth, ["fedse-la"], [0], tmp_path / "s16")
+    merged = merge([tmp_path / "a", tmp_path / "b", tmp_path / "s16"], tmp_path / "ab_s16")
+    assert merged["methods"] == ["fedavg", "fedse", "fedse-la"]
+    assert merged["config"]["personalization"]["prior_smoothing"] == 16.0
+    compare(cfg, ["fedavg-la"], [1], tmp_path / "s1")  # reads the prior, at smoothing 1
+    with pytest.raises(ConfigError, match="another configuration"):
+        merge([tmp_path / "s16", tmp_path / "s1"], tmp_path / "x")
+    with pytest.raises(ConfigError, match="another configuration"):
+        merge([tmp_path / "a", tmp_path / "s16", tmp_path / "s1"], tmp_path / "x")
+    # --methods picks methods out of folders: fedavg from the smoothing-16 folder goes with fedavg-la at 1.
+    picked = merge([tmp_path / "ab_s16", tmp_path / "s1"], tmp_path / "picked", methods=["fedavg", "fedavg-la"])
+    assert picked["methods"] == ["fedavg", "fedavg-la"] and {r["method"] for r in picked["runs"]} == set(
+        picked["methods"]
+    )
+    assert picked["config"]["personalization"]["prior_smoothing"] == 1.0
+    with pytest.raises(ConfigError, match="--methods fedrod: in none of the folders"):
+        merge([tmp_path / "a", tmp_path / "b"], tmp_path / "x", methods=["fedavg", "fedrod"])
     assert (tmp_path / "ab" / "table.md").is_file() and (tmp_path / "ab" / "personalized_vs_global.png").is_file()
 
     with pytest.raises(ConfigError, match="method 'fedavg', seed 0 is in both"):
