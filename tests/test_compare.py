@@ -187,6 +187,13 @@ def test_a_comparison_survives_interruption(tmp_path, monkeypatch):
     again = compare(cfg, ["fedavg"], [0], out)  # finished: read back, not rerun
     assert (folder / "method_run.json").stat().st_mtime_ns == stamp
     assert again["table"] == first["table"]
+    # a run folder written before a config key existed (here: without prior_smoothing) is read back too
+    saved = json.loads((folder / "method_run.json").read_text())
+    del saved["config"]["personalization"]["prior_smoothing"]
+    (folder / "method_run.json").write_text(json.dumps(saved))
+    stamp = (folder / "method_run.json").stat().st_mtime_ns
+    assert compare(cfg, ["fedavg"], [0], out)["table"] == first["table"]
+    assert (folder / "method_run.json").stat().st_mtime_ns == stamp
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["provenance"]) >= {"fedse", "torch", "flwr", "opacus", "device"}
 
