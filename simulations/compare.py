@@ -69,6 +69,10 @@ def _split_summary(run_cfg: Config) -> dict[str, Any]:
     return {**policy.split(model).summary(model), "extra_private_values": extra}
 
 
+def _settings(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in raw.items() if k != "output"}
+
+
 def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> MethodRun:
     """One (method, seed): taken from its run folder when it finished before (``method_run.json``),
     continued from its checkpoint when it was interrupted, else run afresh."""
@@ -83,8 +87,9 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
     if (folder / RESULT).is_file():
         try:
             saved = json.loads((folder / RESULT).read_text())
-            # read through today's config: a key added since, at its default, is no difference
-            same = config_to_dict(config_from_dict(saved["config"])) == expected["config"]
+            # read through today's config: a key added since, at its default, is no difference; the
+            # output settings are where the folder is (it may have been moved, or named relatively)
+            same = _settings(config_to_dict(config_from_dict(saved["config"]))) == _settings(expected["config"])
             if not same or saved.get("holdout") != holdout:
                 raise ConfigError(f"{folder} was run with another configuration or --holdout; compare into a new --out")
             return replace(MethodRun(**saved["run"]), split=_split_summary(run_cfg))

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -194,6 +195,11 @@ def test_a_comparison_survives_interruption(tmp_path, monkeypatch):
     stamp = (folder / "method_run.json").stat().st_mtime_ns
     assert compare(cfg, ["fedavg"], [0], out)["table"] == first["table"]
     assert (folder / "method_run.json").stat().st_mtime_ns == stamp
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)  # a folder moved (or named by another path) is read back as well
+    moved_stamp = (moved / "runs" / "fedavg-seed0" / "method_run.json").stat().st_mtime_ns
+    assert compare(cfg, ["fedavg"], [0], moved)["table"] == first["table"]
+    assert (moved / "runs" / "fedavg-seed0" / "method_run.json").stat().st_mtime_ns == moved_stamp
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["provenance"]) >= {"fedse", "torch", "flwr", "opacus", "device"}
 
