@@ -149,8 +149,9 @@ class PersonalizationConfig:
     # null: the policy's own. Off under privacy.mode=sample.
     label_prior: Literal["off", "train", "predict"] | None = None
     # Pseudo-count added to every class when a client counts its label prior (1: add-one smoothing).
-    # Larger values shrink a small client's prior toward uniform more than a large client's.
-    prior_smoothing: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    # It shrinks a small client's prior toward uniform more than a large client's (docs/results.md:
+    # 16 against 1 gained 1.4 points on the quickstart's small clients, 0.3 on Fashion-MNIST's).
+    prior_smoothing: float = field(default=16.0, metadata=_range(0, None, lo_open=True))
 
 
 @dataclass(frozen=True)

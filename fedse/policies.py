@@ -207,7 +207,7 @@ class RunPolicy:
     private_lr_scale: float
     label_prior: str
     dp: str  # privacy.mode: none | sample | client
-    prior_smoothing: float = 1.0  # personalization.prior_smoothing: the pseudo-count of each class
+    prior_smoothing: float  # personalization.prior_smoothing: the pseudo-count of each class
 
     @property
     def name(self) -> str:

@@ -118,7 +118,7 @@ def test_label_prior_offsets_the_clients_own_test_only(task_identity):
         _message(cfg, to_arrays(split.shared_state(model)), MessageType.EVALUATE, pooled=True), _context(2)
     )
     m = reply.content["metrics"]
-    prior = label_log_prior(shard.train_labels, ds.num_classes)
+    prior = label_log_prior(shard.train_labels, ds.num_classes, cfg.personalization.prior_smoothing)
     own = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std, logit_bias=prior)
     plain = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std)
     assert m["local-loss"] == pytest.approx(own.loss) and m["local-loss"] != pytest.approx(plain.loss)

@@ -19,14 +19,14 @@ from fedse.train import evaluate, train
 
 def test_log_prior_is_the_smoothed_label_frequency():
     # counts (2, 1, 0) + 1 each = (3, 2, 1) over 6
-    got = label_log_prior(torch.tensor([0, 0, 1]), 3)
+    got = label_log_prior(torch.tensor([0, 0, 1]), 3, smoothing=1)
     assert torch.allclose(got, torch.tensor([math.log(3 / 6), math.log(2 / 6), math.log(1 / 6)]))
     assert torch.allclose(got.exp().sum(), torch.tensor(1.0))
 
 
 def test_log_prior_rejects_labels_outside_the_classes():
     with pytest.raises(ValueError, match="labels must lie in 0..2"):
-        label_log_prior(torch.tensor([0, 3]), 3)
+        label_log_prior(torch.tensor([0, 3]), 3, smoothing=1)
     with pytest.raises(ValueError, match="smoothing"):
         label_log_prior(torch.tensor([0]), 3, smoothing=0)
 
@@ -60,7 +60,7 @@ def test_training_with_the_offset_leaves_the_prior_out_of_the_weights():
     # label prior; with the prior as offset it has nothing left to learn and stays near zero.
     x = torch.zeros(200, 1, 1, 1, dtype=torch.uint8)
     y = torch.tensor([0] * 180 + [1] * 20)
-    prior = label_log_prior(y, 2)
+    prior = label_log_prior(y, 2, smoothing=1)
     gaps = {}
     for name, bias in (("plain", None), ("adjusted", prior)):
         torch.manual_seed(0)
@@ -150,16 +150,16 @@ def test_client_offsets_come_from_its_own_train_labels():
     fed = build_federated_data(tiny_config())
     shard, ds = fed.shard(1), fed.dataset
     model = build_model(tiny_config(), ds.num_classes, ds.channels, ds.image_size)
-    prior = label_log_prior(shard.train_labels, ds.num_classes)
+    prior = label_log_prior(shard.train_labels, ds.num_classes, tiny_config().personalization.prior_smoothing)
     la = resolve(tiny_config(personalization={"policy": "fedse-la"}))
     assert torch.equal(train_logit_bias(model, shard, la), prior)
     assert torch.equal(logit_bias(model, shard, la, mean=ds.mean, std=ds.std), prior)
     pc = resolve(tiny_config(personalization={"policy": "fedse-pc"}))
     assert train_logit_bias(model, shard, pc) is None  # predict mode trains as fedse does
     # The freshly initialised model is nearly uninformative, so its best weight is 1 (see above):
-    # half the prior already in its classifier bias moves the fit to an interior weight.
+    # a third of the prior already in its classifier bias moves the fit to an interior weight.
     with torch.no_grad():
-        model.fc.bias += 0.5 * prior
+        model.fc.bias += 0.3 * prior
     got = logit_bias(model, shard, pc, mean=ds.mean, std=ds.std)
     # The weight by brute force: the model's logits on the client's train part (plain forward
     # pass), the cross-entropy of softmax(logits + t * prior) for t = 0, 0.1, ..., 2 in float64.
