@@ -140,15 +140,18 @@ def test_merge_combines_folders_measured_apart(tmp_path):
     expected = [clients[c["client"]]["local_acc"] - c["local_acc"] for c in a["runs"][0]["clients"]]
     assert gain["method"] == "fedse" and gain["paired_seeds"] == 1
     assert gain["mean_gain_points"] == pytest.approx(100 * sum(expected) / 3)
+
     # A setting only some policies read: fedavg and fedse never count a label prior, so their
     # folders merge with one measured at another prior smoothing, and the merged configuration
     # records the smoothing of the methods that read it; two folders that both read it must agree.
-    smooth = replace(cfg, personalization=replace(cfg.personalization, prior_smoothing=16.0))
-    compare(smooth, ["fedse-la"], [0], tmp_path / "s16")
+    def at(smoothing):
+        return replace(cfg, personalization=replace(cfg.personalization, prior_smoothing=smoothing))
+
+    compare(at(16.0), ["fedse-la"], [0], tmp_path / "s16")
     merged = merge([tmp_path / "a", tmp_path / "b", tmp_path / "s16"], tmp_path / "ab_s16")
     assert merged["methods"] == ["fedavg", "fedse", "fedse-la"]
     assert merged["config"]["personalization"]["prior_smoothing"] == 16.0
-    compare(cfg, ["fedavg-la"], [1], tmp_path / "s1")  # reads the prior, at smoothing 1
+    compare(at(1.0), ["fedavg-la"], [1], tmp_path / "s1")  # reads the prior, at smoothing 1
     with pytest.raises(ConfigError, match="another configuration"):
         merge([tmp_path / "s16", tmp_path / "s1"], tmp_path / "x")
     with pytest.raises(ConfigError, match="another configuration"):
