@@ -272,7 +272,11 @@ _READ_BY: dict[str, Callable[[RunPolicy], bool]] = {
 
 def _unread(raw: dict[str, Any], methods: Sequence[str]) -> set[str]:
     cfg = config_from_dict(raw)
-    return {key for key, reads in _READ_BY.items() if not any(reads(resolve(cfg, m)) for m in methods)}
+    try:
+        policies = [resolve(cfg, m) for m in methods]
+    except ValueError as err:  # a comparison.json naming a policy this fedse does not have
+        raise ConfigError(str(err)) from None
+    return {key for key, reads in _READ_BY.items() if not any(reads(p) for p in policies)}
 
 
 def _comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:

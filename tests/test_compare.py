@@ -225,3 +225,15 @@ def test_a_comparison_survives_interruption(tmp_path, monkeypatch):
     other = tiny_config(partition={"num_clients": 3}, model={"width": 4}, output={"dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="another configuration"):
         compare(other, ["fedavg"], [0], out)
+
+
+def test_merge_refuses_a_folder_naming_an_unknown_policy(tmp_path):
+    from fedse.config import config_to_dict
+
+    for name, methods in (("a", ["fedavg"]), ("b", ["no-such-policy"])):
+        (tmp_path / name).mkdir()
+        data = {"config": config_to_dict(tiny_config()), "methods": methods, "runs": [], "table": [], "holdout": 0}
+        (tmp_path / name / "comparison.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="unknown personalization policy 'no-such-policy'"):
+        merge([tmp_path / "a", tmp_path / "b"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
