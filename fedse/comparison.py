@@ -319,28 +319,22 @@ def merge(
         raise ConfigError(f"--methods: none of them is in the folders {[str(f) for f in folders]}")
     first_folder, first = loaded[0]
     base = _comparable(first["config"], first["methods"])
+    read = base.pop("personalization", {})  # the personalization settings some folder's methods read
     for folder, data in loaded[1:]:
         mine = _comparable(data["config"], data["methods"])
-        shared = {k: v for k, v in mine.get("personalization", {}).items() if k in base.get("personalization", {})}
-        theirs = {k: v for k, v in base.get("personalization", {}).items() if k in shared}
-        if {**mine, "personalization": shared} != {**base, "personalization": theirs} or data["holdout"] != first[
-            "holdout"
-        ]:
+        theirs = mine.pop("personalization", {})
+        clash = any(read.get(k, v) != v for k, v in theirs.items())  # a setting both folders read, differing
+        if mine != base or clash or data["holdout"] != first["holdout"]:
             raise ConfigError(
                 f"{str(folder)!r} was measured under another configuration or --holdout than "
                 f"{str(first_folder)!r}; only folders differing in methods, seeds and settings their "
                 f"methods do not read ({', '.join(f'personalization.{k}' for k in _READ_BY)}) can be merged"
             )
-        base["personalization"] = {**mine.get("personalization", {}), **base.get("personalization", {})}
-    # The merged configuration: the first folder's, with each policy-specific setting taken from a
-    # folder whose methods read it (all such folders agree: checked above).
+        read |= theirs
+    # The merged configuration: the first folder's, with each policy-specific setting as the folders
+    # whose methods read it have it (they agree: checked above).
     config = json.loads(json.dumps(first["config"]))
-    for key in _READ_BY:
-        for _, data in loaded:
-            if key not in _unread(data["config"], data["methods"]):
-                value = config_to_dict(config_from_dict(data["config"]))["personalization"][key]
-                config.setdefault("personalization", {})[key] = value
-                break
+    config.setdefault("personalization", {}).update({k: read[k] for k in _READ_BY if k in read})
     runs, seen = [], {}
     for folder, data in loaded:
         rows = {row["method"]: row for row in data["table"]}
