@@ -59,14 +59,17 @@ def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
 RESULT = "method_run.json"  # in a finished (method, seed) run folder: what the comparison needs of it
 
 
-def _split_summary(run_cfg: Config) -> dict[str, Any]:
+def _split_summary(run_cfg: Config) -> tuple[dict[str, Any], int]:
     """The policy's split of the run's model (a function of the config), with the values of the extra
     private state a client keeps beyond the model's private keys (Ditto's personal model, FedALA's local
-    model and mixing weights, FedRoD's personalized head)."""
+    model and mixing weights, FedRoD's personalized head); and the bytes of the shared tensors, what a
+    client uploads per round."""
     model = build_model(run_cfg, *model_shape(run_cfg))
     policy = resolve(run_cfg)
+    split, state = policy.split(model), model.state_dict()
     extra = sum(v.numel() for v in policy.extra_state(model).values())
-    return {**policy.split(model).summary(model), "extra_private_values": extra}
+    upload = sum(state[k].numel() * state[k].element_size() for k in split.shared)
+    return {**split.summary(model), "extra_private_values": extra}, upload
 
 
 def _settings(raw: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +95,7 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
             same = _settings(config_to_dict(config_from_dict(saved["config"]))) == _settings(expected["config"])
             if not same or saved.get("holdout") != holdout:
                 raise ConfigError(f"{folder} was run with another configuration or --holdout; compare into a new --out")
-            return replace(MethodRun(**saved["run"]), split=_split_summary(run_cfg))
+            return replace(MethodRun(**saved["run"]), split=_split_summary(run_cfg)[0])
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ConfigError(f"{folder / RESULT} is unreadable ({err}); delete that run folder to redo it") from None
     resume = (folder / CHECKPOINT).is_file()
@@ -100,11 +103,7 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
         shutil.rmtree(folder)
     trained = cfg.partition.num_clients - holdout
     result = simulate(run_cfg, quiet=True, clients=trained, run_dir=folder if resume else None, resume=resume)
-    fed = build_federated_data(run_cfg)
-    model = build_model(run_cfg, fed.dataset.num_classes, fed.dataset.channels, fed.dataset.image_size)
-    split = resolve(run_cfg).split(model)
-    state = model.state_dict()
-    upload = sum(state[k].numel() * state[k].element_size() for k in split.shared)
+    split, upload = _split_summary(run_cfg)
     hold = _holdout(run_cfg, result.outcome.shared_state, trained) if holdout else []
     run = MethodRun(
         method,
@@ -112,7 +111,7 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
         round_rows(result.outcome.log),
         client_rows(result.outcome.log),
         hold,
-        _split_summary(run_cfg),
+        split,
         upload,
         result.wall_seconds,
     )
