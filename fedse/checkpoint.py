@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from .config import Config, config_to_dict
+from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record
 from .io import atomic_save
 from .privacy import ClientDP
 from .records import from_arrays
@@ -38,7 +38,7 @@ def save_checkpoint(
     """The shared weights, the round, the run log and the DP accountant's ledger, written atomically."""
     payload = {
         "round": server_round,
-        "config": config_to_dict(cfg),
+        "config": config_to_record(cfg),
         "shared": from_arrays(arrays),
         "log": dataclasses.asdict(run_log),
         "accountant": dp.state() if dp is not None else "",
@@ -85,9 +85,10 @@ def load_checkpoint(
     if not isinstance(payload, dict) or set(payload) != _CHECKPOINT_KEYS:
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"cannot resume: {path} holds {found}, expected the keys {sorted(_CHECKPOINT_KEYS)}")
-    saved, now = payload["config"], config_to_dict(cfg)
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"cannot resume: {path}: its config is not a mapping")
+    try:  # read as the record it is: a key an older checkpoint lacks means what it meant then
+        saved, now = config_to_dict(config_from_record(payload["config"])), config_to_dict(cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"cannot resume: {path}: its config is not valid ({err})") from None
     saved, now = (
         {k: v for k, v in saved.items() if k not in ("server", "output")},
         {k: v for k, v in now.items() if k not in ("server", "output")},

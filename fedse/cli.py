@@ -207,7 +207,8 @@ def _predict(args: argparse.Namespace) -> int:
 
         if not (args.model / "config.yaml").is_file():
             raise ConfigError(f"--split needs a run folder (with config.yaml); {args.model} is not one")
-        shard = build_federated_data(load_config(args.model / "config.yaml")).shard(int(loaded.header["client"]))
+        run_cfg = load_config(args.model / "config.yaml", record=True)
+        shard = build_federated_data(run_cfg).shard(int(loaded.header["client"]))
         images, labels = (
             (shard.test_images, shard.test_labels)
             if args.split == "test"
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if resume is not None and not (resume / "config.yaml").is_file():
             raise ConfigError(f"--resume {resume}: no config.yaml there; is it a fedse run folder?")
-        cfg = load_config(resume / "config.yaml" if resume else args.config, args.overrides)
+        cfg = load_config(resume / "config.yaml" if resume else args.config, args.overrides, record=resume is not None)
     except ConfigError as err:
         return _fail(err)
     from .checkpoint import CheckpointError

@@ -16,20 +16,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import Config, ConfigError, config_from_dict, config_to_dict
+from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record
 from .federated import build_federated_data
 from .io import atomic_save, atomic_write_json, atomic_write_text
 from .partition import plot_label_counts
 from .policies import RunPolicy, resolve
 from .report import format_table, summarize, write_csv
 
-__all__ = ["MethodRun", "gain_table", "merge", "method_table", "paired_gains", "per_client", "write_comparison"]
+__all__ = [
+    "MethodRun",
+    "comparable",
+    "gain_table",
+    "merge",
+    "method_run_from",
+    "method_table",
+    "paired_gains",
+    "per_client",
+    "write_comparison",
+]
 
 
 @dataclass
@@ -42,6 +52,61 @@ class MethodRun:
     split: dict[str, Any]
     upload_bytes: int
     seconds: float
+
+
+# What the comparison reads of each row of a run (a client's test size is optional: older runs lack it).
+_ROWS = {
+    "rounds": ("round", "local_acc_mean"),
+    "clients": ("client", "local_acc", "pooled_acc"),
+    "holdout": ("global_acc", "private_acc", "full_acc"),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and bool(np.isfinite(v))
+
+
+def method_run_from(raw: Any, where: str) -> MethodRun:
+    """A run read back from a file (a run folder's ``method_run.json``, a ``comparison.json``), with
+    every field the comparison reads checked first: a damaged or foreign file is one ConfigError
+    naming it and the field, never a traceback while the tables are written."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{where}: {what}; it is not a run fedse wrote (delete it to redo that run)")
+
+    names = [f.name for f in fields(MethodRun)]
+    if not isinstance(raw, dict) or set(raw) != set(names):
+        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise bad(f"a run holds {found}, expected the keys {sorted(names)}")
+    if not isinstance(raw["method"], str) or not _is_int(raw["seed"]) or not _is_int(raw["upload_bytes"]):
+        raise bad("'method' must be a string, 'seed' and 'upload_bytes' integers")
+    if not _is_number(raw["seconds"]) or raw["seconds"] < 0:
+        raise bad(f"'seconds' {raw['seconds']!r} is not a duration")
+    split = raw["split"]
+    if (
+        not isinstance(split, dict)
+        or not _is_int(split.get("private_params"))
+        or not _is_number(split.get("private_percent"))
+    ):
+        raise bad("'split' must hold 'private_params' (an integer) and 'private_percent' (a number)")
+    for name, keys in _ROWS.items():
+        rows = raw[name]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and set(keys) <= set(r) for r in rows):
+            raise bad(f"'{name}' must be a list of rows, each with {list(keys)}")
+        for row in rows:
+            for key in keys:
+                v = row[key]
+                whole = key in ("round", "client")
+                if not (_is_int(v) if whole else v is None or (_is_number(v) and 0 <= v <= 1)):
+                    allowed = "an integer" if whole else "an accuracy in [0, 1] or null"
+                    raise bad(f"'{name}' row {key}={v!r}; allowed: {allowed}")
+    if any(not (c.get("test_samples") is None or _is_int(c["test_samples"])) for c in raw["clients"]):
+        raise bad("a client's 'test_samples' must be an integer or null")
+    return MethodRun(**raw)
 
 
 def _pm(values: Sequence[float | None], scale: float = 100.0, digits: int = 2) -> str:
@@ -237,7 +302,7 @@ def write_comparison(
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")
     _plots(runs, clients, out)
     summary = {
-        "config": config_to_dict(cfg),
+        "config": config_to_record(cfg),
         "methods": methods,
         "seeds": seeds,
         "holdout": holdout,
@@ -271,7 +336,7 @@ _READ_BY: dict[str, Callable[[RunPolicy], bool]] = {
 
 
 def _unread(raw: dict[str, Any], methods: Sequence[str]) -> set[str]:
-    cfg = config_from_dict(raw)
+    cfg = config_from_record(raw)
     try:
         policies = [resolve(cfg, m) for m in methods]
     except ValueError as err:  # a comparison.json naming a policy this fedse does not have
@@ -279,17 +344,55 @@ def _unread(raw: dict[str, Any], methods: Sequence[str]) -> set[str]:
     return {key for key, reads in _READ_BY.items() if not any(reads(p) for p in policies)}
 
 
-def _comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
-    """A comparison's configuration without what may differ between merged folders (read
-    through today's config, so a key added since, at its default, is no difference): seed, output,
-    the policy, and the settings none of ``methods`` reads."""
+def comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """A recorded configuration (:func:`~fedse.config.config_to_record`) without what may differ between
+    runs that measured the same thing: seed, output, the policy, and the settings none of ``methods``
+    reads. Read as the record it is, so a key an older record lacks has the value it had then."""
     unread = _unread(raw, methods)
-    raw = config_to_dict(config_from_dict(raw))
+    raw = config_to_dict(config_from_record(raw))
     raw.pop("seed", None)
     raw.pop("output", None)
     for key in ("policy", *unread):
         raw.get("personalization", {}).pop(key, None)
     return raw
+
+
+def _read_comparison(path: Path) -> dict[str, Any]:
+    """A folder's ``comparison.json``, checked: its configuration, methods, --holdout and runs (each
+    through :func:`method_run_from`)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); was the comparison interrupted?") from None
+    shape = "expected a mapping with 'config', 'methods' (names), 'holdout' (an integer), 'runs' and 'table'"
+    if (
+        not isinstance(data, dict)
+        or not {"config", "methods", "holdout", "runs", "table"} <= set(data)
+        or not isinstance(data["methods"], list)
+        or not all(isinstance(m, str) for m in data["methods"])
+        or not _is_int(data["holdout"])
+        or not isinstance(data["runs"], list)
+        or not isinstance(data["table"], list)
+        or not all(isinstance(row, dict) and isinstance(row.get("method"), str) for row in data["table"])
+    ):
+        raise ConfigError(f"{path} is not a fedse comparison: {shape}")
+    rows = {row["method"]: row for row in data["table"]}
+    runs = []
+    for index, r in enumerate(data["runs"]):
+        where = f"{path} run {index}"
+        if isinstance(r, dict) and r.get("method") in rows and ("split" not in r or "upload_bytes" not in r):
+            # folders written before runs carried their split and upload: take them from the table
+            row = rows[r["method"]]
+            try:
+                r = {
+                    "split": {"private_params": row["private_params"], "private_percent": float(row["private_pct"])},
+                    "upload_bytes": row["upload_bytes_per_client_round"],
+                    **r,
+                }
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"{where}: its method's table row lacks the split and upload bytes") from None
+        runs.append(method_run_from(r, where))
+    return {**data, "runs": runs}
 
 
 def merge(
@@ -304,13 +407,10 @@ def merge(
         path = Path(folder) / "comparison.json"
         if not path.is_file():
             raise ConfigError(f"{str(folder)!r} is not a comparison folder: {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path} is not valid JSON ({err}); was the comparison interrupted?") from None
+        data = _read_comparison(path)
         if methods is not None:
             data["methods"] = [m for m in data["methods"] if m in methods]
-            data["runs"] = [r for r in data["runs"] if r["method"] in methods]
+            data["runs"] = [r for r in data["runs"] if r.method in methods]
         if data["methods"]:
             loaded.append((Path(folder), data))
     if methods is not None and (missing := sorted(set(methods) - {m for _, d in loaded for m in d["methods"]})):
@@ -318,10 +418,10 @@ def merge(
     if not loaded:
         raise ConfigError(f"--methods: none of them is in the folders {[str(f) for f in folders]}")
     first_folder, first = loaded[0]
-    base = _comparable(first["config"], first["methods"])
+    base = comparable(first["config"], first["methods"])
     read = base.pop("personalization", {})  # the personalization settings some folder's methods read
     for folder, data in loaded[1:]:
-        mine = _comparable(data["config"], data["methods"])
+        mine = comparable(data["config"], data["methods"])
         theirs = mine.pop("personalization", {})
         clash = any(read.get(k, v) != v for k, v in theirs.items())  # a setting both folders read, differing
         if mine != base or clash or data["holdout"] != first["holdout"]:
@@ -337,24 +437,15 @@ def merge(
     config.setdefault("personalization", {}).update({k: read[k] for k in _READ_BY if k in read})
     runs, seen = [], {}
     for folder, data in loaded:
-        rows = {row["method"]: row for row in data["table"]}
         for r in data["runs"]:
-            key = (r["method"], r["seed"])
+            key = (r.method, r.seed)
             if key in seen:
                 raise ConfigError(
                     f"method {key[0]!r}, seed {key[1]} is in both {str(seen[key])!r} and "
                     f"{str(folder)!r}; merge each (method, seed) once"
                 )
             seen[key] = folder
-            row = rows[r["method"]]  # folders written before runs carried their split: take it from the table
-            split = r.get("split") or {
-                "private_params": row["private_params"],
-                "private_percent": float(row["private_pct"]),
-            }
-            upload = r.get("upload_bytes", row["upload_bytes_per_client_round"])
-            runs.append(
-                MethodRun(r["method"], r["seed"], r["rounds"], r["clients"], r["holdout"], split, upload, r["seconds"])
-            )
+            runs.append(r)
     order = list(dict.fromkeys(r.method for r in runs))
     runs.sort(key=lambda r: (r.seed, order.index(r.method)))
-    return write_comparison(config_from_dict(config), runs, out, holdout=first["holdout"], command=command)
+    return write_comparison(config_from_record(config), runs, out, holdout=first["holdout"], command=command)

@@ -35,8 +35,11 @@ __all__ = [
     "ServerConfig",
     "SimulationConfig",
     "TrainConfig",
+    "CONFIG_SCHEMA",
     "config_from_dict",
+    "config_from_record",
     "config_to_dict",
+    "config_to_record",
     "load_config",
     "parse_overrides",
 ]
@@ -496,6 +499,50 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+# A configuration written down with a run (checkpoint, run folder, comparison) is a *record*: it carries
+# the schema it was written under, so that reading it later never mistakes a key it lacks for today's
+# default. Each schema names the settings whose meaning changed for a record that lacks them: the value
+# every run before that schema ran with. Bump CONFIG_SCHEMA when a default changes or a key is added
+# whose absence meant something else, and say here what an older record meant.
+CONFIG_SCHEMA = 2
+_BEFORE: dict[int, dict[str, Any]] = {
+    # 2: the counted label prior's pseudo-count became a setting, 16 by default; before, add-one.
+    2: {"personalization.prior_smoothing": 1.0},
+}
+
+
+def config_to_record(cfg: Config) -> dict[str, Any]:
+    """The configuration as written down with a run: every key, and the schema it was written under."""
+    return {"schema": CONFIG_SCHEMA, **config_to_dict(cfg)}
+
+
+def config_from_record(raw: Any) -> Config:
+    """A configuration written down with a run, by this fedse or an older one: a key the record lacks
+    takes the value runs of its schema had (``_BEFORE``), not today's default. A record without a
+    schema predates schemas (1); one from a newer fedse is refused."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config record: expected a mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    schema = raw.pop("schema", 1)
+    if not isinstance(schema, int) or isinstance(schema, bool) or not 1 <= schema <= CONFIG_SCHEMA:
+        raise ConfigError(
+            f"config record key 'schema': {schema!r}; allowed: an integer in [1, {CONFIG_SCHEMA}] "
+            "(a larger one was written by a newer fedse)"
+        )
+    raw = json.loads(json.dumps(raw))  # a deep copy: the back-fill below must not touch the caller's mapping
+    for version in range(schema + 1, CONFIG_SCHEMA + 1):
+        for dotted, value in _BEFORE.get(version, {}).items():
+            *sections, key = dotted.split(".")
+            node = raw
+            for section in sections:
+                node = node.setdefault(section, {})
+                if not isinstance(node, dict):
+                    break
+            else:
+                node.setdefault(key, value)
+    return config_from_dict(raw)
+
+
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = raw
@@ -532,8 +579,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file (if any) <- ``--set`` overrides, validated once."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, record: bool = False
+) -> Config:
+    """Defaults <- YAML file (if any) <- ``--set`` overrides, validated once.
+
+    A file with a top-level ``schema`` is a run's record (a run folder's ``config.yaml``) and is read as
+    one (:func:`config_from_record`); so is any file when ``record`` is set, where a file without
+    ``schema`` predates schemas. A file a user wrote has no ``schema``: what it omits is today's default."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -555,4 +608,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    if record or "schema" in raw:
+        return config_from_record(_merge(raw, parse_overrides(overrides)))
     return config_from_dict(_merge(raw, parse_overrides(overrides)))

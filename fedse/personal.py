@@ -361,7 +361,7 @@ def adapt_new_client(
     own train part (``data_dir``), evaluate on its own test part, and write its complete model to
     ``out``. Returns it loaded."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml", overrides or [])
+    cfg = load_config(run_dir / "config.yaml", overrides or [], record=True)
     shared_path = run_dir / SHARED_FILE
     if not shared_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {SHARED_FILE}: is it a finished run folder?")

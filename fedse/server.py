@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, config_to_dict
+from .config import Config, config_to_dict, config_to_record
 from .federated import FederatedData, model_shape
 from .models import build_model
 from .policies import resolve
@@ -321,7 +321,7 @@ def run_server(
     if run_dir is not None:
         summary = write_run(
             run_dir,
-            config=config_to_dict(cfg),
+            config=config_to_record(cfg),
             log=strategy.log,
             split_summary=split.summary(model),
             shared_state=final,

@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     resume = str(rc["resume-from"])
     if resume:
         run_dir = resolve_output_dir(resume, ROOT)
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        cfg = load_config(run_dir / "config.yaml", overrides, record=True)
     else:
         config_file = Path(str(rc["config-file"]))
         cfg = load_config(config_file if config_file.is_absolute() else ROOT / config_file, overrides)

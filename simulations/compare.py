@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from fedse.checkpoint import CHECKPOINT
-from fedse.comparison import MethodRun, write_comparison
-from fedse.config import Config, ConfigError, config_from_dict, config_to_dict
+from fedse.comparison import MethodRun, comparable, method_run_from, write_comparison
+from fedse.config import Config, ConfigError, config_from_record, config_to_record
 from fedse.federated import build_federated_data, model_shape
 from fedse.io import atomic_write_json
 from fedse.local import adapt_and_evaluate
@@ -72,10 +72,6 @@ def _split_summary(run_cfg: Config) -> tuple[dict[str, Any], int]:
     return {**split.summary(model), "extra_private_values": extra}, upload
 
 
-def _settings(raw: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in raw.items() if k != "output"}
-
-
 def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> MethodRun:
     """One (method, seed): taken from its run folder when it finished before (``method_run.json``),
     continued from its checkpoint when it was interrupted, else run afresh."""
@@ -86,18 +82,30 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
         output=replace(cfg.output, dir=str(out / "runs"), name=f"{method}-seed{seed}"),
     )
     folder = out / "runs" / f"{method}-seed{seed}"
-    expected = {"config": config_to_dict(run_cfg), "holdout": holdout}
+    expected = {"config": config_to_record(run_cfg), "holdout": holdout}
     if (folder / RESULT).is_file():
+        redo = "delete that run folder to redo it"
         try:
             saved = json.loads((folder / RESULT).read_text())
-            # read through today's config: a key added since, at its default, is no difference; the
-            # output settings are where the folder is (it may have been moved, or named relatively)
-            same = _settings(config_to_dict(config_from_dict(saved["config"]))) == _settings(expected["config"])
-            if not same or saved.get("holdout") != holdout:
-                raise ConfigError(f"{folder} was run with another configuration or --holdout; compare into a new --out")
-            return replace(MethodRun(**saved["run"]), split=_split_summary(run_cfg)[0])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ConfigError(f"{folder / RESULT} is unreadable ({err}); delete that run folder to redo it") from None
+            record, raw_run, saved_holdout = saved["config"], saved["run"], saved["holdout"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"{folder / RESULT} is unreadable ({err}); {redo}") from None
+        # read as the record it is (a key an older record lacks has the value it had then); the same run
+        # if it differs only in where its folder is (moved, or named relatively) and in settings its
+        # method does not read
+        try:
+            was = config_from_record(record)
+        except ConfigError as err:
+            raise ConfigError(f"{folder / RESULT}: {err}; {redo}") from None
+        run = method_run_from(raw_run, str(folder / RESULT))
+        same = (
+            (was.seed, was.personalization.policy) == (run.seed, run.method) == (seed, method)
+            and comparable(record, [method]) == comparable(expected["config"], [method])
+            and saved_holdout == holdout
+        )
+        if not same:
+            raise ConfigError(f"{folder} was run with another configuration or --holdout; compare into a new --out")
+        return replace(run, split=_split_summary(run_cfg)[0])
     resume = (folder / CHECKPOINT).is_file()
     if folder.exists() and not resume:  # stopped before its first round: nothing to keep
         shutil.rmtree(folder)

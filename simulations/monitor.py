@@ -86,7 +86,7 @@ def _scenarios(fed, client: int, own: torch.Tensor, max_other: int, seed: int) -
 
 def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Score every client of ``run_dir`` (see the module docstring); write ``out``; return the figures."""
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", record=True)
     fed = build_federated_data(cfg)
     per_client: list[dict[str, Any]] = []
     fingerprints, examples = [], None

@@ -75,6 +75,24 @@ def test_checkpoint_of_another_configuration(tmp_path):
     assert load_checkpoint(tmp_path, more, SHARED)[0] == 1
 
 
+def test_a_checkpoint_from_before_a_default_changed_is_not_resumed_under_the_new_one(tmp_path):
+    """A checkpoint's config without a schema predates schemas: the prior smoothing it lacks was add-one,
+    so resuming it under today's default (16) is refused, not silently continued with another prior."""
+    cfg = tiny_config(personalization={"policy": "fedse-la"})
+    _save(tmp_path, cfg)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    old = {k: v for k, v in payload["config"].items() if k != "schema"}
+    del old["personalization"]["prior_smoothing"]
+    _save(tmp_path, cfg, config=old)
+    with pytest.raises(CheckpointError, match=r"differs from the checkpoint's in \['personalization'\]"):
+        load_checkpoint(tmp_path, cfg, SHARED)
+    then = dataclasses.replace(cfg, personalization=dataclasses.replace(cfg.personalization, prior_smoothing=1.0))
+    assert load_checkpoint(tmp_path, then, SHARED)[0] == 1
+    _save(tmp_path, cfg, config={**old, "schema": 9})
+    with pytest.raises(CheckpointError, match=r"its config is not valid .*'schema': 9"):
+        load_checkpoint(tmp_path, cfg, SHARED)
+
+
 def test_a_non_tensor_pickle_is_never_loaded(tmp_path):
     class Evil:
         def __reduce__(self):

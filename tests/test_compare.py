@@ -237,3 +237,74 @@ def test_merge_refuses_a_folder_naming_an_unknown_policy(tmp_path):
     with pytest.raises(ConfigError, match="unknown personalization policy 'no-such-policy'"):
         merge([tmp_path / "a", tmp_path / "b"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_finished_run_recorded_before_a_default_changed_is_not_taken_for_todays(tmp_path):
+    """``compare --out`` reads a finished run back only if it measured the same thing: a record without a
+    schema lacking prior_smoothing ran with add-one smoothing, so for fedse-la (which reads it) it is not
+    today's default of 16; for fedavg (which does not) it is the same run."""
+    from dataclasses import asdict
+
+    from fedse.config import config_to_dict
+
+    cfg = tiny_config(output={"dir": str(tmp_path)})
+    out = tmp_path / "cmp"
+    for method in ("fedse-la", "fedavg"):
+        run_cfg = replace(
+            cfg,
+            personalization=replace(cfg.personalization, policy=method),
+            output=replace(cfg.output, dir=str(out / "runs"), name=f"{method}-seed0"),
+        )
+        legacy = config_to_dict(run_cfg)  # a record written before schemas
+        del legacy["personalization"]["prior_smoothing"]
+        split = {"private_params": 0, "private_percent": 0.0}
+        run = MethodRun(method, 0, [{"round": 1, "local_acc_mean": 0.5}], [], [], split, 0, 1.0)
+        folder = out / "runs" / f"{method}-seed0"
+        folder.mkdir(parents=True)
+        (folder / "method_run.json").write_text(json.dumps({"config": legacy, "holdout": 0, "run": asdict(run)}))
+    with pytest.raises(ConfigError, match="fedse-la-seed0 was run with another configuration"):
+        compare(cfg, ["fedse-la"], [0], out)
+    summary = compare(cfg, ["fedavg"], [0], out)  # read back, not rerun
+    assert [(r["method"], r["seconds"]) for r in summary["runs"]] == [("fedavg", 1.0)]
+
+
+@pytest.mark.parametrize(
+    "damage,pattern",
+    [
+        (lambda r: r.pop("seconds"), "a run holds .*expected the keys"),
+        (lambda r: r.update(seed="0"), "'method' must be a string, 'seed' and 'upload_bytes' integers"),
+        (
+            lambda r: r.update(rounds=[{"round": 1}]),
+            r"'rounds' must be a list of rows, each with \['round', 'local_acc_mean'\]",
+        ),
+        (
+            lambda r: r.update(clients=[{"client": 0, "local_acc": 7, "pooled_acc": None}]),
+            "'clients' row local_acc=7; allowed: an accuracy",
+        ),
+        (lambda r: r.update(split={}), "'split' must hold 'private_params'"),
+    ],
+)
+def test_a_damaged_run_file_is_one_error_naming_it(damage, pattern):
+    from dataclasses import asdict
+
+    from fedse.comparison import method_run_from
+
+    raw = asdict(MethodRun("fedavg", 0, [], [], [], {"private_params": 0, "private_percent": 0.0}, 0, 1.0))
+    assert method_run_from(dict(raw), "f.json") == MethodRun(**raw)
+    damage(raw)
+    with pytest.raises(ConfigError, match=f"f.json: {pattern}"):
+        method_run_from(raw, "f.json")
+
+
+def test_merge_refuses_a_comparison_json_that_fedse_did_not_write(tmp_path):
+    from fedse.config import config_to_record
+
+    good = {"config": config_to_record(tiny_config()), "methods": ["fedavg"], "runs": [], "table": [], "holdout": 0}
+    for name, data in (("a", good), ("b", {**good, "methods": "fedavg"}), ("c", {**good, "runs": [{"method": 1}]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "comparison.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"b/comparison.json is not a fedse comparison: expected a mapping"):
+        merge([tmp_path / "a", tmp_path / "b"], tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"c/comparison.json run 0: a run holds \['method'\]"):
+        merge([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -2,7 +2,17 @@
 
 import pytest
 
-from fedse.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides
+from fedse.config import (
+    CONFIG_SCHEMA,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_from_record,
+    config_to_dict,
+    config_to_record,
+    load_config,
+    parse_overrides,
+)
 
 
 def test_defaults_and_round_trip():
@@ -249,3 +259,44 @@ def test_bf16_is_refused_with_sample_level_dp():
                 "privacy": {"mode": "sample", "noise_multiplier": 1.0},
             }
         )
+
+
+def _without_smoothing(record):
+    del record["personalization"]["prior_smoothing"]
+    return record
+
+
+def test_a_record_keeps_the_meaning_it_was_written_with():
+    """A run's written-down config carries its schema: a key an older record lacks takes the value runs
+    then had (add-one prior smoothing before schema 2), not today's default (16); one a user's file
+    omits is today's default."""
+    cfg = config_from_dict({"personalization": {"policy": "fedse-la", "prior_smoothing": 4}})
+    record = config_to_record(cfg)
+    assert record["schema"] == CONFIG_SCHEMA == 2 and config_from_record(record) == cfg
+    legacy = _without_smoothing({k: v for k, v in config_to_dict(cfg).items()})  # no schema: before schemas
+    assert config_from_record(legacy).personalization.prior_smoothing == 1.0
+    assert "prior_smoothing" not in legacy["personalization"]  # the caller's mapping is left alone
+    current = _without_smoothing(config_to_record(cfg))  # schema 2 lacking it: today's default
+    assert config_from_record(current).personalization.prior_smoothing == 16.0
+    assert config_from_dict(legacy).personalization.prior_smoothing == 16.0  # a user's mapping
+
+
+@pytest.mark.parametrize("schema", [0, 3, "2", True, 2.0, None])
+def test_a_record_of_an_unknown_schema_is_refused(schema):
+    with pytest.raises(ConfigError, match=r"config record key 'schema': .*allowed: an integer in \[1, 2\]"):
+        config_from_record({**config_to_record(Config()), "schema": schema})
+    with pytest.raises(ConfigError, match="config record: expected a mapping, got list"):
+        config_from_record([1])
+
+
+def test_load_config_reads_a_run_folders_record_as_a_record(tmp_path):
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    record = _without_smoothing(config_to_record(Config()))
+    path.write_text(yaml.safe_dump({**record, "schema": 1}))  # written by a run under schema 1
+    assert load_config(path).personalization.prior_smoothing == 1.0
+    assert load_config(path, ["personalization.prior_smoothing=8"]).personalization.prior_smoothing == 8.0
+    path.write_text(yaml.safe_dump({k: v for k, v in record.items() if k != "schema"}))
+    assert load_config(path).personalization.prior_smoothing == 16.0  # a user's file: today's default
+    assert load_config(path, record=True).personalization.prior_smoothing == 1.0  # a run's, from before schemas
