@@ -70,6 +70,23 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of running: combine comparison folders measured under the same config "
         "(other methods or seeds) into --out",
     )
+    cmp.add_argument(
+        "--budget",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="instead of running: one table of comparison folders measured under other local budgets "
+        "(batch size, epochs, width): accuracy, rounds, seconds and upload to --target; with --out, "
+        "also written there as budget.md and budget.csv",
+    )
+    cmp.add_argument(
+        "--target",
+        type=float,
+        default=0.9,
+        help="with --budget: the mean personalized accuracy whose round, seconds and upload are "
+        "reported (default: %(default)s)",
+    )
     prd = sub.add_parser(
         "predict", help="score images with a client's personalized model: a CSV of labels and probabilities"
     )
@@ -326,9 +343,20 @@ def main(argv: list[str] | None = None) -> int:
 
             from simulations.compare import compare
 
-            from .comparison import merge
+            from .comparison import budget_report, budget_table, merge, write_budget
 
             command = "fedse " + " ".join(argv if argv is not None else sys.argv[1:])
+            if args.budget:
+                if args.merge:
+                    raise ConfigError("--budget and --merge: give one of them")
+                if not 0 < args.target <= 1:
+                    raise ConfigError(f"--target {args.target}: allowed: an accuracy in (0, 1]")
+                rows = budget_table(args.budget, args.target)
+                print(budget_report(rows, command))
+                if args.out is not None:
+                    write_budget(rows, command, args.out)
+                    print(f"budget table: {args.out / 'budget.md'}")
+                return 0
             if args.merge:
                 if args.out is None:
                     raise ConfigError("--merge needs --out: the folder the combined comparison is written to")

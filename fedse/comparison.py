@@ -31,6 +31,8 @@ from .report import format_table, summarize, write_csv
 
 __all__ = [
     "MethodRun",
+    "budget_report",
+    "budget_table",
     "comparable",
     "gain_table",
     "merge",
@@ -38,6 +40,7 @@ __all__ = [
     "method_table",
     "paired_gains",
     "per_client",
+    "write_budget",
     "write_comparison",
 ]
 
@@ -449,3 +452,89 @@ def merge(
     order = list(dict.fromkeys(r.method for r in runs))
     runs.sort(key=lambda r: (r.seed, order.index(r.method)))
     return write_comparison(config_from_record(config), runs, out, holdout=first["holdout"], command=command)
+
+
+def _reached(run: MethodRun, target: float) -> tuple[int, float] | None:
+    """(round, seconds since the start) at which ``run``'s mean personalized accuracy first reached
+    ``target``; None if it never did (or a round's time is missing)."""
+    elapsed = 0.0
+    for row in run.rounds:
+        if row.get("seconds") is None:
+            return None
+        elapsed += row["seconds"]
+        if row["local_acc_mean"] is not None and row["local_acc_mean"] >= target:
+            return row["round"], elapsed
+    return None
+
+
+def budget_table(folders: Sequence[Path], target: float = 0.9) -> list[dict[str, Any]]:
+    """One row per (folder, method): comparisons measured under other local budgets (batch size, local
+    epochs, model width) side by side, with what each budget buys per round, per second and per byte
+    sent: the accuracy after the last round, the round and the seconds at which the mean personalized
+    accuracy first reached ``target``, and the megabytes a client had uploaded by then. SGD steps per
+    round are the shared update's: local_epochs x ceil(train samples / batch size), summed over the
+    clients that trained (a policy's extra epochs, such as fine-tuning, are not counted)."""
+    from .federated import model_shape
+    from .models import build_model
+
+    rows = []
+    for folder in folders:
+        path = Path(folder) / "comparison.json"
+        if not path.is_file():
+            raise ConfigError(f"{str(folder)!r} is not a comparison folder: {path} does not exist")
+        data = _read_comparison(path)
+        cfg = config_from_record(data["config"])
+        model = build_model(cfg, *model_shape(cfg))
+        params = sum(p.numel() for p in model.parameters())
+        table = {row["method"]: row for row in method_table(data["runs"])}
+        for method in data["methods"]:
+            mine = [r for r in data["runs"] if r.method == method]
+            reached = [_reached(r, target) for r in mine]
+            hit = [x for x in reached if x is not None]
+            samples = [c.get("train_samples") for c in mine[0].clients]
+            steps = (
+                None
+                if not samples or any(n is None for n in samples)
+                else cfg.train.local_epochs * sum(-(-n // cfg.train.batch_size) for n in samples)
+            )
+            rounds = [r.rounds[-1]["round"] for r in mine if r.rounds]
+            rows.append(
+                {
+                    "method": method,
+                    "batch": cfg.train.batch_size,
+                    "width": model.conv1.out_channels,  # the first stage's: model.width, or the model's default
+                    "params": params,
+                    "steps_per_round": steps,
+                    "rounds": max(rounds) if rounds else None,
+                    "personalized_mean_last": table[method]["personalized_mean_last"],
+                    "personalized_weighted_last": table[method]["personalized_weighted_last"],
+                    "worst_10pct": table[method]["worst_10pct"],
+                    f"round_to_{target * 100:g}": (
+                        f"{np.mean([h[0] for h in hit]):.1f}" if len(hit) == len(mine) else "not reached"
+                    ),
+                    f"seconds_to_{target * 100:g}": (
+                        f"{np.mean([h[1] for h in hit]):.0f}" if len(hit) == len(mine) else "-"
+                    ),
+                    f"upload_MB_to_{target * 100:g}": (
+                        f"{np.mean([h[0] for h in hit]) * mine[0].upload_bytes / 1e6:.2f}"
+                        if len(hit) == len(mine)
+                        else "-"
+                    ),
+                    "wall_s_per_run": table[method]["wall_s_per_run"],
+                    "upload_bytes_per_client_round": mine[0].upload_bytes,
+                    "seeds": len(mine),
+                }
+            )
+    return rows
+
+
+def budget_report(rows: Sequence[dict[str, Any]], command: str = "") -> str:
+    """:func:`budget_table`'s rows as Markdown, with the command that made them."""
+    return "# Budget table\n\n" + (f"`{command}`\n\n" if command else "") + format_table(rows) + "\n"
+
+
+def write_budget(rows: Sequence[dict[str, Any]], command: str, out: Path) -> None:
+    """``budget.md`` and ``budget.csv`` of :func:`budget_table`'s rows in ``out``, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "budget.md", budget_report(rows, command))
+    write_csv(out / "budget.csv", rows)

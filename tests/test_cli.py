@@ -40,6 +40,14 @@ def test_merge_needs_an_out_folder_and_real_comparisons(capsys, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_budget_table_refuses_a_bad_target_and_a_missing_folder(capsys, tmp_path):
+    assert main(["compare", "--budget", str(tmp_path / "a"), "--target", "90"]) == 2
+    assert "--target 90.0: allowed: an accuracy in (0, 1]" in capsys.readouterr().err
+    assert main(["compare", "--budget", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
+    assert "is not a comparison folder" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 # --------------------------------------------------------------------------- hostile values (issue 13)
 
 import os  # noqa: E402

@@ -308,3 +308,49 @@ def test_merge_refuses_a_comparison_json_that_fedse_did_not_write(tmp_path):
     with pytest.raises(ConfigError, match=r"c/comparison.json run 0: a run holds \['method'\]"):
         merge([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_budget_table_hand_computed(tmp_path):
+    """Two comparisons under other batch sizes side by side: steps per round are local_epochs x
+    ceil(n / batch) summed over clients; the round and seconds at which the mean personalized accuracy
+    first reached the target, and the upload by then, are averaged over seeds only if every seed got
+    there."""
+    from dataclasses import asdict
+
+    from fedse.comparison import budget_table
+    from fedse.config import config_to_record
+
+    split = {"private_params": 0, "private_percent": 0.0}
+    clients = [
+        {"client": 0, "local_acc": 0.9, "pooled_acc": None, "train_samples": 25, "test_samples": 10},
+        {"client": 1, "local_acc": 0.7, "pooled_acc": None, "train_samples": 10, "test_samples": 30},
+    ]
+    curve = lambda *accs: [  # noqa: E731
+        {"round": i + 1, "local_acc_mean": a, "seconds": 10.0 + i} for i, a in enumerate(accs)
+    ]
+    for batch, runs in (
+        (10, [MethodRun("fedavg", 0, curve(0.5, 0.91, 0.95), clients, [], split, 10**6, 40.0)]),
+        (
+            64,
+            [
+                MethodRun("fedavg", 0, curve(0.95, 0.96), clients, [], split, 10**6, 30.0),
+                MethodRun("fedavg", 1, curve(0.5, 0.6), clients, [], split, 10**6, 30.0),
+            ],
+        ),
+    ):
+        (tmp_path / f"b{batch}").mkdir()
+        cfg = tiny_config(train={"batch_size": batch, "local_epochs": 2})
+        data = {
+            "config": config_to_record(cfg),
+            "methods": ["fedavg"],
+            "holdout": 0,
+            "runs": [asdict(r) for r in runs],
+            "table": [],
+        }
+        (tmp_path / f"b{batch}" / "comparison.json").write_text(json.dumps(data))
+    b10, b64 = budget_table([tmp_path / "b10", tmp_path / "b64"], target=0.9)
+    assert (b10["batch"], b10["steps_per_round"], b64["steps_per_round"]) == (10, 2 * (3 + 1), 2 * (1 + 1))
+    assert (b10["round_to_90"], b10["seconds_to_90"], b10["upload_MB_to_90"]) == ("2.0", "21", "2.00")
+    assert b10["personalized_mean_last"] == "80.00" and b10["personalized_weighted_last"] == "75.00"
+    assert b64["round_to_90"] == "not reached" and b64["seeds"] == 2  # seed 1 never got there
+    assert b10["width"] == b64["width"] == tiny_config().model.width
