@@ -395,6 +395,8 @@ def _read_comparison(path: Path) -> dict[str, Any]:
             except (KeyError, TypeError, ValueError):
                 raise ConfigError(f"{where}: its method's table row lacks the split and upload bytes") from None
         runs.append(method_run_from(r, where))
+    if set(data["methods"]) != {r.method for r in runs}:
+        raise ConfigError(f"{path}: its methods {data['methods']} are not those of its runs; not a fedse comparison")
     return {**data, "runs": runs}
 
 

@@ -227,12 +227,19 @@ def test_a_comparison_survives_interruption(tmp_path, monkeypatch):
         compare(other, ["fedavg"], [0], out)
 
 
+def _run_dict(method: str) -> dict:
+    from dataclasses import asdict
+
+    return asdict(MethodRun(method, 0, [], [], [], {"private_params": 0, "private_percent": 0.0}, 0, 1.0))
+
+
 def test_merge_refuses_a_folder_naming_an_unknown_policy(tmp_path):
     from fedse.config import config_to_dict
 
     for name, methods in (("a", ["fedavg"]), ("b", ["no-such-policy"])):
         (tmp_path / name).mkdir()
-        data = {"config": config_to_dict(tiny_config()), "methods": methods, "runs": [], "table": [], "holdout": 0}
+        runs = [_run_dict(m) for m in methods]
+        data = {"config": config_to_dict(tiny_config()), "methods": methods, "runs": runs, "table": [], "holdout": 0}
         (tmp_path / name / "comparison.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="unknown personalization policy 'no-such-policy'"):
         merge([tmp_path / "a", tmp_path / "b"], tmp_path / "x")
@@ -299,14 +306,29 @@ def test_a_damaged_run_file_is_one_error_naming_it(damage, pattern):
 def test_merge_refuses_a_comparison_json_that_fedse_did_not_write(tmp_path):
     from fedse.config import config_to_record
 
-    good = {"config": config_to_record(tiny_config()), "methods": ["fedavg"], "runs": [], "table": [], "holdout": 0}
-    for name, data in (("a", good), ("b", {**good, "methods": "fedavg"}), ("c", {**good, "runs": [{"method": 1}]})):
+    good = {
+        "config": config_to_record(tiny_config()),
+        "methods": ["fedavg"],
+        "runs": [_run_dict("fedavg")],
+        "table": [],
+        "holdout": 0,
+    }
+    for name, data in (
+        ("a", good),
+        ("b", {**good, "methods": "fedavg"}),
+        ("c", {**good, "runs": [{"method": 1}]}),
+        ("d", {**good, "methods": ["fedavg", "fedse"]}),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "comparison.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"b/comparison.json is not a fedse comparison: expected a mapping"):
         merge([tmp_path / "a", tmp_path / "b"], tmp_path / "x")
     with pytest.raises(ConfigError, match=r"c/comparison.json run 0: a run holds \['method'\]"):
         merge([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
+    with pytest.raises(
+        ConfigError, match=r"d/comparison.json: its methods \['fedavg', 'fedse'\] are not those of its runs"
+    ):
+        merge([tmp_path / "a", tmp_path / "d"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
