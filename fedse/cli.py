@@ -55,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated policies (default: {DEFAULT_METHODS}); with --merge: take only these "
-        "methods from the folders",
+        help=f"comma-separated policies (default: {DEFAULT_METHODS}); with --merge or --budget: take only "
+        "these methods from the folders",
     )
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     cmp.add_argument("--holdout", type=int, default=0, help="keep the last K clients out of training (cold start)")
@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError("--budget and --merge: give one of them")
                 if not 0 < args.target <= 1:
                     raise ConfigError(f"--target {args.target}: allowed: an accuracy in (0, 1]")
-                rows = budget_table(args.budget, args.target)
+                rows = budget_table(args.budget, args.target, _methods(args.methods))
+                if not rows:
+                    raise ConfigError(f"--methods {args.methods}: in none of the folders {args.budget}")
                 print(budget_report(rows, command))
                 if args.out is not None:
                     write_budget(rows, command, args.out)

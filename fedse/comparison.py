@@ -469,13 +469,16 @@ def _reached(run: MethodRun, target: float) -> tuple[int, float] | None:
     return None
 
 
-def budget_table(folders: Sequence[Path], target: float = 0.9) -> list[dict[str, Any]]:
+def budget_table(
+    folders: Sequence[Path], target: float = 0.9, methods: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """One row per (folder, method): comparisons measured under other local budgets (batch size, local
     epochs, model width) side by side, with what each budget buys per round, per second and per byte
     sent: the accuracy after the last round, the round and the seconds at which the mean personalized
     accuracy first reached ``target``, and the megabytes a client had uploaded by then. SGD steps per
     round are the shared update's: local_epochs x ceil(train samples / batch size), summed over the
-    clients that trained (a policy's extra epochs, such as fine-tuning, are not counted)."""
+    clients that trained (a policy's extra epochs, such as fine-tuning, are not counted). ``methods``:
+    only these (None: every method of every folder)."""
     from .federated import model_shape
     from .models import build_model
 
@@ -489,7 +492,7 @@ def budget_table(folders: Sequence[Path], target: float = 0.9) -> list[dict[str,
         model = build_model(cfg, *model_shape(cfg))
         params = sum(p.numel() for p in model.parameters())
         table = {row["method"]: row for row in method_table(data["runs"])}
-        for method in data["methods"]:
+        for method in [m for m in data["methods"] if methods is None or m in methods]:
             mine = [r for r in data["runs"] if r.method == method]
             reached = [_reached(r, target) for r in mine]
             hit = [x for x in reached if x is not None]

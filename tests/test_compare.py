@@ -376,3 +376,4 @@ def test_budget_table_hand_computed(tmp_path):
     assert b10["personalized_mean_last"] == "80.00" and b10["personalized_weighted_last"] == "75.00"
     assert b64["round_to_90"] == "not reached" and b64["seeds"] == 2  # seed 1 never got there
     assert b10["width"] == b64["width"] == tiny_config().model.width
+    assert budget_table([tmp_path / "b10"], methods=["fedse"]) == []  # --methods picks methods out
