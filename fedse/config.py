@@ -10,6 +10,7 @@ through the same validation as the file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -529,7 +530,7 @@ def config_from_record(raw: Any) -> Config:
             f"config record key 'schema': {schema!r}; allowed: an integer in [1, {CONFIG_SCHEMA}] "
             "(a larger one was written by a newer fedse)"
         )
-    raw = json.loads(json.dumps(raw))  # a deep copy: the back-fill below must not touch the caller's mapping
+    raw = copy.deepcopy(raw)  # the back-fill below must not touch the caller's mapping
     for version in range(schema + 1, CONFIG_SCHEMA + 1):
         for dotted, value in _BEFORE.get(version, {}).items():
             *sections, key = dotted.split(".")

@@ -300,3 +300,10 @@ def test_load_config_reads_a_run_folders_record_as_a_record(tmp_path):
     path.write_text(yaml.safe_dump({k: v for k, v in record.items() if k != "schema"}))
     assert load_config(path).personalization.prior_smoothing == 16.0  # a user's file: today's default
     assert load_config(path, record=True).personalization.prior_smoothing == 1.0  # a run's, from before schemas
+
+
+def test_a_record_with_a_yaml_date_is_one_error(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("schema: 1\nseed: 2026-11-30\n")  # YAML reads a date, which JSON cannot hold
+    with pytest.raises(ConfigError, match="'seed'"):
+        load_config(path)
