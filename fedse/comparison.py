@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record
-from .federated import build_federated_data
+from .federated import build_federated_data, model_shape
 from .io import atomic_save, atomic_write_json, atomic_write_text
+from .models import build_model
 from .partition import plot_label_counts
 from .policies import RunPolicy, resolve
 from .report import format_table, summarize, write_csv
@@ -338,8 +339,7 @@ _READ_BY: dict[str, Callable[[RunPolicy], bool]] = {
 }
 
 
-def _unread(raw: dict[str, Any], methods: Sequence[str]) -> set[str]:
-    cfg = config_from_record(raw)
+def _unread(cfg: Config, methods: Sequence[str]) -> set[str]:
     try:
         policies = [resolve(cfg, m) for m in methods]
     except ValueError as err:  # a comparison.json naming a policy this fedse does not have
@@ -351,8 +351,9 @@ def comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
     """A recorded configuration (:func:`~fedse.config.config_to_record`) without what may differ between
     runs that measured the same thing: seed, output, the policy, and the settings none of ``methods``
     reads. Read as the record it is, so a key an older record lacks has the value it had then."""
-    unread = _unread(raw, methods)
-    raw = config_to_dict(config_from_record(raw))
+    cfg = config_from_record(raw)
+    unread = _unread(cfg, methods)
+    raw = config_to_dict(cfg)
     raw.pop("seed", None)
     raw.pop("output", None)
     for key in ("policy", *unread):
@@ -360,9 +361,12 @@ def comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
     return raw
 
 
-def _read_comparison(path: Path) -> dict[str, Any]:
+def _read_comparison(folder: Path) -> dict[str, Any]:
     """A folder's ``comparison.json``, checked: its configuration, methods, --holdout and runs (each
     through :func:`method_run_from`)."""
+    path = Path(folder) / "comparison.json"
+    if not path.is_file():
+        raise ConfigError(f"{str(folder)!r} is not a comparison folder: {path} does not exist")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -409,10 +413,7 @@ def merge(
         raise ConfigError(f"--merge needs at least two comparison folders, got {len(folders)}")
     loaded = []
     for folder in folders:
-        path = Path(folder) / "comparison.json"
-        if not path.is_file():
-            raise ConfigError(f"{str(folder)!r} is not a comparison folder: {path} does not exist")
-        data = _read_comparison(path)
+        data = _read_comparison(folder)
         if methods is not None:
             data["methods"] = [m for m in data["methods"] if m in methods]
             data["runs"] = [r for r in data["runs"] if r.method in methods]
@@ -479,15 +480,9 @@ def budget_table(
     round are the shared update's: local_epochs x ceil(train samples / batch size), summed over the
     clients that trained (a policy's extra epochs, such as fine-tuning, are not counted). ``methods``:
     only these (None: every method of every folder)."""
-    from .federated import model_shape
-    from .models import build_model
-
     rows = []
     for folder in folders:
-        path = Path(folder) / "comparison.json"
-        if not path.is_file():
-            raise ConfigError(f"{str(folder)!r} is not a comparison folder: {path} does not exist")
-        data = _read_comparison(path)
+        data = _read_comparison(folder)
         cfg = config_from_record(data["config"])
         model = build_model(cfg, *model_shape(cfg))
         params = sum(p.numel() for p in model.parameters())
