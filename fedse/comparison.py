@@ -25,7 +25,7 @@ import numpy as np
 from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record
 from .federated import build_federated_data, model_shape
 from .io import atomic_save, atomic_write_json, atomic_write_text
-from .models import build_model
+from .models import base_width, build_model
 from .partition import plot_label_counts
 from .policies import RunPolicy, resolve
 from .report import format_table, summarize, write_csv
@@ -350,10 +350,12 @@ def _unread(cfg: Config, methods: Sequence[str]) -> set[str]:
 def comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
     """A recorded configuration (:func:`~fedse.config.config_to_record`) without what may differ between
     runs that measured the same thing: seed, output, the policy, and the settings none of ``methods``
-    reads. Read as the record it is, so a key an older record lacks has the value it had then."""
+    reads. Read as the record it is, so a key an older record lacks has the value it had then; the
+    model's width as built, so ``width: null`` and the family's default width are the same model."""
     cfg = config_from_record(raw)
     unread = _unread(cfg, methods)
     raw = config_to_dict(cfg)
+    raw["model"]["width"] = base_width(cfg.model.name, cfg.model.width)
     raw.pop("seed", None)
     raw.pop("output", None)
     for key in ("policy", *unread):

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # models and the training loop import with torch alone (a bar
 __all__ = [
     "MODELS",
     "NORM_TYPES",
+    "base_width",
     "build_model",
     "SEBlock",
     "SEResNet",
@@ -226,6 +227,15 @@ MODELS: dict[str, _Arch] = {
 }
 
 
+def base_width(name: str, width: int | None) -> int:
+    """The first stage's width of model ``name`` built with ``width``: ``width`` itself, or the
+    family's default when it is None (16 CIFAR-style, 64 ImageNet-style). ``width: null`` and
+    ``width: 16`` build the same se_resnet8, and records compare through this."""
+    if width is not None:
+        return width
+    return 16 if MODELS[name].family == "cifar" else 64
+
+
 def create_model(
     name: str,
     *,
@@ -248,7 +258,7 @@ def create_model(
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     arch = MODELS[name]
-    base = width if width is not None else (16 if arch.family == "cifar" else 64)
+    base = base_width(name, width)
     stem = "cifar" if arch.family == "cifar" or image_size <= 64 else "imagenet"
     return SEResNet(
         arch.blocks,

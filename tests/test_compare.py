@@ -174,6 +174,16 @@ def test_merge_combines_folders_measured_apart(tmp_path):
     (tmp_path / "c" / "comparison.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match="another configuration"):
         merge([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
+    # width null builds the family's default width (16 for se_resnet8): the same model as width 16, so
+    # such folders merge; null against width 8 (tiny_config's) is another model and is refused.
+    for name, source, width in (("w_null", "a", None), ("w16", "b", 16)):
+        data = json.loads((tmp_path / source / "comparison.json").read_text())
+        data["config"]["model"]["width"] = width
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "comparison.json").write_text(json.dumps(data))
+    assert merge([tmp_path / "w_null", tmp_path / "w16"], tmp_path / "w")["methods"] == ["fedavg", "fedse"]
+    with pytest.raises(ConfigError, match="another configuration"):
+        merge([tmp_path / "w_null", tmp_path / "b"], tmp_path / "x")
     with pytest.raises(ConfigError, match="is not a comparison folder"):
         merge([tmp_path / "a", tmp_path / "missing"], tmp_path / "x")
     assert not (tmp_path / "x").exists()  # nothing written on a refused merge
