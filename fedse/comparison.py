@@ -504,7 +504,7 @@ def budget_table(
                 {
                     "method": method,
                     "batch": cfg.train.batch_size,
-                    "width": model.conv1.out_channels,  # the first stage's: model.width, or the model's default
+                    "width": base_width(cfg.model.name, cfg.model.width),
                     "params": params,
                     "steps_per_round": steps,
                     "rounds": max(rounds) if rounds else None,
