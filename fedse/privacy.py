@@ -153,18 +153,23 @@ class SampleDP:
         this client's accountant. An empty Poisson batch is a noise-only step, counted like any
         other. Everything Opacus puts on the parameters is removed on exit.
 
-        Poisson sampling and noise draw from a generator seeded from ``os.urandom``, never from the
-        run's seed: noise or batches predictable from the configuration would void the guarantee
-        (and the subsampling amplification). DP runs are therefore not bit-reproducible. With
-        ``secure_mode`` both draw from a cryptographically secure generator (torchcsprng's
-        ``/dev/urandom`` device, as Opacus's ``PrivacyEngine(secure_mode=True)``) instead."""
+        Poisson sampling (on the host) and noise (on the parameters' device) draw from generators
+        seeded from ``os.urandom``, never from the run's seed: noise or batches predictable from
+        the configuration would void the guarantee (and the subsampling amplification). DP runs are
+        therefore not bit-reproducible. With ``secure_mode`` both draw from a cryptographically
+        secure generator (torchcsprng's ``/dev/urandom`` device, as Opacus's
+        ``PrivacyEngine(secure_mode=True)``) instead."""
         check_dp_model(model)
+        device = next(p.device for group in optimizer.param_groups for p in group["params"])
         if self.secure_mode:
             import torchcsprng  # config-checked: privacy.secure_mode needs it
 
-            generator = torchcsprng.create_random_device_generator("/dev/urandom")
+            generator = noise_generator = torchcsprng.create_random_device_generator("/dev/urandom")
         else:
+            # Poisson sampling draws on the host; the noise on the parameters' device (a CUDA
+            # parameter's noise needs a CUDA generator: Opacus draws it with torch.normal there).
             generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+            noise_generator = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little"))
         # What PrivacyEngine.make_private sets up, without wrapping the model (no hooks): the Poisson
         # loader (each example in each of ceil(n / batch) steps with probability 1 / that), the
         # optimizer that clips, noises and averages over the expected batch size, the accountant.
@@ -177,7 +182,7 @@ class SampleDP:
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=int(len(loader.dataset) * sample_rate),
-            generator=generator,
+            generator=noise_generator,
             secure_mode=self.secure_mode,
         )
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))

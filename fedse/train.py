@@ -66,6 +66,23 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Itera
         yield index
 
 
+@contextlib.contextmanager
+def _deterministic_convolutions(device: torch.device) -> Iterator[None]:
+    """cuDNN's deterministic algorithms while training on CUDA (restored after): some of its
+    convolution backward passes otherwise accumulate in a varying order, so the same seed would
+    not give the same weights twice, and two policies that must update alike (FedRoD's shared
+    update and fedavg-la's, Ditto's global one and FedAvg's) would differ in the last bits."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = before
+
+
 def _freeze_untrained_norms(model: nn.Module, trainable: set[str]) -> None:
     """Keep norm layers whose parameters do not train in eval mode, so their running
     statistics do not move either (a partial step must not drift what it does not train)."""
@@ -167,7 +184,7 @@ def train(
         if dp is not None
         else contextlib.nullcontext((plain_step, None))
     )
-    with phase as (step, loader):
+    with phase as (step, loader), _deterministic_convolutions(device):
         if loader is not None:  # DP: Opacus's Poisson batches, from the host
             epoch_batches = lambda: iter(loader)  # noqa: E731
         else:  # the client's data on the device for the whole call; batches cut there

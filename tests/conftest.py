@@ -22,6 +22,12 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
+def cpu_state(model):
+    """A copy of ``model``'s state on the host: training leaves a model on its device (CUDA when
+    present), so a test compares against what it saved before on the host side."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def tiny_config(**sections):
     """Digits, 3 clients, a narrow se_resnet8: a federation that trains in a second."""
     raw = {

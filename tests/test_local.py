@@ -3,7 +3,7 @@
 import copy
 
 import torch
-from conftest import tiny_config
+from conftest import cpu_state, tiny_config
 
 from fedse.federated import build_federated_data
 from fedse.local import adapt, local_update
@@ -36,9 +36,9 @@ def test_fedrep_trains_head_first_then_body_with_head_frozen():
     )
     before = copy.deepcopy(model.state_dict())
     local_update(model, split, resolve(cfg), shard, cfg, seed=5, mean=ds.mean, std=ds.std)
-    after = model.state_dict()
+    after, head = cpu_state(model), cpu_state(head_only)
     for k in split.private:  # the head ends where the head-only phase left it: phase 2 froze it
-        assert torch.equal(after[k], head_only.state_dict()[k])
+        assert torch.equal(after[k], head[k])
     assert any(not torch.equal(after[k], before[k]) for k in split.shared)  # the body trained in phase 2
 
 
@@ -55,7 +55,7 @@ def test_private_only_adaptation_on_one_class_leaves_batchnorm_statistics_alone(
     )
     before = copy.deepcopy(model.state_dict())
     adapt(model, split.private, skewed, cfg, resolve(cfg), epochs=3, seed=0, mean=ds.mean, std=ds.std)
-    after = model.state_dict()
+    after = cpu_state(model)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and moved <= set(split.private)
     assert all(torch.equal(before[k], after[k]) for k in after if "running_" in k)

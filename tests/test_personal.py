@@ -317,7 +317,7 @@ def test_ditto_evaluates_and_exports_its_personal_model(task_identity, tmp_path)
     shard = build_federated_data(cfg).shard(1)
     assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == reply.content["metrics"]["local-acc"]
     received = {k: torch.from_numpy(v.numpy().copy()) for k, v in final.items()}
-    assert any(not torch.equal(loaded.model.state_dict()[k], received[k]) for k in received)  # not the global model
+    assert any(not torch.equal(loaded.model.state_dict()[k].cpu(), received[k]) for k in received)  # not the global one
 
 
 def test_fedala_learns_element_wise_mixing_weights_and_evaluates_the_mix(task_identity, tmp_path):

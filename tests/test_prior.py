@@ -164,7 +164,7 @@ def test_client_offsets_come_from_its_own_train_labels():
     # The weight by brute force: the model's logits on the client's train part (plain forward
     # pass), the cross-entropy of softmax(logits + t * prior) for t = 0, 0.1, ..., 2 in float64.
     m, s = torch.tensor(ds.mean).view(1, -1, 1, 1), torch.tensor(ds.std).view(1, -1, 1, 1)
-    model.eval()
+    model.cpu().eval()  # logit_bias ran it on its device
     with torch.no_grad():
         logits = model((shard.train_images.float() / 255 - m) / s).double()
     y = shard.train_labels.long()

@@ -1,6 +1,7 @@
 """The one training loop: it learns, it respects `trainable`, frozen norms keep their statistics."""
 
 import torch
+from conftest import cpu_state
 
 from fedse.models import create_model
 from fedse.policies import create_policy
@@ -43,7 +44,7 @@ def test_only_trainable_parameters_move_and_frozen_norm_statistics_stay():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _toy(64)
     train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, trainable=set(split.private), seed=0)
-    after = model.state_dict()
+    after = cpu_state(model)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and moved <= set(split.private)  # BatchNorm running stats did not move either
     assert all(p.requires_grad for p in model.parameters())  # restored for the next caller
@@ -55,7 +56,7 @@ def test_full_training_moves_batchnorm_statistics():
     before = model.bn1.running_mean.clone()
     x, y = _toy(64)
     train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, seed=0)
-    assert not torch.equal(before, model.bn1.running_mean)
+    assert not torch.equal(before, model.bn1.running_mean.cpu())
 
 
 def test_proximal_term_pulls_towards_anchor():
@@ -66,7 +67,7 @@ def test_proximal_term_pulls_towards_anchor():
         model = create_model("se_resnet8", num_classes=2, in_channels=1, width=8)
         anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
         train(model, x, y, mean=MEAN, std=STD, epochs=2, batch_size=16, lr=0.05, proximal_mu=mu, anchor=anchor, seed=0)
-        drift[mu] = sum(((p.detach() - anchor[n]) ** 2).sum().item() for n, p in model.named_parameters())
+        drift[mu] = sum(((p.detach().cpu() - anchor[n]) ** 2).sum().item() for n, p in model.named_parameters())
     assert drift[10.0] < drift[0.0]
 
 
@@ -100,7 +101,7 @@ def test_lr_scale_sets_a_per_parameter_learning_rate():
         lr_scale={k: 0.0 for k in private},
         seed=0,
     )
-    after = model.state_dict()
+    after = cpu_state(model)
     assert all(torch.equal(before[k], after[k]) for k in private)  # scale 0: frozen in place
     assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
 
