@@ -190,7 +190,7 @@ def handle_evaluate(msg: Message, context: Context, export_dir: str | None = Non
     final = bool(msg.content[CONFIG].get(FINAL, False))
     received = s.split.shared_state(s.model) if final else None  # copies, taken before any fine-tuning
     device = default_device()
-    mine = evaluated_model(s.model, s.extra, s.policy)
+    mine = evaluated_model(s.model, s.extra, s.policy, s.shard, mean=s.mean, std=s.std)
     if s.policy.finetune:  # fedavg-ft (all of it), fedbabu (the head): fine-tune what was received; nothing is kept
         adapt(
             mine,

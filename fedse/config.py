@@ -142,6 +142,7 @@ class PersonalizationConfig:
         "ditto",
         "fedala",
         "fedrod",
+        "fedse-auto",
     ] = "fedse-la"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))

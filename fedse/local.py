@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import Config
 from .federated import ClientShard
-from .policies import LOCAL, MIXING, PERSONAL, ROD_HEAD, RunPolicy, mixed_keys
+from .policies import LOCAL, LOCAL_NORM, MIXING, PERSONAL, ROD_HEAD, RunPolicy, mixed_keys, norm_keys
 from .prior import fit_prior_weight, label_log_prior
 from .privacy import SampleDP
 from .split import Split
@@ -33,6 +33,7 @@ from .transforms import normalize
 __all__ = [
     "adapt",
     "adaptive_mixing",
+    "choose_norms",
     "evaluated_model",
     "extra_after_update",
     "extra_before_update",
@@ -375,7 +376,11 @@ def extra_after_update(
 ) -> dict[str, torch.Tensor]:
     """The policy's extra private state after the shared update of ``model`` (``received``: the
     weights the server sent): FedALA keeps the trained model as its local one, FedRoD fits its
-    personalized head, Ditto trains its personal model toward ``received``."""
+    personalized head, Ditto trains its personal model toward ``received``, ``local_norms`` keeps
+    the trained normalisation layers as the client's own."""
+    if policy.local_norms:
+        state = model.state_dict()
+        return extra | {f"{LOCAL_NORM}{k}": state[k].detach().cpu().clone() for k in norm_keys(model)}
     if policy.adaptive_mixing:
         return extra | {f"{LOCAL}{k}": v.detach().clone() for k, v in model.state_dict().items()}
     if policy.personal_head:
@@ -385,9 +390,58 @@ def extra_after_update(
     return extra
 
 
-def evaluated_model(model: nn.Module, extra: dict[str, torch.Tensor], policy: RunPolicy) -> nn.Module:
+def with_local_norms(model: nn.Module, extra: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose normalisation layers are the client's own (``localnorm.<key>``)."""
+    own = deepcopy(model)
+    norms = {k.removeprefix(LOCAL_NORM): v for k, v in extra.items() if k.startswith(LOCAL_NORM)}
+    if missing := sorted(set(norm_keys(model)) - set(norms)):
+        raise ValueError(f"the stored normalisation layers lack {missing[:5]}")
+    own.load_state_dict(norms, strict=False)
+    return own
+
+
+def choose_norms(
+    model: nn.Module,
+    extra: dict[str, torch.Tensor],
+    shard: ClientShard,
+    policy: RunPolicy,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> nn.Module:
+    """``local_norms``' per-client choice: ``model`` (the received normalisation layers) or a copy
+    with the client's own, whichever is more accurate on the client's train part under the policy's
+    label-prior offset; ``model`` itself on a tie (and before the client has trained: its own are
+    then the received ones)."""
+    own = with_local_norms(model, extra)
+    scores = [
+        evaluate(
+            m,
+            shard.train_images,
+            shard.train_labels,
+            mean=mean,
+            std=std,
+            logit_bias=logit_bias(m, shard, policy, mean=mean, std=std),
+        ).accuracy
+        for m in (model, own)
+    ]
+    return own if scores[1] > scores[0] else model
+
+
+def evaluated_model(
+    model: nn.Module,
+    extra: dict[str, torch.Tensor],
+    policy: RunPolicy,
+    shard: ClientShard,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> nn.Module:
     """The model a client evaluates (before any fine-tuning): Ditto's personal model, FedALA's mix,
-    FedRoD's generic plus personalized head; else ``model`` itself (received plus private part)."""
+    FedRoD's generic plus personalized head, the chosen normalisation layers (``local_norms``);
+    else ``model`` itself (received plus private part)."""
+    if policy.local_norms:
+        return choose_norms(model, extra, shard, policy, mean=mean, std=std)
     if policy.personal_model:
         return personal_model(model, extra)
     if policy.adaptive_mixing:

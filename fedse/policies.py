@@ -22,11 +22,13 @@ from .split import PARTS, Split, split_model
 
 __all__ = [
     "LOCAL",
+    "LOCAL_NORM",
     "MIXING",
     "PERSONAL",
     "POLICIES",
     "ROD_HEAD",
     "mixed_keys",
+    "norm_keys",
     "Policy",
     "RunPolicy",
     "create_policy",
@@ -38,11 +40,17 @@ PERSONAL = "personal."  # prefix of a personal model's tensors in a client's pri
 LOCAL = "local."  # FedALA: the client's last local model
 MIXING = "mixing."  # FedALA: the element-wise mixing weights of the head
 ROD_HEAD = "rodhead."  # FedRoD: the personalized head, added to the generic one
+LOCAL_NORM = "localnorm."  # fedse-auto: the client's own normalisation layers, from its last local update
 
 
 def _head(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     return {k: state[k] for k in split_model(model, {"head"}).private}
+
+
+def norm_keys(model: nn.Module) -> tuple[str, ...]:
+    """The normalisation layers' keys: affine weights and biases, running statistics."""
+    return split_model(model, {"norm"}).private
 
 
 def mixed_keys(model: nn.Module) -> tuple[str, ...]:
@@ -78,6 +86,12 @@ class Policy:
     and element-wise mixing weights ``W`` for the head (extra state); on receiving the global
     model it starts from ``local + (global - local) * W`` in the head (the global model below),
     after one pass of learning ``W`` on its own data, and evaluates that mix.
+    ``local_norms``: a per-client choice of private parts. The normalisation layers are shared and
+    averaged as usual, and the client also keeps the ones its last local update ended with (extra
+    state, ``localnorm.<key>``: running statistics of its own features, and the affine parameters
+    it trained). Each evaluation it predicts with whichever of the two, the received or its own,
+    is more accurate on its own train part (ties: the received ones), and exports that model.
+    What it sends is unchanged: the shared update is the same policy's without ``local_norms``.
     """
 
     name: str
@@ -91,6 +105,7 @@ class Policy:
     personal_model: bool = False
     adaptive_mixing: bool = False
     personal_head: bool = False
+    local_norms: bool = False
 
     def __post_init__(self) -> None:
         if bad := sorted((set(self.private_parts) | self.frozen_parts | self.finetune_parts) - set(PARTS)):
@@ -119,6 +134,9 @@ class Policy:
         of the model under ``personal_model``; empty otherwise."""
         if self.personal_head:
             return {f"{ROD_HEAD}{k}": torch.zeros_like(v) for k, v in _head(model).items()}
+        if self.local_norms:
+            state = model.state_dict()
+            return {f"{LOCAL_NORM}{k}": state[k].detach().clone() for k in norm_keys(model)}
         if self.adaptive_mixing:
             state = model.state_dict()
             local = {f"{LOCAL}{k}": v.detach().clone() for k, v in state.items()}
@@ -189,6 +207,10 @@ POLICIES: dict[str, Policy] = {
         # softmax (the client's log label prior added to the logits in training: fedavg-la's update);
         # a private personalized head, fitted on top with plain cross-entropy, is added at prediction.
         Policy("fedrod", frozenset(), label_prior="train", personal_head=True),
+        # fedse-la + a per-client choice of private normalisation: norms shared as in fedse-la, and
+        # each client predicts with its own last-trained norms instead where they are more accurate
+        # on its own train part (FedBN's private norms, Li et al. 2021, where they help that client).
+        Policy("fedse-auto", **_FEDSE, label_prior="train", local_norms=True),
     )
 }
 
@@ -241,6 +263,10 @@ class RunPolicy:
     @property
     def personal_head(self) -> bool:
         return self.policy.personal_head
+
+    @property
+    def local_norms(self) -> bool:
+        return self.policy.local_norms
 
     def split(self, model: nn.Module) -> Split:
         return self.policy.split(model)

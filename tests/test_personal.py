@@ -381,6 +381,74 @@ def test_fedrod_generic_head_trains_with_balanced_softmax_and_a_personal_head_is
     assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == reply.content["metrics"]["local-acc"]
 
 
+def test_fedse_auto_sends_fedse_la_update_keeps_its_norms_and_predicts_with_the_better_ones(task_identity, tmp_path):
+    # A per-client choice of private parts: the normalisation layers are shared (the update sent is
+    # fedse-la's bit for bit) and also kept as trained; at evaluation the client predicts with its
+    # own norms where they are more accurate on its own train part than the received ones.
+    from fedse.local import choose_norms, logit_bias
+    from fedse.policies import norm_keys, resolve
+    from fedse.state import load_private
+    from fedse.train import evaluate
+
+    cfg, model, split = _setup("fedse-auto")
+    sent = to_arrays(split.shared_state(model))
+    app, ctx = make_client_app(export_dir=tmp_path), _context(1)
+    auto = app(_message(cfg, sent, MessageType.TRAIN), ctx)
+    la_cfg, _, _ = _setup("fedse-la")
+    la = make_client_app()(_message(la_cfg, sent, MessageType.TRAIN), _context(1))
+    assert all(np.array_equal(auto.content["arrays"][k].numpy(), la.content["arrays"][k].numpy()) for k in sent)
+    norms = norm_keys(model)
+    assert norms and set(norms) <= set(split.shared)  # shared, and kept too
+    stored = load_private(ctx, {**split.private_state(model), **create_policy("fedse-auto").extra_state(model)})
+    own = {k.removeprefix("localnorm."): v for k, v in stored.items() if k.startswith("localnorm.")}
+    assert sorted(own) == sorted(norms)
+    assert all(np.array_equal(own[k].numpy(), auto.content["arrays"][k].numpy()) for k in norms)  # as trained
+
+    # The received norms made useless (running means shifted far off): the client's own are chosen,
+    # so the model it evaluates and exports is whole, with its own norms and the received rest.
+    received = {k: torch.from_numpy(v.numpy().copy()) for k, v in auto.content["arrays"].items()}
+    for k in norms:
+        if k.endswith("running_mean"):
+            received[k] += 50.0
+    reply = app(_message(cfg, to_arrays(received), MessageType.EVALUATE, final=True), ctx)
+    assert not reply.has_error(), reply.error
+    loaded = load_personalized(client_model_path(tmp_path, 1))
+    assert loaded.header["complete"]
+    evaluated = loaded.model.state_dict()
+    assert all(torch.equal(evaluated[k], own[k]) for k in norms)
+    assert all(torch.equal(evaluated[k], received[k]) for k in received if k not in norms)
+    shard = build_federated_data(cfg).shard(1)
+    assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == reply.content["metrics"]["local-acc"]
+
+    # The choice is the more accurate of the two on the train part, computed independently here,
+    # either way round; a tie (the client's own norms are the received ones) keeps the model itself.
+    ds = build_federated_data(cfg).dataset
+    policy, args = resolve(cfg), {"mean": ds.mean, "std": ds.std}
+    private = {k: stored[k] for k in split.private}
+    good = {k: torch.from_numpy(v.numpy().copy()) for k, v in auto.content["arrays"].items()}
+    bad = {k: v + 50.0 if k.endswith("running_mean") else v for k, v in good.items()}
+
+    def built(state):
+        m = _setup("fedse-auto")[1]
+        # strict=False: torch re-adds BatchNorm step counters to a metadata-less dict
+        assert not m.load_state_dict({**state, **private}, strict=False).missing_keys
+        return m
+
+    def train_acc(m):
+        bias = logit_bias(m, shard, policy, **args)
+        return evaluate(m, shard.train_images, shard.train_labels, logit_bias=bias, **args).accuracy
+
+    for shared, mine, own_wins in ((bad, good, True), (good, bad, False)):
+        m = built(shared)
+        accs = [train_acc(built(shared)), train_acc(built({**shared, **{k: mine[k] for k in norms}}))]
+        assert (accs[1] > accs[0]) == own_wins  # the two candidates are what this case says
+        chosen = choose_norms(m, {f"localnorm.{k}": mine[k] for k in norms}, shard, policy, **args)
+        assert (chosen is not m) == own_wins
+        assert all(torch.equal(chosen.state_dict()[k].cpu(), mine[k] if own_wins else shared[k]) for k in norms)
+    tie = built(good)
+    assert choose_norms(tie, {f"localnorm.{k}": good[k] for k in norms}, shard, policy, **args) is tie
+
+
 def test_loading_refuses_a_hostile_header(task_identity, tmp_path):
     state = tmp_path / "state"
     _train_then_final_evaluate("fedse-la", tmp_path / "sim", **{"state-dir": str(state)})
