@@ -143,6 +143,7 @@ class PersonalizationConfig:
         "fedala",
         "fedrod",
         "fedse-auto",
+        "fedse-auto-train",
     ] = "fedse-la"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
     finetune_epochs: int = field(default=1, metadata=_range(1, None))

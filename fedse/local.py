@@ -356,9 +356,16 @@ def extra_before_update(
     std: tuple[float, ...],
 ) -> dict[str, torch.Tensor]:
     """The policy's extra private state before the shared update (the one place the extra-state
-    policies act before it): FedALA starts ``model`` from its own mix; the others change nothing."""
+    policies act before it): FedALA starts ``model`` from its own mix; ``local_norms="train"``
+    starts it from the client's own norms where :func:`choose_norms` picks them; the others
+    change nothing."""
     if policy.adaptive_mixing:
         return adaptive_mixing(model, extra, shard, cfg, seed=seed + 2, mean=mean, std=std)
+    if policy.local_norms == "train":
+        chosen = choose_norms(model, extra, shard, policy, mean=mean, std=std)
+        if chosen is not model:
+            model.load_state_dict(chosen.state_dict())
+        model.cpu()
     return extra
 
 
@@ -378,7 +385,7 @@ def extra_after_update(
     weights the server sent): FedALA keeps the trained model as its local one, FedRoD fits its
     personalized head, Ditto trains its personal model toward ``received``, ``local_norms`` keeps
     the trained normalisation layers as the client's own."""
-    if policy.local_norms:
+    if policy.local_norms != "off":
         state = model.state_dict()
         return extra | {f"{LOCAL_NORM}{k}": state[k].detach().cpu().clone() for k in norm_keys(model)}
     if policy.adaptive_mixing:
@@ -440,7 +447,7 @@ def evaluated_model(
     """The model a client evaluates (before any fine-tuning): Ditto's personal model, FedALA's mix,
     FedRoD's generic plus personalized head, the chosen normalisation layers (``local_norms``);
     else ``model`` itself (received plus private part)."""
-    if policy.local_norms:
+    if policy.local_norms != "off":
         return choose_norms(model, extra, shard, policy, mean=mean, std=std)
     if policy.personal_model:
         return personal_model(model, extra)

@@ -59,6 +59,7 @@ def mixed_keys(model: nn.Module) -> tuple[str, ...]:
 
 
 LABEL_PRIOR_MODES = ("off", "train", "predict")
+LOCAL_NORM_MODES = ("off", "predict", "train")
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,14 @@ class Policy:
     and element-wise mixing weights ``W`` for the head (extra state); on receiving the global
     model it starts from ``local + (global - local) * W`` in the head (the global model below),
     after one pass of learning ``W`` on its own data, and evaluates that mix.
-    ``local_norms``: a per-client choice of private parts. The normalisation layers are shared and
-    averaged as usual, and the client also keeps the ones its last local update ended with (extra
-    state, ``localnorm.<key>``: running statistics of its own features, and the affine parameters
-    it trained). Each evaluation it predicts with whichever of the two, the received or its own,
-    is more accurate on its own train part (ties: the received ones), and exports that model.
-    What it sends is unchanged: the shared update is the same policy's without ``local_norms``.
+    ``local_norms``: a per-client choice of private parts (``off``, ``predict``, ``train``). The
+    normalisation layers are shared and averaged as usual, and the client also keeps the ones its
+    last local update ended with (extra state, ``localnorm.<key>``: running statistics of its own
+    features, and the affine parameters it trained). ``predict``: each evaluation it predicts with
+    whichever of the two, the received or its own, is more accurate on its own train part (ties:
+    the received ones), and exports that model; what it sends is the same policy's without the
+    choice. ``train``: the same choice also at the start of every round, so a client that chooses
+    its own norms trains from them (as under FedBN) and sends what it trained from there.
     """
 
     name: str
@@ -105,7 +108,7 @@ class Policy:
     personal_model: bool = False
     adaptive_mixing: bool = False
     personal_head: bool = False
-    local_norms: bool = False
+    local_norms: str = "off"
 
     def __post_init__(self) -> None:
         if bad := sorted((set(self.private_parts) | self.frozen_parts | self.finetune_parts) - set(PARTS)):
@@ -116,6 +119,8 @@ class Policy:
             raise ValueError(f"policy {self.name!r}: schedule {self.schedule!r}; valid: {SCHEDULES}")
         if self.label_prior not in LABEL_PRIOR_MODES:
             raise ValueError(f"policy {self.name!r}: label_prior {self.label_prior!r}; valid: {LABEL_PRIOR_MODES}")
+        if self.local_norms not in LOCAL_NORM_MODES:
+            raise ValueError(f"policy {self.name!r}: local_norms {self.local_norms!r}; valid: {LOCAL_NORM_MODES}")
 
     def split(self, model: nn.Module) -> Split:
         return split_model(model, self.private_parts, self.name)
@@ -134,7 +139,7 @@ class Policy:
         of the model under ``personal_model``; empty otherwise."""
         if self.personal_head:
             return {f"{ROD_HEAD}{k}": torch.zeros_like(v) for k, v in _head(model).items()}
-        if self.local_norms:
+        if self.local_norms != "off":
             state = model.state_dict()
             return {f"{LOCAL_NORM}{k}": state[k].detach().clone() for k in norm_keys(model)}
         if self.adaptive_mixing:
@@ -210,7 +215,10 @@ POLICIES: dict[str, Policy] = {
         # fedse-la + a per-client choice of private normalisation: norms shared as in fedse-la, and
         # each client predicts with its own last-trained norms instead where they are more accurate
         # on its own train part (FedBN's private norms, Li et al. 2021, where they help that client).
-        Policy("fedse-auto", **_FEDSE, label_prior="train", local_norms=True),
+        Policy("fedse-auto", **_FEDSE, label_prior="train", local_norms="predict"),
+        # fedse-auto, the choice made at the start of every round too: a client that chooses its own
+        # norms trains from them, as under FedBN, and one that does not trains as under fedse-la.
+        Policy("fedse-auto-train", **_FEDSE, label_prior="train", local_norms="train"),
     )
 }
 
@@ -265,7 +273,7 @@ class RunPolicy:
         return self.policy.personal_head
 
     @property
-    def local_norms(self) -> bool:
+    def local_norms(self) -> str:
         return self.policy.local_norms
 
     def split(self, model: nn.Module) -> Split:

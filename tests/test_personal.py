@@ -449,6 +449,37 @@ def test_fedse_auto_sends_fedse_la_update_keeps_its_norms_and_predicts_with_the_
     assert choose_norms(tie, {f"localnorm.{k}": good[k] for k in norms}, shard, policy, **args) is tie
 
 
+def test_fedse_auto_train_starts_each_round_from_the_norms_it_chooses(task_identity):
+    # local_norms="train": the same choice as fedse-auto's, made before local training too. Round 1
+    # (own norms = received: a tie) trains exactly as fedse-la; later, a client whose own norms are
+    # more accurate on its train part starts from them, and one whose own norms are worse does not.
+    from fedse.local import extra_before_update
+    from fedse.policies import norm_keys, resolve
+    from fedse.state import load_private
+
+    cfg, model, split = _setup("fedse-auto-train")
+    sent = to_arrays(split.shared_state(model))
+    app, ctx = make_client_app(), _context(1)
+    auto = app(_message(cfg, sent, MessageType.TRAIN), ctx)
+    la = make_client_app()(_message(_setup("fedse-la")[0], sent, MessageType.TRAIN), _context(1))
+    assert all(np.array_equal(auto.content["arrays"][k].numpy(), la.content["arrays"][k].numpy()) for k in sent)
+    stored = load_private(ctx, {**split.private_state(model), **create_policy("fedse-auto-train").extra_state(model)})
+    norms = norm_keys(model)
+    good = {k: torch.from_numpy(v.numpy().copy()) for k, v in auto.content["arrays"].items()}
+    bad = {k: v + 50.0 if k.endswith("running_mean") else v for k, v in good.items()}
+    fed = build_federated_data(cfg)
+    shard, args = fed.shard(1), {"seed": 0, "mean": fed.dataset.mean, "std": fed.dataset.std}
+    for received, own, starts_from in ((bad, good, good), (good, bad, good)):
+        m = _setup("fedse-auto-train")[1]
+        private = {k: stored[k] for k in split.private}
+        assert not m.load_state_dict({**received, **private}, strict=False).missing_keys
+        extra = {f"localnorm.{k}": own[k] for k in norms}
+        assert extra_before_update(m, extra, shard, cfg, resolve(cfg), **args) is extra
+        state = m.state_dict()
+        assert all(torch.equal(state[k], starts_from[k]) for k in norms)  # the better norms, in place
+        assert all(torch.equal(state[k], received[k]) for k in received if k not in norms)
+
+
 def test_loading_refuses_a_hostile_header(task_identity, tmp_path):
     state = tmp_path / "state"
     _train_then_final_evaluate("fedse-la", tmp_path / "sim", **{"state-dir": str(state)})
