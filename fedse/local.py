@@ -397,6 +397,9 @@ def extra_after_update(
     return extra
 
 
+CHOICE_SAMPLES = 1024  # the most training images choose_norms scores a client's two candidates on
+
+
 def with_local_norms(model: nn.Module, extra: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of ``model`` whose normalisation layers are the client's own (``localnorm.<key>``)."""
     own = deepcopy(model)
@@ -419,17 +422,16 @@ def choose_norms(
     """``local_norms``' per-client choice: ``model`` (the received normalisation layers) or a copy
     with the client's own, whichever is more accurate on the client's train part under the policy's
     label-prior offset; ``model`` itself on a tie (and before the client has trained: its own are
-    then the received ones)."""
+    then the received ones). A client of more than :data:`CHOICE_SAMPLES` training images scores
+    both on that many of them, the same ones every round (a fixed draw seeded by its id), so the
+    choice costs at most two forward passes over that many images."""
     own = with_local_norms(model, extra)
+    x, y = shard.train_images, shard.train_labels
+    if len(y) > CHOICE_SAMPLES:
+        pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(shard.client_id))[:CHOICE_SAMPLES]
+        x, y = x[pick], y[pick]
     scores = [
-        evaluate(
-            m,
-            shard.train_images,
-            shard.train_labels,
-            mean=mean,
-            std=std,
-            logit_bias=logit_bias(m, shard, policy, mean=mean, std=std),
-        ).accuracy
+        evaluate(m, x, y, mean=mean, std=std, logit_bias=logit_bias(m, shard, policy, mean=mean, std=std)).accuracy
         for m in (model, own)
     ]
     return own if scores[1] > scores[0] else model
