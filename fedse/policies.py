@@ -135,8 +135,9 @@ class Policy:
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The private state a client keeps beyond the private keys of ``model``, initialised from
-        ``model`` (the received one, on a client's first round): ``personal.<key>`` for every key
-        of the model under ``personal_model``; empty otherwise."""
+        ``model`` (the received one, on a client's first round): FedRoD's ``rodhead.<head key>``
+        (zeros), the ``localnorm.<norm key>`` of ``local_norms``, FedALA's ``local.<key>`` and
+        ``mixing.<head key>`` (ones), Ditto's ``personal.<key>`` for every key; empty otherwise."""
         if self.personal_head:
             return {f"{ROD_HEAD}{k}": torch.zeros_like(v) for k, v in _head(model).items()}
         if self.local_norms != "off":
