@@ -46,7 +46,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
 
     from fedse.deploy import make_node_key, make_test_certs, superlink_command, supernode_command, write_connection
-    from fedse.launch import LocalProcesses, free_port, register_supernode, wait_for
+    from fedse.launch import LocalProcesses, free_port, register_supernode
 
     flwr = str(Path(sys.executable).with_name("flwr"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +74,7 @@ def main() -> None:
                 "superlink",
                 superlink_command(certs=certs, port=port, database=tmp / "state.db" if args.database else None),
             )
-            wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 120, "the SuperLink")
+            procs.wait_log("superlink", lambda log: "Uvicorn running" in log, 120, "the SuperLink")
             for i in range(NODES):
                 reg = register_supernode(keys[i], f"node{i}", connection="tls", env=env, cwd=ROOT)
                 if reg.returncode != 0:
@@ -88,13 +88,13 @@ def main() -> None:
                     node_config={"partition-id": i, "num-partitions": NODES, "state-dir": str(tmp / f"state{i}")},
                 )
                 procs.start(f"node{i}", cmd)
-            wait_for(
-                lambda: procs.log("superlink").count("Activated node_id") >= NODES, 300, f"{NODES} SuperNodes to join"
+            procs.wait_log(
+                "superlink", lambda log: log.count("Activated node_id") >= NODES, 300, f"{NODES} SuperNodes to join"
             )
             config = f'overrides="{overrides}" output-dir="{out}"'
             run_started = time.perf_counter()
             run = procs.start("run", [flwr, "run", str(ROOT), "tls", "--run-config", config, "--stream"])
-            wait_for(lambda: "[ROUND 2/3]" in procs.log("run"), 900, "round 2")
+            procs.wait_log("run", lambda log: "[ROUND 2/3]" in log, 900, "round 2", alive=("superlink",))
             for i in range(KILLED):
                 procs.kill(f"node{NODES - 1 - i}")
             code = run.wait(timeout=1200)

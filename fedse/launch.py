@@ -93,6 +93,30 @@ class LocalProcesses:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
+    def tails(self, lines: int = 25) -> str:
+        """The last ``lines`` lines of every process's log, each under its name."""
+        return "\n".join(
+            f"--- {name}.log (exit {proc.poll()}) ---\n" + "\n".join(self.log(name).splitlines()[-lines:])
+            for name, proc in self.procs.items()
+        )
+
+    def wait_log(
+        self, name: str, done: Callable[[str], bool], timeout: float, what: str, *, alive: tuple[str, ...] = ()
+    ) -> None:
+        """Poll until ``done(<name's log>)``. Fail at once when ``name`` or a process in ``alive``
+        has exited first (it will never get there), and on timeout; either error carries the tails
+        of every log, so a failure far away (CI) says why."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if done(self.log(name)):
+                return
+            dead = [n for n in (name, *alive) if self.procs[n].poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}\n{self.tails()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.tails()}")
+            time.sleep(0.5)
+
     def peak_rss_mb(self, name: str) -> float:
         """The process's peak resident memory so far (VmHWM), in MB."""
         for line in Path(f"/proc/{self.procs[name].pid}/status").read_text().splitlines():

@@ -123,3 +123,36 @@ def test_exposure_says_who_can_reach_the_address(host, who):
 def test_exposure_rejects_a_port_out_of_range():
     with pytest.raises(ValueError, match="port must be 1..65535, got 0"):
         control_api_exposure("127.0.0.1", 0)
+
+
+def test_wait_log_fails_at_once_when_the_process_exits_and_shows_its_log(tmp_path):
+    # The CI failure this guards against: `flwr run` refused the FAB and exited at once, and the
+    # test waited its full 300 s for a round that never came, saying only "timed out".
+    import time
+
+    from fedse.launch import LocalProcesses
+
+    procs = LocalProcesses(dict(os.environ), tmp_path / "logs", tmp_path)
+    procs.start("run", ["sh", "-c", "echo FAB size exceeds; exit 3"])
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as err:
+        procs.wait_log("run", lambda log: "[ROUND 2/3]" in log, 300, "round 2")
+    assert time.monotonic() - started < 30
+    assert "run exited while waiting for round 2" in str(err.value)
+    assert "--- run.log (exit 3) ---\nFAB size exceeds" in str(err.value)
+
+
+def test_wait_log_returns_when_the_text_appears_and_times_out_with_the_logs(tmp_path):
+    from fedse.launch import LocalProcesses
+
+    procs = LocalProcesses(dict(os.environ), tmp_path / "logs", tmp_path)
+    try:
+        procs.start("talker", ["sh", "-c", "echo ready; sleep 60"])
+        procs.wait_log("talker", lambda log: "ready" in log, 30, "ready")
+        with pytest.raises(
+            TimeoutError, match=r"(?s)timed out after 1s waiting for never.*--- talker.log \(exit None\) ---\nready"
+        ):
+            procs.wait_log("talker", lambda log: "never" in log, 1, "never")
+    finally:
+        procs.stop_all()
+    assert procs.running() == []

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedse.deploy import make_node_key, make_test_certs, superlink_command, supernode_command, write_connection
-from fedse.launch import LocalProcesses, free_port, register_supernode, wait_for
+from fedse.launch import LocalProcesses, free_port, register_supernode
 from fedse.state import StateStore, digest
 
 pytestmark = [
@@ -64,7 +64,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
     )
     try:
         procs.start("superlink", superlink_command(certs=certs, port=port, database=tmp_path / "state.db"))
-        wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 90, "the SuperLink")
+        procs.wait_log("superlink", lambda log: "Uvicorn running" in log, 90, "the SuperLink")
         for i in range(3):  # node 3 stays unregistered
             reg = register_supernode(keys[i], f"node{i}", connection="tls", env=env, cwd=ROOT)
             assert reg.returncode == 0, reg.stdout + reg.stderr
@@ -80,7 +80,13 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
 
         for i in range(3):
             procs.start(f"node{i}", supernode(i))
-        wait_for(lambda: procs.log("superlink").count("Activated node_id") >= 3, 90, "three SuperNodes to activate")
+        procs.wait_log(
+            "superlink",
+            lambda log: log.count("Activated node_id") >= 3,
+            90,
+            "three SuperNodes to activate",
+            alive=("node0", "node1", "node2"),
+        )
 
         # An unregistered key is refused: that SuperNode exits with an error on its own.
         intruder = procs.start("node3", supernode(3))
@@ -91,7 +97,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         # Run 1: three rounds; SuperNode 2 is killed once round 2 has started.
         out1 = tmp_path / "runs1"
         run1 = _run(procs, "run1", out1, f"server.rounds=3 {common}")
-        wait_for(lambda: "[ROUND 2/3]" in procs.log("run1"), 300, "round 2 of run 1")
+        procs.wait_log("run1", lambda log: "[ROUND 2/3]" in log, 300, "round 2 of run 1", alive=("superlink",))
         procs.kill("node2")
         assert run1.wait(timeout=400) == 0, procs.log("run1")[-3000:]
         folder = _run_folder(out1)
@@ -128,7 +134,13 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         # Restart SuperNode 2 between runs: its private weights come back bit-identical from disk.
         on_disk = {i: digest(StateStore(tmp_path / f"state{i}").load()[0]) for i in range(3)}
         procs.start("node2b", supernode(2))
-        wait_for(lambda: procs.log("superlink").count("Activated node_id") >= 4, 90, "SuperNode 2 to come back")
+        procs.wait_log(
+            "superlink",
+            lambda log: log.count("Activated node_id") >= 4,
+            90,
+            "SuperNode 2 to come back",
+            alive=("node2b",),
+        )
         out2 = tmp_path / "runs2"
         run2 = _run(procs, "run2", out2, f"server.rounds=1 {common}")
         assert run2.wait(timeout=400) == 0, procs.log("run2")[-3000:]
