@@ -106,16 +106,19 @@ class LocalProcesses:
         """Poll until ``done(<name's log>)``. Fail at once when ``name`` or a process in ``alive``
         has exited first (it will never get there), and on timeout; either error carries the tails
         of every log, so a failure far away (CI) says why."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def ready() -> bool:
             if done(self.log(name)):
-                return
+                return True
             dead = [n for n in (name, *alive) if self.procs[n].poll() is not None]
             if dead:
                 raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}\n{self.tails()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.tails()}")
-            time.sleep(0.5)
+            return False
+
+        try:
+            wait_for(ready, timeout, what)
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}\n{self.tails()}") from None
 
     def peak_rss_mb(self, name: str) -> float:
         """The process's peak resident memory so far (VmHWM), in MB."""
