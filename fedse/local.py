@@ -271,12 +271,15 @@ def adaptive_mixing(
     std: tuple[float, ...],
     eta: float = 1.0,
     sample: float = 0.8,
+    logit_bias: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """FedALA's adaptive local aggregation (Zhang et al., AAAI 2023, Algorithm 1): ``W`` takes one
     pass of ``W <- clip(W - eta * dL/dhead * (global - local), 0, 1)`` over a seeded ``sample`` share
     of the client's train part, everything but the mixed head fixed (eval mode: no running statistic
     moves; PFLlib's defaults eta = 1, 80%), then ``model``'s head is mixed with it
-    (:func:`mix_head`). Returns ``extra`` with the new ``W`` (the local model is unchanged)."""
+    (:func:`mix_head`). ``L`` is the training loss: with ``logit_bias`` (the label-prior offset
+    when ``personalization.label_prior`` turns it on) added to the logits, as the head was trained
+    and will predict. Returns ``extra`` with the new ``W`` (the local model is unchanged)."""
     keys = mixed_keys(model)
     device = default_device()
     model.to(device)
@@ -284,6 +287,7 @@ def adaptive_mixing(
     glob = {k: params[k].detach().clone() for k in keys}
     local = {k: extra[f"{LOCAL}{k}"].to(device) for k in keys}
     weights = {k: extra[f"{MIXING}{k}"].to(device).clone() for k in keys}
+    bias = None if logit_bias is None else logit_bias.to(device)
     if any(bool((glob[k] != local[k]).any()) for k in keys):  # else W has no gradient: nothing to learn
         model.eval()
         generator = torch.Generator().manual_seed(seed)
@@ -295,7 +299,8 @@ def adaptive_mixing(
                     params[k].copy_(local[k] + (glob[k] - local[k]) * weights[k])
             pick = chosen[index]
             x = normalize(shard.train_images[pick].to(device), mean, std)
-            loss = torch.nn.functional.cross_entropy(model(x), shard.train_labels[pick].to(device))
+            logits = model(x) if bias is None else model(x) + bias
+            loss = torch.nn.functional.cross_entropy(logits, shard.train_labels[pick].to(device))
             grads = torch.autograd.grad(loss, [params[k] for k in keys])
             for k, g in zip(keys, grads, strict=True):
                 weights[k] = (weights[k] - eta * g * (glob[k] - local[k])).clamp_(0.0, 1.0)
@@ -360,7 +365,8 @@ def extra_before_update(
     starts it from the client's own norms where :func:`choose_norms` picks them; the others
     change nothing."""
     if policy.adaptive_mixing:
-        return adaptive_mixing(model, extra, shard, cfg, seed=seed + 2, mean=mean, std=std)
+        bias = train_logit_bias(model, shard, policy)
+        return adaptive_mixing(model, extra, shard, cfg, seed=seed + 2, mean=mean, std=std, logit_bias=bias)
     if policy.local_norms == "train":
         chosen = choose_norms(model, extra, shard, policy, mean=mean, std=std)
         if chosen is not model:

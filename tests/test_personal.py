@@ -351,6 +351,44 @@ def test_fedala_learns_element_wise_mixing_weights_and_evaluates_the_mix(task_id
     assert all(torch.equal(evaluated[k], glob[k]) for k in glob if not k.startswith("fc."))  # the global body
 
 
+def test_fedala_mixing_loss_sees_the_label_prior_when_it_is_on(task_identity):
+    # With personalization.label_prior=train the head trains and predicts with the client's log
+    # prior added to its logits; the weights W that mix it are learnt on that same loss.
+    from fedse.local import LOCAL, adaptive_mixing, extra_before_update, train_logit_bias
+    from fedse.policies import resolve
+
+    cfg, model, _ = _setup("fedala")
+    shard = build_federated_data(cfg).shard(1)
+    ds = build_federated_data(cfg).dataset
+    extra = create_policy("fedala").extra_state(model)
+    for k in extra:
+        if k.startswith(LOCAL):
+            extra[k] = extra[k] + 0.3 * torch.randn(extra[k].shape, generator=torch.Generator().manual_seed(0))
+
+    def mixing(bias):
+        copy = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+        copy.load_state_dict(model.state_dict())
+        out = adaptive_mixing(copy, dict(extra), shard, cfg, seed=5, mean=ds.mean, std=ds.std, logit_bias=bias)
+        return {k: v for k, v in out.items() if k.startswith("mixing.")}
+
+    plain = mixing(None)
+    assert any(not bool((v == 1).all()) for v in plain.values())  # W learns from local != global
+    shifted = mixing(torch.full((ds.num_classes,), 3.0))  # a constant offset leaves the loss as it is
+    for k in plain:
+        torch.testing.assert_close(shifted[k], plain[k])
+    ruled = resolve(tiny_config(personalization={"policy": "fedala", "label_prior": "train"}))
+    prior = train_logit_bias(model, shard, ruled)
+    assert prior is not None and float(prior.max() - prior.min()) > 1.0  # this client's labels are skewed
+    with_prior = mixing(prior)
+    assert any(not torch.equal(with_prior[k], plain[k]) for k in plain)
+    # The client path passes that offset: its W is the one learnt with the prior, bit for bit.
+    for run_policy, expected in ((ruled, with_prior), (resolve(cfg), plain)):
+        copy = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+        copy.load_state_dict(model.state_dict())
+        out = extra_before_update(copy, dict(extra), shard, cfg, run_policy, seed=3, mean=ds.mean, std=ds.std)
+        assert all(torch.equal(out[k], expected[k]) for k in expected)
+
+
 def test_fedrod_generic_head_trains_with_balanced_softmax_and_a_personal_head_is_added(task_identity, tmp_path):
     # Chen & Chao 2022: the shared update trains body and generic head with the balanced softmax
     # (the client's log label prior added to the logits: exactly fedavg-la's update); the private
