@@ -119,6 +119,11 @@ class ModelConfig:
     image_size: int | None = field(default=None, metadata=_range(4, 1024))
 
 
+# The policies whose clients learn FedALA's mixing weights on their own data (refused under
+# sample-level DP below); tests/test_registries.py ties this to fedse.policies.POLICIES.
+ADAPTIVE_MIXING_POLICIES = ("fedala", "fedala-la")
+
+
 @dataclass(frozen=True)
 class PersonalizationConfig:
     # Which parts stay on the client and how they train: see fedse.policies.POLICIES. Default fedse-la:
@@ -141,6 +146,7 @@ class PersonalizationConfig:
         "fedbabu",
         "ditto",
         "fedala",
+        "fedala-la",
         "fedrod",
         "fedse-auto",
         "fedse-auto-train",
@@ -459,9 +465,10 @@ def _check_cross(cfg: Config) -> None:
             "combined with privacy.mode=sample (the prior depends on all of a client's labels, outside "
             "DP-SGD's per-example bound); allowed: off or null (null turns it off under sample-level DP)"
         )
-    if pr.mode == "sample" and cfg.personalization.policy == "fedala":
+    if pr.mode == "sample" and cfg.personalization.policy in ADAPTIVE_MIXING_POLICIES:
         raise ConfigError(
-            "config key 'personalization.policy': 'fedala' cannot be combined with privacy.mode=sample (its "
+            f"config key 'personalization.policy': '{cfg.personalization.policy}' cannot be combined with "
+            "privacy.mode=sample (its "
             "mixing weights are learned on the client's data outside DP-SGD and set where the released update "
             "starts); allowed: another policy, or privacy.mode=client"
         )

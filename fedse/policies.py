@@ -209,6 +209,9 @@ POLICIES: dict[str, Policy] = {
         # global head with its own last local head element-wise, W learned on its data (in [0, 1]),
         # takes the global model below, trains from that mix and sends the result as in FedAvg.
         Policy("fedala", frozenset(), adaptive_mixing=True),
+        # FedALA + logit adjustment by the client's own label prior (as fedavg-la): the head is
+        # trained, mixed (W learnt on the offset loss) and predicts with the offset.
+        Policy("fedala-la", frozenset(), adaptive_mixing=True, label_prior="train"),
         # Chen & Chao, ICLR 2022 (FedRoD): body and generic head shared, trained with the balanced
         # softmax (the client's log label prior added to the logits in training: fedavg-la's update);
         # a private personalized head, fitted on top with plain cross-entropy, is added at prediction.

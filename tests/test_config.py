@@ -62,6 +62,10 @@ def test_wrong_type_names_key_value_and_allowed(raw, pattern):
             {"personalization": {"policy": "fedala"}, "privacy": {"mode": "sample", "noise_multiplier": 1.0}},
             r"'personalization\.policy': 'fedala' cannot be combined with privacy\.mode=sample",
         ),
+        (
+            {"personalization": {"policy": "fedala-la"}, "privacy": {"mode": "sample", "noise_multiplier": 1.0}},
+            r"'personalization\.policy': 'fedala-la' cannot be combined with privacy\.mode=sample",
+        ),
         ({"partition": {"samples_per_client": 50}}, r"'partition\.samples_per_client': 50 is only used by .*dirichlet"),
         ({"partition": {"scheme": "iid", "size_sigma": 0.3}}, r"'partition\.size_sigma': 0\.3 is only used by"),
     ],

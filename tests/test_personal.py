@@ -55,7 +55,7 @@ def _shared_file(run_dir, arrays):
 
 
 @pytest.mark.parametrize(
-    "policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn", "fedbabu", "ditto", "fedala", "fedrod"]
+    "policy", ["fedse-la", "fedse-pc", "fedavg-ft", "fedbn", "fedbabu", "ditto", "fedala", "fedala-la", "fedrod"]
 )
 def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity, tmp_path, policy):
     cfg, final, reply = _train_then_final_evaluate(policy, tmp_path)
@@ -70,7 +70,7 @@ def test_the_loaded_model_scores_exactly_what_the_client_reported(task_identity,
     header = loaded.header
     assert header["client"] == 1 and header["policy"] == policy and header["evaluated_in_final_round"]
     assert header["complete"] == (
-        policy in ("fedavg-ft", "fedbabu", "ditto", "fedala", "fedrod")
+        policy in ("fedavg-ft", "fedbabu", "ditto", "fedala", "fedala-la", "fedrod")
     )  # a whole model is stored
     assert (loaded.offset is None) == (header["prior"]["mode"] == "off")
     probs = loaded.predict(shard.test_images[:5])
@@ -352,8 +352,8 @@ def test_fedala_learns_element_wise_mixing_weights_and_evaluates_the_mix(task_id
 
 
 def test_fedala_mixing_loss_sees_the_label_prior_when_it_is_on(task_identity):
-    # With personalization.label_prior=train the head trains and predicts with the client's log
-    # prior added to its logits; the weights W that mix it are learnt on that same loss.
+    # Under fedala-la (or fedala with personalization.label_prior=train) the head trains and
+    # predicts with the client's log prior added to its logits; W is learnt on that same loss.
     from fedse.local import LOCAL, adaptive_mixing, extra_before_update, train_logit_bias
     from fedse.policies import resolve
 
@@ -376,7 +376,13 @@ def test_fedala_mixing_loss_sees_the_label_prior_when_it_is_on(task_identity):
     shifted = mixing(torch.full((ds.num_classes,), 3.0))  # a constant offset leaves the loss as it is
     for k in plain:
         torch.testing.assert_close(shifted[k], plain[k])
-    ruled = resolve(tiny_config(personalization={"policy": "fedala", "label_prior": "train"}))
+    ruled = resolve(tiny_config(personalization={"policy": "fedala-la"}))
+    override = resolve(tiny_config(personalization={"policy": "fedala", "label_prior": "train"}))
+    assert (
+        (ruled.label_prior, ruled.adaptive_mixing)
+        == (override.label_prior, override.adaptive_mixing)
+        == ("train", True)
+    )
     prior = train_logit_bias(model, shard, ruled)
     assert prior is not None and float(prior.max() - prior.min()) > 1.0  # this client's labels are skewed
     with_prior = mixing(prior)

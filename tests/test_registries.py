@@ -45,3 +45,8 @@ def test_every_literal_of_the_config_is_tied_to_a_registry_or_listed_here():
             if "Literal" in str(tp):
                 literals.add((cls.__name__, key))
     assert literals == {(s.__name__, k) for s, k, _ in PAIRS} | plain
+
+
+def test_the_policies_the_config_refuses_under_sample_dp_are_the_adaptive_mixing_ones():
+    mixing = {name for name, p in policies.POLICIES.items() if p.adaptive_mixing}
+    assert set(config.ADAPTIVE_MIXING_POLICIES) == mixing == {"fedala", "fedala-la"}
