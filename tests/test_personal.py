@@ -358,8 +358,8 @@ def test_fedala_mixing_loss_sees_the_label_prior_when_it_is_on(task_identity):
     from fedse.policies import resolve
 
     cfg, model, _ = _setup("fedala")
-    shard = build_federated_data(cfg).shard(1)
-    ds = build_federated_data(cfg).dataset
+    federated = build_federated_data(cfg)
+    shard, ds = federated.shard(1), federated.dataset
     extra = create_policy("fedala").extra_state(model)
     for k in extra:
         if k.startswith(LOCAL):
