@@ -35,11 +35,30 @@ import torch
 
 from .io import atomic_save, atomic_write_bytes
 
-__all__ = ["DATASETS", "DATASET_SHAPES", "IMAGE_SUFFIXES", "Dataset", "DatasetError", "load_dataset", "read_images"]
+__all__ = [
+    "DATASETS",
+    "DATASET_SHAPES",
+    "IMAGE_SUFFIXES",
+    "OWN_FORMATS",
+    "Dataset",
+    "DatasetError",
+    "load_dataset",
+    "load_own",
+    "read_images",
+]
 
 
 class DatasetError(RuntimeError):
     """A dataset's files are missing or malformed; the message says which and what to do."""
+
+
+class DatasetMissing(DatasetError):
+    """No file of the dataset where it was looked for (as opposed to a file that is there but damaged);
+    ``missing``: what was looked for."""
+
+    def __init__(self, message: str, missing: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
 
 
 @dataclass(frozen=True)
@@ -100,11 +119,12 @@ def _candidates(root: Path | None, subdir: str, extra: Sequence[Path] = ()) -> l
     return out
 
 
-def _missing(name: str, searched: Sequence[Path], files: Sequence[str], how: str = "") -> DatasetError:
-    return DatasetError(
+def _missing(name: str, searched: Sequence[Path], files: Sequence[str], how: str = "") -> DatasetMissing:
+    return DatasetMissing(
         f"{name}: missing file(s) {list(files)}; searched {[str(p) for p in searched]}. "
         f"{how}Point fedse at them with --set data.root=DIR or the FEDSE_DATA environment variable, "
-        "or use --set data.download=true where a network exists."
+        "or use --set data.download=true where a network exists.",
+        files,
     )
 
 
@@ -345,7 +365,7 @@ def load_image_folder(root: Path, name: str = "imagefolder", classes: Sequence[s
         a, lab, n, _ = _read_folder_split(root / "test", classes)
         arrays, labels, names = arrays + a, labels + lab, names + n
     if not arrays:
-        raise DatasetError(f"{name}: no {IMAGE_SUFFIXES} images under {root}/train/<class>/")
+        raise DatasetMissing(f"{name}: no {IMAGE_SUFFIXES} images under {root}/train/<class>/", ["train/<class>/*.png"])
     return _make(name, _stack(arrays, names), np.asarray(labels), classes, num_train)
 
 
@@ -567,9 +587,74 @@ def load_dataset(
         if path is None:
             raise DatasetError("imagefolder: set data.root to a directory holding train/<class>/*.jpg|png")
         return load_image_folder(path, classes=classes or None)
+    _check_classes(name, classes)
+    return DATASETS[name](path, download)
+
+
+def _check_classes(name: str, classes: Sequence[str]) -> None:
     if classes and tuple(classes) != DATASET_SHAPES[name][0]:
         raise DatasetError(
             f"data.classes {list(classes)} differ from {name}'s classes {list(DATASET_SHAPES[name][0])}; "
             "leave data.classes empty for a named dataset"
         )
-    return DATASETS[name](path, download)
+
+
+# What a client's own data folder may hold, per dataset (``fedse adapt --data-dir``, ``fedse client --data-dir``).
+OWN_FORMATS: dict[str, str] = {
+    "digits": "8x8 grey PNG images in one folder per digit, DIR/<0..9>/*.png (or DIR/train/<0..9>/*.png and "
+    "DIR/test/<0..9>/*.png), pixel values 0..255 as fedse reads scikit-learn's digits (its 0..16 times 255/16)",
+    "mnist": f"the four MNIST IDX files {list(IDX_FILES)} (gzipped or not)",
+    "fashion-mnist": f"the four Fashion-MNIST IDX files {list(IDX_FILES)} (gzipped or not)",
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), cifar10-train.tar.gz and cifar10-test.tar.gz, "
+    "or an image-folder tree DIR/train/<class>/*.png",
+    "imagefolder": "an image-folder tree DIR/train/<class>/*.jpg|png (and DIR/test/<class>/*.jpg|png)",
+}
+
+
+def _load_digits_folder(root: Path) -> Dataset:
+    """Digits as image files: ``root/<digit>/*``, or ``root/train/<digit>/*`` with ``root/test/<digit>/*``.
+    Pixel values are those of :func:`load_digits_dataset`, so a bundled digit written as a grey PNG reads
+    back as the same tensor."""
+    classes, _, size = DATASET_SHAPES["digits"]
+    if (root / "train").is_dir():
+        data = load_image_folder(root, "digits", classes)
+    else:
+        unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in classes)
+        if unknown:
+            raise DatasetError(
+                f"digits: folders {unknown} in {root} are not digit classes; allowed: {OWN_FORMATS['digits']}"
+            )
+        arrays, labels, names, _ = _read_folder_split(root, classes)
+        if not arrays:
+            raise DatasetMissing(f"digits: no {IMAGE_SUFFIXES} images under {root}/<digit>/", ["<0..9>/*.png"])
+        data = _make("digits", _stack(arrays, names), np.asarray(labels), classes, len(arrays))
+    if data.images.shape[1:] != (1, size, size):
+        channels, height, width = data.images.shape[1:]
+        raise DatasetError(
+            f"digits: the images under {root} have {channels} channel(s) of {height}x{width}; "
+            f"allowed: {size}x{size} grey images, as scikit-learn's digits"
+        )
+    return data
+
+
+def load_own(name: str, directory: str | os.PathLike[str], classes: Sequence[str] = ()) -> Dataset:
+    """A client's own data: every sample of dataset ``name`` found in ``directory`` and nowhere else
+    (no other place is searched, nothing is downloaded, the bundled digits are not used). A missing
+    folder, or one holding none of the formats :data:`OWN_FORMATS` allows, is a :class:`DatasetError`
+    naming the folder and what is allowed."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
+    path = Path(directory).expanduser()
+    allowed = f"allowed: a folder holding {OWN_FORMATS[name]}"
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise DatasetError(f"{name} data folder {str(path)!r} {what}; {allowed}")
+    try:
+        if name == "digits":
+            _check_classes(name, classes)
+            return _load_digits_folder(path)
+        return load_dataset(name, path, classes=classes)
+    except DatasetMissing as err:
+        raise DatasetError(
+            f"{name} data folder {str(path)!r} holds no usable {name} data (missing {err.missing}); {allowed}"
+        ) from None

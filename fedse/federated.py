@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import DATASET_SHAPES, Dataset, load_dataset
+from .data import DATASET_SHAPES, Dataset, load_dataset, load_own
 from .feature_skew import ClientStyle, apply_style, make_client_styles
 from .partition import label_counts, partition_from_config, split_train_test
 
@@ -132,14 +132,15 @@ def build_federated_data(cfg: Config) -> FederatedData:
 
 @functools.lru_cache(maxsize=4)
 def _own(seed: int, name: str, data_dir: str, test_fraction: float, classes: tuple[str, ...]) -> FederatedData:
-    dataset = load_dataset(name, root=data_dir, classes=classes)
+    dataset = load_own(name, data_dir, classes=classes)
     everything = np.arange(len(dataset.labels))
     train, test = split_train_test([everything], dataset.labels.numpy(), test_fraction=test_fraction, seed=seed)
     return FederatedData(dataset, tuple(train), tuple(test), None)
 
 
 def own_data(cfg: Config, data_dir: str) -> FederatedData:
-    """A deployed client's own data: every sample of ``cfg.data.dataset`` read from ``data_dir``
-    (any supported on-disk format), split into its train and test part (``test_fraction``,
-    stratified, seeded); a one-client federation, so ``shard(0)`` is the client's."""
+    """A deployed client's own data: every sample of ``cfg.data.dataset`` read from ``data_dir`` and
+    nowhere else (:func:`fedse.data.load_own`; its formats: :data:`fedse.data.OWN_FORMATS`), split into
+    its train and test part (``test_fraction``, stratified, seeded); a one-client federation, so
+    ``shard(0)`` is the client's."""
     return _own(cfg.seed, cfg.data.dataset, str(data_dir), cfg.partition.test_fraction, cfg.data.classes)

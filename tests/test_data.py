@@ -13,7 +13,7 @@ import torch
 from conftest import SHARED_DATA
 from PIL import Image
 
-from fedse.data import DatasetError, load_dataset
+from fedse.data import DATASETS, OWN_FORMATS, DatasetError, load_dataset, load_own
 from fedse.transforms import augment, normalize
 
 
@@ -337,6 +337,56 @@ def test_normalize_and_augment():
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ValueError, match="unknown dataset 'svhn'.*valid datasets"):
         load_dataset("svhn")
+
+
+def _digit_pngs(root, indices):
+    """The bundled digits ``indices`` written as 8x8 grey PNGs into ``root/<digit>/``; their file paths."""
+    bundled = load_dataset("digits")
+    paths = []
+    for i in indices:
+        folder = root / str(int(bundled.labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(bundled.images[i, 0].numpy()).save(folder / f"{i:04d}.png")
+        paths.append(folder / f"{i:04d}.png")
+    return bundled, paths
+
+
+def test_own_digits_are_exactly_the_pngs_in_the_folder_with_the_bundled_values(tmp_path):
+    bundled, paths = _digit_pngs(tmp_path / "own", range(0, 40, 3))
+    own = load_own("digits", tmp_path / "own")
+    # read class by class, each class's files by name: the bundled tensors in that order, unchanged
+    order = [int(p.stem) for p in sorted(paths, key=lambda p: (int(p.parent.name), p.name))]
+    assert len(own.labels) == len(paths) == 14
+    assert torch.equal(own.images, bundled.images[order]) and torch.equal(own.labels, bundled.labels[order])
+    assert own.classes == bundled.classes  # every digit class, whichever the folder holds
+    # the train/test tree of the image-folder format reads the same images
+    _digit_pngs(tmp_path / "tree" / "train", range(0, 40, 3))
+    assert torch.equal(load_own("digits", tmp_path / "tree").images, own.images)
+
+
+def test_own_digits_refuse_images_of_another_shape_and_folders_that_are_no_digit(tmp_path):
+    (tmp_path / "rgb" / "3").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb" / "3" / "a.png")
+    with pytest.raises(DatasetError, match=r"3 channel\(s\) of 8x8; allowed: 8x8 grey images"):
+        load_own("digits", tmp_path / "rgb")
+    (tmp_path / "named" / "seven").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"folders \['seven'\] .* are not digit classes; allowed: .*DIR/<0..9>"):
+        load_own("digits", tmp_path / "named")
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_own_data_from_a_missing_or_empty_folder_names_it_and_what_is_allowed(tmp_path, name):
+    assert set(OWN_FORMATS) == set(DATASETS)  # every dataset says what its own data folder may hold
+    (tmp_path / "empty" / "0").mkdir(parents=True)
+    (tmp_path / "empty" / "0" / "notes.txt").write_text("no image")
+    (tmp_path / "file").write_text("x")
+    for folder, what in (("missing", "does not exist"), ("file", "is not a folder"), ("empty", "holds no usable")):
+        with pytest.raises(DatasetError) as info:
+            load_own(name, tmp_path / folder)
+        message = str(info.value)
+        assert f"{name} data folder '{tmp_path / folder}' {what}" in message
+        assert f"allowed: a folder holding {OWN_FORMATS[name]}" in message
+        assert "data.root" not in message  # own data is read from that folder alone
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="../shared/data/mnist not present")

@@ -218,28 +218,48 @@ def test_a_simulation_leaves_every_clients_model_and_the_monitor_reads_them(tmp_
     assert all(r["false_alarm_own_test"] <= 0.05 for r in result["per_client"])
 
 
-def test_fedse_adapt_fits_a_new_clients_private_part_on_the_final_shared_weights(tmp_path):
+def _finished_run(tmp_path, policy="fedse-la"):
+    """A run folder as a finished run leaves it for ``fedse adapt``: config.yaml and shared_weights.pt."""
     import yaml
 
-    from fedse.cli import main
-    from fedse.federated import own_data
-
-    cfg, model, split = _setup("fedse-la")
+    cfg, model, split = _setup(policy)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
     shared = split.shared_state(model)
     torch.save(shared, run / "shared_weights.pt")
+    return cfg, model, split, run, shared
+
+
+def _digit_pngs(root, indices):
+    """The bundled digits ``indices`` as 8x8 grey PNGs in ``root/<digit>/``: a new client's own data."""
+    from PIL import Image
+
+    bundled = build_federated_data(tiny_config()).dataset
+    for i in indices:
+        (root / str(int(bundled.labels[i]))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(bundled.images[i, 0].numpy()).save(root / str(int(bundled.labels[i])) / f"{i}.png")
+    return len(indices)
+
+
+def test_fedse_adapt_fits_a_new_clients_private_part_on_the_final_shared_weights(tmp_path):
+    from fedse.cli import main
+    from fedse.federated import own_data
+
+    cfg, model, split, run, shared = _finished_run(tmp_path)
+    files = _digit_pngs(tmp_path / "own", range(0, 200, 2))
     out = tmp_path / "new.fedse"
-    assert main(["adapt", str(run), "--data-dir", str(tmp_path), "--out", str(out)]) == 0
+    assert main(["adapt", str(run), "--data-dir", str(tmp_path / "own"), "--out", str(out)]) == 0
     loaded = load_personalized(out)
+    # fitted and evaluated on exactly the images in --data-dir, not on the bundled digits
+    assert loaded.header["train_samples"] + loaded.header["test_samples"] == files == 100
     state = loaded.model.state_dict()
     assert all(torch.equal(state[k], shared[k]) for k in split.shared)  # the shared weights as received
     assert any(not torch.equal(state[k], model.state_dict()[k]) for k in split.private)  # the private part fitted
-    shard = own_data(cfg, tmp_path).shard(0)  # digits: the client's own copy
+    shard = own_data(cfg, tmp_path / "own").shard(0)
     assert loaded.evaluate(shard.test_images, shard.test_labels).accuracy == loaded.header["local_acc"]
     assert loaded.header["client"] is None and "new client" in loaded.header["note"]
-    assert main(["adapt", str(tmp_path / "missing"), "--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    assert main(["adapt", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "own"), "--out", str(out)]) == 2
     # Shared weights of another shape, or holding NaN, are refused with one line, not a traceback.
     for bad in (
         {**shared, "fc.weight": torch.zeros(3, 3)},
@@ -249,8 +269,28 @@ def test_fedse_adapt_fits_a_new_clients_private_part_on_the_final_shared_weights
         with pytest.raises(StateCorruptError, match="shared tensors|NaN or inf"):
             from fedse.personal import adapt_new_client
 
-            adapt_new_client(run, tmp_path, tmp_path / "bad.fedse")
-        assert main(["adapt", str(run), "--data-dir", str(tmp_path), "--out", str(tmp_path / "bad.fedse")]) == 2
+            adapt_new_client(run, tmp_path / "own", tmp_path / "bad.fedse")
+        bad_out = tmp_path / "bad.fedse"
+        assert main(["adapt", str(run), "--data-dir", str(tmp_path / "own"), "--out", str(bad_out)]) == 2
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty", "no_image", "a_file"])
+def test_fedse_adapt_refuses_a_data_dir_without_usable_images(tmp_path, capsys, folder):
+    from fedse.cli import main
+
+    _finished_run(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_image" / "4").mkdir(parents=True)
+    (tmp_path / "no_image" / "4" / "readme.txt").write_text("not an image")
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "new.fedse"
+    code = main(["adapt", str(tmp_path / "run"), "--data-dir", str(tmp_path / folder), "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("fedse: error: "), err
+    assert f"digits data folder '{tmp_path / folder}'" in lines[0] and "allowed: " in lines[0]
+    assert "DIR/<0..9>/*.png" in lines[0] and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_fedbabu_trains_the_body_with_the_head_frozen_and_fine_tunes_only_the_head(task_identity, tmp_path):
