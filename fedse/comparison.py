@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record
 from .federated import build_federated_data, model_shape
-from .io import atomic_save, atomic_write_json, atomic_write_text
+from .io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
 from .models import base_width, build_model
 from .partition import plot_label_counts
 from .policies import RunPolicy, resolve
@@ -211,6 +211,12 @@ def paired_gains(runs: Sequence[MethodRun], reference: str = "fedavg") -> list[d
     return out
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that were measured (None: not evaluated); None when none was."""
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
 def holdout_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     rows = []
     for method in dict.fromkeys(r.method for r in runs):
@@ -221,7 +227,7 @@ def holdout_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
                     "method": method,
                     "clients": len(mine[0].holdout),
                     **{
-                        f"{k}_acc": _pm([float(np.mean([h[f"{k}_acc"] for h in r.holdout])) for r in mine])
+                        f"{k}_acc": _pm([_mean([h[f"{k}_acc"] for h in r.holdout]) for r in mine])
                         for k in ("global", "private", "full")
                     },
                 }
@@ -238,10 +244,15 @@ def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) 
     methods = list(dict.fromkeys(r.method for r in runs))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in methods:
-        curves = [[x["local_acc_mean"] for x in r.rounds] for r in runs if r.method == method]
-        length = min(len(c) for c in curves)
-        mean = np.mean([c[:length] for c in curves], axis=0)
-        ax.plot(range(1, length + 1), mean, marker=".", label=method)
+        curves = [r.rounds for r in runs if r.method == method]
+        shared = set.intersection(*({x["round"] for x in c} for c in curves))  # rounds every seed ran
+        points = [
+            (n, mean)
+            for n in sorted(shared)
+            if (mean := _mean([x["local_acc_mean"] for c in curves for x in c if x["round"] == n])) is not None
+        ]  # a round without an evaluation is no point
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=".", label=method)
     ax.set(xlabel="round", ylabel="personalized accuracy (mean over clients)", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -363,6 +374,26 @@ def comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
     return raw
 
 
+class _Absent:
+    """A key one configuration lacks."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_ABSENT = _Absent()
+
+
+def _differences(first: Any, other: Any, key: str = "") -> list[str]:
+    """Where two configurations (nested mappings) differ: ``dotted.key: first's value vs other's``."""
+    if isinstance(first, dict) and isinstance(other, dict):
+        out = []
+        for k in dict.fromkeys([*first, *other]):
+            out += _differences(first.get(k, _ABSENT), other.get(k, _ABSENT), f"{key}.{k}" if key else str(k))
+        return out
+    return [] if first == other else [f"{key}: {first!r} vs {other!r}"]
+
+
 def _read_comparison(folder: Path) -> dict[str, Any]:
     """A folder's ``comparison.json``, checked: its configuration, methods, --holdout and runs (each
     through :func:`method_run_from`)."""
@@ -413,6 +444,12 @@ def merge(
     ``methods``: take only these from the folders (None: every method)."""
     if len(folders) < 2:
         raise ConfigError(f"--merge needs at least two comparison folders, got {len(folders)}")
+    check_output_dir(out, "--out")
+    if inputs := [str(f) for f in folders if Path(f).resolve() == Path(out).resolve()]:
+        raise ConfigError(
+            f"--out {str(out)!r} is the input folder {inputs[0]!r}: the merge would overwrite its comparison; "
+            "allowed: a folder that is none of the folders merged"
+        )
     loaded = []
     for folder in folders:
         data = _read_comparison(folder)
@@ -428,16 +465,25 @@ def merge(
     first_folder, first = loaded[0]
     base = comparable(first["config"], first["methods"])
     read = base.pop("personalization", {})  # the personalization settings some folder's methods read
+    source = dict.fromkeys(read, first_folder)  # the folder each of them was first read from
     for folder, data in loaded[1:]:
         mine = comparable(data["config"], data["methods"])
         theirs = mine.pop("personalization", {})
-        clash = any(read.get(k, v) != v for k, v in theirs.items())  # a setting both folders read, differing
-        if mine != base or clash or data["holdout"] != first["holdout"]:
+        differ = _differences(base, mine)
+        for k, v in theirs.items():  # a setting both folders' methods read, differing
+            if k in read and read[k] != v:
+                where = "" if source[k] == first_folder else f" (in {str(source[k])!r})"
+                differ.append(f"personalization.{k}: {read[k]!r}{where} vs {v!r}")
+        if data["holdout"] != first["holdout"]:
+            differ.append(f"--holdout: {first['holdout']} vs {data['holdout']}")
+        if differ:
             raise ConfigError(
                 f"{str(folder)!r} was measured under another configuration or --holdout than "
-                f"{str(first_folder)!r}; only folders differing in methods, seeds and settings their "
-                f"methods do not read ({', '.join(f'personalization.{k}' for k in _READ_BY)}) can be merged"
+                f"{str(first_folder)!r} (differing, {str(first_folder)!r} vs {str(folder)!r}: {', '.join(differ)}); "
+                "only folders differing in methods, seeds and settings their methods do not read "
+                f"({', '.join(f'personalization.{k}' for k in _READ_BY)}) can be merged"
             )
+        source |= {k: folder for k in theirs if k not in source}
         read |= theirs
     # The merged configuration: the first folder's, with each policy-specific setting as the folders
     # whose methods read it have it (they agree: checked above).

@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_open",
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_output_dir",
+]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -95,7 +102,28 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def atomic_save(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], None]) -> None:
+def atomic_save(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], None], *, private: bool = False) -> None:
     """Let ``writer`` fill a binary handle (``torch.save``, ``np.savez``, ``fig.savefig``)."""
-    with atomic_open(path, "wb") as handle:
+    with atomic_open(path, "wb", private=private) as handle:
         writer(handle)
+
+
+def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` checked as a folder a command may write into, before the command does any work: an
+    existing folder, or a path under whose nearest existing folder one can be made. A file there or
+    above it, or a folder this user cannot write to, is a ConfigError naming ``what``, the path and
+    what is allowed."""
+    from .config import ConfigError
+
+    target = Path(path)
+    allowed = "allowed: a folder this user can write to, or a path where one can be made"
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{what} {str(target)!r} is a file, not a folder; {allowed}")
+    above = target.absolute()
+    while not above.exists():  # also False for a path under a regular file
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"{what} {str(target)!r}: {str(above)!r} is a file, not a folder to make it in; {allowed}")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(target)!r}: {str(above)!r} is not writable by this user; {allowed}")
+    return target

@@ -38,7 +38,7 @@ import torch
 from fedse.config import load_config
 from fedse.federated import build_federated_data
 from fedse.fingerprint import CORRUPTIONS, FeatureGaussian, auroc, corrupt, mmd_test, msp_score, probe
-from fedse.io import atomic_save, atomic_write_json, atomic_write_text
+from fedse.io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
 from fedse.personal import PersonalizedModel, load_personalized
 
 __all__ = ["METHODS", "monitor"]
@@ -85,7 +85,9 @@ def _scenarios(fed, client: int, own: torch.Tensor, max_other: int, seed: int) -
 
 
 def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Score every client of ``run_dir`` (see the module docstring); write ``out``; return the figures."""
+    """Score every client of ``run_dir`` (see the module docstring); write ``out``; return the figures.
+    An ``out`` no folder can be written at is a ConfigError before any work."""
+    check_output_dir(out, "--out")
     cfg = load_config(run_dir / "config.yaml", record=True)
     fed = build_federated_data(cfg)
     per_client: list[dict[str, Any]] = []

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -387,3 +388,121 @@ def test_budget_table_hand_computed(tmp_path):
     assert b64["round_to_90"] == "not reached" and b64["seeds"] == 2  # seed 1 never got there
     assert b10["width"] == b64["width"] == tiny_config().model.width
     assert budget_table([tmp_path / "b10"], methods=["fedse"]) == []  # --methods picks methods out
+
+
+def _run(method, seed=0, rounds=None, holdout=()):
+    """A run as a comparison reads it: two clients, one round unless ``rounds``."""
+    clients = [
+        {"client": 0, "local_acc": 0.8, "pooled_acc": None, "test_samples": 10},
+        {"client": 1, "local_acc": 0.6, "pooled_acc": None, "test_samples": 10},
+    ]
+    split = {"private_params": 0, "private_percent": 0.0}
+    rounds = [{"round": 1, "local_acc_mean": 0.7}] if rounds is None else rounds
+    return MethodRun(method, seed, rounds, clients, list(holdout), split, 8, 1.0)
+
+
+def _comparison_folder(folder, cfg, runs, holdout=0):
+    """A comparison folder written by hand: its comparison.json, as a merge reads it."""
+    from dataclasses import asdict
+
+    from fedse.config import config_to_record
+
+    folder.mkdir(parents=True)
+    data = {
+        "config": config_to_record(cfg),
+        "methods": list(dict.fromkeys(r.method for r in runs)),
+        "holdout": holdout,
+        "runs": [asdict(r) for r in runs],
+        "table": [],
+    }
+    (folder / "comparison.json").write_text(json.dumps(data))
+    return folder
+
+
+def _one_line_error(capsys, argv):
+    from fedse.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("fedse: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_a_refused_merge_names_every_key_that_differs(tmp_path, capsys):
+    a = _comparison_folder(tmp_path / "a", tiny_config(), [_run("fedavg")])
+    other = tiny_config(train={"batch_size": 32}, partition={"alpha": 0.5})
+    c = _comparison_folder(tmp_path / "c", other, [_run("fedse")])
+    with pytest.raises(ConfigError, match=r"train\.batch_size: 64 vs 32") as info:
+        merge([a, c], tmp_path / "x")
+    assert "partition.alpha: 1.0 vs 0.5" in str(info.value) and "partition.num_clients" not in str(info.value)
+    line = _one_line_error(capsys, ["compare", "--merge", str(a), str(c), "--out", str(tmp_path / "x")])
+    assert "train.batch_size: 64 vs 32" in line and "partition.alpha: 1.0 vs 0.5" in line
+
+    # a setting both folders' methods read, and from which folder the first value came
+    def at(smoothing):
+        return tiny_config(personalization={"prior_smoothing": smoothing})
+
+    s16 = _comparison_folder(tmp_path / "s16", at(16.0), [_run("fedse-la")])
+    s1 = _comparison_folder(tmp_path / "s1", at(1.0), [_run("fedavg-la")])
+    with pytest.raises(ConfigError, match=r"personalization\.prior_smoothing: 16\.0 vs 1\.0"):
+        merge([s16, s1], tmp_path / "x")
+    with pytest.raises(ConfigError, match=re.escape(f"personalization.prior_smoothing: 16.0 (in '{s16}') vs 1.0")):
+        merge([a, s16, s1], tmp_path / "x")  # fedavg does not read it: the 16 is s16's
+    held = _comparison_folder(tmp_path / "held", tiny_config(), [_run("fedse")], holdout=1)
+    with pytest.raises(ConfigError, match="--holdout: 0 vs 1"):
+        merge([a, held], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_merge_never_writes_over_one_of_its_input_folders(tmp_path, capsys):
+    a = _comparison_folder(tmp_path / "a", tiny_config(), [_run("fedavg")])
+    b = _comparison_folder(tmp_path / "b", tiny_config(), [_run("fedse")])
+    (tmp_path / "link").symlink_to(b)
+    before = {p.name: p.read_bytes() for p in (a, b) for p in p.iterdir()}
+    for out in (b, tmp_path / "a" / ".." / "b", tmp_path / "link", a):
+        with pytest.raises(
+            ConfigError, match=re.escape(f"--out '{out}' is the input folder") + ".*allowed: a folder that is none"
+        ):
+            merge([a, b], out)
+    line = _one_line_error(capsys, ["compare", "--merge", str(a), str(b), "--out", str(b)])
+    assert f"--out '{b}' is the input folder '{b}'" in line
+    assert {p.name: p.read_bytes() for p in (a, b) for p in p.iterdir()} == before  # nothing written
+
+
+def test_merge_refuses_an_out_under_a_regular_file_before_reading(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "merged"
+    line = _one_line_error(capsys, ["compare", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    assert f"--out '{out}'" in line and "is a file" in line and "allowed" in line
+
+
+def test_a_round_without_an_evaluation_is_skipped_in_every_table_and_plot(tmp_path):
+    from fedse.comparison import write_comparison
+
+    rounds = [
+        {"round": 1, "local_acc_mean": None},
+        {"round": 2, "local_acc_mean": 0.6},
+        {"round": 3, "local_acc_mean": None},
+    ]
+    unevaluated = {"client": 2, "global_acc": None, "private_acc": None, "full_acc": None}
+    held = [unevaluated, {"client": 3, "global_acc": 0.5, "private_acc": 0.75, "full_acc": 1.0}]
+    runs = [
+        _run("fedavg", rounds=rounds, holdout=held),
+        _run("fedse", rounds=rounds, holdout=[unevaluated]),
+        _run("fedse", seed=1, rounds=[{"round": 1, "local_acc_mean": None}]),  # never evaluated
+    ]
+    summary = write_comparison(tiny_config(), runs, tmp_path / "out", holdout=2, command="")
+    assert {"accuracy_per_round.png", "personalized_vs_global.png", "table.md"} <= {
+        p.name for p in (tmp_path / "out").iterdir()
+    }
+    table = {row["method"]: row for row in summary["table"]}
+    assert table["fedavg"]["personalized_mean_best_round"] == "60.00"
+    hold = {row["method"]: row for row in summary["holdout_table"]}
+    assert (hold["fedavg"]["global_acc"], hold["fedavg"]["private_acc"], hold["fedavg"]["full_acc"]) == (
+        "50.00",
+        "75.00",
+        "100.00",
+    )
+    assert hold["fedse"]["global_acc"] == "-"  # no held-out client was evaluated
