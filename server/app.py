@@ -13,41 +13,57 @@ Run config (``pyproject.toml`` ``[tool.flwr.app.config]`` or ``flwr run . --run-
 The strategy, guard and report live in :mod:`fedse.server` and :mod:`fedse.strategy`. The server
 reads no data: the model's shape comes from the config, and the clients' label counts are never
 collected (each client's prior stays with it).
+
+A fedse error is one line, ``fedse: error: ...``, and fails the run (``finished:failed`` in ``flwr ls``);
+``flwr run`` still exits 0: Flower 1.42's CLI never reads a run's status (``flwr/cli/run/run.py``).
 """
 
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedse.config import load_config
+from fedse.checkpoint import CheckpointError
+from fedse.config import ConfigError, load_config
+from fedse.data import DatasetError
+from fedse.partition import PartitionError
 from fedse.rundir import claim_run_dir, discard_unstarted
 from fedse.server import final_tables, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
-
+# fedse's own errors, as `fedse simulate` reports them; anything else is a bug and keeps its traceback.
+FEDSE_ERRORS = (ConfigError, CheckpointError, DatasetError, PartitionError, OSError)
 log = logging.getLogger("fedse")
 
 app = ServerApp()
 
 
+class RunFailed(Exception):
+    """A fedse error, printed in one line; raised so that Flower marks the run failed."""
+
+
+def _hide_reported_traceback(record: logging.LogRecord) -> bool:
+    # Flower logs a ServerApp's exception with its traceback (simulation/app.py, run_serverapp.py); not ours.
+    if record.exc_info and isinstance(record.exc_info[1], RunFailed):
+        record.exc_info = record.exc_text = None
+    return True
+
+
+logging.getLogger("flwr").addFilter(_hide_reported_traceback)
+
+
 def resolve_output_dir(value: str, app_root: Path) -> Path:
     """The absolute directory a run-config path (``output-dir``, ``resume-from``) names.
 
-    An absolute path (``~`` expanded) is kept; a relative one is resolved against ``app_root``.
-    It cannot be resolved against the directory the user ran ``flwr run .`` from: in Flower 1.42
-    the CLI builds a FAB (the app's files, zipped) and sends the SuperLink only the FAB, the
-    ``--run-config`` overrides and the federation (``StartRunRequest`` in ``flwr/cli/run/run.py``);
-    nothing names the user's directory. The ServerApp then runs in a process the SuperLink's
-    SuperExec starts, with the SuperLink's working directory (the local SuperLink is started once
-    by the first ``flwr run`` and left running, so that is wherever that was; in a deployment,
-    wherever the operator started it, possibly another machine), and imports the app from its
-    installed copy under ``~/.flwr/apps/``. The app root is at least a fixed, known place: the
-    ServerApp prints the absolute run folder at start and end, and the README says to pass an
-    absolute ``output-dir``.
+    An absolute path (``~`` expanded) is kept; a relative one is resolved against ``app_root``, not
+    the directory ``flwr run .`` ran in: Flower 1.42's CLI sends the SuperLink only the FAB (the app's
+    files), the run config and the federation (``StartRunRequest`` in ``flwr/cli/run/run.py``), and
+    the ServerApp runs where the SuperLink runs (with its working directory, possibly on another
+    machine), from the app's installed copy under ``~/.flwr/apps/``. It prints the absolute run folder.
     """
     path = Path(value).expanduser()
     return Path(os.path.abspath(path if path.is_absolute() else app_root / path))
@@ -60,6 +76,15 @@ def _say(text: str) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    try:
+        _main(grid, context)
+    except FEDSE_ERRORS as err:
+        message = " ".join(str(err).split())  # one line (library messages can span lines)
+        print(f"fedse: error: {message}", file=sys.stderr, flush=True)
+        raise RunFailed(message) from None
+
+
+def _main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     overrides = str(rc["overrides"]).split()
     resume = str(rc["resume-from"])
