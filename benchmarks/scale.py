@@ -108,6 +108,7 @@ def one(num_clients: int) -> dict:
         result = simulate(cfg, quiet=True)
         stop.set()
         poller.join()
+        persisted = private_state_cost(result.run_dir, cfg, max(result.outcome.log.train))
     log = result.outcome.log
     rounds = sorted(log.round_seconds)
     ds = fed.dataset
@@ -155,6 +156,71 @@ def one(num_clients: int) -> dict:
         "context_state_bytes_per_client": state_bytes,
         "beyond_tensors_mb_per_1000_clients": round((state_bytes - tensor_bytes) * 1000 / 2**20, 2),
         "wall_seconds": round(result.wall_seconds, 1),
+        **persisted,
+    }
+
+
+def _checkpoint_size(run_dir: Path, cfg, ckpt: dict, log, last_round: int, private: dict | None) -> int:
+    from fedse.checkpoint import CHECKPOINT, save_checkpoint
+    from fedse.records import to_arrays
+
+    folder = run_dir / f"ckpt-{len(private or {})}"
+    folder.mkdir(exist_ok=True)
+    save_checkpoint(folder, cfg, last_round, to_arrays(ckpt["shared"]), log, private=private)
+    return (folder / CHECKPOINT).stat().st_size
+
+
+def private_state_cost(run_dir: Path, cfg, last_round: int) -> dict:
+    """What keeping every client's private state resumable costs per round, measured on the run just
+    made: the bytes of the state files one round's sampled clients wrote into ``private/``, the seconds
+    one client takes to write its file (its share of the round, on its actor), and on the server, the
+    seconds of the checkpoint's manifest (one scan of every client's folder) and the checkpoint's
+    bytes with and without it."""
+    import dataclasses
+
+    import torch
+
+    from fedse.checkpoint import CHECKPOINT
+    from fedse.report import RunLog
+    from fedse.state import PRIVATE_DIR, RoundStore, private_manifest
+
+    root = run_dir / PRIVATE_DIR
+    files = sorted(root.glob(f"client-*/r{last_round:06d}.bin"))
+    client = int(files[0].parent.name.split("-")[1])  # a client sampled in that round
+    tensors, meta = RoundStore(root, client, last_round, inclusive=True).load()
+    bench = run_dir / "bench"
+    started = time.perf_counter()
+    for i in range(50):
+        RoundStore(bench, i, 1, inclusive=False).save(tensors, meta)
+    save_seconds = (time.perf_counter() - started) / 50
+    started = time.perf_counter()
+    manifest = private_manifest(root, last_round)
+    manifest_seconds = time.perf_counter() - started
+    # the manifest once every client has trained: one state file in each of num_clients folders
+    everyone = run_dir / "everyone"
+    for i in range(cfg.partition.num_clients):
+        (everyone / f"client-{i}").mkdir(parents=True)
+        os.link(files[0], everyone / f"client-{i}" / files[0].name)
+    started = time.perf_counter()
+    full = private_manifest(everyone, last_round)
+    full_seconds = time.perf_counter() - started
+    ckpt = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    log = RunLog(**{f.name: ckpt["log"][f.name] for f in dataclasses.fields(RunLog)})
+    sizes = {
+        name: _checkpoint_size(run_dir, cfg, ckpt, log, last_round, private)
+        for name, private in (("without", None), ("with", manifest))
+    }
+    return {
+        "private_state_files_per_round": len(files),
+        "private_state_bytes_per_round": sum(f.stat().st_size for f in files),
+        "private_state_seconds_per_client_save": round(save_seconds, 5),
+        "manifest_clients": len(manifest),
+        "manifest_seconds_per_round": round(manifest_seconds, 4),
+        "manifest_clients_all_trained": len(full),
+        "manifest_seconds_all_trained": round(full_seconds, 4),
+        "checkpoint_bytes_without_manifest": sizes["without"],
+        "checkpoint_bytes_with_manifest": sizes["with"],
+        "checkpoint_bytes_with_manifest_all_trained": _checkpoint_size(run_dir, cfg, ckpt, log, last_round, full),
     }
 
 

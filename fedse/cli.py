@@ -270,6 +270,14 @@ def _fail(err: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (reading a config, importing): nothing to keep
+        print("\nfedse: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("certs", "keygen", "server", "client"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -323,57 +331,112 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("fedse").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     resume = getattr(args, "resume", None)
     try:
-        if resume is not None and not (resume / "config.yaml").is_file():
-            raise ConfigError(f"--resume {resume}: no config.yaml there; is it a fedse run folder?")
-        cfg = load_config(resume / "config.yaml" if resume else args.config, args.overrides, record=resume is not None)
+        cfg = _run_config(args, resume)
     except ConfigError as err:
         return _fail(err)
     from .checkpoint import CheckpointError
     from .data import DatasetError
+    from .interrupt import RunStopped, stoppable
     from .partition import PartitionError
 
     name = args.config.stem if args.config else "default"
     try:
-        if args.command == "simulate":
-            from simulations.simulate import run
-
-            run(cfg, config_name=name, resume=resume, quiet=args.quiet, verbose=args.verbose)
-        elif args.command == "compare":
-            import time
-
-            from simulations.compare import compare
-
-            from .comparison import budget_report, budget_table, merge, write_budget
-
-            command = "fedse " + " ".join(argv if argv is not None else sys.argv[1:])
-            if args.budget:
-                if args.merge:
-                    raise ConfigError("--budget and --merge: give one of them")
-                if not 0 < args.target <= 1:
-                    raise ConfigError(f"--target {args.target}: allowed: an accuracy in (0, 1]")
-                rows = budget_table(args.budget, args.target, _methods(args.methods))
-                if not rows:
-                    raise ConfigError(f"--methods {args.methods}: in none of the folders {args.budget}")
-                print(budget_report(rows, command))
-                if args.out is not None:
-                    write_budget(rows, command, args.out)
-                    print(f"budget table: {args.out / 'budget.md'}")
-                return 0
-            if args.merge:
-                if args.out is None:
-                    raise ConfigError("--merge needs --out: the folder the combined comparison is written to")
-                out = args.out
-                merge(args.merge, out, command=command, methods=_methods(args.methods))
-            else:
-                methods = _methods(args.methods or DEFAULT_METHODS)
-                seeds = _int_list(args.seeds, "seeds")
-                out = args.out or Path(cfg.output.dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-                compare(cfg, methods, seeds, out, holdout=args.holdout, command=command)
-            print((out / "table.md").read_text())
-            print(f"comparison folder: {out}")
+        with stoppable():
+            return _run(args, cfg, name, resume, argv)
+    except RunStopped as stop:
+        return _stopped(stop, args, argv)
     except (ConfigError, CheckpointError, DatasetError, PartitionError, OSError) as err:
         # OSError: an unwritable --out and the like
         return _fail(err)
+
+
+def _run_config(args: argparse.Namespace, resume: Path | None):  # noqa: ANN202 (Config, imported lazily)
+    """The run's configuration: ``--config`` plus ``--set``; with ``--resume``, the run folder's
+    record plus ``--set``. ``--config`` with ``--resume`` is taken as overrides of the record: what
+    it changes is printed, and the resume's checks apply to it as to ``--set``."""
+    from .checkpoint import config_diff
+    from .config import config_to_dict
+    from .report import RECORD
+
+    if resume is None:
+        return load_config(args.config, args.overrides)
+    if not (resume / RECORD).is_file():
+        raise ConfigError(f"--resume {resume}: no {RECORD} there; allowed: a folder fedse simulate made")
+    recorded = load_config(resume / RECORD, args.overrides, record=True)
+    if args.config is None:
+        return recorded
+    given = load_config(args.config, args.overrides)
+    changes = config_diff(config_to_dict(recorded), config_to_dict(given))
+    if changes:
+        print(f"fedse: --config {args.config} changes {resume}'s record: {'; '.join(changes)}", file=sys.stderr)
+    return given
+
+
+def _stopped(stop, args: argparse.Namespace, argv: list[str] | None) -> int:  # noqa: ANN001 (RunStopped)
+    """One line: what stopped, what is kept, the exact command that continues; the signal's exit code."""
+    import shlex
+
+    from .checkpoint import checkpoint_status
+    from .interrupt import exit_code, exit_now
+
+    if args.command == "simulate":
+        folder = args.resume or stop.run_dir
+        again = f"fedse simulate --resume {shlex.quote(str(folder))}" if folder else "the same command"
+    else:
+        words = list(argv if argv is not None else sys.argv[1:])
+        if "--out" not in words and args.out is None and stop.run_dir is not None:
+            words += ["--out", str(Path(stop.run_dir).parent.parent)]
+        again = "fedse " + shlex.join(words)
+    status = checkpoint_status(stop.run_dir) if stop.run_dir else None
+    kept = f"{stop.run_dir} keeps round {status[0]}" if status else "no round of the run in progress had completed"
+    print(f"fedse: {stop}; {kept}. Continue with: {again}", file=sys.stderr, flush=True)
+    if argv is None:  # this process is the command: end it now (fedse.interrupt.exit_now)
+        exit_now(exit_code(stop.signum))
+    return exit_code(stop.signum)
+
+
+def _run(args: argparse.Namespace, cfg, name: str, resume: Path | None, argv: list[str] | None) -> int:  # noqa: ANN001
+    if args.command == "simulate":
+        from simulations.simulate import run
+
+        run(cfg, config_name=name, resume=resume, quiet=args.quiet, verbose=args.verbose)
+        return 0
+    return _compare(args, cfg, name, argv)
+
+
+def _compare(args: argparse.Namespace, cfg, name: str, argv: list[str] | None) -> int:  # noqa: ANN001 (Config)
+    import time
+
+    from simulations.compare import compare
+
+    from .comparison import budget_report, budget_table, merge, write_budget
+
+    command = "fedse " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.budget:
+        if args.merge:
+            raise ConfigError("--budget and --merge: give one of them")
+        if not 0 < args.target <= 1:
+            raise ConfigError(f"--target {args.target}: allowed: an accuracy in (0, 1]")
+        rows = budget_table(args.budget, args.target, _methods(args.methods))
+        if not rows:
+            raise ConfigError(f"--methods {args.methods}: in none of the folders {args.budget}")
+        print(budget_report(rows, command))
+        if args.out is not None:
+            write_budget(rows, command, args.out)
+            print(f"budget table: {args.out / 'budget.md'}")
+        return 0
+    if args.merge:
+        if args.out is None:
+            raise ConfigError("--merge needs --out: the folder the combined comparison is written to")
+        out = args.out
+        merge(args.merge, out, command=command, methods=_methods(args.methods))
+    else:
+        methods = _methods(args.methods or DEFAULT_METHODS)
+        seeds = _int_list(args.seeds, "seeds")
+        out = args.out or Path(cfg.output.dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        compare(cfg, methods, seeds, out, holdout=args.holdout, command=command)
+    print((out / "table.md").read_text())
+    print(f"comparison folder: {out}")
     return 0
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import Config, config_from_dict
@@ -44,12 +44,13 @@ from .records import (
     POOLED,
     PROXIMAL_MU,
     SERVER_ROUND,
+    TRAINED_BEFORE,
     check_arrays,
     from_arrays,
     to_arrays,
 )
 from .split import Split
-from .state import digest, load_accountant, persist, restore, save_accountant
+from .state import RoundStore, digest, load_accountant, persist, restore, save_accountant
 from .train import EvalResult, default_device, evaluate
 
 __all__ = ["handle_evaluate", "handle_train", "make_client_app"]
@@ -100,9 +101,10 @@ def _client_data(context: Context, cfg: Config) -> tuple[int, FederatedData, Cli
     return cid, fed, fed.shard(cid)
 
 
-def _setup(msg: Message, context: Context) -> _Setup:
+def _setup(msg: Message, context: Context, state_root: str | None = None) -> _Setup:
     """Parse the config, load this client's shard, build the model with the received
-    shared weights and this client's own private weights."""
+    shared weights and this client's own private weights (``state_root``: where a simulated
+    client's private state lives on disk, :func:`_round_store`)."""
     if CONFIG not in msg.content.config_records or CONFIG_JSON not in msg.content[CONFIG]:
         raise ValueError(f"message has no '{CONFIG}.{CONFIG_JSON}' record; is the server a fedse ServerApp?")
     cfg = _parse_config(str(msg.content[CONFIG][CONFIG_JSON]))
@@ -118,7 +120,13 @@ def _setup(msg: Message, context: Context) -> _Setup:
     sent = from_arrays(received)
     update = dict(sent)
     template = {**split.private_state(model), **policy.extra_state(model)}
-    private = restore(context, template)
+    private = restore(context, template, _round_store(state_root, cid, msg))
+    if private is None and cid in list(msg.content[CONFIG].get(TRAINED_BEFORE, [])):
+        raise ValueError(
+            f"client {cid} trained in this run before the server resumed it, but its private state is gone "
+            "(not in this process, not on disk); it will not continue from the common initialisation. Restore "
+            "its state (a deployed client's --state-dir, a simulation's run folder) and resume again"
+        )
     if private is not None:
         update.update({k: v for k, v in private.items() if k in split.private})
     model.load_state_dict(update, strict=False)
@@ -126,6 +134,16 @@ def _setup(msg: Message, context: Context) -> _Setup:
     extra = {k: v for k, v in private.items() if k not in split.private} if private else policy.extra_state(model)
     own = NODE_DATA_DIR in context.node_config
     return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, own, extra, sent)
+
+
+def _round_store(state_root: str | None, client_id: int, msg: Message) -> RoundStore | None:
+    """A simulated client's private state in the run folder (None for a deployed client, which
+    keeps its own in its state-dir): a train message of round r reads what the client kept before
+    round r and writes round r's; an evaluate message reads what it kept up to round r."""
+    if state_root is None:
+        return None
+    server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))
+    return RoundStore(state_root, client_id, server_round, inclusive=msg.metadata.message_type != MessageType.TRAIN)
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, client: dict) -> Message:
@@ -139,9 +157,10 @@ def _seed(cfg: Config, client_id: int, msg: Message) -> int:
     return cfg.seed * 100_003 + client_id * 1_009 + int(msg.content[CONFIG].get(SERVER_ROUND, 0))
 
 
-def handle_train(msg: Message, context: Context) -> Message:
-    """Train locally; keep private keys in ``context.state``; reply with shared keys only."""
-    s = _setup(msg, context)
+def handle_train(msg: Message, context: Context, state_root: str | None = None) -> Message:
+    """Train locally; keep private keys in ``context.state`` (and, for a simulated client, in
+    ``state_root``); reply with shared keys only."""
+    s = _setup(msg, context, state_root)
     private_in = s.split.private_state(s.model)
     args = {"seed": _seed(s.cfg, s.client_id, msg), "mean": s.mean, "std": s.std}
     extra = extra_before_update(s.model, s.extra, s.shard, s.cfg, s.policy, **args)
@@ -170,7 +189,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     extra_out = extra_after_update(s.model, extra, s.received, s.shard, s.cfg, s.policy, **args)
     if dp is not None:
         save_accountant(context, dp.state())
-    persist(context, {**private_out, **extra_out})
+    persist(context, {**private_out, **extra_out}, _round_store(state_root, s.client_id, msg))
     client = {CLIENT_ID: s.client_id}
     if s.cfg.evaluate.private_digest:
         client |= {DIGEST_IN: digest(private_in), DIGEST_OUT: digest(private_out)}
@@ -182,11 +201,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     return _reply(msg, to_arrays(s.split.shared_state(s.model)), metrics, client)
 
 
-def handle_evaluate(msg: Message, context: Context, export_dir: str | None = None) -> Message:
+def handle_evaluate(
+    msg: Message, context: Context, export_dir: str | None = None, state_root: str | None = None
+) -> Message:
     """Personalized model (received shared + own private) on the client's own test part,
     and, when asked, on the pooled test set of all clients. At the run's final evaluation
     (``final`` in the message) the client writes the model it evaluated (:func:`_export`)."""
-    s = _setup(msg, context)
+    s = _setup(msg, context, state_root)
     final = bool(msg.content[CONFIG].get(FINAL, False))
     received = s.split.shared_state(s.model) if final else None  # copies, taken before any fine-tuning
     device = default_device()
@@ -272,16 +293,21 @@ def _export(
     )
 
 
-def make_client_app(export_dir: str | Path | None = None) -> ClientApp:
+def make_client_app(export_dir: str | Path | None = None, state_root: str | Path | None = None) -> ClientApp:
     """The ClientApp. ``export_dir``: where simulated clients write their personalized models at the
-    end of a run (the run folder; set by :func:`fedse.simulation.simulate`, which hands this app to
-    its actors). Deployed clients write theirs into their ``state-dir``."""
+    end of a run; ``state_root``: where they keep their private state between rounds, for a resumed
+    run (both in the run folder; set by :func:`fedse.simulation.simulate`, which hands this app to
+    its actors). Deployed clients keep both in their ``state-dir``."""
     app = ClientApp()
-    app.train()(handle_train)
     export = None if export_dir is None else str(export_dir)
+    root = None if state_root is None else str(state_root)
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, root)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, export)
+        return handle_evaluate(msg, context, export, root)
 
     return app

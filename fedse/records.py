@@ -47,6 +47,7 @@ __all__ = [
     "POOLED",
     "PROXIMAL_MU",
     "SERVER_ROUND",
+    "TRAINED_BEFORE",
     "UNIT_WEIGHT",
     "ReplySchema",
     "Screened",
@@ -67,6 +68,7 @@ POOLED = "pooled"  # evaluate on the pooled test set this round
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 FINAL = "final"  # the run's last evaluation: the client writes its personalized model (fedse.personal)
 EXPORT_ONLY = "export-only"  # after the run, to a client not evaluated in the last round: write the model
+TRAINED_BEFORE = "trained-before"  # a resumed run: the clients that trained before it (their state must exist)
 # Client -> server: metrics, and the "client" record.
 NUM_EXAMPLES = "num-examples"
 UNIT_WEIGHT = "unit-weight"  # client-level DP averages updates uniformly; the server sets it, never the client

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 
+from .config import Config, config_to_record
 from .io import atomic_save, atomic_write_json, atomic_write_text
 from .records import NUM_EXAMPLES
 
@@ -231,6 +232,14 @@ def provenance() -> dict[str, Any]:
     }
 
 
+RECORD = "config.yaml"  # a run folder's configuration, as run: what --resume, predict and adapt read
+
+
+def write_record(run_dir: Path, cfg: Config) -> None:
+    """The run's configuration (:func:`fedse.config.config_to_record`), written atomically."""
+    atomic_write_text(Path(run_dir) / RECORD, yaml.safe_dump(dict(config_to_record(cfg)), sort_keys=False))
+
+
 def write_run(
     run_dir: Path,
     *,
@@ -242,7 +251,7 @@ def write_run(
 ) -> dict[str, Any]:
     """Write the run folder; returns the summary written to ``summary.json``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
+    atomic_write_text(run_dir / RECORD, yaml.safe_dump(dict(config), sort_keys=False))
     rounds, clients = round_rows(log), client_rows(log)
     atomic_write_json(run_dir / "rounds.json", rounds)
     write_csv(run_dir / "rounds.csv", rounds)

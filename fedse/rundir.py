@@ -13,11 +13,12 @@ import shutil
 import time
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT
+from .checkpoint import CHECKPOINT, checkpoint_status
 from .config import Config, ConfigError
 from .federated import FederatedData
 from .io import atomic_write_json
 from .partition import plot_label_counts
+from .report import RECORD
 
 __all__ = ["claim_run_dir", "discard_unstarted", "make_run_dir", "write_partition"]
 
@@ -60,11 +61,10 @@ def make_run_dir(cfg: Config, config_name: str) -> Path:
                 raise FileExistsError(
                     f"run folder {str(run_dir)!r} exists and is not a folder; choose another output.name or remove it"
                 ) from None
+            if _abandoned_claim(run_dir / marker):
+                (run_dir / marker).unlink(missing_ok=True)
             if any(run_dir.iterdir()):
-                raise FileExistsError(
-                    f"run folder {str(run_dir)!r} already exists and is not empty; "
-                    "choose another output.name or remove it"
-                ) from None
+                raise FileExistsError(f"run folder {str(run_dir)!r} {_holds(run_dir)}") from None
         try:
             fd = os.open(run_dir / marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
@@ -83,6 +83,41 @@ def make_run_dir(cfg: Config, config_name: str) -> Path:
     raise FileExistsError(
         f"run folders {str(parent / names[0])!r} to '-{len(names)}' all exist; set output.name or remove some"
     )
+
+
+def _abandoned_claim(marker: Path) -> bool:
+    """A folder holding nothing but a claim marker whose process is gone: a run killed between
+    claiming its folder and writing its record. Nothing of it can be resumed, so the folder is
+    free again."""
+    folder = marker.parent
+    if {p.name for p in folder.iterdir()} != {marker.name}:
+        return False
+    try:
+        pid = int(marker.read_text().split()[3])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _holds(run_dir: Path) -> str:
+    """What an existing run folder holds, and what to do with it, for the refusal to reuse it."""
+    if not (run_dir / RECORD).is_file():
+        return "already exists and is not empty; choose another output.name or remove it"
+    status = checkpoint_status(run_dir)
+    state = (
+        "a run stopped before its first round completed"
+        if status is None
+        else f"a run that finished its {status[0]} rounds"
+        if status[1]
+        else f"a run stopped after round {status[0]}"
+    )
+    return f"already holds {state}; continue it with: fedse simulate --resume {run_dir} (or choose another output.name)"
 
 
 def claim_run_dir(cfg: Config, config_name: str) -> tuple[Path, bool]:

@@ -25,9 +25,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, config_to_dict, config_to_record
 from .federated import FederatedData, model_shape
+from .interrupt import StoppableGrid
 from .models import build_model
 from .policies import resolve
 from .privacy import ClientDP, check_dp_model, make_client_dp
@@ -39,14 +40,22 @@ from .records import (
     FINAL,
     POOLED,
     SERVER_ROUND,
+    TRAINED_BEFORE,
     evaluate_schema,
     from_arrays,
     to_arrays,
     train_schema,
 )
-from .report import RunLog, client_rows, client_summary_rows, format_table, write_run
+from .report import RunLog, client_rows, client_summary_rows, format_table, write_record, write_run
 from .split import Split
-from .strategy import GuardedStrategy, clients_per_round, create_strategy
+from .state import private_manifest, verify_manifest
+from .strategy import (
+    GuardedStrategy,
+    clients_per_round,
+    create_strategy,
+    load_strategy_state,
+    strategy_state,
+)
 
 __all__ = ["RunRecorder", "ServerOutcome", "check_resume", "final_tables", "privacy_report", "run_server"]
 
@@ -98,11 +107,13 @@ def privacy_report(cfg: Config, run_log: RunLog, dp: ClientDP | None) -> dict[st
 class RunRecorder(Strategy):
     """Wrap the guard; record what it kept, dropped, failed or refused into ``log``, per round.
 
-    Flower's round ``r`` is recorded as ``r + round_offset`` (a resumed run). It also asks for
-    pooled evaluation every ``pooled_every`` rounds and at the last (``None``: never), times each
-    round, and hands the round's shared arrays to ``on_round_end`` (checkpoints) after its training
-    and again after its evaluation, also for a round without an update. ``mark_final``: the last
-    round's evaluate messages carry ``final`` (the clients write their personalized models)."""
+    Rounds are absolute: Flower's round ``r`` of this process is round ``r + round_offset`` of the
+    run (a resumed run), and that is the round the strategy, the guard and the clients see (it
+    seeds each client's training, and FedAdam's bias correction reads it). It also asks for pooled
+    evaluation every ``pooled_every`` rounds and at the last (``None``: never), times each round,
+    and hands each complete round (trained and evaluated) to ``on_round_end`` (checkpoints), but
+    for the run's last, which the server checkpoints once the run is written. ``mark_final``: the
+    last round's evaluate messages carry ``final`` (the clients write their personalized models)."""
 
     def __init__(
         self,
@@ -158,14 +169,14 @@ class RunRecorder(Strategy):
         self._started = time.perf_counter()
         self._sent = arrays
         self._sent_numpy = {k: v.numpy() for k, v in arrays.items()}
-        return self.guard.configure_train(server_round, arrays, config, grid)
+        return self.guard.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        result = self.guard.aggregate_train(server_round, replies)
         server_round += self.round_offset
+        result = self.guard.aggregate_train(server_round, replies)
         self._record(self.log.train, server_round)
         rows = self.log.train[server_round]
         # The norm as received, and after Flower's DP wrappers clipped the reply in place (without
@@ -187,27 +198,23 @@ class RunRecorder(Strategy):
             self.log.refused.append({"round": server_round, "reason": self.guard.last.refused})
         if self.guard.dp is not None:
             self.log.epsilon[server_round] = self.guard.dp.epsilon()
-        arrays = result[0] if result[0] is not None else self._sent
-        self._round_arrays = arrays
-        if self.on_round_end is not None and arrays is not None:
-            self.on_round_end(server_round, arrays, self.log)
+        self._round_arrays = result[0] if result[0] is not None else self._sent
         return result
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config[POOLED] = self.wants_pooled(server_round + self.round_offset)
-        config[FINAL] = self.mark_final and server_round + self.round_offset == self.num_rounds
+        server_round += self.round_offset
+        config[POOLED] = self.wants_pooled(server_round)
+        config[FINAL] = self.mark_final and server_round == self.num_rounds
         return self.guard.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = self.guard.aggregate_evaluate(server_round, replies)
         server_round += self.round_offset
+        metrics = self.guard.aggregate_evaluate(server_round, replies)
         self._record(self.log.evaluate, server_round)
         self.log.round_seconds[server_round] = time.perf_counter() - self._started
-        if self.on_round_end is not None and self._round_arrays is not None:
-            # checkpoint again with the round's evaluation in the log: a run resumed after it (a
-            # comparison continued after an interruption) keeps the round's figures
+        if self.on_round_end is not None and self._round_arrays is not None and server_round < self.num_rounds:
             self.on_round_end(server_round, self._round_arrays, self.log)
         if self.on_round is not None:
             self.on_round(server_round, self.log)
@@ -229,22 +236,67 @@ def _start(
 
 
 def _resume(
-    run_dir: Path, cfg: Config, shared_like: dict[str, torch.Tensor], dp: ClientDP | None
-) -> tuple[int, dict[str, torch.Tensor], RunLog]:
-    done, shared, run_log, ledger = load_checkpoint(run_dir, cfg, shared_like)
+    run_dir: Path,
+    cfg: Config,
+    shared_like: dict[str, torch.Tensor],
+    dp: ClientDP | None,
+    private_root: Path | None,
+) -> Checkpoint:
+    """``run_dir``'s checkpoint, checked against this run: its DP ledger and, for a simulation
+    (``private_root``, where its clients keep their private state), every client's private state
+    file against the checkpoint's manifest. A client whose state cannot be restored exactly stops
+    the resume: continuing would restart its private part from the common initialisation."""
+    ckpt = load_checkpoint(run_dir, cfg, shared_like)
     if dp is not None:
         try:
-            dp.load_state(ledger)
+            dp.load_state(ckpt.accountant)
         except ValueError as err:
             raise CheckpointError(f"cannot resume {run_dir}: {err}") from None
-    return done, shared, run_log
+    if private_root is None:
+        return ckpt
+    trained = sorted({cid for rows in ckpt.log.train.values() for cid in rows})
+    if ckpt.private is None:
+        if trained:
+            raise CheckpointError(
+                f"cannot resume {run_dir}: its checkpoint names no private state of its clients, and clients "
+                f"{trained} trained; resuming would restart their private parts from the common initialisation"
+            )
+        return ckpt
+    problems = [
+        f"client {c}: it trained, but the checkpoint names no state of it"
+        for c in trained
+        if str(c) not in ckpt.private
+    ]
+    problems += verify_manifest(private_root, ckpt.private)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(
+            f"cannot resume {run_dir}: the private state of its clients cannot be restored exactly: "
+            f"{'; '.join(problems[:5])}{more}; resuming would restart them from the common initialisation"
+        )
+    return ckpt
 
 
-def check_resume(run_dir: Path, cfg: Config, fed: FederatedData | None, num_clients: int | None = None) -> int:
-    """Everything a resume of ``run_dir`` will read, checked now (before any engine starts):
-    the checkpoint against this run's model and its DP ledger. Returns the rounds done."""
+def check_resume(
+    run_dir: Path,
+    cfg: Config,
+    fed: FederatedData | None,
+    num_clients: int | None = None,
+    private_root: Path | None = None,
+) -> Checkpoint | None:
+    """Everything a resume of ``run_dir`` will read, checked now (before any engine starts): the
+    checkpoint against this run's model, its DP ledger, its strategy's state and its clients'
+    private state. None when the run stopped before its first round completed (it starts afresh
+    in its folder)."""
+    if not (run_dir / CHECKPOINT).is_file():
+        return None
     _, _, shared, dp = _start(cfg, fed, num_clients or cfg.partition.num_clients)
-    return _resume(run_dir, cfg, shared, dp)[0]
+    ckpt = _resume(run_dir, cfg, shared, dp, private_root)
+    try:
+        load_strategy_state(create_strategy(cfg, dp), ckpt.strategy)
+    except ValueError as err:
+        raise CheckpointError(f"cannot resume {run_dir}: {err}") from None
+    return ckpt
 
 
 def run_server(
@@ -255,20 +307,32 @@ def run_server(
     on_round: Callable[[int, RunLog], None] | None = None,
     num_clients: int | None = None,
     resume: bool = False,
+    private_root: Path | None = None,
 ) -> ServerOutcome:
     """Run ``cfg.server.rounds`` rounds on ``grid``; write the run folder when ``run_dir`` is set,
-    with a checkpoint after every round. ``resume``: continue ``run_dir``'s run from its checkpoint.
-    ``num_clients``: clients taking part (default ``partition.num_clients``)."""
+    with a checkpoint after every round. ``resume``: continue ``run_dir``'s run from its checkpoint
+    (a folder without one starts afresh). ``num_clients``: clients taking part (default
+    ``partition.num_clients``). ``private_root``: where simulated clients keep their private state
+    (its manifest goes into each checkpoint; None on a deployed server). A run asked to stop
+    (:mod:`fedse.interrupt`) raises :class:`~fedse.interrupt.RunStopped` while it waits for replies,
+    its folder holding the last complete round."""
     num_clients = num_clients or cfg.partition.num_clients
     model, split, shared, dp = _start(cfg, fed, num_clients)
     log.info("%s", split.describe(model))
     shared_like = dict(shared)
-    done, run_log = 0, None
+    done, run_log, ckpt = 0, None, None
     if resume:
         if run_dir is None:
             raise ValueError("resume needs the run folder to continue")
-        done, shared, run_log = _resume(run_dir, cfg, shared_like, dp)
-        log.info("resuming %s after round %d of %d", run_dir, done, cfg.server.rounds)
+        if (run_dir / CHECKPOINT).is_file():
+            ckpt = _resume(run_dir, cfg, shared_like, dp, private_root)
+            done, shared, run_log = ckpt.round, ckpt.shared, ckpt.log
+            log.info("resuming %s after round %d of %d", run_dir, done, cfg.server.rounds)
+    if ckpt is not None and ckpt.finished and done == cfg.server.rounds:
+        log.info("%s finished all %d rounds; nothing to add", run_dir, done)
+        return ServerOutcome(ckpt.log, ckpt.shared, {"privacy": privacy_report(cfg, ckpt.log, dp), "unchanged": True})
+    if run_dir is not None:  # the run's record, from its first round on (a resume reads it)
+        write_record(run_dir, cfg)
     # The cap on a reply's num-examples: the config's, else the largest part of the run's partition;
     # a server without data (deployment) that was given none uses NO_DATA_MAX_EXAMPLES.
     if cfg.server.max_num_examples:
@@ -290,6 +354,26 @@ def run_server(
         expected_nodes=num_clients,
         join_timeout=cfg.server.join_timeout,
     )
+    if ckpt is not None:
+        try:
+            load_strategy_state(guard, ckpt.strategy)
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume {run_dir}: {err}") from None
+
+    def checkpoint(server_round: int, arrays: ArrayRecord, run_log: RunLog, finished: bool = False) -> None:
+        private = private_manifest(private_root, server_round) if private_root is not None else None
+        save_checkpoint(
+            run_dir,
+            cfg,
+            server_round,
+            arrays,
+            run_log,
+            dp,
+            strategy=strategy_state(guard),
+            private=private,
+            finished=finished,
+        )
+
     strategy = RunRecorder(
         guard,
         run_log or RunLog(),
@@ -297,18 +381,22 @@ def run_server(
         round_offset=done,
         pooled_every=cfg.evaluate.pooled_every if cfg.evaluate.pooled else None,
         on_round=on_round,
-        on_round_end=(lambda rnd, arrays, rl: save_checkpoint(run_dir, cfg, rnd, arrays, rl, dp)) if run_dir else None,
+        on_round_end=checkpoint if run_dir else None,
         mark_final=cfg.output.client_models,
     )
     payload = json.dumps(config_to_dict(cfg))
+    common: dict[str, Any] = {CONFIG_JSON: payload}
+    if run_log is not None and (trained := sorted({c for rows in run_log.train.values() for c in rows})):
+        common[TRAINED_BEFORE] = trained  # a resumed run: a client that trained before must find its state
     started = time.perf_counter()
+    grid = StoppableGrid(grid)
     result = strategy.start(
         grid=grid,
         initial_arrays=to_arrays(shared),
         num_rounds=max(cfg.server.rounds - done, 0),
         timeout=cfg.server.round_timeout,
-        train_config=ConfigRecord({CONFIG_JSON: payload}),
-        evaluate_config=ConfigRecord({CONFIG_JSON: payload}),
+        train_config=ConfigRecord(dict(common)),
+        evaluate_config=ConfigRecord(dict(common)),
     )
     final = from_arrays(result.arrays) if len(result.arrays) else shared
     privacy = privacy_report(cfg, strategy.log, dp)
@@ -316,6 +404,8 @@ def run_server(
         log.info("privacy: %s", privacy)
     summary: dict[str, Any] = {"privacy": privacy}
     extra: dict[str, Any] = {"wall_seconds": time.perf_counter() - started, "privacy": privacy}
+    if done:
+        extra["resumed_after_round"] = done
     if cfg.output.client_models:
         extra["client_models"] = _export_rest(grid, guard, cfg, strategy.log, to_arrays(final), payload)
     if run_dir is not None:
@@ -327,6 +417,7 @@ def run_server(
             shared_state=final,
             extra=extra,
         )
+        checkpoint(cfg.server.rounds, to_arrays(final), strategy.log, finished=True)
     return ServerOutcome(strategy.log, final, summary)
 
 

@@ -25,9 +25,11 @@ from flwr.simulation import run_simulation
 from .client import make_client_app
 from .config import Config
 from .federated import FederatedData, build_federated_data
-from .report import RunLog, round_rows
+from .interrupt import as_stop, clear_stop, stop_requested
+from .report import RunLog, round_rows, write_record
 from .rundir import claim_run_dir, discard_unstarted, write_partition
 from .server import ServerOutcome, final_tables, run_server
+from .state import PRIVATE_DIR
 
 __all__ = ["SimulationResult", "backend_config", "simulate"]
 
@@ -119,11 +121,13 @@ def simulate(
     another number is refused by the server before round 1, as under ``flwr run``).
     A run that fails before its first round leaves no run folder behind."""
     started = time.perf_counter()
+    clear_stop()  # a stop asked of an earlier run in this process is not this run's
     fed = build_federated_data(cfg)
     claimed = run_dir is None
     existed = False
     if claimed:
         run_dir, existed = claim_run_dir(cfg, config_name)
+        write_record(run_dir, cfg)  # the folder is resumable from here on
     try:
         outcome = _run(
             cfg,
@@ -135,7 +139,10 @@ def simulate(
             resume=resume,
             num_supernodes=num_supernodes,
         )
-    except BaseException:
+    except BaseException as err:
+        if (stop := as_stop(err)) is not None:  # a pause: the folder stays, resumable (fedse.interrupt)
+            stop.run_dir = run_dir
+            raise stop from None
         if claimed:
             discard_unstarted(run_dir, existed)
         raise
@@ -168,9 +175,16 @@ def _run(
         def _main(grid: Grid, context: Context) -> None:
             try:
                 holder["outcome"] = run_server(
-                    grid, cfg, fed, run_dir, on_round=progress, num_clients=clients, resume=resume
+                    grid,
+                    cfg,
+                    fed,
+                    run_dir,
+                    on_round=progress,
+                    num_clients=clients,
+                    resume=resume,
+                    private_root=run_dir / PRIVATE_DIR,
                 )
-            except Exception as err:  # re-raised in this process after the engine stopped
+            except BaseException as err:  # noqa: BLE001 (re-raised in this process after the engine stopped)
                 holder["error"] = err
 
         flwr_logger = logging.getLogger("flwr")
@@ -185,13 +199,20 @@ def _run(
         try:
             run_simulation(
                 server_app=server_app,
-                client_app=make_client_app(run_dir if cfg.output.client_models else None),
+                client_app=make_client_app(
+                    run_dir if cfg.output.client_models else None, state_root=run_dir / PRIVATE_DIR
+                ),
                 num_supernodes=num_supernodes or clients or cfg.partition.num_clients,
                 backend_config=backend_config(cfg, verbose),
                 verbose_logging=verbose,
             )
+        except BaseException as err:
+            if (stop := as_stop(err)) is not None:  # Ctrl-C, SIGTERM (Ray's handler exits), RunStopped
+                raise stop from None
+            raise
         finally:
-            flwr_logger.setLevel(level)
+            if not stop_requested():  # after a stop, Flower's logger stays quiet while its threads end
+                flwr_logger.setLevel(level)
     if "error" in holder:
         raise holder["error"]
     if "outcome" not in holder:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +30,9 @@ from .records import NODE_STATE_DIR, from_arrays, to_arrays
 __all__ = [
     "ACCOUNTANT_KEY",
     "MAGIC",
+    "PRIVATE_DIR",
     "PRIVATE_KEY",
+    "RoundStore",
     "StateCorruptError",
     "StateStore",
     "digest",
@@ -37,9 +40,11 @@ __all__ = [
     "load_private",
     "read_tensor_file",
     "persist",
+    "private_manifest",
     "restore",
     "save_accountant",
     "save_private",
+    "verify_manifest",
     "write_tensor_file",
 ]
 
@@ -99,20 +104,26 @@ def save_accountant(context: Context, state: Mapping[str, Any]) -> None:
     context.state[ACCOUNTANT_KEY] = ConfigRecord({"state": json.dumps(dict(state))})
 
 
-def _store(context: Context) -> StateStore | None:
+def _store(context: Context, store: StateStore | RoundStore | None) -> StateStore | RoundStore | None:
+    if store is not None:
+        return store
     directory = context.node_config.get(NODE_STATE_DIR)
     return StateStore(str(directory)) if directory else None
 
 
-def restore(context: Context, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """This client's private tensors: from ``context.state`` within a run; else, for a client
-    with a ``state-dir``, from disk (with its accountant history), so a restarted client resumes
-    bit-identically. None on a client's very first round. A corrupt file raises; so does a stored
-    state whose keys, dtypes or shapes differ from ``template`` (this run's private tensors)."""
+def restore(
+    context: Context, template: Mapping[str, torch.Tensor], store: StateStore | RoundStore | None = None
+) -> dict[str, torch.Tensor] | None:
+    """This client's private tensors: from ``context.state`` within a run; else from disk (with its
+    accountant history): ``store`` (a simulated client's :class:`RoundStore` in the run folder) or,
+    for a client with a ``state-dir``, its :class:`StateStore`, so a restarted client or a resumed
+    run continues bit-identically. None on a client's very first round. A corrupt file raises; so
+    does a stored state whose keys, dtypes or shapes differ from ``template`` (this run's private
+    tensors)."""
     private = load_private(context, template)
     if private is not None:
         return private
-    store = _store(context)
+    store = _store(context, store)
     loaded = store.load() if store is not None else None
     if loaded is None:
         return None
@@ -127,11 +138,13 @@ def restore(context: Context, template: Mapping[str, torch.Tensor]) -> dict[str,
     return tensors
 
 
-def persist(context: Context, private: Mapping[str, torch.Tensor]) -> None:
-    """Keep the private tensors (and the accountant) in ``context.state`` and, for a client with
-    a ``state-dir``, on disk atomically."""
+def persist(
+    context: Context, private: Mapping[str, torch.Tensor], store: StateStore | RoundStore | None = None
+) -> None:
+    """Keep the private tensors (and the accountant) in ``context.state`` and on disk atomically:
+    in ``store`` or, for a client with a ``state-dir``, in its :class:`StateStore`."""
     save_private(context, private)
-    store = _store(context)
+    store = _store(context, store)
     if store is not None:
         store.save(private, {"accountant": load_accountant(context)})
 
@@ -222,3 +235,99 @@ class StateStore:
             "initialisation (its personalization is then lost)"
         )
         return read_tensor_file(self.path, MAGIC, "state", advice)
+
+
+PRIVATE_DIR = "private"  # in a simulation's run folder: every client's private state, one folder each
+_ROUND_FILE = re.compile(r"r(\d{6})\.bin")
+
+
+def _rounds_in(directory: Path) -> list[int]:
+    """The rounds of the state files in ``directory`` (``r000007.bin``), ascending."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _ROUND_FILE.fullmatch(p.name)))
+
+
+class RoundStore:
+    """A simulated client's private state in the run folder, one file per round it trained in:
+    ``<root>/client-<id>/r<round>.bin`` (:func:`write_tensor_file` with ``MAGIC``).
+
+    Flower's ``context.state`` lives in the simulation's process; these files are what a resumed
+    run (a new process) restores from. A message of round ``r`` reads the newest file of a round
+    before ``r`` (a train message) or up to ``r`` (an evaluate message): a file written in a round
+    the checkpoint does not hold (the run stopped mid-round) is never read, and is overwritten
+    when that round runs again. Each save keeps the client's two newest files, the most a resume
+    can need (the checkpoint's round and the round after it)."""
+
+    KEEP = 2
+
+    def __init__(self, root: str | Path, client: int, server_round: int, *, inclusive: bool) -> None:
+        self.directory = Path(root) / f"client-{int(client)}"
+        self.round = int(server_round)
+        self.bound = self.round if inclusive else self.round - 1
+
+    def path(self, server_round: int) -> Path:
+        return self.directory / f"r{server_round:06d}.bin"
+
+    def save(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_tensor_file(self.path(self.round), MAGIC, tensors, {**(meta or {}), "round": self.round})
+        for old in _rounds_in(self.directory)[: -self.KEEP]:
+            self.path(old).unlink(missing_ok=True)
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(tensors, metadata) of the newest file within the bound, or None (the client's first round)."""
+        rounds = [r for r in _rounds_in(self.directory) if r <= self.bound]
+        if not rounds:
+            return None
+        path = self.path(rounds[-1])
+        advice = "restore the run folder from a backup; the run cannot continue without this client's state"
+        return read_tensor_file(path, MAGIC, "state", advice)
+
+
+def _header_sha(path: Path) -> str | None:
+    """The payload SHA-256 a state file's header records (its payload is checked when it is read)."""
+    with path.open("rb") as f:
+        head = f.read(len(MAGIC) + 4096)
+    if not head.startswith(MAGIC) or b"\n" not in head[len(MAGIC) :]:
+        return None
+    try:
+        header = json.loads(head[len(MAGIC) :].partition(b"\n")[0])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return header.get("sha256") if isinstance(header, dict) else None
+
+
+def private_manifest(root: str | Path, server_round: int) -> dict[str, dict[str, Any]]:
+    """Every simulated client's private state as of the end of ``server_round``: its client id ->
+    the round of its newest file up to that round and the SHA-256 of that file's payload. A
+    checkpoint stores it; :func:`verify_manifest` checks the files against it before a resume."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    out = {}
+    for directory in sorted(root.glob("client-*")):
+        rounds = [r for r in _rounds_in(directory) if r <= server_round]
+        if rounds and directory.name[len("client-") :].isdigit():
+            path = directory / f"r{rounds[-1]:06d}.bin"
+            out[directory.name[len("client-") :]] = {"round": rounds[-1], "sha256": _header_sha(path)}
+    return out
+
+
+def verify_manifest(root: str | Path, manifest: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What stops a resume from restoring the private state ``manifest`` lists, one line a client
+    (empty when every file is there, whole and unchanged; each payload is hashed)."""
+    problems = []
+    for client, entry in sorted(manifest.items(), key=lambda kv: int(kv[0])):
+        path = Path(root) / f"client-{int(client)}" / f"r{int(entry['round']):06d}.bin"
+        if not path.is_file():
+            problems.append(f"client {client}: {path} is missing")
+            continue
+        try:
+            read_tensor_file(path, MAGIC, "state", "")
+        except StateCorruptError:
+            problems.append(f"client {client}: {path} is corrupt (checksum or format)")
+            continue
+        if _header_sha(path) != entry.get("sha256"):
+            problems.append(f"client {client}: {path} is not the file the checkpoint recorded (another SHA-256)")
+    return problems

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -42,6 +44,8 @@ __all__ = [
     "Screening",
     "clients_per_round",
     "create_strategy",
+    "load_strategy_state",
+    "strategy_state",
 ]
 
 log = logging.getLogger("fedse")
@@ -117,6 +121,47 @@ class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
             self.clipping_norm = updated
 
 
+def _layers(strategy: Strategy) -> Iterable[Strategy]:
+    """``strategy`` and every strategy it wraps (the guard's inner one, a DP wrapper's)."""
+    while strategy is not None:
+        yield strategy
+        strategy = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The state a strategy carries from round to round, for a checkpoint: adaptive clipping's
+    current bound, FedAdam's first and second moments (as tensors, bit for bit). Empty for FedAvg
+    and FedProx, which keep none."""
+    state: dict[str, Any] = {}
+    for layer in _layers(strategy):
+        if isinstance(layer, DifferentialPrivacyServerSideAdaptiveClipping):
+            state["clipping_norm"] = float(layer.clipping_norm)
+        if isinstance(layer, FedAdam):
+            for name in ("m_t", "v_t"):
+                moments = getattr(layer, name)
+                if moments:
+                    state[name] = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in moments.items()}
+    return state
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Put back what :func:`strategy_state` took (a resumed run); a state of another strategy is a
+    ValueError naming the keys."""
+    allowed: set[str] = set()
+    for layer in _layers(strategy):
+        if isinstance(layer, DifferentialPrivacyServerSideAdaptiveClipping):
+            allowed.add("clipping_norm")
+            if "clipping_norm" in state:
+                layer.clipping_norm = float(state["clipping_norm"])
+        if isinstance(layer, FedAdam):
+            allowed |= {"m_t", "v_t"}
+            for name in ("m_t", "v_t"):
+                if name in state:
+                    setattr(layer, name, {k: v.numpy() for k, v in state[name].items()})
+    if unknown := sorted(set(state) - allowed):
+        raise ValueError(f"the checkpoint holds strategy state {unknown}, which this run's strategy does not keep")
+
+
 def clients_per_round(cfg: Config, num_clients: int) -> int:
     """How many clients Flower's FedAvg samples per round (its own rule)."""
     return max(int(num_clients * cfg.server.fraction_train), cfg.server.min_train_clients)
@@ -148,7 +193,7 @@ class Screening:
 class GuardedStrategy(Strategy):
     """Wrap ``inner``; pass on only replies that match their schema exactly, in client order.
 
-    Before round 1 it checks the number of nodes. It screens every train and evaluate reply
+    Before its first round it checks the number of nodes. It screens every train and evaluate reply
     (:func:`fedse.records.screen_reply`), binds each node to the client id it claims on first
     contact, and hands ``inner`` fresh replies rebuilt from the checked values. Under client-level
     DP it sets every weight to 1 and refuses a round without exactly ``dp.sampled`` usable replies.
@@ -178,6 +223,7 @@ class GuardedStrategy(Strategy):
         self._pooled_asked: dict[int, bool] = {}
         self._client_of_node: dict[int, int] = {}
         self._node_of_client: dict[int, int] = {}
+        self._nodes_checked = False
 
     def summary(self) -> None:
         self.inner.summary()
@@ -259,8 +305,9 @@ class GuardedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if server_round == 1:
+        if not self._nodes_checked:  # before this process's first round (round 1, or a resumed run's first)
             self.check_nodes(grid)
+            self._nodes_checked = True
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(

@@ -27,9 +27,24 @@ def _save(tmp_path, cfg, **override):
 
 def test_a_good_checkpoint_round_trips(tmp_path):
     cfg = tiny_config()
-    _save(tmp_path, cfg)
-    done, shared, log, ledger = load_checkpoint(tmp_path, cfg, SHARED)
-    assert done == 1 and set(shared) == {"w", "b"} and log == RunLog() and ledger == ""
+    weights = {"w": torch.tensor([0.1, -2.5]), "b": torch.tensor([3e-8])}
+    log = RunLog(train={1: {0: {"train-loss": 0.5}}}, round_seconds={1: 1.25})
+    moments = {"m_t": {"w": torch.tensor([1e-3, 2e-3]), "b": torch.tensor([4e-4])}}
+    manifest = {"0": {"round": 1, "sha256": "ab" * 32}}
+    save_checkpoint(
+        tmp_path,
+        cfg,
+        1,
+        ArrayRecord({k: Array(v.numpy()) for k, v in weights.items()}),
+        log,
+        strategy=moments,
+        private=manifest,
+    )
+    ckpt = load_checkpoint(tmp_path, cfg, SHARED)
+    assert ckpt.round == 1 and ckpt.log == log and ckpt.accountant == "" and not ckpt.finished
+    assert all(torch.equal(ckpt.shared[k], weights[k]) for k in weights) and ckpt.shared.keys() == weights.keys()
+    assert torch.equal(ckpt.strategy["m_t"]["w"], moments["m_t"]["w"]) and ckpt.private == manifest
+    assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o600
 
 
 def test_truncated_checkpoint(tmp_path):
@@ -46,8 +61,15 @@ def test_truncated_checkpoint(tmp_path):
     [
         ({"log": None}, "expected the keys"),
         ({"extra": 1}, "expected the keys"),
-        ({"round": 99}, r"round 99 is outside 1\.\.server\.rounds=2"),
+        ({"round": 99}, r"it has run 99 rounds, more than server\.rounds=2"),
         ({"round": "1"}, "round '1'"),
+        ({"round": 0}, "round 0 is not a round number"),
+        ({"private": {"x": {"round": 1}}}, "malformed private-state manifest"),
+        ({"finished": "yes"}, "malformed finished flag 'yes'"),
+        ({"strategy": {"clipping_norm": float("nan")}}, r"clipping_norm nan"),
+        ({"strategy": {"m_t": {"w": torch.zeros(5)}}}, "m_t does not fit the shared weights"),
+        ({"strategy": {"m_t": "x"}}, "m_t is not a mapping of finite tensors"),
+        ({"strategy": {"bogus": 1}}, r"keys \['bogus'\]"),
         ({"shared": {"w": torch.zeros(2)}}, "missing b"),
         ({"shared": {"w": torch.zeros(3), "b": torch.zeros(1)}}, r"w: \(3,\)"),
         ({"shared": {"w": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(1)}}, "torch.float64"),
@@ -68,11 +90,11 @@ def test_checkpoint_of_another_configuration(tmp_path):
     cfg = tiny_config()
     _save(tmp_path, cfg)
     other = dataclasses.replace(cfg, seed=7)
-    with pytest.raises(CheckpointError, match=r"differs from the checkpoint's in \['seed'\]"):
+    with pytest.raises(CheckpointError, match=r"differs from the checkpoint's in seed: 0 -> 7"):
         load_checkpoint(tmp_path, other, SHARED)
     # server.* may change on resume
     more = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, rounds=5))
-    assert load_checkpoint(tmp_path, more, SHARED)[0] == 1
+    assert load_checkpoint(tmp_path, more, SHARED).round == 1
 
 
 def test_a_checkpoint_from_before_a_default_changed_is_not_resumed_under_the_new_one(tmp_path):
@@ -84,10 +106,11 @@ def test_a_checkpoint_from_before_a_default_changed_is_not_resumed_under_the_new
     old = {k: v for k, v in payload["config"].items() if k != "schema"}
     del old["personalization"]["prior_smoothing"]
     _save(tmp_path, cfg, config=old)
-    with pytest.raises(CheckpointError, match=r"differs from the checkpoint's in \['personalization'\]"):
+    smoothing = r"differs from the checkpoint's in personalization\.prior_smoothing: 1\.0 -> 16\.0"
+    with pytest.raises(CheckpointError, match=smoothing):
         load_checkpoint(tmp_path, cfg, SHARED)
     then = dataclasses.replace(cfg, personalization=dataclasses.replace(cfg.personalization, prior_smoothing=1.0))
-    assert load_checkpoint(tmp_path, then, SHARED)[0] == 1
+    assert load_checkpoint(tmp_path, then, SHARED).round == 1
     _save(tmp_path, cfg, config={**old, "schema": 9})
     with pytest.raises(CheckpointError, match=r"its config is not valid .*'schema': 9"):
         load_checkpoint(tmp_path, cfg, SHARED)

@@ -243,11 +243,64 @@ def test_loadable_but_malformed_checkpoint_fails_before_ray(capsys, tmp_path, no
     assert _tree(tmp_path) == before
 
 
-def test_missing_checkpoint_fails_before_ray(capsys, tmp_path, no_ray):
+def test_a_folder_stopped_before_its_first_round_resumes_from_round_one(capsys, tmp_path, monkeypatch):
+    # The record is written when a run starts, so a run stopped before its first checkpoint is
+    # resumable: it starts afresh in its own folder.
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config_from_dict({}))))
-    _refused(capsys, ["simulate", "--resume", str(run), "--quiet"], "checkpoint.pt does not exist")
+    seen = {}
+
+    def simulate(cfg, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(fedse.simulation, "simulate", simulate)
+    assert main(["simulate", "--resume", str(run), "--quiet"]) == 0
+    assert seen["run_dir"] == run and seen["resume"] is True
+
+
+def test_config_with_resume_shows_what_it_changes_and_the_resume_checks_it(capsys, tmp_path, no_ray):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config_from_dict({}))))
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"train": {"lr": 0.01}, "server": {"rounds": 30}}))
+    (run / "checkpoint.pt").write_bytes(b"\x80\x02garbag")
+    code = main(["simulate", "--resume", str(run), "--config", str(other), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    # both differences are shown, dotted, with the record's value and the new one
+    assert "server.rounds: 20 -> 30" in err and "train.lr: 0.05 -> 0.01" in err
+
+
+def test_reusing_the_name_of_a_stopped_run_says_how_to_continue_it(capsys, tmp_path, no_ray):
+    from flwr.app import ArrayRecord
+
+    from fedse.checkpoint import save_checkpoint
+    from fedse.report import RunLog
+
+    cfg = config_from_dict({"output": {"dir": str(tmp_path), "name": "run"}})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    save_checkpoint(run, cfg, 6, ArrayRecord(), RunLog())
+    line = _refused(
+        capsys, ["simulate", "--set", f"output.dir={tmp_path}", "--set", "output.name=run", "--quiet"], "round 6"
+    )
+    assert f"fedse simulate --resume {run}" in line
+
+
+def test_a_folder_holding_only_a_dead_runs_claim_is_free_again(tmp_path):
+    # A run killed between claiming its folder and writing its record left nothing to resume.
+    from fedse.rundir import make_run_dir
+
+    cfg = config_from_dict({"output": {"dir": str(tmp_path), "name": "run"}})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".fedse-run").write_text("claimed by pid 999999999 at 2026-01-01T00:00:00\n")
+    assert make_run_dir(cfg, "x") == tmp_path / "run"
+    (tmp_path / "run" / ".fedse-run").write_text(f"claimed by pid {os.getpid()} at 2026-01-01T00:00:00\n")
+    with pytest.raises(FileExistsError):
+        make_run_dir(cfg, "x")
 
 
 @pytest.mark.parametrize("existed", [False, True])
@@ -267,3 +320,22 @@ def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(capsys, tmp_
     assert [p.name for p in (tmp_path / "runs").iterdir()] == (["r"] if existed else [])
     if existed:
         assert list((tmp_path / "runs" / "r").iterdir()) == []
+
+
+@pytest.mark.parametrize("out", ["file/sub", "file"])
+def test_monitor_refuses_an_out_no_folder_can_be_written_at_before_any_work(capsys, tmp_path, monkeypatch, out):
+    import simulations.monitor
+
+    def work(*args, **kwargs):
+        raise AssertionError("the monitor started scoring before it checked --out")
+
+    monkeypatch.setattr(simulations.monitor, "build_federated_data", work)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config_from_dict({}))))
+    (tmp_path / "file").write_text("x")
+    before = _tree(tmp_path)
+    _refused(
+        capsys, ["monitor", str(run), "--out", str(tmp_path / out)], f"--out '{tmp_path / out}'", "is a file", "allowed"
+    )
+    assert _tree(tmp_path) == before

@@ -150,8 +150,9 @@ def test_resumed_epsilon_equals_one_accountant_over_all_rounds(tmp_path):
     for _ in range(3):
         dp.release()
     save_checkpoint(tmp_path, cfg, 3, ArrayRecord({"w": Array(np.zeros(DIM, np.float32))}), RunLog(), dp)
-    done, _, _, ledger = load_checkpoint(tmp_path, cfg, SHARED)
-    assert done == 3
+    ckpt = load_checkpoint(tmp_path, cfg, SHARED)
+    ledger = ckpt.accountant
+    assert ckpt.round == 3
     resumed = make_client_dp(_cfg(sigma=2.0), 10, 10)  # the rest of the run with another sigma
     resumed.load_state(ledger)
     resumed.release()

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[list[str]] = [
-    ["fedse.config", "fedse.io"],
+    ["fedse.config", "fedse.io", "fedse.interrupt"],
     ["fedse.models", "fedse.records"],
     ["fedse.split", "fedse.policies", "fedse.prior", "fedse.privacy"],
     ["fedse.data", "fedse.transforms", "fedse.partition", "fedse.feature_skew", "fedse.federated"],

@@ -100,9 +100,10 @@ def test_checkpoint_after_every_round_and_resume(run, tmp_path):
     from fedse.checkpoint import load_checkpoint
 
     cfg, result = run
-    done, shared, log, ledger = load_checkpoint(result.run_dir, cfg)
-    assert ledger == ""  # no client-level DP, no accountant
-    assert done == 2 and set(log.train) == {1, 2}
+    ckpt = load_checkpoint(result.run_dir, cfg)
+    shared, log = ckpt.shared, ckpt.log
+    assert ckpt.accountant == ""  # no client-level DP, no accountant
+    assert ckpt.round == 2 and ckpt.finished and set(log.train) == {1, 2}
     assert all(torch.equal(shared[k], result.outcome.shared_state[k]) for k in shared)
     # Resume a copy for one more round: rounds 1-2 come from the checkpoint, round 3 is new.
     copy = tmp_path / "resumed"
@@ -111,4 +112,4 @@ def test_checkpoint_after_every_round_and_resume(run, tmp_path):
     resumed = simulate(more, run_dir=copy, resume=True, quiet=True)
     assert sorted(resumed.outcome.log.train) == [1, 2, 3]
     assert [r["round"] for r in json.loads((copy / "rounds.json").read_text())] == [1, 2, 3]
-    assert load_checkpoint(copy, more)[0] == 3
+    assert load_checkpoint(copy, more).round == 3
