@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .checkpoint import CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, config_to_dict, config_to_record
+from .config import Config, ConfigError, config_to_dict, config_to_record
 from .federated import FederatedData, model_shape
 from .interrupt import StoppableGrid
 from .models import build_model
@@ -231,6 +231,11 @@ def _start(
     if cfg.privacy.mode == "sample":
         check_dp_model(model)
     split = resolve(cfg).split(model)
+    if cfg.privacy.mode == "client" and not split.shared:
+        raise ConfigError(
+            f"config key 'privacy.mode': client-level DP protects the shared weights, and policy "
+            f"{cfg.personalization.policy!r} shares none; allowed: a policy that shares weights, or privacy.mode=none"
+        )
     dp = make_client_dp(cfg, num_clients, clients_per_round(cfg, num_clients)) if cfg.privacy.mode == "client" else None
     return model, split, split.shared_state(model), dp
 

@@ -91,7 +91,7 @@ class _Progress:
             f"pers-acc {fmt(row['local_acc_mean'])}  pooled {fmt(row['pooled_acc_mean'])}  "
             f"{row['seconds']:.1f}s"
             + (f"  eps {row['epsilon']:.3f}" if row["epsilon"] is not None else "")
-            + ("  no update (DP: reply count)" if row["refused"] else "")
+            + ("  no update (refused: see rounds.json)" if row["refused"] else "")
             + (f"  dropped {row['dropped']}" if row["dropped"] else "")
             + (f"  failed {row['failed']}" if row["failed"] else "")
         )

@@ -171,6 +171,11 @@ class NodeCountError(ConfigError):
     """The federation's nodes and the config's number of clients disagree."""
 
 
+def _brief(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
 def _error_reason(msg: Message) -> str:
     try:
         return str(msg.error.reason)[-300:]
@@ -325,10 +330,23 @@ class GuardedStrategy(Strategy):
             return None, None
         if not kept:
             return None, None
-        result = self.inner.aggregate_train(server_round, kept)
+        try:
+            result = self.inner.aggregate_train(server_round, kept)
+        except Exception as err:  # noqa: BLE001 (well-formed replies must never end the run)
+            return self._refuse(server_round, f"the strategy failed on the round's replies ({_brief(err)})")
+        if result[0] is not None and not all(np.isfinite(a.numpy()).all() for a in result[0].values()):
+            return self._refuse(server_round, "the aggregate holds NaN or inf")
         if self.dp is not None and not self.dp.wrapper_composes and result[0] is not None:
             self.dp.release()
         return result
+
+    def _refuse(self, server_round: int, reason: str) -> tuple[None, None]:
+        """No update this round, with the reason in the log; the run goes on from the weights it had.
+        Under Flower's accounted DP wrapper a release it composed before failing stays counted (the
+        epsilon reported is then an upper bound)."""
+        self.last.refused = f"{reason}: no update this round"
+        log.warning("round %d: %s", server_round, self.last.refused)
+        return None, None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -338,4 +356,8 @@ class GuardedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         kept = self.screen(server_round, replies, self.evaluate_schema(self._pooled_asked.pop(server_round, False)))
-        return self.inner.aggregate_evaluate(server_round, kept) if kept else None
+        try:
+            return self.inner.aggregate_evaluate(server_round, kept) if kept else None
+        except Exception as err:  # noqa: BLE001 (the run's figures come from the guard's record, not this)
+            log.warning("round %d: the strategy failed on the evaluation replies (%s)", server_round, _brief(err))
+            return None

@@ -181,3 +181,29 @@ def test_adaptive_noise_uses_the_bound_the_updates_were_clipped_to(task_identity
     assert guard.inner.clipping_norm < 0.95  # the bound moved
     noise = arrays["w"].numpy().astype(np.float64) - 1.0 / math.sqrt(DIM)  # each clipped update: norm 1
     assert noise.std() == pytest.approx(guard.inner.noise_multiplier * 1.0 / 10, rel=0.03)
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_a_zero_update_does_not_stop_the_server(task_identity, clipping):
+    """A reply equal to the weights sent (a zero update) passes the schema; Flower's clipping divides
+    by its norm. The round is refused with the reason, and the next round runs."""
+    cfg = _cfg(clipping)
+    dp = make_client_dp(cfg, 10, 10)
+    guard, sent = _guard(cfg, dp)
+    replies = [_reply(m, 0.001, m.metadata.dst_node_id - 100) for m in sent[:9]]
+    replies.append(_reply(sent[9], 0.0, sent[9].metadata.dst_node_id - 100))
+    arrays, _ = guard.aggregate_train(1, replies)
+    assert arrays is None and "ZeroDivisionError" in guard.last.refused and "no update" in guard.last.refused
+    zeros = ArrayRecord({"w": Array(np.zeros(DIM, np.float32))})
+    again = list(guard.configure_train(2, zeros, ConfigRecord({}), _Nodes(10)))
+    arrays, _ = guard.aggregate_train(2, [_reply(m, 0.001, m.metadata.dst_node_id - 100) for m in again])
+    assert arrays is not None and guard.last.refused is None, guard.last.refused
+
+
+def test_client_level_dp_with_nothing_shared_is_refused_before_the_first_round():
+    from fedse.config import ConfigError
+    from fedse.server import _start
+
+    cfg = tiny_config(personalization={"policy": "local"}, privacy={"mode": "client", "noise_multiplier": 1.0})
+    with pytest.raises(ConfigError, match="policy 'local' shares none"):
+        _start(cfg, None, cfg.partition.num_clients)

@@ -379,3 +379,54 @@ def test_rebuilt_arrays_keep_the_shared_key_order(task_identity):
     reordered = _content(arrays={"b": np.zeros(1, np.float32), "w": np.zeros(2, np.float32)}, pid=0)
     [kept] = guard.screen(1, [_reply(reordered, 100)], guard.train_schema)
     assert list(kept.content["arrays"].keys()) == list(SHARED)
+
+
+class _Nodes:
+    def __init__(self, n: int) -> None:
+        self.ids = list(range(100, 100 + n))
+
+    def get_node_ids(self):
+        return self.ids
+
+
+_EXTREMES = st.sampled_from([0.0, 1.0, -1.0, 3.4e38, -3.4e38, 1e-45, 1e30, -1e30])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from(["fedavg", "fedprox", "fedadam", "dp-fixed", "dp-adaptive"]),
+    sent=_EXTREMES,
+    values=st.lists(st.one_of(_EXTREMES, st.just("sent"), st.just("opposite")), min_size=3, max_size=3),
+)
+def test_a_guard_over_any_offered_strategy_never_raises_on_well_formed_replies(task_identity, name, sent, values):
+    """Zeros, extremes, replies equal to what was sent (zero updates), identical and opposite replies:
+    the guard and the strategy behind it return an update or refuse the round, never raise, and an
+    update they return is finite."""
+    from conftest import tiny_config
+
+    from fedse.privacy import make_client_dp
+    from fedse.strategy import create_strategy
+
+    privacy = {}
+    if name.startswith("dp-"):
+        privacy = {"mode": "client", "noise_multiplier": 1.0, "clipping": name[3:], "clipped_count_stddev": 10.0}
+        privacy = {k: v for k, v in privacy.items() if name == "dp-adaptive" or k != "clipped_count_stddev"}
+    strategy = name if not name.startswith("dp-") else "fedavg"
+    cfg = tiny_config(
+        partition={"num_clients": 3}, server={"strategy": strategy, "min_train_clients": 3}, privacy=privacy
+    )
+    dp = make_client_dp(cfg, 3, 3) if privacy else None
+    guard = _guard(inner=create_strategy(cfg, dp), dp=dp)
+    start = ArrayRecord({"w": Array(np.full(2, sent, np.float32)), "b": Array(np.full(1, sent, np.float32))})
+    messages = list(guard.configure_train(1, start, ConfigRecord({}), _Nodes(3)))
+    replies = []
+    for i, (msg, v) in enumerate(zip(messages, values, strict=True)):
+        value = sent if v == "sent" else -values[0] if v == "opposite" and values[0] not in ("sent", "opposite") else v
+        value = sent if value in ("sent", "opposite") else value
+        content = _content(w=(value, value), b=(value,), n=i + 1, pid=i)
+        replies.append(Message(content, reply_to=msg))
+    arrays, _ = guard.aggregate_train(1, replies)
+    if arrays is None:
+        assert guard.last.refused
+    else:
+        assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
