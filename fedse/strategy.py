@@ -98,14 +98,35 @@ def create_strategy(cfg: Config, dp: ClientDP | None = None) -> Strategy:
 
 
 class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's server-side adaptive clipping, with the noise sized for the bound the updates were
-    clipped to.
+    """Flower's server-side adaptive clipping, with the noise sized for what is released.
 
-    Flower 1.42 clips each update to the current bound, then updates the bound from the (noisy)
-    clipped fraction, then adds noise scaled to the *updated* bound. When most clients are clipped
-    the bound shrinks first (measured: 0.75 of the clipping bound with a noisy count), so the noise
-    is smaller than the sensitivity of the sum it protects. Here the noise uses the bound of the
-    clipping; the bound update is unchanged."""
+    Two corrections to Flower 1.42, each keeping the run's noise multiplier ``z`` the exact
+    multiplier of what one client can change:
+
+    - The bound of the noise. Flower clips each update to the current bound, updates the bound from
+      the noisy clipped fraction, then adds noise scaled to the *updated* bound. When most clients
+      are clipped the bound shrinks first (measured: 0.75 of the clipping bound with a noisy count),
+      so the noise is smaller than the sensitivity of the sum it protects. Here the noise uses the
+      bound of the clipping; the bound update is unchanged.
+    - The split of ``z`` between the update and the clipped count (Andrew et al. 2021). Flower sizes
+      the update's noise multiplier as ``(z^-2 - (2 s)^-2)^-1/2`` for a count noised with std ``s``,
+      which is the split for centred bits (``b - 1/2``, sensitivity 1/2), but it noises the raw 0/1
+      count, whose sensitivity to adding or removing a client is 1. The release then has an effective
+      multiplier ``(z^-2 + 3/(4 s^2))^-1/2`` (0.918 for z = 1, s = 2), below ``z``. Here the update's
+      multiplier is ``(z^-2 - s^-2)^-1/2``, so the pair (update sum / C, count) has multiplier ``z``
+      exactly; it needs ``s > z``."""
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, num_sampled_clients: int, **kwargs: Any) -> None:
+        super().__init__(strategy, noise_multiplier, num_sampled_clients, **kwargs)
+        if noise_multiplier > 0:
+            s = self.clipped_count_stddev
+            if s <= noise_multiplier:
+                raise ValueError(
+                    f"clipped_count_stddev {s:g} must exceed the noise multiplier {noise_multiplier:g}: the clipped "
+                    "count (sensitivity 1) takes its share of the noise multiplier; allowed: a larger "
+                    "privacy.clipped_count_stddev or a smaller noise multiplier"
+                )
+            self.noise_multiplier = (noise_multiplier**-2 - s**-2) ** -0.5
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

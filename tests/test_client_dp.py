@@ -4,6 +4,7 @@ refused; the server sets the weights; the epsilon is Flower's accountant over th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -108,7 +109,7 @@ def test_full_round_noise_on_the_mean_is_sigma_c_over_n_and_weights_are_equal(ta
     # sigma * C / n, with C the bound the updates were clipped to (1.0). Under adaptive clipping Flower
     # splits sigma between the update (sigma_u, larger) and the clipped-count query.
     sigma_u = 2.0 if clipping == "fixed" else guard.inner.noise_multiplier
-    assert sigma_u == pytest.approx(2.0 if clipping == "fixed" else (2.0**-2 - 20.0**-2) ** -0.5)
+    assert sigma_u == pytest.approx(2.0 if clipping == "fixed" else (2.0**-2 - 10.0**-2) ** -0.5)
     expected_std = sigma_u * 1.0 / 10
     assert abs(noise.mean()) < 5 * expected_std / math.sqrt(DIM)  # centred on the unweighted mean
     assert noise.std() == pytest.approx(expected_std, rel=0.03)
@@ -207,3 +208,37 @@ def test_client_level_dp_with_nothing_shared_is_refused_before_the_first_round()
     cfg = tiny_config(personalization={"policy": "local"}, privacy={"mode": "client", "noise_multiplier": 1.0})
     with pytest.raises(ConfigError, match="policy 'local' shares none"):
         _start(cfg, None, cfg.partition.num_clients)
+
+
+def test_adaptive_clipping_releases_exactly_the_configured_noise_multiplier():
+    """Sigma 1, 10 clients, count noise std 2 (the audit's case). The release is the clipped sum
+    (sensitivity C, noise std sigma_u * C) and the raw clipped count (sensitivity 1: one client's bit,
+    noise std 2); its noise multiplier is (sigma_u^-2 + 2^-2)^-1/2. fedse's split makes it 1, the
+    configured sigma, so the accountant's epsilon is the release's; Flower's split (for a count of
+    sensitivity 1/2) leaves 0.918, whose epsilon after 20 rounds is 33.9, not the 30.1 reported."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
+
+    from fedse.strategy import AdaptiveClipping
+
+    z, s, rounds, delta = 1.0, 2.0, 20, 1e-5
+    released = lambda sigma_u: (sigma_u**-2 + s**-2) ** -0.5  # noqa: E731
+    ours = AdaptiveClipping(FedAvg(), z, 10, clipped_count_stddev=s).noise_multiplier
+    flowers = DifferentialPrivacyServerSideAdaptiveClipping(FedAvg(), z, 10, clipped_count_stddev=s).noise_multiplier
+    assert released(ours) == pytest.approx(z, abs=1e-12)
+    assert released(flowers) == pytest.approx(0.918, abs=5e-4)
+    cfg = _cfg("adaptive", sigma=z)
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, clipped_count_stddev=s, delta=delta))
+    dp = make_client_dp(cfg, 10, 10)
+    for _ in range(rounds):
+        dp.release()
+    # An independent accountant (Opacus's RDP) on the noise the release actually carries.
+    for sigma_u, reported in ((ours, dp.epsilon()), (flowers, 30.1)):
+        opacus = RDPAccountant()
+        opacus.history = [(released(sigma_u), 1.0, rounds)]
+        actual = opacus.get_epsilon(delta)
+        if sigma_u == ours:
+            assert actual == pytest.approx(reported, rel=0.01)
+        else:
+            assert actual == pytest.approx(33.9, abs=0.2) and actual > reported + 3
+    with pytest.raises(ValueError, match="must exceed the noise multiplier"):
+        AdaptiveClipping(FedAvg(), 2.0, 10, clipped_count_stddev=2.0)
