@@ -7,33 +7,54 @@ made here, or the operator's own certificates), SuperNode authentication on
 apps run in the environment fedse is installed in). Insecure mode exists only
 behind an explicit flag and logs a warning.
 
-Flower 1.42 serves the Fleet, Control and Runtime APIs of a SuperLink on one
-address (``--host``/``--port``); a SuperNode's key pair is an ECDSA (P-384)
-key in OpenSSH format, registered with ``flwr supernode register``. Who may
-register a key (or submit a run) is not authenticated in the open-source
-SuperLink: see ``control_api_exposure``, which ``fedse server`` prints.
+Flower 1.42 serves the Control, Fleet and Runtime APIs of a SuperLink, with
+``/docs``, ``/openapi.json`` and ``/health``, on one address
+(``--host``/``--port``); a SuperNode serves its own Runtime API on
+``127.0.0.1:--port``. A SuperNode's key pair is an ECDSA (P-384) key in
+OpenSSH format, registered with ``flwr supernode register``. Which of these
+answer without a credential, and what limits them: ``superlink_exposure``
+(``fedse server`` prints it) and ``supernode_exposure``.
+
+Flower hands the ServerApp each node's registered public key
+(``Grid.get_nodes()``: ``NodeInfo.public_key``, PEM), so a client's number can
+be bound to its key: ``key_fingerprint`` (the same ``SHA256:...`` text as
+``ssh-keygen -lf KEY.pub``), ``node_key_fingerprints`` and ``bind_node_keys``.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
+import json
 import logging
 import os
+import re
 import shutil
 import subprocess
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "NO_RUNTIME_INSTALL",
     "Certs",
+    "KeyBindings",
+    "bind_node_keys",
+    "check_client_keys",
     "control_api_exposure",
+    "key_fingerprint",
     "make_node_key",
     "make_test_certs",
     "node_config_string",
+    "node_key_fingerprints",
+    "owner_only_database",
+    "registered_node_id",
     "superlink_command",
+    "superlink_exposure",
     "supernode_command",
+    "supernode_exposure",
     "write_connection",
 ]
 
@@ -143,7 +164,10 @@ def make_node_key(path: str | Path, comment: str = "fedse-supernode") -> Path:
 def superlink_command(
     *, certs: Certs | None, host: str = "127.0.0.1", port: int = 9093, database: str | Path | None = None
 ) -> list[str]:
-    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure, warned)."""
+    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure, warned).
+
+    A ``database`` file is made owner-only here, before Flower opens it (:func:`owner_only_database`),
+    and passed as an absolute path (the SuperLink may run in another working directory)."""
     cmd = [
         _flower("flower-superlink"),
         "--host",
@@ -166,41 +190,113 @@ def superlink_command(
             "--enable-supernode-auth",
         ]
     if database is not None:
-        cmd += ["--database", str(database)]
+        cmd += ["--database", owner_only_database(database)]
     return cmd
 
 
-def control_api_exposure(host: str, port: int) -> str:
-    """Who can act on the SuperLink's Control API at ``host:port``, and the deployment that limits it.
+_IN_MEMORY = (":flwr-in-memory:", ":memory:", "sqlite:///:memory:", "sqlite://")
 
-    ``fedse server`` prints this at start-up because nothing in Flower 1.42 (open source)
-    closes the gap: the Control API (register/unregister SuperNodes, start/stop runs) is
-    always served on ``--host``/``--port`` with the Fleet API (``--control-api-address`` is
-    deprecated and does not move it), account authentication is enterprise-only (the
-    open-source plugin accepts every caller), and the HTTPS server asks callers for no
-    certificate. SuperNode authentication therefore refuses unregistered keys, but anyone
-    who can reach the port can register one. Only the network can limit who reaches it."""
+
+def owner_only_database(database: str | Path) -> str:
+    """Make the SuperLink's SQLite ``database`` file owner-only (0600) and return its absolute path
+    (an in-memory name is returned as it is).
+
+    Flower 1.42 opens the file with SQLite in WAL mode and creates it, and its ``-wal`` and
+    ``-shm`` siblings, with the process's umask (0644 under the usual 022): registered node keys,
+    runs, their configs and messages, readable by every local account. The file is created here
+    with mode 0600 (an existing one, and existing siblings, are set to 0600); SQLite creates the
+    siblings with the database file's permissions, so they are 0600 too."""
+    text = str(database)
+    if text in _IN_MEMORY:
+        return text
+    from .config import ConfigError
+
+    path = Path(os.path.abspath(Path(text.removeprefix("sqlite:///")).expanduser()))
+    if path.is_symlink():
+        raise ConfigError(f"--database {path} is a symbolic link; give the database file's own path")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm", "-journal"):
+            sibling = path.with_name(path.name + suffix)
+            if sibling.is_file() and not sibling.is_symlink():
+                os.chmod(sibling, 0o600)
+    except OSError as err:
+        raise ConfigError(f"--database {path}: cannot make it owner-only (0600): {err.strerror}") from None
+    return f"sqlite:///{path}" if text.startswith("sqlite:///") else str(path)
+
+
+def _who(host: str, port: int, listener: str) -> str:
     if port < 1 or port > 65535:
         raise ValueError(f"port must be 1..65535, got {port}")
     where = f"{host}:{port}"
     if _is_loopback(host):
-        who = f"any process on this machine (the SuperLink listens on {where})"
-    elif _is_unspecified(host):
-        who = f"anyone who can reach port {port} on any address of this machine"
-    else:
-        who = f"anyone who can reach {where}"
+        return f"any process on this machine (the {listener} listens on {where})"
+    if _is_unspecified(host):
+        return f"anyone who can reach port {port} on any address of this machine"
+    return f"anyone who can reach {where}"
+
+
+def superlink_exposure(host: str, port: int) -> str:
+    """What a SuperLink on ``host:port`` serves without a credential, and the deployment that limits it.
+
+    ``fedse server`` prints this at start-up: nothing in Flower 1.42 (open source) closes it.
+    ``flower-superlink`` serves every API on ``--host``/``--port`` (one FastAPI app,
+    flwr/superlink/main.py ``create_app``): the Control API (``/v1/control/*``) behind an
+    account plugin that accepts every caller unless Flower's enterprise OIDC is installed; the
+    Runtime (ServerAppIo) API (``/v1/runtime/*``), whose ``acquire-task`` checks a SuperExec
+    secret only in ``--isolation process`` with ``--superexec-auth-secret-file`` (fedse runs the
+    default subprocess isolation, where Flower ignores that secret) and hands the oldest pending
+    ServerApp task and its token to the first caller; the Fleet API (``/v1/fleet/*``), each request
+    signed by a node key; ``/docs``, ``/openapi.json`` and ``/health``, hard-wired (``docs_url``
+    and the default ``openapi_url`` of ``FastAPI(...)``; no flag or environment variable).
+    The HTTPS server asks callers for no certificate. Only the network limits who reaches it."""
+    who = _who(host, port, "SuperLink")
     return (
-        f"Control API exposure: {who} can register a SuperNode key (that node then joins: SuperNode "
-        "authentication only refuses keys nobody registered), unregister nodes, and start or stop runs; a run's "
-        "ServerApp code executes on this machine and its ClientApp code on every connected SuperNode. No "
-        "credential is needed: TLS proves this server to callers, not callers to it (ca.crt is public, and a "
-        "client that skips verification needs not even that); Flower 1.42's open-source SuperLink has no "
-        "account authentication and serves the Control API on the same address as the Fleet API.\n"
+        f"SuperLink exposure: {who} can use, without any credential, everything this SuperLink serves on "
+        f"tcp/{port} (HTTPS with --certs, plain HTTP with --insecure). TLS proves this server to callers, not "
+        "callers to it (ca.crt is public); Flower 1.42's open-source SuperLink has no account authentication.\n"
+        "- Control API (/v1/control/*): register or unregister SuperNode keys (a registered key joins: SuperNode "
+        "authentication only refuses keys nobody registered), list nodes and runs, start or stop runs; a run's "
+        "ServerApp code executes on this machine and its ClientApp code on every connected SuperNode.\n"
+        "- Runtime (ServerAppIo) API (/v1/runtime/*): /v1/runtime/acquire-task gives the oldest pending ServerApp "
+        "task and its token to whoever asks first (this SuperLink's own executor asks once a second); with that "
+        "token the caller gets the run's app, config and context and acts as its ServerApp (sends messages to the "
+        "SuperNodes, reads their replies). The other /v1/runtime routes need such a token.\n"
+        "- Fleet API (/v1/fleet/*): each request signed by a registered node key (with --insecure anyone "
+        "registers a key of its own).\n"
+        "- /docs and /openapi.json (all routes) and /health: always served; Flower 1.42 has no flag or "
+        "environment variable to turn them off.\n"
         "To limit it to the operator and the clients: (1) run 'fedse server --host 127.0.0.1 --database FILE', "
         "register every client's key from this machine (flwr supernode register KEY.pub), and stop it; "
         "(2) run it again with the same --database FILE (it keeps the registrations; the in-memory default "
         f"does not) on the address the clients use, with tcp/{port} reachable only from the clients' hosts "
         "(firewall: allow their addresses, drop the rest). The clients' hosts can still do all of the above."
+    )
+
+
+control_api_exposure = superlink_exposure  # the name `fedse server` has called it by
+
+
+def supernode_exposure(host: str, port: int) -> str:
+    """What a SuperNode's own Runtime (ClientAppIo) API on ``host:port`` (``--host``/``--port``)
+    serves without a credential.
+
+    ``flower-supernode`` serves it in plain HTTP unless given ``--ssl-certfile`` (which proves
+    the server, not the caller); ``acquire-task`` checks a SuperExec secret only in
+    ``--isolation process`` (flwr/supercore/dependencies/superexec.py), and ``/docs`` and
+    ``/openapi.json`` are hard-wired (flwr/supernode/main.py)."""
+    who = _who(host, port, "SuperNode's Runtime API")
+    return (
+        f"SuperNode exposure: {who} can use, without any credential, this SuperNode's Runtime (ClientAppIo) API "
+        f"(plain HTTP, tcp/{port}): /v1/runtime/acquire-task gives its oldest pending ClientApp task and token to "
+        "whoever asks first; with that token the caller reads the server's instruction (the global model and "
+        "the round's config), the run's config and this node's config (state and data paths), and answers the "
+        "server as this client. /docs, /openapi.json and /health are always served. Only who can run a "
+        "process on this machine limits it: keep --host 127.0.0.1 and no untrusted local accounts."
     )
 
 
@@ -282,3 +378,120 @@ def _flower(tool: str) -> str:
     if path is None:
         raise FileNotFoundError(f"'{tool}' not found on PATH; install fedse's dependencies (flwr 1.42)")
     return path
+
+
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+
+
+def key_fingerprint(public_key: bytes | str) -> str:
+    """The ``SHA256:<base64>`` fingerprint of an EC public key, the text ``ssh-keygen -lf KEY.pub``
+    prints for it.
+
+    ``public_key``: a line of an OpenSSH ``.pub`` file (what ``fedse keygen`` writes and
+    ``flwr supernode register`` reads), or PEM SubjectPublicKeyInfo (what Flower stores at
+    registration and the ServerApp gets as ``NodeInfo.public_key`` from ``Grid.get_nodes()``).
+    The same key gives the same fingerprint in either form. ValueError for anything else."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    data = public_key.encode() if isinstance(public_key, str) else bytes(public_key)
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ValueError(f"not an OpenSSH or PEM public key: {err}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"not an EC public key (Flower's SuperNode keys are ECDSA): {type(key).__name__}")
+    blob = base64.b64decode(
+        key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    )
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def node_key_fingerprints(nodes: Iterable[Any]) -> dict[int, str]:
+    """``{node_id: key fingerprint}`` for Flower ``NodeInfo`` records: those of ``Grid.get_nodes()``
+    in a ServerApp, or ``ListNodesResponse.nodes_info`` of the Control API.
+
+    A node without a usable EC key is left out: ``Grid.get_nodes()``'s default (a Grid that does
+    not forward it) gives node ids only, and the simulation engine gives its nodes 32 random bytes."""
+    found: dict[int, str] = {}
+    for node in nodes:
+        try:
+            found[int(node.node_id)] = key_fingerprint(node.public_key)
+        except (AttributeError, ValueError):
+            continue
+    return found
+
+
+def check_client_keys(client_keys: Mapping[str, Any]) -> dict[str, int]:
+    """Validate an operator's ``{key fingerprint: client number}`` list: each fingerprint as
+    ``ssh-keygen -lf`` prints it (``SHA256:`` and 43 base64 characters), each number a distinct
+    integer >= 0. Returns it with int values; ValueError naming every problem."""
+    problems: list[str] = []
+    checked: dict[str, int] = {}
+    owner: dict[int, str] = {}
+    for fingerprint, client in client_keys.items():
+        if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
+            problems.append(f"{fingerprint!r} is not a key fingerprint (ssh-keygen -lf KEY.pub: SHA256:...)")
+            continue
+        if isinstance(client, bool) or not isinstance(client, int) or client < 0:
+            problems.append(f"{fingerprint}: client number must be an integer >= 0, got {client!r}")
+            continue
+        if client in owner:
+            problems.append(f"client {client} is listed for two keys: {owner[client]} and {fingerprint}")
+            continue
+        owner[client] = fingerprint
+        checked[fingerprint] = client
+    if problems:
+        raise ValueError("; ".join(problems))
+    return checked
+
+
+@dataclass(frozen=True)
+class KeyBindings:
+    """Which node is which client, by registered key: ``clients`` maps a node id to the client
+    number listed for its key; ``unlisted`` holds the nodes whose key is not listed (or unknown),
+    ``missing`` the listed clients no connected node holds the key of."""
+
+    clients: dict[int, int] = field(default_factory=dict)
+    unlisted: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+
+
+def bind_node_keys(nodes: Iterable[Any], client_keys: Mapping[str, int]) -> KeyBindings:
+    """Bind each node (Flower ``NodeInfo``: ``node_id``, ``public_key``) to the client number its
+    registered key is listed with in ``client_keys`` (``{fingerprint: client}``, see
+    :func:`check_client_keys`). A registered key has one node id while it stays registered (the
+    SuperLink looks the node up by its key at every connection), so the binding survives
+    reconnects and restarts; a key registered on another SuperLink database gets another node id
+    and keeps its client number. (Flower never registers a key twice on one database, not even
+    after ``flwr supernode unregister``.)"""
+    nodes = list(nodes)
+    fingerprints = node_key_fingerprints(nodes)
+    clients: dict[int, int] = {}
+    unlisted: list[int] = []
+    for node in nodes:
+        node_id = int(node.node_id)
+        client = client_keys.get(fingerprints.get(node_id, ""))
+        if client is None:
+            unlisted.append(node_id)
+        else:
+            clients[node_id] = client
+    missing = sorted(set(client_keys.values()) - set(clients.values()))
+    return KeyBindings(clients, sorted(unlisted), missing)
+
+
+def registered_node_id(output: str) -> int:
+    """The node id ``flwr supernode register KEY.pub CONNECTION --format json`` printed (its whole
+    stdout, an indented JSON object ``{"success": true, "node-id": <int>}``).
+    ValueError with the output when registration failed."""
+    try:
+        reply = json.loads(output[output.index("{") :])
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"not the JSON output of flwr supernode register: {output.strip()[-300:]!r}") from None
+    if not isinstance(reply, dict) or reply.get("success") is not True or "node-id" not in reply:
+        raise ValueError(f"flwr supernode register did not register the key: {reply}")
+    return int(reply["node-id"])
