@@ -15,6 +15,7 @@ is the same in all of them, and no (method, seed) may appear twice.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record
+from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record, short_repr
 from .federated import build_federated_data, model_shape
 from .io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
 from .models import base_width, build_model
@@ -71,7 +72,12 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and bool(np.isfinite(v))
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer past the largest float: no usable number (numpy raised TypeError on it)
+        return False
 
 
 def method_run_from(raw: Any, where: str) -> MethodRun:
@@ -89,7 +95,7 @@ def method_run_from(raw: Any, where: str) -> MethodRun:
     if not isinstance(raw["method"], str) or not _is_int(raw["seed"]) or not _is_int(raw["upload_bytes"]):
         raise bad("'method' must be a string, 'seed' and 'upload_bytes' integers")
     if not _is_number(raw["seconds"]) or raw["seconds"] < 0:
-        raise bad(f"'seconds' {raw['seconds']!r} is not a duration")
+        raise bad(f"'seconds' {short_repr(raw['seconds'])} is not a duration")
     split = raw["split"]
     if (
         not isinstance(split, dict)
@@ -402,8 +408,10 @@ def _read_comparison(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{str(folder)!r} is not a comparison folder: {path} does not exist")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}); was the comparison interrupted?") from None
+    except (ValueError, UnicodeDecodeError) as err:  # ValueError: bad JSON, or an integer past 4300 digits
+        raise ConfigError(
+            f"{path} is not valid JSON ({short_repr(str(err))}); was the comparison interrupted?"
+        ) from None
     shape = "expected a mapping with 'config', 'methods' (names), 'holdout' (an integer), 'runs' and 'table'"
     if (
         not isinstance(data, dict)
@@ -518,6 +526,27 @@ def _reached(run: MethodRun, target: float) -> tuple[int, float] | None:
     return None
 
 
+def _check_budget_fields(runs: Sequence[MethodRun], path: Path) -> None:
+    """What :func:`budget_table` reads of a run beyond :func:`method_run_from`'s checks, checked first:
+    a round's ``seconds`` and a client's ``train_samples`` (optional both: older runs lack them)."""
+    for index, run in enumerate(runs):
+        where = f"{path} run {index}"
+        for row in run.rounds:
+            seconds = row.get("seconds")
+            if seconds is not None and not (_is_number(seconds) and seconds >= 0):
+                raise ConfigError(
+                    f"{where}: round {row['round']} 'seconds' is {short_repr(seconds)}; allowed: a number >= 0 "
+                    "(the round's duration) or null"
+                )
+        for row in run.clients:
+            samples = row.get("train_samples")
+            if samples is not None and not (_is_int(samples) and samples >= 0):
+                raise ConfigError(
+                    f"{where}: client {row['client']} 'train_samples' is {short_repr(samples)}; allowed: an "
+                    "integer >= 0 or null"
+                )
+
+
 def budget_table(
     folders: Sequence[Path], target: float = 0.9, methods: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -531,6 +560,7 @@ def budget_table(
     rows = []
     for folder in folders:
         data = _read_comparison(folder)
+        _check_budget_fields(data["runs"], Path(folder) / "comparison.json")
         cfg = config_from_record(data["config"])
         model = build_model(cfg, *model_shape(cfg))
         params = sum(p.numel() for p in model.parameters())

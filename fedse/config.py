@@ -37,12 +37,17 @@ __all__ = [
     "SimulationConfig",
     "TrainConfig",
     "CONFIG_SCHEMA",
+    "MAX_CLASSES",
+    "MAX_CLIENTS",
+    "SEED_MAX",
     "config_from_dict",
     "config_from_record",
     "config_to_dict",
     "config_to_record",
+    "field_range",
     "load_config",
     "parse_overrides",
+    "short_repr",
 ]
 
 
@@ -50,8 +55,120 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
+SHOWN_CHARACTERS = 200  # an error echoes at most this much of a value it was given
+
+
+def short_repr(value: Any, limit: int = SHOWN_CHARACTERS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, with the full length after the cut: an error message
+    echoes what it was given, never megabytes of it. An integer too long to print is described."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        return _cut(repr(value), limit)
+    except (ValueError, RecursionError):  # an integer past Python's 4300-digit limit, a nesting too deep
+        return f"a {type(value).__name__} too large to show"
+
+
+def _cut(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _one_line(err: Exception) -> str:
+    return _cut(" ".join(str(err).split()), 4 * SHOWN_CHARACTERS)
+
+
+# What a YAML text may expand to. PyYAML builds an alias (*name) as a second reference to its anchor's value, so
+# a few hundred bytes of nested aliases ("billion laughs") name 10**9 values: harmless until something walks
+# them (an error message printing the value, a copy, a check of every element). A fedse config holds a few
+# hundred values in three levels (section, key, list); the bounds leave room for data.classes of 100,000 names.
+MAX_CONFIG_BYTES = 4 << 20
+MAX_YAML_VALUES = 250_000  # every alias expanded
+MAX_YAML_DEPTH = 32
+MAX_YAML_INT_CHARACTERS = 30  # every fedse integer fits in 20 digits; Python refuses to parse beyond 4300
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A YAML text past one of the bounds above (reported with its line and column)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader within bounds: nesting depth and the number of values with every alias expanded
+    are measured while the document is composed (before anything is built from it), and integer literals
+    are limited in length."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._shape: dict[int, tuple[int, int]] = {}  # id(node) -> (values with aliases expanded, depth)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        mark = self.peek_event().start_mark
+        alias = self.check_event(yaml.AliasEvent)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _Refused(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if alias:
+            if id(node) not in self._shape:
+                raise _Refused(None, None, "an alias (*name) inside the value it names (a recursive value)", mark)
+            size, depth = self._shape[id(node)]
+        else:
+            if isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else []
+            size = 1 + sum(self._shape[id(c)][0] for c in children)
+            depth = 1 + max((self._shape[id(c)][1] for c in children), default=0)
+            self._shape[id(node)] = (size, depth)
+        if self._depth + depth > MAX_YAML_DEPTH:
+            raise _Refused(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels once aliases are expanded", mark)
+        if size > MAX_YAML_VALUES:
+            raise _Refused(None, None, f"more than {MAX_YAML_VALUES} values (every alias *name expanded)", mark)
+        return node
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > MAX_YAML_INT_CHARACTERS:
+            raise _Refused(None, None, f"an integer of {len(node.value)} characters", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+_YAML_LIMITS = (
+    f"allowed: YAML of at most {MAX_YAML_DEPTH} levels and {MAX_YAML_VALUES} values with every alias (*name) "
+    f"expanded, integers of at most {MAX_YAML_INT_CHARACTERS} characters"
+)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` within the bounds of :class:`_BoundedLoader` (a :class:`_Refused` past them);
+    ``where`` names the text in the line and column of an error."""
+    loader = _BoundedLoader(text)
+    loader.name = where
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
     return {"range": (lo, hi, lo_open)}
+
+
+# An integer setting that becomes a seed, a size or a count in numpy, torch or a Flower record has an upper
+# bound: their integers are 64-bit, so 2**80 would pass a bound of "at least 1" and fail deep inside.
+# Seeds: the clients' and partitions' seeds derived from it (seed x 100,003 + client x 1,009 + round) stay
+# far below 2**64, the most torch.Generator.manual_seed takes; numpy's legacy seeding takes 2**32 - 1.
+SEED_MAX = 2**32 - 1
+MAX_CLIENTS = 100_000
+MAX_CLASSES = 100_000
+# A model's first-stage width: 4x the ImageNet-style default (se_resnet34 at 256 holds 343 M parameters).
+MAX_WIDTH = 256
+MAX_SAMPLES = 10**9  # sample counts
+MAX_STEPS = 1_000_000  # rounds, epochs, the batch size
 
 
 @dataclass(frozen=True)
@@ -75,15 +192,15 @@ class PartitionConfig:
     # fails at hundreds of clients); 'dirichlet-client' draws each client's own label mix and size
     # (per-client form: min_size holds by construction, seconds at 10,000 clients).
     scheme: Literal["iid", "dirichlet", "dirichlet-client", "pathological", "quantity"] = "dirichlet"
-    num_clients: int = field(default=10, metadata=_range(1, 100_000))
+    num_clients: int = field(default=10, metadata=_range(1, MAX_CLIENTS))
     # Dirichlet concentration for label ('dirichlet', 'dirichlet-client') or size ('quantity') skew;
     # smaller = more skewed.
     alpha: float = field(default=0.5, metadata=_range(0, None, lo_open=True))
     # Classes per client for 'pathological'.
-    classes_per_client: int = field(default=2, metadata=_range(1, None))
+    classes_per_client: int = field(default=2, metadata=_range(1, MAX_CLASSES))
     # Every client gets at least this many samples (train + test): 'dirichlet' and 'quantity' redraw
     # until it holds, 'dirichlet-client' gives it to every client first.
-    min_size: int = field(default=10, metadata=_range(1, None))
+    min_size: int = field(default=10, metadata=_range(1, MAX_SAMPLES))
     # Spread of client sizes under 'dirichlet-client': the samples above min_size are shared by
     # log-normal(0, size_sigma) weights (FedDyn's unbalanced setting uses 0.3), so real federations'
     # few large and many small clients can be modelled; 0 = equal sizes.
@@ -91,7 +208,7 @@ class PartitionConfig:
     # Under 'dirichlet-client': every client's mean size, the clients sharing num_clients x this many
     # samples and the rest of the dataset left out (cross-device: a client holds as much at 10,000
     # clients as at 100); 0 = share the whole dataset.
-    samples_per_client: int = field(default=0, metadata=_range(0, None))
+    samples_per_client: int = field(default=0, metadata=_range(0, MAX_SAMPLES))
     # Share of each client's data held out as its own test part (same label distribution).
     test_fraction: float = field(default=0.25, metadata=_range(0, 1, lo_open=True))
     # Feature skew: each client's images pass through its own fixed transformation.
@@ -105,16 +222,16 @@ class ModelConfig:
         "se_resnet8"
     )
     # Width of the first stage (None: 16 for CIFAR-style, 64 for ImageNet-style).
-    width: int | None = field(default=None, metadata=_range(1, None))
+    width: int | None = field(default=None, metadata=_range(1, MAX_WIDTH))
     # SE reduction ratio r: excitation hidden width h = C / r (rounded, at least 4).
-    reduction: int = field(default=16, metadata=_range(1, None))
+    reduction: int = field(default=16, metadata=_range(1, 8 * MAX_WIDTH))
     # groupnorm is required for sample-level DP (Opacus).
     norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
     # The model's input and output shape. None: implied by data.dataset (digits 1x8x8, MNIST and
     # Fashion-MNIST 1x28x28, CIFAR-10 3x32x32, 10 classes; imagefolder: len(data.classes) classes,
     # channels and size must be given). A deployed server builds the model from these alone: it
     # holds no data. A client whose data has another shape refuses to train.
-    num_classes: int | None = field(default=None, metadata=_range(2, None))
+    num_classes: int | None = field(default=None, metadata=_range(2, MAX_CLASSES))
     in_channels: int | None = field(default=None, metadata=_range(1, 4))
     image_size: int | None = field(default=None, metadata=_range(4, 1024))
 
@@ -152,7 +269,7 @@ class PersonalizationConfig:
         "fedse-auto-train",
     ] = "fedse-la"
     # Epochs of local fine-tuning before evaluation (policy fedavg-ft) and of cold-start adaptation.
-    finetune_epochs: int = field(default=1, metadata=_range(1, None))
+    finetune_epochs: int = field(default=1, metadata=_range(1, MAX_STEPS))
     # Ditto's lambda: the personal model's pull toward the received global model, lambda/2 ||v - w||^2
     # (Li et al. 2021 tune it in {0.01, 0.1, 1, 2}; 0 makes the personal model local-only training).
     ditto_lambda: float = field(default=0.1, metadata=_range(0, None))
@@ -168,10 +285,10 @@ class PersonalizationConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_epochs: int = field(default=1, metadata=_range(1, None))
+    local_epochs: int = field(default=1, metadata=_range(1, MAX_STEPS))
     # Epochs the private part trains alone before the shared part (private-first policies: fedrep).
-    private_epochs: int = field(default=1, metadata=_range(1, None))
-    batch_size: int = field(default=32, metadata=_range(1, None))
+    private_epochs: int = field(default=1, metadata=_range(1, MAX_STEPS))
+    batch_size: int = field(default=32, metadata=_range(1, MAX_STEPS))
     lr: float = field(default=0.05, metadata=_range(0, None, lo_open=True))
     momentum: float = field(default=0.9, metadata=_range(0, 1))
     weight_decay: float = field(default=5e-4, metadata=_range(0, None))
@@ -185,13 +302,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    # Flower strategy aggregating the shared keys.
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    rounds: int = field(default=20, metadata=_range(1, None))
+    # Flower strategy aggregating the shared keys; the last five are Flower's robust aggregators.
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan"] = (
+        "fedavg"
+    )
+    rounds: int = field(default=20, metadata=_range(1, MAX_STEPS))
     fraction_train: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
-    min_train_clients: int = field(default=2, metadata=_range(1, None))
-    min_evaluate_clients: int = field(default=2, metadata=_range(1, None))
+    min_train_clients: int = field(default=2, metadata=_range(1, MAX_CLIENTS))
+    min_evaluate_clients: int = field(default=2, metadata=_range(1, MAX_CLIENTS))
     # FedProx proximal term mu (strategy: fedprox).
     proximal_mu: float = field(default=0.01, metadata=_range(0, None))
     # FedAdam server learning rate eta (strategy: fedadam).
@@ -205,6 +324,25 @@ class ServerConfig:
     # largest train part of the run's own partition). A client's reported count is its weight in the
     # average, so one inflated count would let a single client outweigh all others.
     max_num_examples: int | None = field(default=None, metadata=_range(1, None))
+    # fedtrimmedavg: the fraction of values trimmed at each end, per coordinate.
+    trim_beta: float = field(default=0.2, metadata=_range(0, 0.49))
+    # krum, multikrum, bulyan: the malicious clients per round they tolerate.
+    byzantine: int = field(default=1, metadata=_range(0, None))
+    # multikrum: the updates it averages (null: the clients per round less byzantine).
+    krum_select: int | None = field(default=None, metadata=_range(1, None))
+    # Each update's L2 norm is bounded by this multiple of the round's median update norm; beyond it
+    # the update is clipped to the bound or dropped (norm_action). null: 3 on a deployed server (no
+    # data, strangers' replies), no bound in simulation; 0: no bound anywhere.
+    norm_bound: float | None = field(default=None, metadata=_range(0, None))
+    norm_action: Literal["clip", "drop"] = "clip"
+    # A reply's num-examples weight is capped at this multiple of the round's median claim. null: 2 on
+    # a deployed server, no cap in simulation; 0: no cap anywhere.
+    weight_cap: float | None = field(default=None, metadata=_range(0, None))
+    # A deployed server's key list: a file of 'SHA256:<fingerprint> <client number>' lines (ssh-keygen
+    # -lf KEY.pub prints the fingerprint). Each node is bound to the client its registered key is
+    # listed with; a node whose key is not listed, or that claims another number, is refused. null:
+    # a node keeps the number it claims first. Simulated nodes have no keys: refused there.
+    client_keys: str | None = None
 
 
 @dataclass(frozen=True)
@@ -213,9 +351,9 @@ class EvaluateConfig:
     # client: simulation and partition demos; false for clients with their own data-dir).
     pooled: bool = True
     # ... every N rounds (0: last round only).
-    pooled_every: int = field(default=0, metadata=_range(0, None))
+    pooled_every: int = field(default=0, metadata=_range(0, MAX_STEPS))
     # Cap on the pooled test set (stratified by client, seeded); keeps evaluation cheap.
-    pooled_max_samples: int = field(default=2000, metadata=_range(1, None))
+    pooled_max_samples: int = field(default=2000, metadata=_range(1, MAX_SAMPLES))
     # Clients report a CRC32 of their private state before and after each round (reveals
     # no weights; lets a run verify that private state persists across rounds).
     private_digest: bool = False
@@ -273,7 +411,7 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = field(default=0, metadata=_range(0, None))
+    seed: int = field(default=0, metadata=_range(0, SEED_MAX))
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
@@ -343,15 +481,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except OverflowError:
                 number = math.inf
             if not math.isfinite(number):
-                raise _BadValue(f"config key '{key}': got {value!r}; allowed: a finite number (not nan or inf)")
+                raise _BadValue(
+                    f"config key '{key}': got {short_repr(value)}; allowed: a finite number (not nan or inf)"
+                )
             return number
     elif tp is str and isinstance(value, str):
         if "\x00" in value:  # no path, name or label may hold one; os calls raise ValueError on it
             raise _BadValue(
-                f"config key '{key}': got {value!r}, which holds a NUL character; allowed: a string without NUL"
+                f"config key '{key}': got {short_repr(value)}, which holds a NUL character; allowed: a string "
+                "without NUL"
             )
         return value
-    raise ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}); allowed: {_type_name(tp)}")
+    raise ConfigError(
+        f"config key '{key}': got {short_repr(value)} ({type(value).__name__}); allowed: {_type_name(tp)}"
+    )
+
+
+def field_range(section: type, name: str) -> tuple[float | None, float | None]:
+    """(lowest, highest) a setting allows (None: unbounded), for code that checks the same quantity read
+    from elsewhere (a model file's header) against the same bounds."""
+    lo, hi, _ = next(f for f in dataclasses.fields(section) if f.name == name).metadata["range"]
+    return lo, hi
 
 
 def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
@@ -363,19 +513,19 @@ def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
     if too_low or too_high:
         left = "(" if lo_open else "["
         bounds = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ConfigError(f"config key '{key}': {value!r} is out of range; allowed: {bounds}")
+        raise ConfigError(f"config key '{key}': {short_repr(value)} is out of range; allowed: {bounds}")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {raw!r}")
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {short_repr(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields), key=str)  # key=str: YAML keys may be numbers
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
         raise ConfigError(
-            f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' in {where}; "
+            f"unknown config key '{prefix + '.' if prefix else ''}{_cut(str(unknown[0]))}' in {where}; "
             f"allowed keys: {sorted(fields)}"
         )
     kwargs = {}
@@ -404,7 +554,7 @@ def _check_output_name(name: str | None) -> None:
         or PureWindowsPath(name).drive
     ):
         raise ConfigError(
-            f"config key 'output.name': {name!r} is not a plain folder name; allowed: one folder "
+            f"config key 'output.name': {short_repr(name)} is not a plain folder name; allowed: one folder "
             "name (the run folder is output.dir/<name>) without '/' or '\\', not '.' or '..', "
             "not empty, no control characters or leading/trailing spaces; or null for "
             "<config>-<timestamp>"
@@ -424,10 +574,44 @@ def _check_secure_mode(pr: PrivacyConfig) -> None:
         ) from None
 
 
+ROBUST_STRATEGIES = ("fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
+
+
+def _check_robust(cfg: Config) -> None:
+    """Robust aggregation against client-level DP and the number of clients a round averages."""
+    s, pr = cfg.server, cfg.privacy
+    if pr.mode == "client" and s.strategy in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"config key 'server.strategy': {s.strategy!r} cannot be combined with privacy.mode=client: the DP "
+            "noise is sized for the mean of clipped updates (sensitivity C/m), and a trimmed mean, a median or "
+            "Krum's choice has another sensitivity, so the reported epsilon would not hold; allowed: fedavg, "
+            "fedprox under client-level DP (the norm bound composes with them)"
+        )
+    if pr.mode == "client" and s.norm_action == "drop" and s.norm_bound != 0:
+        raise ConfigError(
+            "config key 'server.norm_action': 'drop' cannot be combined with privacy.mode=client: the noise is "
+            "sized for a fixed number of replies, so a dropped update would refuse the round; allowed: 'clip'"
+        )
+    per_round = max(int(cfg.partition.num_clients * s.fraction_train), s.min_train_clients)
+    need = {"krum": 2 * s.byzantine + 3, "multikrum": 2 * s.byzantine + 3, "bulyan": 4 * s.byzantine + 3}
+    if s.strategy in need and per_round < need[s.strategy]:
+        raise ConfigError(
+            f"config key 'server.byzantine': {s.strategy} with {s.byzantine} malicious clients needs at least "
+            f"{need[s.strategy]} clients a round, the run has {per_round}; allowed: a smaller server.byzantine "
+            "or more clients a round"
+        )
+    if s.strategy == "multikrum" and s.krum_select is not None and s.krum_select > per_round - s.byzantine:
+        raise ConfigError(
+            f"config key 'server.krum_select': {s.krum_select} exceeds the {per_round} clients a round less "
+            f"server.byzantine={s.byzantine}; allowed: at most {per_round - s.byzantine}"
+        )
+
+
 def _check_cross(cfg: Config) -> None:
     """Rules that involve more than one key."""
     _check_output_name(cfg.output.name)
     _check_secure_mode(cfg.privacy)
+    _check_robust(cfg)
     p, s = cfg.partition, cfg.server
     if s.min_train_clients > p.num_clients:
         raise ConfigError(
@@ -442,7 +626,7 @@ def _check_cross(cfg: Config) -> None:
     for key, default in (("size_sigma", 0.0), ("samples_per_client", 0)):
         if p.scheme != "dirichlet-client" and getattr(p, key) != default:
             raise ConfigError(
-                f"config key 'partition.{key}': {getattr(p, key)!r} is only used by partition.scheme="
+                f"config key 'partition.{key}': {short_repr(getattr(p, key))} is only used by partition.scheme="
                 f"dirichlet-client (got scheme {p.scheme!r}); allowed: {default} with this scheme"
             )
     ps = cfg.personalization
@@ -536,7 +720,7 @@ def config_from_record(raw: Any) -> Config:
     schema = raw.pop("schema", 1)
     if not isinstance(schema, int) or isinstance(schema, bool) or not 1 <= schema <= CONFIG_SCHEMA:
         raise ConfigError(
-            f"config record key 'schema': {schema!r}; allowed: an integer in [1, {CONFIG_SCHEMA}] "
+            f"config record key 'schema': {short_repr(schema)}; allowed: an integer in [1, {CONFIG_SCHEMA}] "
             "(a larger one was written by a newer fedse)"
         )
     raw = copy.deepcopy(raw)  # the back-fill below must not touch the caller's mapping
@@ -569,12 +753,15 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
+        shown = short_repr(item)
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. partition.alpha=0.1)")
+            raise ConfigError(f"override {shown} must look like section.key=value (e.g. partition.alpha=0.1)")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _load_yaml(text, "the value") if text.strip() else None
+        except _Refused as err:
+            raise ConfigError(f"override {shown}: value refused ({_one_line(err)}); {_YAML_LIMITS}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+            raise ConfigError(f"override {shown}: value is not valid YAML ({_one_line(err)})") from None
         _set_path(raw, key.strip(), value)
     return raw
 
@@ -602,22 +789,30 @@ def load_config(
         path = Path(path)
         if path.is_dir():
             raise ConfigError(
-                f"config file {str(path)!r} is a directory; allowed: a YAML file (see configs/ for examples)"
+                f"config file {short_repr(str(path))} is a directory; allowed: a YAML file (see configs/ for examples)"
             )
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
+            raise ConfigError(f"config file {short_repr(str(path))} does not exist (see configs/ for examples)")
+        name = short_repr(str(path))
         try:
-            text = path.read_text(encoding="utf-8")
+            with path.open("rb") as handle:
+                data = handle.read(MAX_CONFIG_BYTES + 1)  # what the file says of its size may change
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigError(
+                    f"config file {name} is larger than {MAX_CONFIG_BYTES} bytes; allowed: at most that "
+                    "(a fedse config is a few kB)"
+                )
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(
-                f"config file {str(path)!r} cannot be read as UTF-8 text: {' '.join(str(err).split())}"
-            ) from None
+            raise ConfigError(f"config file {name} cannot be read as UTF-8 text: {_one_line(err)}") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = _load_yaml(text, "the file") or {}
+        except _Refused as err:
+            raise ConfigError(f"config file {name} is refused: {_one_line(err)}; {_YAML_LIMITS}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
+            raise ConfigError(f"config file {name} is not valid YAML: {_one_line(err)}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+            raise ConfigError(f"config file {name} must hold a mapping of sections, got {type(raw).__name__}")
     if record or "schema" in raw:
         return config_from_record(_merge(raw, parse_overrides(overrides)))
     return config_from_dict(_merge(raw, parse_overrides(overrides)))

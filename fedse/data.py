@@ -24,6 +24,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import ModelConfig, field_range
 from .io import atomic_save, atomic_write_bytes
 
 __all__ = [
@@ -298,14 +300,31 @@ def load_digits_dataset(root: Path | None, download: bool) -> Dataset:
 # ----------------------------------------------------------------------------- image folders, CIFAR-10
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Images are used at their own size, so none is larger than the largest a model takes (model.image_size).
+MAX_IMAGE_SIDE = int(field_range(ModelConfig, "image_size")[1])
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE**2
+MAX_IMAGE_BYTES = 64 << 20  # a file in a tarball is read whole before its header: far above any PNG of that size
 
 
 def _decode(handle: io.BytesIO | Path, where: str) -> np.ndarray:
+    """One image file as HW (grey) or HWC (RGB) uint8. Its size is read from its header and checked
+    before it is decoded: a PNG of a few kB may declare 20000 x 20000 pixels (1.2 GB once decoded)."""
     from PIL import Image
 
+    allowed = (
+        f"allowed: at most {MAX_IMAGE_PIXELS} pixels ({MAX_IMAGE_SIDE} x {MAX_IMAGE_SIDE}, model.image_size's largest)"
+    )
     try:
-        with Image.open(handle) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the bound below is stricter
+            image = Image.open(handle)
+        with image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DatasetError(f"{where}: an image of {width} x {height} pixels; {allowed}")
             return np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+    except Image.DecompressionBombError as err:
+        raise DatasetError(f"{where}: refused before decoding ({err}); {allowed}") from None
     except OSError as err:
         raise DatasetError(f"{where}: not a readable image ({err})") from None
 
@@ -377,6 +396,8 @@ def _read_tar_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
             key=lambda m: m.name,
         )
         for m in members:
+            if m.size > MAX_IMAGE_BYTES:
+                raise DatasetError(f"{path}:{m.name}: {m.size} bytes; allowed: at most {MAX_IMAGE_BYTES} per image")
             arrays.append(_decode(io.BytesIO(tar.extractfile(m).read()), f"{path}:{m.name}"))
             classes_of.append(Path(m.name).parent.name)
             names.append(f"{path}:{m.name}")

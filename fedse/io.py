@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "check_output_dir",
+    "csv_cell",
 ]
 
 
@@ -127,3 +129,19 @@ def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
     if not os.access(above, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {str(target)!r}: {str(above)!r} is not writable by this user; {allowed}")
     return target
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as a CSV cell a spreadsheet shows and never runs: text starting with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return gets a leading ``'`` (as OWASP advises against CSV injection); numbers
+    and None stay as they are, as does text that is a plain number ("-0.5")."""
+    if value is None or isinstance(value, bool | int | float) or type(value).__module__ == "numpy":
+        return value
+    text = str(value)
+    if text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, load_config
+from .config import MAX_CLASSES, MAX_CLIENTS, Config, ModelConfig, field_range, load_config, short_repr
 from .federated import ClientShard, model_shape, own_data
 from .fingerprint import GateStats, probe
-from .io import atomic_write_text
+from .io import atomic_write_text, csv_cell
 from .local import adapt, logit_bias
-from .models import SEBlock, build_model, create_model
+from .models import MODELS, NORMS, SEBlock, build_model, create_model
 from .policies import RunPolicy, resolve
 from .prior import label_log_prior
 from .state import StateCorruptError, digest, read_tensor_file, write_tensor_file
@@ -178,6 +180,70 @@ def _read_shared(path: Path) -> dict[str, torch.Tensor]:
     return shared
 
 
+def _is_int(value: Any, lo: float | None, hi: float | None) -> bool:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
+def _is_finite(value: Any) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past the largest float
+        return False
+
+
+def _check_header(file: Path, header: dict[str, Any], advice: str) -> None:
+    """Every header field the model is built and used from, checked before anything is allocated: the
+    SHA-256 proves the file whole, not that fedse wrote it, and a header may ask for a model of any size.
+    The bounds are the configuration's own (a model no config can describe is no fedse model)."""
+
+    def refuse(key: str, value: Any, allowed: str) -> StateCorruptError:
+        return StateCorruptError(f"{file}: header '{key}' is {short_repr(value)}; allowed: {allowed}; {advice}")
+
+    missing = {"model", "num_classes", "in_channels", "image_size", "mean", "std", "classes", "complete"} - set(header)
+    if missing:
+        raise StateCorruptError(f"{file}: header lacks {sorted(missing)}; {advice}")
+    spec = header["model"]
+    if not isinstance(spec, dict) or set(spec) != set(_MODEL_KEYS):
+        raise refuse("model", spec, f"a mapping of exactly {list(_MODEL_KEYS)}")
+    if not isinstance(spec["name"], str) or spec["name"] not in MODELS:
+        raise refuse("model.name", spec["name"], f"one of {sorted(MODELS)}")
+    if not isinstance(spec["norm"], str) or spec["norm"] not in NORMS:
+        raise refuse("model.norm", spec["norm"], f"one of {list(NORMS)}")
+    for key, lo in (("width", 1), ("reduction", 1)):
+        _, hi = field_range(ModelConfig, key)
+        if spec[key] is not None and not _is_int(spec[key], lo, hi):
+            raise refuse(f"model.{key}", spec[key], f"an integer in [{lo}, {hi}] or null")
+    shape = {"num_classes": (1, MAX_CLASSES), **{k: field_range(ModelConfig, k) for k in ("in_channels", "image_size")}}
+    for key, (lo, hi) in shape.items():
+        if not _is_int(header[key], lo, hi):
+            raise refuse(key, header[key], f"an integer in [{lo}, {hi}]")
+    channels, classes = header["in_channels"], header["num_classes"]
+    for key in ("mean", "std"):
+        value = header[key]
+        if not (isinstance(value, list) and len(value) == channels and all(_is_finite(v) for v in value)):
+            raise refuse(key, value, f"a list of {channels} finite numbers (one per channel)")
+    if not all(v > 0 for v in header["std"]):
+        raise refuse("std", header["std"], "positive numbers (images are divided by them)")
+    names = header["classes"]
+    if not (isinstance(names, list) and len(names) == classes and all(isinstance(c, str) for c in names)):
+        raise refuse("classes", names, f"a list of {classes} names (header 'num_classes')")
+    if not isinstance(header["complete"], bool):
+        raise refuse("complete", header["complete"], "true or false")
+    if header.get("client") is not None and not _is_int(header["client"], 0, MAX_CLIENTS - 1):
+        raise refuse("client", header["client"], f"null or an integer in [0, {MAX_CLIENTS - 1}]")
+    if "gate_threshold" in header:
+        threshold = header["gate_threshold"]
+        if not (isinstance(threshold, dict) and _is_finite(threshold.get("value"))):
+            raise refuse("gate_threshold", threshold, "a mapping whose 'value' is a finite number")
+
+
+_GATE_BLOCK = re.compile(r"gates\.gate_(?:mean|var)\.(\d{1,9})")
+
+
 def load_personalized(path: str | Path, client: int | None = None) -> PersonalizedModel:
     """Client ``client``'s model from a run folder, or the model in a ``.fedse`` file or a deployed
     client's state dir. The file's checksum, its header and every tensor's shape are checked; a
@@ -187,34 +253,20 @@ def load_personalized(path: str | Path, client: int | None = None) -> Personaliz
     file = _resolve(Path(path), client)
     advice = "re-export it from the run (or the client's state dir); this file cannot be used"
     tensors, header = read_tensor_file(file, MAGIC, "personalized-model", advice)
-    missing = {"model", "num_classes", "in_channels", "image_size", "mean", "std", "classes", "complete"} - set(header)
-    if missing:
-        raise StateCorruptError(f"{file}: header lacks {sorted(missing)}; {advice}")
+    _check_header(file, header, advice)
     spec = header["model"]
-    if not isinstance(spec, dict) or set(spec) != set(_MODEL_KEYS):
-        raise StateCorruptError(f"{file}: header 'model' must hold exactly {list(_MODEL_KEYS)}; {advice}")
     try:
         model = create_model(
             spec["name"],
-            num_classes=int(header["num_classes"]),
-            in_channels=int(header["in_channels"]),
+            num_classes=header["num_classes"],
+            in_channels=header["in_channels"],
             width=spec["width"],
             reduction=spec["reduction"],
             norm=spec["norm"],
-            image_size=int(header["image_size"]),
+            image_size=header["image_size"],
         )
     except (ValueError, TypeError, KeyError) as err:
         raise StateCorruptError(f"{file}: header describes no buildable model ({err}); {advice}") from None
-    channels, classes = int(header["in_channels"]), int(header["num_classes"])
-    for key in ("mean", "std"):
-        value = header[key]
-        if not (isinstance(value, list) and len(value) == channels and all(isinstance(v, int | float) for v in value)):
-            raise StateCorruptError(f"{file}: header '{key}' must be {channels} numbers, got {value!r}; {advice}")
-    if not all(v > 0 for v in header["std"]):
-        raise StateCorruptError(f"{file}: header 'std' must be positive, got {header['std']!r}; {advice}")
-    names = header["classes"]
-    if not (isinstance(names, list) and len(names) == classes and all(isinstance(c, str) for c in names)):
-        raise StateCorruptError(f"{file}: header 'classes' must be {classes} names; {advice}")
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     if not header["complete"]:
         shared_path = file.parent.parent / SHARED_FILE
@@ -239,10 +291,26 @@ def load_personalized(path: str | Path, client: int | None = None) -> Personaliz
     model.load_state_dict(state, strict=False)
     model.eval()
     offset = tensors.get("prior.offset")
-    if offset is not None and offset.shape != (int(header["num_classes"]),):
-        raise StateCorruptError(f"{file}: prior offset of shape {tuple(offset.shape)}; {advice}")
+    if offset is not None and (offset.shape != (header["num_classes"],) or not offset.is_floating_point()):
+        raise StateCorruptError(
+            f"{file}: prior offset of shape {tuple(offset.shape)} ({offset.dtype}); allowed: "
+            f"{header['num_classes']} floating-point numbers (one per class); {advice}"
+        )
+    if offset is not None and not torch.isfinite(offset).all():
+        raise StateCorruptError(
+            f"{file}: prior offset {short_repr(offset.tolist())}; allowed: finite numbers (a NaN or inf offset "
+            f"makes every probability NaN); {advice}"
+        )
     gates = None
     if any(k.startswith("gates.") for k in tensors):
+        blocks = sum(isinstance(m, SEBlock) for m in model.modules())
+        for key in (k for k in tensors if k.startswith("gates.") and k != "gates.gate_count"):
+            match = _GATE_BLOCK.fullmatch(key)
+            if match is None or int(match.group(1)) >= blocks:  # before from_state lists every block up to it
+                raise StateCorruptError(
+                    f"{file}: gate statistics key {short_repr(key)}; allowed: gates.gate_mean.<b>, "
+                    f"gates.gate_var.<b> for the model's {blocks} SE blocks (b < {blocks}), gates.gate_count; {advice}"
+                )
         try:
             gates = GateStats.from_state({k.removeprefix("gates."): v for k, v in tensors.items() if k[:6] == "gates."})
         except ValueError as err:
@@ -288,10 +356,12 @@ def predict_csv(
     classes = loaded.classes
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["name", "predicted", *[f"p_{c}" for c in classes], *(["label"] if labels is not None else [])])
+    header = ["name", "predicted", *[f"p_{c}" for c in classes], *(["label"] if labels is not None else [])]
+    writer.writerow([csv_cell(c) for c in header])
     for i, name in enumerate(names):
         row = [name, classes[int(predicted[i])], *[f"{float(p):.6f}" for p in probs[i]]]
-        writer.writerow(row + ([classes[int(labels[i])]] if labels is not None else []))
+        row += [classes[int(labels[i])]] if labels is not None else []
+        writer.writerow([csv_cell(c) for c in row])
     atomic_write_text(Path(out), text.getvalue())
     return None if labels is None else (predicted == labels).float().mean().item()
 

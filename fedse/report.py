@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from .config import Config, config_to_record
-from .io import atomic_save, atomic_write_json, atomic_write_text
+from .io import atomic_save, atomic_write_json, atomic_write_text, csv_cell
 from .records import NUM_EXAMPLES
 
 __all__ = [
@@ -161,12 +161,15 @@ def client_summary_rows(clients: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     ]
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula ("=cmd|' /C calc'!A0" starts a program).
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``rows`` as CSV (columns: the first row's keys), every cell through :func:`csv_cell`."""
     buffer = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
+        fields = list(rows[0].keys())
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writerow({f: csv_cell(f) for f in fields})
+        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedse.config import load_config
+from fedse.config import SEED_MAX, ConfigError, load_config, short_repr
 from fedse.federated import build_federated_data
 from fedse.fingerprint import CORRUPTIONS, FeatureGaussian, auroc, corrupt, mmd_test, msp_score, probe
 from fedse.io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
@@ -47,6 +47,7 @@ METHODS = ("gates", "msp", "features")
 MMD_SAMPLES = 200  # images per batch in the drift test
 PERMUTATIONS = 100
 DRIFT_LEVEL = 0.05
+MAX_OTHER = 1_000_000  # other clients' images per client: each is scored, so this bounds memory and time
 
 
 def _scores(loaded: PersonalizedModel, features: FeatureGaussian, images: torch.Tensor) -> dict[str, Any]:
@@ -86,7 +87,11 @@ def _scenarios(fed, client: int, own: torch.Tensor, max_other: int, seed: int) -
 
 def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Score every client of ``run_dir`` (see the module docstring); write ``out``; return the figures.
-    An ``out`` no folder can be written at is a ConfigError before any work."""
+    An ``out`` no folder can be written at, or ``max_other`` or ``seed`` out of range, is a ConfigError
+    before any work."""
+    for name, value, lo, hi in (("--max-other", max_other, 1, MAX_OTHER), ("--seed", seed, 0, SEED_MAX)):
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ConfigError(f"{name} {short_repr(value)}: out of range; allowed: an integer in [{lo}, {hi}]")
     check_output_dir(out, "--out")
     cfg = load_config(run_dir / "config.yaml", record=True)
     fed = build_federated_data(cfg)

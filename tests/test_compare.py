@@ -507,3 +507,44 @@ def test_a_round_without_an_evaluation_is_skipped_in_every_table_and_plot(tmp_pa
         "100.00",
     )
     assert hold["fedse"]["global_acc"] == "-"  # no held-out client was evaluated
+
+
+@pytest.mark.parametrize(
+    "damage,pattern",
+    [
+        (lambda r: r["rounds"][1].update(seconds="11"), r"run 0: round 2 'seconds' is '11'; allowed: a number >= 0"),
+        (lambda r: r["rounds"][0].update(seconds=-1.0), r"run 0: round 1 'seconds' is -1\.0; allowed: a number >= 0"),
+        (lambda r: r["rounds"][0].update(seconds=[1]), r"run 0: round 1 'seconds' is \[1\]"),
+        (
+            lambda r: r["clients"][1].update(train_samples="10"),
+            r"run 0: client 1 'train_samples' is '10'; allowed: an integer >= 0 or null",
+        ),
+        (lambda r: r["clients"][0].update(train_samples=2.5), r"run 0: client 0 'train_samples' is 2\.5"),
+        (
+            lambda r: r["rounds"][0].update(seconds=10**400),
+            r"run 0: round 1 'seconds' is an integer of about 401 digits",
+        ),
+        (lambda r: r.update(seconds=10**400), r"run 0: 'seconds' an integer of about 401 digits is not"),
+        (lambda r: None, None),
+    ],
+)
+def test_budget_table_refuses_a_comparison_json_of_the_wrong_types(tmp_path, damage, pattern):
+    from dataclasses import asdict
+
+    from fedse.comparison import budget_table
+    from fedse.config import config_to_record
+
+    clients = [
+        {"client": 0, "local_acc": 0.9, "pooled_acc": None, "train_samples": 25, "test_samples": 10},
+        {"client": 1, "local_acc": 0.7, "pooled_acc": None, "train_samples": 10, "test_samples": 30},
+    ]
+    rounds = [{"round": i + 1, "local_acc_mean": a, "seconds": 10.0} for i, a in enumerate((0.5, 0.95))]
+    run = asdict(MethodRun("fedavg", 0, rounds, clients, [], {"private_params": 0, "private_percent": 0.0}, 10, 4.0))
+    damage(run)
+    data = {"config": config_to_record(tiny_config()), "methods": ["fedavg"], "holdout": 0, "runs": [run], "table": []}
+    (tmp_path / "comparison.json").write_text(json.dumps(data))
+    if pattern is None:
+        assert budget_table([tmp_path])[0]["round_to_90"] == "2.0"
+        return
+    with pytest.raises(ConfigError, match=rf"comparison\.json {pattern}"):
+        budget_table([tmp_path])

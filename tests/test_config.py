@@ -311,3 +311,99 @@ def test_a_record_with_a_yaml_date_is_one_error(tmp_path):
     path.write_text("schema: 1\nseed: 2026-11-30\n")  # YAML reads a date, which JSON cannot hold
     with pytest.raises(ConfigError, match="'seed'"):
         load_config(path)
+
+
+def _alias_bomb(levels: int) -> str:
+    """'Billion laughs' under a real key: every level lists the one before it nine times, so the file
+    names 9**levels strings in a few hundred bytes."""
+    items = ["&l0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
+    items += [f"&l{n} [{','.join([f'*l{n - 1}'] * 9)}]" for n in range(1, levels)]
+    return "seed: [" + ",".join(items) + "]\n"
+
+
+@pytest.mark.parametrize("record", [False, True])  # True: a run folder's config.yaml (predict --split, --resume)
+def test_a_yaml_alias_bomb_is_one_short_error_naming_the_file(tmp_path, record):
+    path = tmp_path / "config.yaml"
+    path.write_text(_alias_bomb(9))  # 9**9 strings: 2 GB once printed
+    assert len(path.read_bytes()) < 400
+    with pytest.raises(ConfigError, match=r"config file '.*config\.yaml' is refused: more than 250000 values") as info:
+        load_config(path, record=record)
+    assert "allowed: YAML of at most 32 levels and 250000 values with every alias" in str(info.value)
+    assert len(str(info.value)) < 1000
+
+
+def test_an_error_echoes_at_most_200_characters_of_a_value(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(_alias_bomb(5))  # 59,049 strings: within the bound, the wrong type for seed
+    with pytest.raises(
+        ConfigError, match=r"config key 'seed': got \[\['lol'.*\.\.\. \(\d+ characters\) \(list\)"
+    ) as info:
+        load_config(path)
+    assert len(str(info.value)) < 400
+    with pytest.raises(ConfigError, match=r"'output\.name': 'a/a/a.*\.\.\. \(6002 characters\) is not a plain") as info:
+        config_from_dict({"output": {"name": "a/" * 3000}})
+    assert len(str(info.value)) < 600
+    with pytest.raises(ConfigError, match=r"override 'x+\.\.\. \(10002 characters\) must look like") as info:
+        parse_overrides(["x" * 10_000])
+    assert len(str(info.value)) < 400
+    with pytest.raises(ConfigError, match=r"'train\.lr': got 'x+\.\.\. \(10002 characters\) \(str\)") as info:
+        load_config(None, ["train.lr=" + "x" * 10_000])
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize(
+    "text,pattern",
+    [
+        ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32 levels"),
+        (
+            "seed: [&a " + "[" * 20 + "]" * 20 + ", " + "[" * 16 + "*a" + "]" * 17 + "\n",
+            "nested deeper than 32 levels once",
+        ),
+        ("seed: &a [*a]\n", "an alias \\(\\*name\\) inside the value it names"),
+        ("seed: 1" + "0" * 5000 + "\n", "an integer of 5001 characters"),
+    ],
+)
+def test_deep_recursive_or_huge_yaml_is_refused_before_it_is_built(tmp_path, text, pattern):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"config file '.*config\.yaml' is refused: {pattern}"):
+        load_config(path)
+    key, _, value = text.partition(": ")
+    with pytest.raises(ConfigError, match=rf"override '{key}=.*: value refused \({pattern}"):
+        parse_overrides([f"{key}={value.strip()}"])
+
+
+def test_a_config_file_larger_than_4_mib_is_refused_unread(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("# padding\n" * 500_000)
+    with pytest.raises(ConfigError, match=r"config file '.*' is larger than 4194304 bytes"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "raw,pattern",
+    [
+        ({"seed": 2**80}, r"'seed': 1208925819614629174706176 is out of range; allowed: \[0, 4294967295\]"),
+        ({"seed": 10**5000}, r"'seed': an integer of about 5001 digits is out of range; allowed: \[0, 4294967295\]"),
+        ({"seed": -1}, r"'seed': -1 is out of range"),
+        ({"model": {"width": 100_000}}, r"'model\.width': 100000 is out of range; allowed: \[1, 256\]"),
+        ({"model": {"num_classes": 10**8}}, r"'model\.num_classes': 100000000 .*allowed: \[2, 100000\]"),
+        ({"model": {"reduction": 2**70}}, r"'model\.reduction'.*allowed: \[1, 2048\]"),
+        ({"train": {"batch_size": 2**63}}, r"'train\.batch_size'.*allowed: \[1, 1000000\]"),
+        ({"server": {"rounds": 2**64}}, r"'server\.rounds'.*allowed: \[1, 1000000\]"),
+        ({"partition": {"classes_per_client": 2**64}}, r"'partition\.classes_per_client'.*allowed: \[1, 100000\]"),
+        ({"evaluate": {"pooled_max_samples": 2**64}}, r"'evaluate\.pooled_max_samples'.*\[1, 1000000000\]"),
+    ],
+)
+def test_integers_are_bounded_to_what_numpy_and_torch_take(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(raw)
+
+
+def test_the_largest_seed_builds_every_derived_seed():
+    import numpy as np
+    import torch
+
+    cfg = config_from_dict({"seed": 2**32 - 1})
+    torch.Generator().manual_seed(cfg.seed * 100_003 + 99_999 * 1_009 + 1_000_000)  # a client's seed
+    np.random.default_rng(cfg.seed)

@@ -6,6 +6,7 @@ import pathlib
 import pickle
 import struct
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -405,3 +406,39 @@ def test_real_fashion_mnist_from_debian():
     ds = load_dataset("fashion-mnist")
     assert len(ds.labels) == 70000 and ds.classes[9] == "Ankle boot"
     assert torch.bincount(ds.labels).tolist() == [7000] * 10
+
+
+def _png_claiming(path: pathlib.Path, width: int, height: int) -> None:
+    """A 1 x 1 PNG whose header (IHDR, its CRC fixed) declares ``width`` x ``height``: a few bytes that
+    would decode to width x height x 3 bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1, 1, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    raw = bytearray(buffer.getvalue())
+    start = raw.index(b"IHDR")
+    raw[start + 4 : start + 12] = struct.pack(">II", width, height)
+    raw[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(raw[start : start + 17])))
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("side", [20_000, 2_000])  # past PIL's own bomb limit; past fedse's (1024 x 1024)
+def test_image_readers_refuse_a_decompression_bomb_before_decoding(tmp_path, monkeypatch, side):
+    from fedse.data import read_images
+
+    monkeypatch.setenv("FEDSE_CACHE", str(tmp_path / "cache"))
+    _png_tree(tmp_path / "tree", "train", {"a": [1]})
+    bomb = tmp_path / "tree" / "train" / "a" / "bomb.png"
+    _png_claiming(bomb, side, side)
+    assert bomb.stat().st_size < 100
+    allowed = r"allowed: at most 1048576 pixels \(1024 x 1024"
+    with pytest.raises(DatasetError, match=rf"bomb\.png: .*{allowed}"):
+        read_images([bomb])
+    with pytest.raises(DatasetError, match=rf"bomb\.png: .*{allowed}"):
+        load_dataset("imagefolder", root=tmp_path / "tree")
+    with tarfile.open(tmp_path / "cifar10-train.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "tree" / "train", arcname="cifar10/train")
+    (tmp_path / "cifar10-test.tar.gz").write_bytes((tmp_path / "cifar10-train.tar.gz").read_bytes())
+    with pytest.raises(DatasetError, match=rf"cifar10-t\w+\.tar\.gz:cifar10/train/a/bomb\.png: .*{allowed}"):
+        load_dataset("cifar10", root=tmp_path)
+    if side == 2_000:
+        with pytest.raises(DatasetError, match=rf"bomb\.png: an image of 2000 x 2000 pixels; {allowed}"):
+            read_images([bomb])

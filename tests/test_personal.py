@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedse.client import make_client_app
 from fedse.config import config_to_dict
@@ -564,20 +565,130 @@ def test_fedse_auto_train_starts_each_round_from_the_norms_it_chooses(task_ident
         assert all(torch.equal(state[k], received[k]) for k in received if k not in norms)
 
 
-def test_loading_refuses_a_hostile_header(task_identity, tmp_path):
+def _hostile_model_file(tmp_path):
+    """A deployed client's complete model file, and its header line and payload to rewrite."""
     state = tmp_path / "state"
     _train_then_final_evaluate("fedse-la", tmp_path / "sim", **{"state-dir": str(state)})
     path = state / MODEL_FILE
-    raw = path.read_bytes()
-    line, _, payload = raw[len(MAGIC) :].partition(b"\n")
-    header = json.loads(line)
-    for key, value, pattern in (
-        ("std", [0.0], "header 'std' must be positive"),
-        ("mean", "grey", "header 'mean' must be 1 numbers"),
-        ("classes", ["a"], "header 'classes' must be 10 names"),
-        ("model", {"name": "resnet-9000"}, "header 'model' must hold exactly"),
-    ):
-        bad = {**header, "meta": {**header["meta"], key: value}}
-        path.write_bytes(MAGIC + json.dumps(bad).encode() + b"\n" + payload)
-        with pytest.raises(StateCorruptError, match=pattern):
+    line, _, payload = path.read_bytes()[len(MAGIC) :].partition(b"\n")
+    return state, path, json.loads(line), payload
+
+
+@pytest.fixture(scope="module")
+def hostile_model(tmp_path_factory):
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        yield _hostile_model_file(tmp_path_factory.mktemp("hostile"))
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("std", [0.0], r"header 'std' is \[0\.0\]; allowed: positive numbers"),
+        ("std", [float("inf")], r"header 'std' is \[inf\]; allowed: a list of 1 finite numbers"),
+        ("mean", "grey", r"header 'mean' is 'grey'; allowed: a list of 1 finite numbers"),
+        ("mean", [float("nan")], r"header 'mean' is \[nan\]; allowed: a list of 1 finite numbers"),
+        ("mean", [10**400], r"header 'mean' is \[1000.*\(403 characters\); allowed: a list of 1 finite numbers"),
+        ("classes", ["a"], r"header 'classes' is \['a'\]; allowed: a list of 10 names"),
+        ("model", {"name": "resnet-9000"}, r"header 'model' is \{'name': 'resnet-9000'\}; allowed: a mapping of"),
+        ("num_classes", 1e8, r"header 'num_classes' is 100000000\.0; allowed: an integer in \[1, 100000\]"),
+        ("num_classes", 100_000_000, r"header 'num_classes' is 100000000; allowed: an integer in \[1, 100000\]"),
+        ("num_classes", -5, r"header 'num_classes' is -5; allowed: an integer in \[1, 100000\]"),
+        ("num_classes", 2**200, r"header 'num_classes' is 1606938044.*allowed: an integer in \[1, 100000\]"),
+        ("in_channels", 0, r"header 'in_channels' is 0; allowed: an integer in \[1, 4\]"),
+        ("image_size", 10**6, r"header 'image_size' is 1000000; allowed: an integer in \[4, 1024\]"),
+        ("model.width", 100_000, r"header 'model\.width' is 100000; allowed: an integer in \[1, 256\] or null"),
+        ("model.reduction", "16", r"header 'model\.reduction' is '16'; allowed: an integer in \[1, 2048\] or null"),
+        ("model.norm", ["batchnorm"], r"header 'model\.norm' is \['batchnorm'\]; allowed: one of"),
+        ("model.name", ["se_resnet8"], r"header 'model\.name' is \['se_resnet8'\]; allowed: one of"),
+        ("complete", "yes", r"header 'complete' is 'yes'; allowed: true or false"),
+        ("client", "1; rm", r"header 'client' is '1; rm'; allowed: null or an integer"),
+        ("gate_threshold", {"value": float("nan")}, r"header 'gate_threshold' is \{'value': nan\}; allowed: a mapping"),
+        ("classes", ["x" * 5000] * 3, r"header 'classes' is \['xxx.*\.\.\. \(\d+ characters\); allowed"),
+    ],
+)
+def test_loading_refuses_a_hostile_header(hostile_model, key, value, pattern):
+    """The checksum proves the file whole, not that fedse wrote it: every field the model is built from is
+    checked before anything is allocated (num_classes 1e8 would ask for 12.8 GB), naming it and its value."""
+    state, path, header, payload = hostile_model
+    meta = json.loads(json.dumps(header["meta"]))
+    section, _, field = key.rpartition(".")
+    (meta[section] if section else meta)[field] = value
+    path.write_bytes(MAGIC + json.dumps({**header, "meta": meta}).encode() + b"\n" + payload)
+    try:
+        with pytest.raises(StateCorruptError, match=pattern) as info:
             load_personalized(state)
+        assert len(str(info.value)) < 600
+    finally:
+        path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + payload)
+
+
+def test_loading_refuses_a_nan_prior_offset_and_gate_blocks_the_model_lacks(hostile_model):
+    state, path, header, payload = hostile_model
+    tensors = torch.load(io.BytesIO(payload), weights_only=True)
+    for changed, pattern in (
+        ({"prior.offset": torch.full_like(tensors["prior.offset"], float("nan"))}, r"prior offset \[nan, .*finite"),
+        ({"prior.offset": torch.zeros(3)}, r"prior offset of shape \(3,\)"),
+        ({"gates.gate_mean.99999999": torch.zeros(1)}, r"gate statistics key 'gates\.gate_mean\.99999999'"),
+    ):
+        buffer = io.BytesIO()
+        torch.save({**tensors, **changed}, buffer)
+        _rewrite(path, buffer.getvalue())
+        try:
+            with pytest.raises(StateCorruptError, match=pattern):
+                load_personalized(state)
+        finally:
+            path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    assert load_personalized(state).offset is not None  # the file itself was fine
+
+
+def test_predict_csv_escapes_class_names_that_a_spreadsheet_would_run(hostile_model, tmp_path):
+    import csv
+
+    from fedse.personal import predict_csv
+
+    state, path, header, payload = hostile_model
+    evil = "=cmd|' /C calc'!A0"
+    classes = [evil, "+1+2", "-2+3", "@SUM(A1)", "-1", *[str(c) for c in range(5, 10)]]
+    meta = {**header["meta"], "classes": classes}
+    path.write_bytes(MAGIC + json.dumps({**header, "meta": meta}).encode() + b"\n" + payload)
+    try:
+        loaded = load_personalized(state)
+    finally:
+        path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    images = torch.zeros(10, 1, 8, 8, dtype=torch.uint8)
+    out = tmp_path / "scores.csv"
+    predict_csv(loaded, images, ["=HYPERLINK(x)", *[f"{i}.png" for i in range(1, 10)]], out, torch.arange(10))
+    rows = list(csv.reader(out.open()))
+    assert rows[0][:7] == ["name", "predicted", "p_" + evil, "p_+1+2", "p_-2+3", "p_@SUM(A1)", "p_-1"]
+    assert rows[1][0] == "'=HYPERLINK(x)"
+    assert [row[-1] for row in rows[1:6]] == ["'" + evil, "'+1+2", "'-2+3", "'@SUM(A1)", "-1"]  # the label column
+    assert all(not cell.startswith(("=", "+", "@")) for row in rows for cell in row)
+    assert all(float(cell) >= 0 for row in rows[1:] for cell in row[2:12])  # probabilities stay numbers
+
+
+def test_fedse_predict_refuses_a_decompression_bomb_in_one_line(hostile_model, tmp_path, capsys):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from fedse.cli import main
+
+    state = hostile_model[0]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1, 1), dtype=np.uint8)).save(buffer, format="PNG")
+    raw = bytearray(buffer.getvalue())
+    start = raw.index(b"IHDR")
+    raw[start + 4 : start + 12] = struct.pack(">II", 20_000, 20_000)  # 400 M pixels in a 70-byte file
+    raw[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(raw[start : start + 17])))
+    (folder / "bomb.png").write_bytes(bytes(raw))
+    assert main(["predict", str(state), "--images", str(folder), "--out", str(tmp_path / "out.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedse: error: ") and "bomb.png" in err and "allowed: at most 1048576 pixels" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
