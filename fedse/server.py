@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from .checkpoint import CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict, config_to_record
 from .federated import FederatedData, model_shape
+from .identity import read_client_keys
 from .interrupt import StoppableGrid
 from .models import build_model
 from .policies import resolve
@@ -51,6 +52,7 @@ from .split import Split
 from .state import private_manifest, verify_manifest
 from .strategy import (
     GuardedStrategy,
+    bounds,
     clients_per_round,
     create_strategy,
     load_strategy_state,
@@ -240,6 +242,21 @@ def _start(
     return model, split, split.shared_state(model), dp
 
 
+def _client_keys(cfg: Config, fed: FederatedData | None) -> dict[str, int] | None:
+    """The operator's key list (``server.client_keys``), read and checked; None when not set."""
+    path = cfg.server.client_keys
+    if path is None:
+        return None
+    if fed is not None:
+        raise ConfigError(
+            "config key 'server.client_keys': simulated nodes have no registered keys; allowed: null in simulation"
+        )
+    try:
+        return read_client_keys(path)
+    except ValueError as err:
+        raise ConfigError(f"config key 'server.client_keys': {err}") from None
+
+
 def _resume(
     run_dir: Path,
     cfg: Config,
@@ -358,6 +375,8 @@ def run_server(
         dp=dp,
         expected_nodes=num_clients,
         join_timeout=cfg.server.join_timeout,
+        **bounds(cfg, deployed=fed is None),
+        client_keys=_client_keys(cfg, fed),
     )
     if ckpt is not None:
         try:

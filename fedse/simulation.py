@@ -13,12 +13,14 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -112,6 +114,7 @@ def simulate(
     clients: int | None = None,
     resume: bool = False,
     num_supernodes: int | None = None,
+    client_app_factory: Callable[..., ClientApp] = make_client_app,
 ) -> SimulationResult:
     """Run the whole simulation described by ``cfg``; write the run folder.
 
@@ -138,6 +141,7 @@ def simulate(
             clients=clients,
             resume=resume,
             num_supernodes=num_supernodes,
+            client_app_factory=client_app_factory,
         )
     except BaseException as err:
         if (stop := as_stop(err)) is not None:  # a pause: the folder stays, resumable (fedse.interrupt)
@@ -164,6 +168,7 @@ def _run(
     clients: int | None,
     resume: bool,
     num_supernodes: int | None,
+    client_app_factory: Callable[..., ClientApp],
 ) -> ServerOutcome:
     write_partition(fed, run_dir)
     holder: dict[str, Any] = {}
@@ -199,7 +204,7 @@ def _run(
         try:
             run_simulation(
                 server_app=server_app,
-                client_app=make_client_app(
+                client_app=client_app_factory(
                     run_dir if cfg.output.client_models else None, state_root=run_dir / PRIVATE_DIR
                 ),
                 num_supernodes=num_supernodes or clients or cfg.partition.num_clients,

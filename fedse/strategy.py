@@ -21,24 +21,41 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
 from .config import Config, ConfigError
+from .identity import bind_node_keys
 from .privacy import ClientDP
-from .records import CLIENT_ID, NUM_EXAMPLES, POOLED, UNIT_WEIGHT, ReplySchema, Screened, screen_reply
+from .records import (
+    ARRAYS,
+    CLIENT_ID,
+    METRICS,
+    NUM_EXAMPLES,
+    POOLED,
+    UNIT_WEIGHT,
+    ReplySchema,
+    Screened,
+    screen_reply,
+)
 
 __all__ = [
     "STRATEGIES",
     "AdaptiveClipping",
+    "bounds",
     "GuardedStrategy",
     "NodeCountError",
     "Screening",
@@ -63,11 +80,36 @@ def _common(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _multikrum(cfg: Config) -> Strategy:
+    s = cfg.server
+    select = s.krum_select or clients_per_round(cfg, cfg.partition.num_clients) - s.byzantine
+    return MultiKrum(**_common(cfg), num_malicious_nodes=s.byzantine, num_nodes_to_select=select)
+
+
 STRATEGIES: dict[str, Callable[[Config], Strategy]] = {
     "fedavg": lambda cfg: FedAvg(**_common(cfg)),
     "fedprox": lambda cfg: FedProx(**_common(cfg), proximal_mu=cfg.server.proximal_mu),
     "fedadam": lambda cfg: FedAdam(**_common(cfg), eta=cfg.server.server_lr),
+    # Flower's robust aggregators, over the shared keys of the replies the guard kept
+    "fedtrimmedavg": lambda cfg: FedTrimmedAvg(**_common(cfg), beta=cfg.server.trim_beta),
+    "fedmedian": lambda cfg: FedMedian(**_common(cfg)),
+    "krum": lambda cfg: Krum(**_common(cfg), num_malicious_nodes=cfg.server.byzantine),
+    "multikrum": _multikrum,
+    "bulyan": lambda cfg: Bulyan(**_common(cfg), num_malicious_nodes=cfg.server.byzantine),
 }
+
+
+DEPLOYED_NORM_BOUND = 3.0  # server.norm_bound: null on a server without data (a deployment)
+DEPLOYED_WEIGHT_CAP = 2.0  # server.weight_cap: null on a server without data
+
+
+def bounds(cfg: Config, deployed: bool) -> dict[str, Any]:
+    """The guard's bounds on one reply's effect (:meth:`GuardedStrategy._bound`): the configured ones,
+    or on a deployed server (replies from strangers) the deployment defaults; 0 turns one off."""
+    s = cfg.server
+    norm = s.norm_bound if s.norm_bound is not None else (DEPLOYED_NORM_BOUND if deployed else 0.0)
+    cap = s.weight_cap if s.weight_cap is not None else (DEPLOYED_WEIGHT_CAP if deployed else 0.0)
+    return {"norm_bound": norm or None, "norm_action": s.norm_action, "weight_cap": cap or None}
 
 
 def create_strategy(cfg: Config, dp: ClientDP | None = None) -> Strategy:
@@ -183,6 +225,19 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
         raise ValueError(f"the checkpoint holds strategy state {unknown}, which this run's strategy does not keep")
 
 
+class _ListedGrid:
+    """A grid as the strategy sees it under ``server.client_keys``: only the nodes with a listed key."""
+
+    def __init__(self, grid: Grid, listed: set[int]) -> None:
+        self._grid, self._listed = grid, listed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(n for n in self._grid.get_node_ids() if n in self._listed)
+
+
 def clients_per_round(cfg: Config, num_clients: int) -> int:
     """How many clients Flower's FedAvg samples per round (its own rule)."""
     return max(int(num_clients * cfg.server.fraction_train), cfg.server.min_train_clients)
@@ -214,6 +269,7 @@ class Screening:
     dropped: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     refused: str | None = None
+    bounded: list[dict[str, Any]] = field(default_factory=list)  # updates clipped or weights capped
 
 
 class GuardedStrategy(Strategy):
@@ -234,11 +290,22 @@ class GuardedStrategy(Strategy):
         dp: ClientDP | None = None,
         expected_nodes: int | None = None,
         join_timeout: float = 0.0,
+        norm_bound: float | None = None,
+        norm_action: str = "clip",
+        weight_cap: float | None = None,
+        client_keys: dict[str, int] | None = None,
     ) -> None:
         """``evaluate_schema(pooled)``: the schema of an evaluate reply, by whether the server asked
         for the pooled test set (``config["pooled"]``). ``expected_nodes``: the number of nodes the
         run needs; before round 1 the guard waits up to ``join_timeout`` seconds for them and stops
         the run when they differ."""
+        if norm_action not in ("clip", "drop"):
+            raise ValueError(f"norm_action {norm_action!r}; allowed: 'clip' or 'drop'")
+        self.norm_bound, self.norm_action, self.weight_cap = norm_bound, norm_action, weight_cap
+        self.client_keys = client_keys  # {key fingerprint: client}: nodes are bound by key, not first claim
+        self._listed: set[int] = set()
+        self._unlisted_seen: set[int] = set()
+        self._sent: dict[str, np.ndarray] | None = None
         self.inner = inner
         self.train_schema = train_schema
         self.evaluate_schema = evaluate_schema
@@ -258,17 +325,44 @@ class GuardedStrategy(Strategy):
         """The node bound to ``client`` (None before it first replied)."""
         return self._node_of_client.get(client)
 
+    def _bind_keys(self, grid: Grid) -> Grid:
+        """With ``client_keys``: bind every connected node to the client its registered key is listed
+        with, and return a view of ``grid`` that shows the strategy only those nodes (Flower samples
+        from ``get_node_ids``), so an unlisted node is never sent a message nor counted. Without:
+        ``grid`` as it is."""
+        if self.client_keys is None:
+            return grid
+        bindings = bind_node_keys(grid.get_nodes(), self.client_keys)
+        for node, client in bindings.clients.items():
+            old = self._node_of_client.get(client)
+            if old is not None and old != node:  # the key was registered again: a new node id
+                self._client_of_node.pop(old, None)
+            self._client_of_node[node], self._node_of_client[client] = client, node
+        self._listed = set(bindings.clients)
+        if new := sorted(set(bindings.unlisted) - self._unlisted_seen):
+            log.warning("nodes %s hold no listed key (server.client_keys): never sent a message", new)
+            self._unlisted_seen |= set(new)
+        return _ListedGrid(grid, self._listed)
+
     def check_nodes(self, grid: Grid) -> None:
-        """Wait (up to ``join_timeout``) for exactly ``expected_nodes`` nodes; raise when they differ."""
+        """Wait (up to ``join_timeout``) for exactly ``expected_nodes`` nodes (with ``client_keys``:
+        nodes with a listed key); raise when they differ."""
         if self.expected_nodes is None:
             return
         deadline = time.monotonic() + self.join_timeout
         waiting = False
         while True:
-            found = len(list(grid.get_node_ids()))
+            found = len(list(self._bind_keys(grid).get_node_ids()))
             if found == self.expected_nodes:
                 return
-            if found > self.expected_nodes or time.monotonic() >= deadline:
+            if self.client_keys is not None and time.monotonic() >= deadline:
+                listed = set(self._node_of_client)
+                raise NodeCountError(
+                    f"{found} nodes hold a key listed in server.client_keys but the run needs {self.expected_nodes}; "
+                    f"clients {sorted(set(self.client_keys.values()) - listed)[:20]} have no node: start their "
+                    "SuperNodes with the keys listed for them"
+                )
+            if self.client_keys is None and (found > self.expected_nodes or time.monotonic() >= deadline):
                 raise NodeCountError(
                     f"the federation has {found} nodes (SuperNodes) but the run needs {self.expected_nodes} "
                     f"(partition.num_clients); start {self.expected_nodes} SuperNodes (flwr run's local simulation: "
@@ -283,7 +377,10 @@ class GuardedStrategy(Strategy):
             time.sleep(0.2)
 
     def _bind(self, node: int, claimed: int) -> str | None:
-        """Bind ``node`` to the client id it claims on first contact; a reason when that conflicts."""
+        """Bind ``node`` to the client id it claims on first contact (with ``client_keys``: check the
+        claim against the client its key is listed with); a reason when that conflicts."""
+        if self.client_keys is not None and node not in self._client_of_node:
+            return f"node {node} holds no key listed in server.client_keys"
         bound = self._client_of_node.get(node)
         if bound is not None:
             return None if bound == claimed else f"{CLIENT_ID} {claimed} claimed by node {node}, bound to {bound}"
@@ -334,12 +431,14 @@ class GuardedStrategy(Strategy):
         if not self._nodes_checked:  # before this process's first round (round 1, or a resumed run's first)
             self.check_nodes(grid)
             self._nodes_checked = True
+        grid = self._bind_keys(grid)
+        self._sent = {k: v.numpy() for k, v in arrays.items()} if self.norm_bound is not None else None
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept = self.screen(server_round, replies, self.train_schema)
+        kept = self._bound(server_round, self.screen(server_round, replies, self.train_schema))
         if self.dp is not None and len(kept) != self.dp.sampled:
             self.last.refused = (
                 f"{len(kept)} usable replies, the noise is sized for {self.dp.sampled}: "
@@ -361,6 +460,51 @@ class GuardedStrategy(Strategy):
             self.dp.release()
         return result
 
+    def _bound(self, server_round: int, kept: list[Message]) -> list[Message]:
+        """Bound what one reply can do to the aggregate, relative to the round's other replies.
+
+        ``norm_bound``: an update (reply minus the weights sent) whose L2 norm exceeds ``norm_bound``
+        times the round's median update norm is clipped to that norm (``norm_action='clip'``) or
+        dropped (``'drop'``). ``weight_cap``: a reply's ``num-examples`` weight is capped at
+        ``weight_cap`` times the round's median claim. Both read only replies that passed the schema;
+        what they changed is in :attr:`last` (``bounded``, ``dropped``)."""
+        if not kept:
+            return kept
+        cids = [cid for cid, _, _ in self.last.kept]
+        if self.norm_bound is not None and self._sent is not None:
+            sent = self._sent
+            deltas = [{k: a.numpy().astype(np.float64) - sent[k] for k, a in m.content[ARRAYS].items()} for m in kept]
+            norms = [float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))) for delta in deltas]
+            bound = self.norm_bound * float(np.median(norms))
+            out = []
+            for cid, msg, delta, norm in zip(cids, kept, deltas, norms, strict=True):
+                if norm <= bound or bound == 0.0 and norm == 0.0:
+                    out.append(msg)
+                    continue
+                if self.norm_action == "drop":
+                    why = f"update norm {norm:.4g} beyond {self.norm_bound:g} x the round's median ({bound:.4g})"
+                    self.last.dropped.append({"node-id": msg.metadata.src_node_id, "client": cid, "problems": [why]})
+                    self.last.kept = [k for k in self.last.kept if k[0] != cid]
+                    continue
+                scale = bound / norm
+                msg.content[ARRAYS] = ArrayRecord(
+                    {k: Array((sent[k] + d * scale).astype(sent[k].dtype)) for k, d in delta.items()}
+                )
+                self.last.bounded.append({"client": cid, "update-norm": norm, "clipped-to": bound})
+                out.append(msg)
+            if len(out) < len(kept):
+                log.warning("round %d: dropped %d updates beyond the norm bound", server_round, len(kept) - len(out))
+            kept = out
+        if self.weight_cap is not None and self.dp is None:
+            cids = [cid for cid, _, _ in self.last.kept]
+            claims = [int(m.content[METRICS][NUM_EXAMPLES]) for m in kept]
+            cap = max(1, int(self.weight_cap * float(np.median(claims))))
+            for cid, msg, claim in zip(cids, kept, claims, strict=True):
+                if claim > cap:
+                    msg.content[METRICS][NUM_EXAMPLES] = cap
+                    self.last.bounded.append({"client": cid, "num-examples": claim, "weight": cap})
+        return kept
+
     def _refuse(self, server_round: int, reason: str) -> tuple[None, None]:
         """No update this round, with the reason in the log; the run goes on from the weights it had.
         Under Flower's accounted DP wrapper a release it composed before failing stays counted (the
@@ -373,7 +517,7 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._pooled_asked[server_round] = bool(config.get(POOLED, False))
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round, arrays, config, self._bind_keys(grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         kept = self.screen(server_round, replies, self.evaluate_schema(self._pooled_asked.pop(server_round, False)))

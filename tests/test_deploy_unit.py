@@ -18,16 +18,13 @@ import pytest
 
 from fedse import cli
 from fedse.deploy import (
-    bind_node_keys,
-    check_client_keys,
-    key_fingerprint,
-    node_key_fingerprints,
     owner_only_database,
     registered_node_id,
     superlink_command,
     superlink_exposure,
     supernode_exposure,
 )
+from fedse.identity import bind_node_keys, check_client_keys, key_fingerprint, node_key_fingerprints
 
 needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
 

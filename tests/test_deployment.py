@@ -141,8 +141,13 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
             "SuperNode 2 to come back",
             alive=("node2b",),
         )
+        # Run 2 binds each node to the client its registered key is listed with (server.client_keys).
+        from fedse.identity import key_fingerprint
+
+        listed = tmp_path / "client_keys.txt"
+        listed.write_text("".join(f"{key_fingerprint(keys[i].read_text())} {i}\n" for i in range(3)))
         out2 = tmp_path / "runs2"
-        run2 = _run(procs, "run2", out2, f"server.rounds=1 {common}")
+        run2 = _run(procs, "run2", out2, f"server.rounds=1 server.client_keys={listed} {common}")
         assert run2.wait(timeout=400) == 0, procs.log("run2")[-3000:]
         train = json.loads((_run_folder(out2) / "client_rounds.json").read_text())["train"]["1"]
         assert set(train) == {"0", "1", "2"}

@@ -394,29 +394,34 @@ _EXTREMES = st.sampled_from([0.0, 1.0, -1.0, 3.4e38, -3.4e38, 1e-45, 1e30, -1e30
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    name=st.sampled_from(["fedavg", "fedprox", "fedadam", "dp-fixed", "dp-adaptive"]),
+    name=st.sampled_from(
+        ["fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan"]
+        + ["dp-fixed", "dp-adaptive"]
+    ),
     sent=_EXTREMES,
     values=st.lists(st.one_of(_EXTREMES, st.just("sent"), st.just("opposite")), min_size=3, max_size=3),
+    bounded=st.booleans(),
 )
-def test_a_guard_over_any_offered_strategy_never_raises_on_well_formed_replies(task_identity, name, sent, values):
+def test_a_guard_over_any_offered_strategy_never_raises_on_well_formed_replies(
+    task_identity, name, sent, values, bounded
+):
     """Zeros, extremes, replies equal to what was sent (zero updates), identical and opposite replies:
     the guard and the strategy behind it return an update or refuse the round, never raise, and an
     update they return is finite."""
     from conftest import tiny_config
 
     from fedse.privacy import make_client_dp
-    from fedse.strategy import create_strategy
+    from fedse.strategy import bounds, create_strategy
 
     privacy = {}
     if name.startswith("dp-"):
         privacy = {"mode": "client", "noise_multiplier": 1.0, "clipping": name[3:], "clipped_count_stddev": 10.0}
         privacy = {k: v for k, v in privacy.items() if name == "dp-adaptive" or k != "clipped_count_stddev"}
     strategy = name if not name.startswith("dp-") else "fedavg"
-    cfg = tiny_config(
-        partition={"num_clients": 3}, server={"strategy": strategy, "min_train_clients": 3}, privacy=privacy
-    )
+    server = {"strategy": strategy, "min_train_clients": 3, "byzantine": 0}
+    cfg = tiny_config(partition={"num_clients": 3}, server=server, privacy=privacy)
     dp = make_client_dp(cfg, 3, 3) if privacy else None
-    guard = _guard(inner=create_strategy(cfg, dp), dp=dp)
+    guard = _guard(inner=create_strategy(cfg, dp), dp=dp, **bounds(cfg, deployed=bounded))
     start = ArrayRecord({"w": Array(np.full(2, sent, np.float32)), "b": Array(np.full(1, sent, np.float32))})
     messages = list(guard.configure_train(1, start, ConfigRecord({}), _Nodes(3)))
     replies = []
@@ -430,3 +435,170 @@ def test_a_guard_over_any_offered_strategy_never_raises_on_well_formed_replies(t
         assert guard.last.refused
     else:
         assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+def _bounded_round(values, claims, **bounds):
+    """One round through a guard with ``bounds``: the weights sent are zeros, so each reply's value is
+    its update; reply i comes from client i with num-examples claims[i]."""
+    guard = _guard(**bounds)
+    zeros = ArrayRecord({"w": Array(np.zeros(2, np.float32)), "b": Array(np.zeros(1, np.float32))})
+    messages = list(guard.configure_train(1, zeros, ConfigRecord({}), _Nodes(len(values))))
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    replies = [
+        Message(_content(w=(v, v), b=(v,), n=n, pid=i), reply_to=by_node[100 + i])
+        for i, (v, n) in enumerate(zip(values, claims, strict=True))
+    ]
+    arrays, _ = guard.aggregate_train(1, replies)
+    return guard, arrays
+
+
+def test_an_update_beyond_the_norm_bound_is_clipped_to_it(task_identity):
+    # Updates 1, 2, 3 and an attacker's 100 (x sqrt(3) in L2): the median norm is 2.5 sqrt(3), so the
+    # bound at 3x is 7.5 sqrt(3): the attacker's update is scaled to 7.5 per coordinate.
+    guard, arrays = _bounded_round([1.0, 2.0, 3.0, 100.0], [1, 1, 1, 1], norm_bound=3.0)
+    assert arrays["w"].numpy() == pytest.approx([(1 + 2 + 3 + 7.5) / 4] * 2)
+    assert [b["client"] for b in guard.last.bounded] == [3]
+    assert guard.last.bounded[0]["clipped-to"] == pytest.approx(7.5 * math.sqrt(3))
+    guard, arrays = _bounded_round([1.0, 2.0, 3.0, 100.0], [1, 1, 1, 1], norm_bound=3.0, norm_action="drop")
+    assert arrays["w"].numpy() == pytest.approx([2.0, 2.0]) and _kept(guard) == {0, 1, 2}
+    assert (
+        guard.last.dropped[0]["client"] == 3 and "beyond 3 x the round's median" in guard.last.dropped[0]["problems"][0]
+    )
+    guard, arrays = _bounded_round([1.0, 2.0, 3.0, 7.0], [1, 1, 1, 1], norm_bound=3.0)  # within: untouched
+    assert arrays["w"].numpy() == pytest.approx([13 / 4] * 2) and not guard.last.bounded
+
+
+def test_an_inflated_count_weighs_at_most_the_cap_times_the_median_claim(task_identity):
+    # Nine honest clients of 300 images and one that claims 1,000 (the cap): capped at 2 x 300.
+    values = [1.0] * 9 + [50.0]
+    guard, arrays = _bounded_round(values, [300] * 9 + [1000], weight_cap=2.0)
+    assert arrays["w"].numpy() == pytest.approx([(9 * 300 * 1.0 + 600 * 50.0) / (9 * 300 + 600)] * 2)
+    assert guard.last.bounded == [{"client": 9, "num-examples": 1000, "weight": 600}]
+    _, uncapped = _bounded_round(values, [300] * 9 + [1000])
+    assert uncapped["w"].numpy() == pytest.approx([(2700 + 50_000) / 3700] * 2)
+
+
+@pytest.mark.parametrize(
+    "strategy,expected",
+    [
+        ("fedmedian", 3.0),  # the coordinate-wise median of 1, 2, 3, 4, 1e6
+        ("fedtrimmedavg", 3.0),  # beta 0.2 of 5 values trims one at each end: the mean of 2, 3 and 4
+        ("krum", None),  # one honest update, whole: 1, 2, 3 or 4
+        ("multikrum", 2.5),  # the mean of the 4 (5 less byzantine) updates nearest the others: 1 to 4
+    ],
+)
+def test_flowers_robust_aggregators_keep_an_outlier_out_of_the_aggregate(strategy, expected, task_identity):
+    from conftest import tiny_config
+
+    from fedse.strategy import create_strategy
+
+    cfg = tiny_config(partition={"num_clients": 5}, server={"strategy": strategy, "trim_beta": 0.2, "byzantine": 1})
+    _, arrays = _bounded_round([1.0, 2.0, 3.0, 4.0, 1e6], [1] * 5, inner=create_strategy(cfg))
+    w = arrays["w"].numpy()
+    assert w[0] in (1.0, 2.0, 3.0, 4.0) if expected is None else w == pytest.approx([expected] * 2), w
+
+
+def test_the_bounds_are_on_by_default_on_a_deployed_server_only():
+    from conftest import tiny_config
+
+    from fedse.strategy import bounds
+
+    cfg = tiny_config()
+    assert bounds(cfg, deployed=False) == {"norm_bound": None, "norm_action": "clip", "weight_cap": None}
+    assert bounds(cfg, deployed=True) == {"norm_bound": 3.0, "norm_action": "clip", "weight_cap": 2.0}
+    off = tiny_config(server={"norm_bound": 0, "weight_cap": 0})
+    assert bounds(off, deployed=True) == {"norm_bound": None, "norm_action": "clip", "weight_cap": None}
+
+
+class _KeyedNodes:
+    """A deployed federation as the ServerApp sees it: node ids and each node's registered key (PEM)."""
+
+    def __init__(self, keys: dict[int, bytes]) -> None:
+        self.keys = keys
+
+    def get_node_ids(self):
+        return sorted(self.keys)
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=n, public_key=k) for n, k in self.keys.items()]
+
+
+def _pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public = ec.generate_private_key(ec.SECP384R1()).public_key()
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_a_node_whose_key_is_not_listed_can_neither_take_a_number_nor_be_sampled(task_identity):
+    """Clients 0 and 1 are listed by key fingerprint; a squatter (node 300, a registered key nobody
+    listed) claims client 0 first. It is never sent a message, its claim is dropped, and client 0's
+    own node keeps its number; a listed node claiming another listed client's number is dropped too."""
+    from fedse.identity import key_fingerprint
+
+    keys = {100: _pem(), 101: _pem(), 300: _pem()}
+    listed = {key_fingerprint(keys[100]): 0, key_fingerprint(keys[101]): 1}
+    grid = _KeyedNodes(keys)
+    guard = _guard(client_keys=listed, expected_nodes=2)
+    start = ArrayRecord({"w": Array(np.zeros(2, np.float32)), "b": Array(np.zeros(1, np.float32))})
+    sent = list(guard.configure_train(1, start, ConfigRecord({}), grid))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [100, 101]  # the squatter is not sampled
+    squatter = _reply(_content(w=(9.0, 9.0), b=(9.0,), pid=0), 300)
+    honest = [
+        _reply(_content(w=(1.0, 1.0), b=(0.0,), pid=0), 100),
+        _reply(_content(w=(3.0, 3.0), b=(0.0,), pid=1), 101),
+    ]
+    arrays, _ = guard.aggregate_train(1, [squatter, *honest])
+    assert _kept(guard) == {0, 1} and arrays["w"].numpy() == pytest.approx([2.0, 2.0])
+    assert "node 300 holds no key listed" in guard.last.dropped[0]["problems"][0]
+    swapped = [_reply(_content(pid=1), 100), _reply(_content(pid=0), 101)]
+    guard.aggregate_train(2, swapped)
+    assert len(guard.last.dropped) == 2 and not guard.last.kept
+
+
+def test_the_node_count_counts_listed_keys_and_names_the_missing_clients(task_identity):
+    from fedse.identity import key_fingerprint
+    from fedse.strategy import NodeCountError
+
+    keys = {100: _pem(), 300: _pem()}  # client 1's node never came; an unlisted node did
+    listed = {key_fingerprint(keys[100]): 0, key_fingerprint(_pem()): 1}
+    guard = _guard(client_keys=listed, expected_nodes=2, join_timeout=0.0)
+    with pytest.raises(NodeCountError, match=r"clients \[1\] have no node"):
+        guard.check_nodes(_KeyedNodes(keys))
+
+
+def test_a_key_list_file_is_checked_line_by_line(tmp_path):
+    from fedse.identity import read_client_keys
+
+    good = tmp_path / "keys.txt"
+    good.write_text("# operator's list\nSHA256:" + "A" * 43 + " 0\nSHA256:" + "B" * 43 + " 1  # the lab\n")
+    assert read_client_keys(good) == {"SHA256:" + "A" * 43: 0, "SHA256:" + "B" * 43: 1}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("SHA256:" + "A" * 43 + " zero\n")
+    with pytest.raises(ValueError, match=r"line 1: .*allowed: 'SHA256:<fingerprint> <client number>'"):
+        read_client_keys(bad)
+    twice = tmp_path / "twice.txt"
+    twice.write_text("SHA256:" + "A" * 43 + " 0\nSHA256:" + "B" * 43 + " 0\n")
+    with pytest.raises(ValueError, match="client 0 is listed for two keys"):
+        read_client_keys(twice)
+
+
+def test_a_key_list_is_refused_in_simulation_and_checked_in_deployment(tmp_path):
+    from conftest import tiny_config
+
+    from fedse.config import ConfigError
+    from fedse.federated import build_federated_data
+    from fedse.server import _client_keys
+
+    listed = tmp_path / "keys.txt"
+    listed.write_text("SHA256:" + "A" * 43 + " 0\n")
+    cfg = tiny_config(server={"client_keys": str(listed)})
+    with pytest.raises(ConfigError, match="simulated nodes have no registered keys"):
+        _client_keys(cfg, build_federated_data(cfg))
+    assert _client_keys(cfg, None) == {"SHA256:" + "A" * 43: 0}
+    missing = tiny_config(server={"client_keys": str(tmp_path / "nope.txt")})
+    with pytest.raises(ConfigError, match="server.client_keys.*nope.txt: cannot read the key list"):
+        _client_keys(missing, None)

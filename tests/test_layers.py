@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[list[str]] = [
     ["fedse.config", "fedse.io", "fedse.interrupt"],
-    ["fedse.models", "fedse.records"],
+    ["fedse.models", "fedse.records", "fedse.identity"],
     ["fedse.split", "fedse.policies", "fedse.prior", "fedse.privacy"],
     ["fedse.data", "fedse.transforms", "fedse.partition", "fedse.feature_skew", "fedse.federated"],
     ["fedse.train", "fedse.local", "fedse.state", "fedse.personal", "fedse.fingerprint"],

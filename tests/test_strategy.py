@@ -69,7 +69,7 @@ def test_client_level_dp_wraps_the_strategy_with_flowers_wrapper():
     assert fixed.clipping_norm == 2.0 and fixed.num_sampled_clients == 3
     assert fixed.accountant is dp.accountant  # Flower's accounted mode: count, equal weights, no amplification
     assert fixed.strategy.weighted_by_key == "unit-weight"
-    adaptive, _ = build(clipping="adaptive", clipped_count_stddev=1.0)
+    adaptive, _ = build(clipping="adaptive", clipped_count_stddev=1.5)
     assert type(adaptive).__name__ == "AdaptiveClipping"
     from fedse.config import ConfigError
 
