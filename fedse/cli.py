@@ -270,15 +270,19 @@ def _fail(err: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C outside a run (reading a config, importing): nothing to keep
+        return _main(args, argv)
+    except KeyboardInterrupt:  # Ctrl-C before a run's own handler (reading a config, importing)
+        if args.command in ("simulate", "compare"):
+            from .interrupt import RunStopped
+
+            return _stopped(RunStopped(), args, argv)
         print("\nfedse: interrupted", file=sys.stderr)
         return 130
 
 
-def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.command in ("certs", "keygen", "server", "client"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
@@ -384,8 +388,8 @@ def _stopped(stop, args: argparse.Namespace, argv: list[str] | None) -> int:  # 
         again = f"fedse simulate --resume {shlex.quote(str(folder))}" if folder else "the same command"
     else:
         words = list(argv if argv is not None else sys.argv[1:])
-        if "--out" not in words and args.out is None and stop.run_dir is not None:
-            words += ["--out", str(Path(stop.run_dir).parent.parent)]
+        if "--out" not in words and args.out is None and getattr(stop, "out", None) is not None:
+            words += ["--out", str(stop.out)]
         again = "fedse " + shlex.join(words)
     status = checkpoint_status(stop.run_dir) if stop.run_dir else None
     kept = f"{stop.run_dir} keeps round {status[0]}" if status else "no round of the run in progress had completed"
@@ -410,6 +414,7 @@ def _compare(args: argparse.Namespace, cfg, name: str, argv: list[str] | None) -
     from simulations.compare import compare
 
     from .comparison import budget_report, budget_table, merge, write_budget
+    from .interrupt import RunStopped
 
     command = "fedse " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.budget:
@@ -434,7 +439,11 @@ def _compare(args: argparse.Namespace, cfg, name: str, argv: list[str] | None) -
         methods = _methods(args.methods or DEFAULT_METHODS)
         seeds = _int_list(args.seeds, "seeds")
         out = args.out or Path(cfg.output.dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        compare(cfg, methods, seeds, out, holdout=args.holdout, command=command)
+        try:
+            compare(cfg, methods, seeds, out, holdout=args.holdout, command=command)
+        except RunStopped as stop:
+            stop.out = out  # the folder to continue in, named in the resume command
+            raise
     print((out / "table.md").read_text())
     print(f"comparison folder: {out}")
     return 0

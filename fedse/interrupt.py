@@ -53,6 +53,7 @@ class RunStopped(BaseException):  # noqa: N818 (a stop is not an error)
     def __init__(self, signum: int | None = None) -> None:
         self.signum = signum if signum is not None else (_SIGNAL[0] if _SIGNAL else signal.SIGINT)
         self.run_dir: Path | None = None  # the run folder it stopped, where known
+        self.out: Path | None = None  # a comparison's folder, where known
         super().__init__(f"stopped by {signal.Signals(self.signum).name}")
 
 

@@ -28,7 +28,7 @@ from .client import make_client_app
 from .config import Config
 from .federated import FederatedData, build_federated_data
 from .interrupt import as_stop, clear_stop, stop_requested
-from .report import RunLog, round_rows, write_record
+from .report import RECORD, RunLog, round_rows, write_record
 from .rundir import claim_run_dir, discard_unstarted, write_partition
 from .server import ServerOutcome, final_tables, run_server
 from .state import PRIVATE_DIR
@@ -128,10 +128,10 @@ def simulate(
     fed = build_federated_data(cfg)
     claimed = run_dir is None
     existed = False
-    if claimed:
-        run_dir, existed = claim_run_dir(cfg, config_name)
-        write_record(run_dir, cfg)  # the folder is resumable from here on
     try:
+        if claimed:
+            run_dir, existed = claim_run_dir(cfg, config_name)
+            write_record(run_dir, cfg)  # the folder is resumable from here on
         outcome = _run(
             cfg,
             fed,
@@ -145,9 +145,9 @@ def simulate(
         )
     except BaseException as err:
         if (stop := as_stop(err)) is not None:  # a pause: the folder stays, resumable (fedse.interrupt)
-            stop.run_dir = run_dir
+            stop.run_dir = run_dir if run_dir is not None and (run_dir / RECORD).is_file() else None
             raise stop from None
-        if claimed:
+        if claimed and run_dir is not None:
             discard_unstarted(run_dir, existed)
         raise
     if not quiet:
