@@ -184,11 +184,12 @@ class RunRecorder(Strategy):
         # The norm as received, and after Flower's DP wrappers clipped the reply in place (without
         # client-level DP nothing clips, the two are equal and the replies are not decoded again).
         kept = {node for _, node, _ in self.guard.last.kept}
-        clipped = {
-            int(m.metadata.src_node_id): m.content[ARRAYS]
-            for m in replies
-            if self.guard.dp is not None and int(m.metadata.src_node_id) in kept
-        }
+        # (the kept replies themselves: a second reply from a kept node was dropped and is never read)
+        clipped = (
+            {node: m.content[ARRAYS] for node, m in self.guard.last.messages.items() if node in kept}
+            if self.guard.dp is not None
+            else {}
+        )
         for cid, node, checked in self.guard.last.kept:
             rows[cid]["update-norm"] = self._update_norm(checked.arrays)
             rows[cid]["update-norm-aggregated"] = (

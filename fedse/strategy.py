@@ -270,6 +270,7 @@ class Screening:
     failed: list[dict[str, Any]] = field(default_factory=list)
     refused: str | None = None
     bounded: list[dict[str, Any]] = field(default_factory=list)  # updates clipped or weights capped
+    messages: dict[int, Message] = field(default_factory=dict)  # node -> the kept reply, rebuilt (what is aggregated)
 
 
 class GuardedStrategy(Strategy):
@@ -421,6 +422,7 @@ class GuardedStrategy(Strategy):
                 continue
             msg.content = checked.content({UNIT_WEIGHT: 1} if self.dp is not None else None)
             self.last.kept.append((cid, node, checked))
+            self.last.messages[node] = msg
             kept.append((cid, msg))
         self.last.kept.sort(key=lambda item: item[0])
         return [m for _, m in sorted(kept, key=lambda pair: pair[0])]

@@ -242,3 +242,23 @@ def test_adaptive_clipping_releases_exactly_the_configured_noise_multiplier():
             assert actual == pytest.approx(33.9, abs=0.2) and actual > reported + 3
     with pytest.raises(ValueError, match="must exceed the noise multiplier"):
         AdaptiveClipping(FedAvg(), 2.0, 10, clipped_count_stddev=2.0)
+
+
+def test_a_second_reply_from_a_node_is_dropped_and_never_decoded(task_identity):
+    """Two replies from one node (Flower's SuperLink refuses the second today): the recorder reads the
+    clipped update of the reply the guard kept, never the dropped one, whatever it holds."""
+    from fedse.server import RunRecorder
+
+    cfg = _cfg("fixed")
+    dp = make_client_dp(cfg, 10, 10)
+    guard, _ = _guard(cfg, dp)
+    recorder = RunRecorder(guard, RunLog(), num_rounds=3)
+    zeros = ArrayRecord({"w": Array(np.zeros(DIM, np.float32))})
+    sent = list(recorder.configure_train(2, zeros, ConfigRecord({}), _Nodes(10)))  # (_guard configured round 1)
+    replies = [_reply(m, 0.001, m.metadata.dst_node_id - 100) for m in sent]
+    garbage = Message(RecordDict({"arrays": ConfigRecord({"w": "x"})}), reply_to=sent[0])
+    arrays, _ = recorder.aggregate_train(2, [*replies, garbage])
+    assert arrays is not None and len(recorder.log.dropped) == 1
+    assert recorder.log.dropped[0]["node-id"] == sent[0].metadata.dst_node_id
+    rows = recorder.log.train[2]
+    assert len(rows) == 10 and all(r["update-norm-aggregated"] <= 1.0 + 1e-6 for r in rows.values())
