@@ -108,10 +108,10 @@ def load_checkpoint(run_dir: Path, cfg: Config, shared_like: dict[str, torch.Ten
     """``run_dir``'s checkpoint.
 
     Everything is checked before it is used: a truncated or foreign file, a configuration other
-    than this run's (only server.* and output.* may change; server.rounds not under DP, whose noise
-    is sized for the configured rounds), a round outside [1, server.rounds], or shared weights whose
-    keys, shapes or dtypes differ from ``shared_like`` or that hold NaN or inf is a
-    :class:`CheckpointError` naming the problem."""
+    than this run's (only server.* and output.* may change; server.rounds not under a DP target
+    epsilon, which sized the noise for the configured rounds), more rounds done than server.rounds,
+    or shared weights whose keys, shapes or dtypes differ from ``shared_like`` or that hold NaN or
+    inf is a :class:`CheckpointError` naming the problem."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {path} does not exist (no round of that run completed)")
@@ -149,10 +149,12 @@ def load_checkpoint(run_dir: Path, cfg: Config, shared_like: dict[str, torch.Ten
             f"allowed: server.rounds >= {done}"
         )
     was_rounds = config_from_record(payload["config"]).server.rounds
-    if cfg.privacy.mode != "none" and cfg.server.rounds != was_rounds:
+    if cfg.privacy.mode != "none" and cfg.privacy.target_epsilon is not None and cfg.server.rounds != was_rounds:
         raise CheckpointError(
-            f"cannot resume {run_dir} with server.rounds={cfg.server.rounds}: under privacy.mode="
-            f"{cfg.privacy.mode} the noise was sized for server.rounds={was_rounds}; allowed: {was_rounds}"
+            f"cannot resume {run_dir} with server.rounds={cfg.server.rounds}: the noise was sized to reach "
+            f"privacy.target_epsilon={cfg.privacy.target_epsilon} in server.rounds={was_rounds}; allowed: "
+            f"{was_rounds} (with privacy.noise_multiplier set instead, the rounds may change: the accountant "
+            "counts every release)"
         )
     shared = payload["shared"]
     if not isinstance(shared, dict) or not all(isinstance(v, torch.Tensor) for v in shared.values()):

@@ -127,3 +127,22 @@ def test_a_non_tensor_pickle_is_never_loaded(tmp_path):
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(tmp_path, tiny_config(), SHARED)
     assert not (tmp_path / "marker").exists()
+
+
+def test_a_dp_run_extends_only_when_its_noise_was_not_sized_for_its_rounds(tmp_path):
+    """With privacy.noise_multiplier the accountant counts every release, so a resume may add rounds;
+    with privacy.target_epsilon sigma was calibrated to reach it in server.rounds, so it may not."""
+    from fedse.privacy import make_client_dp
+
+    def dp_run(privacy):
+        cfg = tiny_config(server={"rounds": 2}, privacy={"mode": "client", "clipping_norm": 1.0, **privacy})
+        dp = make_client_dp(cfg, 3, 3)
+        shared = ArrayRecord({k: Array(v.numpy()) for k, v in SHARED.items()})
+        save_checkpoint(tmp_path, cfg, 1, shared, RunLog(), dp)
+        return cfg, dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, rounds=4))
+
+    _, more = dp_run({"noise_multiplier": 1.0})
+    assert load_checkpoint(tmp_path, more, SHARED).round == 1
+    _, more = dp_run({"target_epsilon": 8.0})
+    with pytest.raises(CheckpointError, match=r"sized to reach privacy.target_epsilon=8.0 in server.rounds=2"):
+        load_checkpoint(tmp_path, more, SHARED)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 
 
-def _node_recording_app(record_dir, export_dir=None):
+def _node_recording_app(record_dir, export_dir=None, state_root=None):
     """fedse's ClientApp, with each call recording the Ray node it ran on (test only)."""
     from flwr.clientapp import ClientApp
 
@@ -29,12 +29,12 @@ def _node_recording_app(record_dir, export_dir=None):
         return wrapped
 
     app = ClientApp()
-    app.train()(on_node(handle_train))
-    app.evaluate()(on_node(lambda msg, context: handle_evaluate(msg, context, export_dir)))
+    app.train()(on_node(lambda msg, context: handle_train(msg, context, state_root)))
+    app.evaluate()(on_node(lambda msg, context: handle_evaluate(msg, context, export_dir, state_root)))
     return app
 
 
-def test_simulation_runs_on_two_ray_nodes(tmp_path, monkeypatch):
+def test_simulation_runs_on_two_ray_nodes(tmp_path):
     from ray.cluster_utils import Cluster
 
     import fedse.simulation
@@ -45,16 +45,19 @@ def test_simulation_runs_on_two_ray_nodes(tmp_path, monkeypatch):
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        monkeypatch.setattr(
-            fedse.simulation, "make_client_app", lambda export_dir=None: _node_recording_app(seen, export_dir)
-        )
         cfg = tiny_config(
             partition={"num_clients": 4, "alpha": 5.0},
             server={"rounds": 2, "min_train_clients": 4, "min_evaluate_clients": 4},
             simulation={"ray_address": cluster.address, "client_cpus": 1.0},
             output={"dir": str(tmp_path), "name": "cluster"},
         )
-        result = fedse.simulation.simulate(cfg, quiet=True)
+        result = fedse.simulation.simulate(
+            cfg,
+            quiet=True,
+            client_app_factory=lambda export_dir=None, state_root=None: _node_recording_app(
+                seen, export_dir, state_root
+            ),
+        )
     finally:
         ray.shutdown()
         cluster.shutdown()
