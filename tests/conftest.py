@@ -22,6 +22,23 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
+def flower_env(home, with_bin: bool = False) -> dict[str, str]:
+    """The environment for Flower's own processes in a test: its home in ``home``, no telemetry, no
+    runtime dependency installation; ``with_bin``: this interpreter's bin first on PATH (Flower starts
+    its helpers by name)."""
+    import sys
+
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    if with_bin:
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return env
+
+
 def cpu_state(model):
     """A copy of ``model``'s state on the host: training leaves a model on its device (CUDA when
     present), so a test compares against what it saved before on the host side."""

@@ -11,13 +11,13 @@ refused; a caller holding only ca.crt can register a key (the exposure
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import flower_env
 
 from fedse.deploy import make_node_key, make_test_certs, superlink_command, supernode_command, write_connection
 from fedse.launch import LocalProcesses, free_port, register_supernode
@@ -46,12 +46,7 @@ def _run_folder(out: Path) -> Path:
 
 
 def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr_home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    }
+    env = flower_env(tmp_path / "flwr_home")
     procs = LocalProcesses(env, tmp_path / "logs", ROOT)
     certs = make_test_certs(tmp_path / "certs")
     keys = [make_node_key(tmp_path / "keys" / f"node{i}") for i in range(5)]  # 3 members, 2 outsiders

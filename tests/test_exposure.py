@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import flower_env
 from flwr.proto.runtime_pb2 import (
     AcquireTaskRequest,
     AcquireTaskResponse,
@@ -73,13 +74,7 @@ def _acquire(base: str, task_type: str) -> AcquireTaskResponse:
 
 def test_what_the_superlink_and_a_supernode_serve_without_credentials(tmp_path):
     home = tmp_path / "flwr_home"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = flower_env(home, with_bin=True)
     procs = LocalProcesses(env, tmp_path / "logs", tmp_path)
     port, node_port = free_port(), free_port()
     link, node = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{node_port}"

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import flower_env
 
 import server.app as server_app
 from fedse.config import ConfigError
@@ -107,13 +108,7 @@ def test_a_fedse_error_is_one_line_and_flower_logs_no_traceback_for_it(monkeypat
 )
 def test_a_failed_run_prints_one_line_and_is_marked_failed(tmp_path, runtime, nodes, needed):
     home = tmp_path / "flwr_home"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = flower_env(home, with_bin=True)
     procs = LocalProcesses(env, tmp_path / "logs", ROOT)
     port = free_port()
     write_connection(home, "test", f"127.0.0.1:{port}", None)
