@@ -332,7 +332,8 @@ class ServerConfig:
     krum_select: int | None = field(default=None, metadata=_range(1, None))
     # Each update's L2 norm is bounded by this multiple of the round's median update norm; beyond it
     # the update is clipped to the bound or dropped (norm_action). null: 3 on a deployed server (no
-    # data, strangers' replies), no bound in simulation; 0: no bound anywhere.
+    # data, strangers' replies), no bound in simulation or under client-level DP (whose own clipping
+    # bounds every update); 0: no bound anywhere.
     norm_bound: float | None = field(default=None, metadata=_range(0, None))
     norm_action: Literal["clip", "drop"] = "clip"
     # A reply's num-examples weight is capped at this multiple of the round's median claim. null: 2 on
@@ -585,12 +586,14 @@ def _check_robust(cfg: Config) -> None:
             f"config key 'server.strategy': {s.strategy!r} cannot be combined with privacy.mode=client: the DP "
             "noise is sized for the mean of clipped updates (sensitivity C/m), and a trimmed mean, a median or "
             "Krum's choice has another sensitivity, so the reported epsilon would not hold; allowed: fedavg, "
-            "fedprox under client-level DP (the norm bound composes with them)"
+            "fedprox under client-level DP"
         )
-    if pr.mode == "client" and s.norm_action == "drop" and s.norm_bound != 0:
+    if pr.mode == "client" and s.norm_bound:
         raise ConfigError(
-            "config key 'server.norm_action': 'drop' cannot be combined with privacy.mode=client: the noise is "
-            "sized for a fixed number of replies, so a dropped update would refuse the round; allowed: 'clip'"
+            f"config key 'server.norm_bound': {short_repr(s.norm_bound)} cannot be combined with privacy.mode=client: "
+            "a bound relative to the round's median norm makes every client's clipping depend on the others' "
+            "updates, so one client changes the clipped sum by more than the DP bound C; the DP wrapper's own "
+            "clipping to privacy.clipping_norm bounds every update; allowed: null or 0"
         )
     per_round = max(int(cfg.partition.num_clients * s.fraction_train), s.min_train_clients)
     need = {"krum": 2 * s.byzantine + 3, "multikrum": 2 * s.byzantine + 3, "bulyan": 4 * s.byzantine + 3}

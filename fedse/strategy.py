@@ -105,9 +105,13 @@ DEPLOYED_WEIGHT_CAP = 2.0  # server.weight_cap: null on a server without data
 
 def bounds(cfg: Config, deployed: bool) -> dict[str, Any]:
     """The guard's bounds on one reply's effect (:meth:`GuardedStrategy._bound`): the configured ones,
-    or on a deployed server (replies from strangers) the deployment defaults; 0 turns one off."""
+    or on a deployed server (replies from strangers) the deployment defaults, but for the norm bound
+    under client-level DP; 0 turns one off."""
     s = cfg.server
-    norm = s.norm_bound if s.norm_bound is not None else (DEPLOYED_NORM_BOUND if deployed else 0.0)
+    # Under client-level DP the wrapper clips every update to privacy.clipping_norm; a bound relative
+    # to the other updates would change the sum's sensitivity (the config refuses one set explicitly).
+    bounded = deployed and cfg.privacy.mode != "client"
+    norm = s.norm_bound if s.norm_bound is not None else (DEPLOYED_NORM_BOUND if bounded else 0.0)
     cap = s.weight_cap if s.weight_cap is not None else (DEPLOYED_WEIGHT_CAP if deployed else 0.0)
     return {"norm_bound": norm or None, "norm_action": s.norm_action, "weight_cap": cap or None}
 

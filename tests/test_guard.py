@@ -508,6 +508,14 @@ def test_the_bounds_are_on_by_default_on_a_deployed_server_only():
     assert bounds(cfg, deployed=True) == {"norm_bound": 3.0, "norm_action": "clip", "weight_cap": 2.0}
     off = tiny_config(server={"norm_bound": 0, "weight_cap": 0})
     assert bounds(off, deployed=True) == {"norm_bound": None, "norm_action": "clip", "weight_cap": None}
+    # Under client-level DP the wrapper's clipping is the bound: a median-relative one would make each
+    # client's clipping depend on the others, and one client could move the sum by more than C.
+    dp = tiny_config(privacy={"mode": "client", "noise_multiplier": 1.0})
+    assert bounds(dp, deployed=True)["norm_bound"] is None
+    from fedse.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'server.norm_bound': 3.0 cannot be combined with privacy.mode=client"):
+        tiny_config(server={"norm_bound": 3.0}, privacy={"mode": "client", "noise_multiplier": 1.0})
 
 
 class _KeyedNodes:
