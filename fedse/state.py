@@ -285,14 +285,20 @@ class RoundStore:
         return read_tensor_file(path, MAGIC, "state", advice)
 
 
+_MAX_HEADER = 1 << 24  # a header line (its meta holds the DP accountant's history, growing by rounds)
+
+
 def _header_sha(path: Path) -> str | None:
-    """The payload SHA-256 a state file's header records (its payload is checked when it is read)."""
+    """The payload SHA-256 a state file's header records, read from the header line alone (the
+    payload is checked against it when the file is read); None for a file without such a header."""
     with path.open("rb") as f:
-        head = f.read(len(MAGIC) + 4096)
-    if not head.startswith(MAGIC) or b"\n" not in head[len(MAGIC) :]:
+        if f.read(len(MAGIC)) != MAGIC:
+            return None
+        line = f.readline(_MAX_HEADER)
+    if not line.endswith(b"\n"):
         return None
     try:
-        header = json.loads(head[len(MAGIC) :].partition(b"\n")[0])
+        header = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return header.get("sha256") if isinstance(header, dict) else None

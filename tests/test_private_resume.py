@@ -47,6 +47,20 @@ def test_round_store_reads_what_the_client_kept_before_the_round_and_keeps_the_t
     assert list(manifest) == ["3"] and manifest["3"]["round"] == 2 and len(manifest["3"]["sha256"]) == 64
 
 
+def test_the_manifest_names_a_file_whatever_the_length_of_its_header(tmp_path):
+    """The header carries the DP-SGD accountant's history, which grows with the rounds: a long header
+    is still recorded by its SHA-256, and a changed file is still caught."""
+    history = [[1.0, 0.01, 7]] * 2_000  # about 30 KB of JSON
+    RoundStore(tmp_path, 0, 1, inclusive=False).save({"p": torch.ones(3)}, {"accountant": {"history": history}})
+    manifest = private_manifest(tmp_path, 1)
+    assert len(manifest["0"]["sha256"]) == 64
+    from fedse.state import verify_manifest
+
+    assert verify_manifest(tmp_path, manifest) == []
+    RoundStore(tmp_path, 0, 1, inclusive=False).save({"p": torch.zeros(3)}, {"accountant": {"history": history}})
+    assert "not the file the checkpoint recorded" in verify_manifest(tmp_path, manifest)[0]
+
+
 def test_a_new_process_continues_each_client_from_its_own_private_state(tmp_path, task_identity):
     """Rounds 1-2 in one client app, round 3 in a fresh one (a resumed run: empty context.state): the
     fresh one starts round 3 from the private state round 2 ended with, not the initialisation."""
