@@ -80,11 +80,11 @@ def _parents() -> dict[int, int]:
 
 def descendants(pid: int) -> list[int]:
     """The processes below ``pid`` (Ray's GCS, raylet and workers below a driver), nearest first."""
-    parents, found, frontier = _parents(), [], [pid]
+    parents, found, frontier = _parents(), [], {pid}
     while frontier:
-        children = [c for c, p in parents.items() if p in frontier and c not in found]
+        children = [c for c, p in parents.items() if p in frontier]
         found += children
-        frontier = children
+        frontier = set(children)
     return found
 
 
@@ -133,8 +133,7 @@ def stoppable() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _STOP.clear()
-    _SIGNAL.clear()
+    clear_stop()
     previous = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

@@ -484,7 +484,7 @@ class GuardedStrategy(Strategy):
             bound = self.norm_bound * float(np.median(norms))
             out = []
             for cid, msg, delta, norm in zip(cids, kept, deltas, norms, strict=True):
-                if norm <= bound or bound == 0.0 and norm == 0.0:
+                if norm <= bound:
                     out.append(msg)
                     continue
                 if self.norm_action == "drop":
