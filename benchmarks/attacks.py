@@ -12,7 +12,8 @@ the guard's schema):
 
 Defences: plain FedAvg (``none``); the guard's bounds (``norm-clip``: updates clipped to 3 x the
 round's median norm, weights capped at 2 x the median claim, the deployment defaults); Flower's
-``fedtrimmedavg`` (beta 0.2), ``fedmedian``, ``krum`` and ``multikrum`` tolerating K attackers.
+``fedtrimmedavg`` (beta 0.2), ``fedmedian``, ``krum`` and ``multikrum`` tolerating K attackers; and
+``fedtrimmedavg`` and ``multikrum`` each behind the guard's bounds (``+norm-clip``).
 Without attackers (``honest``) each defence shows its cost.
 
 Figures, from the last round's evaluation of the honest clients only: personalized accuracy (each
@@ -65,6 +66,8 @@ DEFENCES: dict[str, Callable[[int], list[str]]] = {
     "fedmedian": lambda k: ["server.strategy=fedmedian"],
     "krum": lambda k: ["server.strategy=krum", f"server.byzantine={k}"],
     "multikrum": lambda k: ["server.strategy=multikrum", f"server.byzantine={k}"],
+    "fedtrimmedavg+norm-clip": lambda k: [*DEFENCES["fedtrimmedavg"](k), *DEFENCES["norm-clip"](k)],
+    "multikrum+norm-clip": lambda k: [*DEFENCES["multikrum"](k), *DEFENCES["norm-clip"](k)],
 }
 
 
@@ -141,6 +144,7 @@ def one(config: Path | None, overrides: list[str], attack: str, k: int, defence:
     pooled = [r["pooled-acc"] for r in rows.values() if "pooled-acc" in r]
     return {
         "attack": attack,
+        "seed": cfg.seed,
         "attackers": len(attackers),
         "defence": defence,
         "honest_clients_evaluated": len(rows),
@@ -155,25 +159,32 @@ def one(config: Path | None, overrides: list[str], attack: str, k: int, defence:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one row per (attack, attackers), one column per defence; each cell the honest clients'
-    personalized accuracy (mean over clients) / pooled accuracy, in %; '-' where no honest client's
+    personalized accuracy (mean over clients) / pooled accuracy, in %, averaged over the seeds run
+    (their count after the table when more than one); '-' where, in any seed, no honest client's
     evaluation was finite (the shared model diverged)."""
     defences = list(dict.fromkeys(r["defence"] for r in rows))
-    cell = {(r["attack"], r["attackers"], r["defence"]): r for r in rows}
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["attack"], r["attackers"], r["defence"]), []).append(r)
     keys = list(dict.fromkeys((r["attack"], r["attackers"]) for r in rows))
     keys.sort(key=lambda k: (k[0] != "honest", list(ATTACKS).index(k[0]), k[1]))
 
-    def fmt(r: dict | None) -> str:
-        if r is None:
+    def fmt(runs: list[dict]) -> str:
+        if not runs:
             return ""
-        if r["personalized_mean"] is None:
+        if any(r["personalized_mean"] is None for r in runs):
             return "-"
-        pooled = "-" if r["pooled_mean"] is None else f"{100 * r['pooled_mean']:.1f}"
-        return f"{100 * r['personalized_mean']:.1f} / {pooled}"
+        personalized = 100 * statistics.mean(r["personalized_mean"] for r in runs)
+        pooled = [r["pooled_mean"] for r in runs]
+        shown = "-" if None in pooled else f"{100 * statistics.mean(pooled):.1f}"
+        return f"{personalized:.1f} / {shown}"
 
     lines = ["| attack | attackers | " + " | ".join(defences) + " |", "|---|---|" + "---|" * len(defences)]
     for attack, k in keys:
-        cells = [fmt(cell.get((attack, k, d))) for d in defences]
-        lines.append(f"| {attack} | {k} | " + " | ".join(cells) + " |")
+        lines.append(f"| {attack} | {k} | " + " | ".join(fmt(cells.get((attack, k, d), [])) for d in defences) + " |")
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    if len(seeds) > 1:
+        lines.append(f"\nMean over seeds {', '.join(map(str, seeds))}.")
     return "\n".join(lines)
 
 
@@ -192,14 +203,15 @@ def main() -> None:
         return
     logging.getLogger("fedse").setLevel(logging.WARNING)
     rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
-    done = {(r["attack"], r["attackers"], r["defence"]) for r in rows}
+    seed = load_config(args.config, args.overrides).seed
+    done = {(r["attack"], r["attackers"], r["defence"], r.get("seed", 0)) for r in rows}
     plan = []
     for defence in args.defences.split(","):
         plan.append(("honest", 0, defence))
         for k in (int(x) for x in args.attackers.split(",")):
             plan += [(attack, k, defence) for attack in args.attacks.split(",") if attack != "honest"]
     for attack, k, defence in plan:
-        if (attack, k, defence) in done:
+        if (attack, k, defence, seed) in done:
             continue
         row = one(args.config, args.overrides, attack, k, defence)
         print(json.dumps(row), flush=True)
