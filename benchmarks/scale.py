@@ -74,9 +74,8 @@ def _worker_rss_peak(stop: threading.Event, out: dict[str, int]) -> None:
 def one(num_clients: int) -> dict:
     from fedse.config import config_from_dict
     from fedse.federated import build_federated_data
-    from fedse.local import local_update
     from fedse.models import build_model
-    from fedse.policies import resolve
+    from fedse.policies import ClientRun, resolve
     from fedse.simulation import simulate
     from fedse.train import evaluate
 
@@ -119,7 +118,7 @@ def one(num_clients: int) -> dict:
         for cid in sorted(log.train[rnd]):
             shard = fed.shard(cid)
             model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-            local_update(model, policy.split(model), policy, shard, cfg, seed=cid, mean=ds.mean, std=ds.std)
+            ClientRun(cfg, policy, shard, ds.mean, ds.std, cid).local_update(model, policy.split(model))
         for cid in sorted(log.evaluate[rnd]):
             shard = fed.shard(cid)
             model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)

@@ -360,20 +360,23 @@ def _run_config(args: argparse.Namespace, resume: Path | None):  # noqa: ANN202 
     it changes is printed, and the resume's checks apply to it as to ``--set``."""
     from .checkpoint import config_diff
     from .config import config_to_dict
+    from .policies import resolve
     from .report import RECORD
 
     if resume is None:
-        return load_config(args.config, args.overrides)
-    if not (resume / RECORD).is_file():
+        cfg = load_config(args.config, args.overrides)
+    elif not (resume / RECORD).is_file():
         raise ConfigError(f"--resume {resume}: no {RECORD} there; allowed: a folder fedse simulate made")
-    recorded = load_config(resume / RECORD, args.overrides, record=True)
-    if args.config is None:
-        return recorded
-    given = load_config(args.config, args.overrides)
-    changes = config_diff(config_to_dict(recorded), config_to_dict(given))
-    if changes:
-        print(f"fedse: --config {args.config} changes {resume}'s record: {'; '.join(changes)}", file=sys.stderr)
-    return given
+    else:
+        cfg = load_config(resume / RECORD, args.overrides, record=True)
+        if args.config is not None:
+            given = load_config(args.config, args.overrides)
+            changes = config_diff(config_to_dict(cfg), config_to_dict(given))
+            if changes:
+                print(f"fedse: --config {args.config} changes {resume}'s record: {'; '.join(changes)}", file=sys.stderr)
+            cfg = given
+    resolve(cfg)  # the policy's own rules, before anything starts
+    return cfg
 
 
 def _stopped(stop, args: argparse.Namespace, argv: list[str] | None) -> int:  # noqa: ANN001 (RunStopped)

@@ -19,10 +19,9 @@ from flwr.clientapp import ClientApp
 
 from .config import Config, config_from_dict
 from .federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
-from .local import adapt, evaluated_model, extra_after_update, extra_before_update, local_update, logit_bias
 from .models import SEResNet, build_model
 from .personal import MODEL_FILE, client_model_path, export_model
-from .policies import RunPolicy, resolve
+from .policies import ClientRun, Policy, resolve
 from .privacy import SampleDP, check_dp_model, sample_noise_multiplier
 from .records import (
     ARRAYS,
@@ -51,7 +50,7 @@ from .records import (
 )
 from .split import Split
 from .state import RoundStore, digest, load_accountant, persist, restore, save_accountant
-from .train import EvalResult, default_device, evaluate
+from .train import EvalResult, evaluate
 
 __all__ = ["handle_evaluate", "handle_train", "make_client_app"]
 
@@ -73,9 +72,8 @@ class _Setup:
     shard: ClientShard
     model: SEResNet
     split: Split
-    policy: RunPolicy
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    policy: Policy
+    run: ClientRun
     own_data: bool
     extra: dict[str, torch.Tensor]  # the policy's extra private state (Ditto's personal model), if any
     received: dict[str, torch.Tensor]  # the shared weights as the server sent them
@@ -133,7 +131,8 @@ def _setup(msg: Message, context: Context, state_root: str | None = None) -> _Se
     # The extra state as stored; on a client's first round, initialised from the received model.
     extra = {k: v for k, v in private.items() if k not in split.private} if private else policy.extra_state(model)
     own = NODE_DATA_DIR in context.node_config
-    return _Setup(cfg, cid, fed, shard, model, split, policy, ds.mean, ds.std, own, extra, sent)
+    run = ClientRun(cfg, policy, shard, ds.mean, ds.std, _seed(cfg, cid, msg))
+    return _Setup(cfg, cid, fed, shard, model, split, policy, run, own, extra, sent)
 
 
 def _round_store(state_root: str | None, client_id: int, msg: Message) -> RoundStore | None:
@@ -162,8 +161,7 @@ def handle_train(msg: Message, context: Context, state_root: str | None = None) 
     ``state_root``); reply with shared keys only."""
     s = _setup(msg, context, state_root)
     private_in = s.split.private_state(s.model)
-    args = {"seed": _seed(s.cfg, s.client_id, msg), "mean": s.mean, "std": s.std}
-    extra = extra_before_update(s.model, s.extra, s.shard, s.cfg, s.policy, **args)
+    extra = s.policy.before_update(s.run, s.model, s.extra)
     mu = float(msg.content[CONFIG].get(PROXIMAL_MU, 0.0))
     pr = s.cfg.privacy
     dp = None
@@ -173,20 +171,12 @@ def handle_train(msg: Message, context: Context, state_root: str | None = None) 
         dp = SampleDP(
             sigma, pr.max_grad_norm, pr.accountant, state=load_accountant(context), secure_mode=pr.secure_mode
         )
-    result = local_update(
-        s.model,
-        s.split,
-        s.policy,
-        s.shard,
-        s.cfg,
-        **args,
-        proximal_mu=mu,
-        anchor=s.split.shared_state(s.model) if mu > 0 else None,
-        dp=dp,
+    result = s.run.local_update(
+        s.model, s.split, proximal_mu=mu, anchor=s.split.shared_state(s.model) if mu > 0 else None, dp=dp
     )
     s.model.cpu()
     private_out = s.split.private_state(s.model)
-    extra_out = extra_after_update(s.model, extra, s.received, s.shard, s.cfg, s.policy, **args)
+    extra_out = s.policy.after_update(s.run, s.model, extra, s.received)
     if dp is not None:
         save_accountant(context, dp.state())
     persist(context, {**private_out, **extra_out}, _round_store(state_root, s.client_id, msg))
@@ -210,24 +200,10 @@ def handle_evaluate(
     s = _setup(msg, context, state_root)
     final = bool(msg.content[CONFIG].get(FINAL, False))
     received = s.split.shared_state(s.model) if final else None  # copies, taken before any fine-tuning
-    device = default_device()
-    mine = evaluated_model(s.model, s.extra, s.policy, s.shard, mean=s.mean, std=s.std)
-    if s.policy.finetune:  # fedavg-ft (all of it), fedbabu (the head): fine-tune what was received; nothing is kept
-        adapt(
-            mine,
-            s.policy.finetune_keys(s.model),
-            s.shard,
-            s.cfg,
-            s.policy,
-            epochs=s.cfg.personalization.finetune_epochs,
-            seed=_seed(s.cfg, s.client_id, msg),
-            mean=s.mean,
-            std=s.std,
-        )
-    bias = None if s.policy.personal_head else logit_bias(mine, s.shard, s.policy, mean=s.mean, std=s.std)
-    local = evaluate(
-        mine, s.shard.test_images, s.shard.test_labels, mean=s.mean, std=s.std, device=device, logit_bias=bias
-    )
+    mine = s.policy.evaluated_model(s.run, s.model, s.extra)
+    s.run.finetune(mine)  # fedavg-ft (all of it), fedbabu (the head): fine-tune what was received; nothing is kept
+    bias = s.policy.prediction_offset(s.run, mine)
+    local = s.run.evaluate(mine, bias)
     if final:
         _export(s, mine, msg, context, local, bias, received, export_dir)
     metrics: dict[str, float | int] = {
@@ -244,7 +220,7 @@ def handle_evaluate(
         x, y = s.fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)
         # no label-prior offset here: the pooled test set follows the federation's label
         # distribution, not this client's
-        pooled = evaluate(s.model, x, y, mean=s.mean, std=s.std, device=device)  # the global model (Ditto's w)
+        pooled = evaluate(s.model, x, y, mean=s.run.mean, std=s.run.std, device=s.run.device)  # the global model
         metrics |= {"pooled-acc": pooled.accuracy, "pooled-loss": pooled.loss}
     client = {CLIENT_ID: s.client_id, NUM_TRAIN: len(s.shard.train_labels)}
     return _reply(msg, None, metrics, client)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from .federated import build_federated_data, model_shape
 from .io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
 from .models import base_width, build_model
 from .partition import plot_label_counts
-from .policies import RunPolicy, resolve
+from .policies import resolve, settings
 from .report import format_table, summarize, write_csv
 
 __all__ = [
@@ -348,20 +348,11 @@ def write_comparison(
     return summary
 
 
-# Settings only some policies read (personalization.<key>: does a resolved policy read it?). Folders
-# whose methods never read one may differ in it: fedavg measured at any prior smoothing is the same.
-_READ_BY: dict[str, Callable[[RunPolicy], bool]] = {
-    "prior_smoothing": lambda p: p.label_prior != "off",
-    "ditto_lambda": lambda p: p.personal_model,
-}
-
-
 def _unread(cfg: Config, methods: Sequence[str]) -> set[str]:
-    try:
-        policies = [resolve(cfg, m) for m in methods]
-    except ValueError as err:  # a comparison.json naming a policy this fedse does not have
-        raise ConfigError(str(err)) from None
-    return {key for key, reads in _READ_BY.items() if not any(reads(p) for p in policies)}
+    """The personalization settings none of ``methods`` reads (folders whose methods never read one
+    may differ in it: fedavg measured at any prior smoothing is the same)."""
+    policies = [resolve(cfg, m) for m in methods]
+    return settings() - set().union(*(p.reads() for p in policies))
 
 
 def comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
@@ -489,14 +480,14 @@ def merge(
                 f"{str(folder)!r} was measured under another configuration or --holdout than "
                 f"{str(first_folder)!r} (differing, {str(first_folder)!r} vs {str(folder)!r}: {', '.join(differ)}); "
                 "only folders differing in methods, seeds and settings their methods do not read "
-                f"({', '.join(f'personalization.{k}' for k in _READ_BY)}) can be merged"
+                f"({', '.join(f'personalization.{k}' for k in sorted(settings()))}) can be merged"
             )
         source |= {k: folder for k in theirs if k not in source}
         read |= theirs
     # The merged configuration: the first folder's, with each policy-specific setting as the folders
     # whose methods read it have it (they agree: checked above).
     config = json.loads(json.dumps(first["config"]))
-    config.setdefault("personalization", {}).update({k: read[k] for k in _READ_BY if k in read})
+    config.setdefault("personalization", {}).update({k: read[k] for k in settings() if k in read})
     runs, seen = [], {}
     for folder, data in loaded:
         for r in data["runs"]:

@@ -43,9 +43,8 @@ from .config import MAX_CLASSES, MAX_CLIENTS, Config, ModelConfig, field_range, 
 from .federated import ClientShard, model_shape, own_data
 from .fingerprint import GateStats, probe
 from .io import atomic_write_text, csv_cell
-from .local import adapt, logit_bias
 from .models import MODELS, NORMS, SEBlock, build_model, create_model
-from .policies import RunPolicy, resolve
+from .policies import ClientRun, Policy, resolve
 from .prior import label_log_prior
 from .state import StateCorruptError, digest, read_tensor_file, write_tensor_file
 from .train import EvalResult, default_device, evaluate, predict
@@ -373,7 +372,7 @@ def export_model(
     keys: list[str] | None,
     shared: Mapping[str, torch.Tensor],
     cfg: Config,
-    policy: RunPolicy,
+    policy: Policy,
     dataset: Any,
     shard: ClientShard,
     client: int | None,
@@ -449,11 +448,10 @@ def adapt_new_client(
     model.load_state_dict(shared, strict=False)
     keys = split.private or None
     epochs = cfg.personalization.finetune_epochs
-    adapt(
-        model, keys, shard, cfg, policy, epochs=epochs, seed=cfg.seed, mean=ds.mean, std=ds.std, private=split.private
-    )
-    offset = logit_bias(model, shard, policy, mean=ds.mean, std=ds.std)
-    result = evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std, logit_bias=offset)
+    run = ClientRun(cfg, policy, shard, ds.mean, ds.std, cfg.seed)
+    run.adapt(model, keys, epochs=epochs, private=split.private)
+    offset = policy.prediction_offset(run, model)
+    result = run.evaluate(model, offset)
     export_model(
         out,
         model=model,

@@ -28,6 +28,7 @@ from .client import make_client_app
 from .config import Config
 from .federated import FederatedData, build_federated_data
 from .interrupt import as_stop, clear_stop, stop_requested
+from .policies import resolve
 from .report import RECORD, RunLog, round_rows, write_record
 from .rundir import claim_run_dir, discard_unstarted, write_partition
 from .server import ServerOutcome, final_tables, run_server
@@ -125,6 +126,7 @@ def simulate(
     A run that fails before its first round leaves no run folder behind."""
     started = time.perf_counter()
     clear_stop()  # a stop asked of an earlier run in this process is not this run's
+    resolve(cfg)  # the policy's own rules, before anything starts
     fed = build_federated_data(cfg)
     claimed = run_dir is None
     existed = False

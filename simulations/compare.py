@@ -8,7 +8,7 @@ folder, one that was interrupted continues from its last checkpoint.
 
 Cold start (``--holdout K``): the last K partitions never train. After
 training, each adapts a copy of the final model on its own train part and is
-evaluated on its own test part three ways (:func:`fedse.local.adapt_and_evaluate`):
+evaluated on its own test part three ways (:meth:`fedse.policies.ClientRun.adapt_and_evaluate`):
 the received model as is (``global``), only its private keys adapted
 (``private``), every key adapted (``full``).
 """
@@ -27,9 +27,8 @@ from fedse.comparison import MethodRun, comparable, method_run_from, write_compa
 from fedse.config import Config, ConfigError, config_from_record, config_to_record
 from fedse.federated import build_federated_data, model_shape
 from fedse.io import atomic_write_json
-from fedse.local import adapt_and_evaluate
 from fedse.models import build_model
-from fedse.policies import POLICIES, resolve
+from fedse.policies import POLICIES, ClientRun, resolve
 from fedse.report import client_rows, round_rows
 from fedse.simulation import simulate
 
@@ -50,7 +49,7 @@ def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
             {
                 "client": cid,
                 "train_samples": len(shard.train_labels),
-                **adapt_and_evaluate(model, split, shard, cfg, policy, seed=cfg.seed + cid, mean=ds.mean, std=ds.std),
+                **ClientRun(cfg, policy, shard, ds.mean, ds.std, cfg.seed + cid).adapt_and_evaluate(model, split),
             }
         )
     return rows
@@ -133,6 +132,8 @@ def compare(
     """Run every (seed, method); write the comparison folder ``out``; return its summary."""
     if unknown := [m for m in methods if m not in POLICIES]:
         raise ConfigError(f"unknown method(s) {unknown}; valid methods: {sorted(POLICIES)}")
+    for method in methods:
+        resolve(cfg, method)  # each method's own rules, before anything runs
     trained = cfg.partition.num_clients - holdout
     if holdout < 0 or trained < max(cfg.server.min_train_clients, 1):
         raise ConfigError(

@@ -88,9 +88,8 @@ def test_two_method_comparison_writes_every_file(tmp_path):
     # `global` is that model as received; fedse's `private` adapts its excitation keys only.
     from fedse.config import load_config
     from fedse.federated import build_federated_data
-    from fedse.local import adapt
     from fedse.models import build_model
-    from fedse.policies import create_policy, resolve
+    from fedse.policies import ClientRun, create_policy, resolve
 
     for run in summary["runs"]:
         folder = out / "runs" / f"{run['method']}-seed0"
@@ -108,18 +107,8 @@ def test_two_method_comparison_writes_every_file(tmp_path):
         assert hold["global_acc"] == _accuracy(model, shard.test_images, shard.test_labels, ds.mean, ds.std)
         if split.private:
             before = copy.deepcopy(model.state_dict())
-            adapt(
-                model,
-                split.private,
-                shard,
-                run_cfg,
-                policy,
-                epochs=run_cfg.personalization.finetune_epochs,
-                seed=run_cfg.seed + 3,
-                mean=ds.mean,
-                std=ds.std,
-                private=split.private,
-            )
+            run_ = ClientRun(run_cfg, policy, shard, ds.mean, ds.std, seed=run_cfg.seed + 3)
+            run_.adapt(model, split.private, epochs=run_cfg.personalization.finetune_epochs, private=split.private)
             moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
             assert moved and moved <= set(split.private)
             assert hold["private_acc"] == _accuracy(model, shard.test_images, shard.test_labels, ds.mean, ds.std)
@@ -253,7 +242,7 @@ def test_merge_refuses_a_folder_naming_an_unknown_policy(tmp_path):
         runs = [_run_dict(m) for m in methods]
         data = {"config": config_to_dict(tiny_config()), "methods": methods, "runs": runs, "table": [], "holdout": 0}
         (tmp_path / name / "comparison.json").write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match="unknown personalization policy 'no-such-policy'"):
+    with pytest.raises(ConfigError, match="'personalization.policy': 'no-such-policy' is not a policy"):
         merge([tmp_path / "a", tmp_path / "b"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
 

@@ -54,18 +54,6 @@ def test_wrong_type_names_key_value_and_allowed(raw, pattern):
         ({"train": {"momentum": -0.1}}, r"'train\.momentum'"),
         ({"partition": {"num_clients": 3}, "server": {"min_train_clients": 5}}, r"'server\.min_train_clients': 5"),
         ({"data": {"dataset": "imagefolder"}}, r"'data\.root'"),
-        (
-            {"personalization": {"policy": "ditto", "ditto_lambda": 40.0}},
-            r"'personalization\.ditto_lambda': 40\.0 x train\.lr 0\.05 = 2; .* ditto_lambda < 1 / train\.lr = 20",
-        ),
-        (
-            {"personalization": {"policy": "fedala"}, "privacy": {"mode": "sample", "noise_multiplier": 1.0}},
-            r"'personalization\.policy': 'fedala' cannot be combined with privacy\.mode=sample",
-        ),
-        (
-            {"personalization": {"policy": "fedala-la"}, "privacy": {"mode": "sample", "noise_multiplier": 1.0}},
-            r"'personalization\.policy': 'fedala-la' cannot be combined with privacy\.mode=sample",
-        ),
         ({"partition": {"samples_per_client": 50}}, r"'partition\.samples_per_client': 50 is only used by .*dirichlet"),
         ({"partition": {"scheme": "iid", "size_sigma": 0.3}}, r"'partition\.size_sigma': 0\.3 is only used by"),
     ],

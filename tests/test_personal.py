@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import pickle
+from dataclasses import replace
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -395,8 +397,8 @@ def test_fedala_learns_element_wise_mixing_weights_and_evaluates_the_mix(task_id
 def test_fedala_mixing_loss_sees_the_label_prior_when_it_is_on(task_identity):
     # Under fedala-la (or fedala with personalization.label_prior=train) the head trains and
     # predicts with the client's log prior added to its logits; W is learnt on that same loss.
-    from fedse.local import LOCAL, adaptive_mixing, extra_before_update, train_logit_bias
-    from fedse.policies import resolve
+    from fedse.policies import ClientRun, resolve
+    from fedse.policies.fedala import LOCAL
 
     cfg, model, _ = _setup("fedala")
     federated = build_federated_data(cfg)
@@ -409,7 +411,10 @@ def test_fedala_mixing_loss_sees_the_label_prior_when_it_is_on(task_identity):
     def mixing(bias):
         copy = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
         copy.load_state_dict(model.state_dict())
-        out = adaptive_mixing(copy, dict(extra), shard, cfg, seed=5, mean=ds.mean, std=ds.std, logit_bias=bias)
+        policy = replace(resolve(cfg), label_prior="off")
+        run = ClientRun(cfg, policy, shard, ds.mean, ds.std, seed=3)  # W's draw: seed + 2
+        with patch.object(ClientRun, "train_offset", lambda self, model: bias):
+            out = policy.adaptive_mixing(run, copy, dict(extra))
         return {k: v for k, v in out.items() if k.startswith("mixing.")}
 
     plain = mixing(None)
@@ -419,12 +424,8 @@ def test_fedala_mixing_loss_sees_the_label_prior_when_it_is_on(task_identity):
         torch.testing.assert_close(shifted[k], plain[k])
     ruled = resolve(tiny_config(personalization={"policy": "fedala-la"}))
     override = resolve(tiny_config(personalization={"policy": "fedala", "label_prior": "train"}))
-    assert (
-        (ruled.label_prior, ruled.adaptive_mixing)
-        == (override.label_prior, override.adaptive_mixing)
-        == ("train", True)
-    )
-    prior = train_logit_bias(model, shard, ruled)
+    assert (ruled.label_prior, type(ruled)) == (override.label_prior, type(override)) == ("train", type(resolve(cfg)))
+    prior = ClientRun(cfg, ruled, shard, ds.mean, ds.std, seed=3).train_offset(model)
     assert prior is not None and float(prior.max() - prior.min()) > 1.0  # this client's labels are skewed
     with_prior = mixing(prior)
     assert any(not torch.equal(with_prior[k], plain[k]) for k in plain)
@@ -432,7 +433,7 @@ def test_fedala_mixing_loss_sees_the_label_prior_when_it_is_on(task_identity):
     for run_policy, expected in ((ruled, with_prior), (resolve(cfg), plain)):
         copy = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
         copy.load_state_dict(model.state_dict())
-        out = extra_before_update(copy, dict(extra), shard, cfg, run_policy, seed=3, mean=ds.mean, std=ds.std)
+        out = run_policy.before_update(ClientRun(cfg, run_policy, shard, ds.mean, ds.std, seed=3), copy, dict(extra))
         assert all(torch.equal(out[k], expected[k]) for k in expected)
 
 
@@ -470,8 +471,7 @@ def test_fedse_auto_sends_fedse_la_update_keeps_its_norms_and_predicts_with_the_
     # A per-client choice of private parts: the normalisation layers are shared (the update sent is
     # fedse-la's bit for bit) and also kept as trained; at evaluation the client predicts with its
     # own norms where they are more accurate on its own train part than the received ones.
-    from fedse.local import choose_norms, logit_bias
-    from fedse.policies import norm_keys, resolve
+    from fedse.policies import ClientRun, norm_keys, resolve
     from fedse.state import load_private
     from fedse.train import evaluate
 
@@ -509,6 +509,7 @@ def test_fedse_auto_sends_fedse_la_update_keeps_its_norms_and_predicts_with_the_
     # either way round; a tie (the client's own norms are the received ones) keeps the model itself.
     ds = build_federated_data(cfg).dataset
     policy, args = resolve(cfg), {"mean": ds.mean, "std": ds.std}
+    run = ClientRun(cfg, policy, shard, ds.mean, ds.std, seed=0)
     private = {k: stored[k] for k in split.private}
     good = {k: torch.from_numpy(v.numpy().copy()) for k, v in auto.content["arrays"].items()}
     bad = {k: v + 50.0 if k.endswith("running_mean") else v for k, v in good.items()}
@@ -520,26 +521,25 @@ def test_fedse_auto_sends_fedse_la_update_keeps_its_norms_and_predicts_with_the_
         return m
 
     def train_acc(m):
-        bias = logit_bias(m, shard, policy, **args)
+        bias = run.offset(m)
         return evaluate(m, shard.train_images, shard.train_labels, logit_bias=bias, **args).accuracy
 
     for shared, mine, own_wins in ((bad, good, True), (good, bad, False)):
         m = built(shared)
         accs = [train_acc(built(shared)), train_acc(built({**shared, **{k: mine[k] for k in norms}}))]
         assert (accs[1] > accs[0]) == own_wins  # the two candidates are what this case says
-        chosen = choose_norms(m, {f"localnorm.{k}": mine[k] for k in norms}, shard, policy, **args)
+        chosen = policy.choose_norms(run, m, {f"localnorm.{k}": mine[k] for k in norms})
         assert (chosen is not m) == own_wins
         assert all(torch.equal(chosen.state_dict()[k].cpu(), mine[k] if own_wins else shared[k]) for k in norms)
     tie = built(good)
-    assert choose_norms(tie, {f"localnorm.{k}": good[k] for k in norms}, shard, policy, **args) is tie
+    assert policy.choose_norms(run, tie, {f"localnorm.{k}": good[k] for k in norms}) is tie
 
 
 def test_fedse_auto_train_starts_each_round_from_the_norms_it_chooses(task_identity):
-    # local_norms="train": the same choice as fedse-auto's, made before local training too. Round 1
+    # choose="train": the same choice as fedse-auto's, made before local training too. Round 1
     # (own norms = received: a tie) trains exactly as fedse-la; later, a client whose own norms are
     # more accurate on its train part starts from them, and one whose own norms are worse does not.
-    from fedse.local import extra_before_update
-    from fedse.policies import norm_keys, resolve
+    from fedse.policies import ClientRun, norm_keys, resolve
     from fedse.state import load_private
 
     cfg, model, split = _setup("fedse-auto-train")
@@ -553,13 +553,14 @@ def test_fedse_auto_train_starts_each_round_from_the_norms_it_chooses(task_ident
     good = {k: torch.from_numpy(v.numpy().copy()) for k, v in auto.content["arrays"].items()}
     bad = {k: v + 50.0 if k.endswith("running_mean") else v for k, v in good.items()}
     fed = build_federated_data(cfg)
-    shard, args = fed.shard(1), {"seed": 0, "mean": fed.dataset.mean, "std": fed.dataset.std}
+    shard, policy = fed.shard(1), resolve(cfg)
+    run = ClientRun(cfg, policy, shard, fed.dataset.mean, fed.dataset.std, seed=0)
     for received, own, starts_from in ((bad, good, good), (good, bad, good)):
         m = _setup("fedse-auto-train")[1]
         private = {k: stored[k] for k in split.private}
         assert not m.load_state_dict({**received, **private}, strict=False).missing_keys
         extra = {f"localnorm.{k}": own[k] for k in norms}
-        assert extra_before_update(m, extra, shard, cfg, resolve(cfg), **args) is extra
+        assert policy.before_update(run, m, extra) is extra
         state = m.state_dict()
         assert all(torch.equal(state[k], starts_from[k]) for k in norms)  # the better norms, in place
         assert all(torch.equal(state[k], received[k]) for k in received if k not in norms)

@@ -10,11 +10,14 @@ from torch import nn
 
 from fedse.config import ConfigError
 from fedse.federated import build_federated_data
-from fedse.local import local_update, logit_bias, train_logit_bias
 from fedse.models import build_model
-from fedse.policies import POLICIES, create_policy, resolve
+from fedse.policies import POLICIES, ClientRun, create_policy, resolve
 from fedse.prior import fit_prior_weight, label_log_prior
 from fedse.train import evaluate, train
+
+
+def _run(policy, shard, ds, seed=0):
+    return ClientRun(tiny_config(), policy, shard, ds.mean, ds.std, seed)
 
 
 def test_log_prior_is_the_smoothed_label_frequency():
@@ -107,12 +110,22 @@ def test_modes_follow_the_policy_the_override_and_sample_dp():
 
 
 @pytest.mark.parametrize("policy", ["fedse-la", "fedse-pc"])
-def test_prior_policies_keep_fedses_split(policy):
-    cfg = tiny_config()
-    ds = build_federated_data(cfg).dataset
-    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-    assert create_policy(policy).split(model).private == create_policy("fedse").split(model).private
-    assert POLICIES[policy].private_lr_scale == POLICIES["fedse"].private_lr_scale
+def test_prior_policies_train_as_fedse_once_their_prior_is_off(policy):
+    # fedse-la and fedse-pc differ from fedse in the label prior alone: with it turned off, one
+    # local update keeps the same private keys and gives bit-identical weights (the same private
+    # learning rate, the same split, the same schedule).
+    fed = build_federated_data(tiny_config())
+    shard, ds = fed.shard(1), fed.dataset
+    states, privates = [], []
+    for name, prior in (("fedse", None), (policy, "off")):
+        cfg = tiny_config(personalization={"policy": name, "label_prior": prior})
+        model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+        split = resolve(cfg).split(model)
+        ClientRun(cfg, resolve(cfg), shard, ds.mean, ds.std, seed=3).local_update(model, split)
+        states.append(model.state_dict())
+        privates.append(split.private)
+    assert privates[0] == privates[1] and privates[0]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_fedse_bn_la_keeps_fedse_bns_split_with_the_prior_in_training():
@@ -136,9 +149,12 @@ def test_prior_smoothing_is_the_pseudo_count_of_each_class():
     for a in (1.0, 7.5):
         la = resolve(tiny_config(personalization={"policy": "fedse-la", "prior_smoothing": a}))
         expected = ((counts + a) / (counts.sum() + a * ds.num_classes)).log().float()
-        assert torch.allclose(train_logit_bias(model, shard, la), expected, atol=1e-6)
+        assert torch.allclose(_run(la, shard, ds).train_offset(model), expected, atol=1e-6)
     spread = {
-        a: train_logit_bias(model, shard, resolve(tiny_config(personalization={"prior_smoothing": a}))).std().item()
+        a: _run(resolve(tiny_config(personalization={"prior_smoothing": a})), shard, ds)
+        .train_offset(model)
+        .std()
+        .item()
         for a in (1.0, 50.0)
     }
     assert spread[50.0] < spread[1.0]
@@ -152,15 +168,15 @@ def test_client_offsets_come_from_its_own_train_labels():
     model = build_model(tiny_config(), ds.num_classes, ds.channels, ds.image_size)
     prior = label_log_prior(shard.train_labels, ds.num_classes, tiny_config().personalization.prior_smoothing)
     la = resolve(tiny_config(personalization={"policy": "fedse-la"}))
-    assert torch.equal(train_logit_bias(model, shard, la), prior)
-    assert torch.equal(logit_bias(model, shard, la, mean=ds.mean, std=ds.std), prior)
+    assert torch.equal(_run(la, shard, ds).train_offset(model), prior)
+    assert torch.equal(_run(la, shard, ds).offset(model), prior)
     pc = resolve(tiny_config(personalization={"policy": "fedse-pc"}))
-    assert train_logit_bias(model, shard, pc) is None  # predict mode trains as fedse does
+    assert _run(pc, shard, ds).train_offset(model) is None  # predict mode trains as fedse does
     # The freshly initialised model is nearly uninformative, so its best weight is 1 (see above):
     # a third of the prior already in its classifier bias moves the fit to an interior weight.
     with torch.no_grad():
         model.fc.bias += 0.3 * prior
-    got = logit_bias(model, shard, pc, mean=ds.mean, std=ds.std)
+    got = _run(pc, shard, ds).offset(model)
     # The weight by brute force: the model's logits on the client's train part (plain forward
     # pass), the cross-entropy of softmax(logits + t * prior) for t = 0, 0.1, ..., 2 in float64.
     m, s = torch.tensor(ds.mean).view(1, -1, 1, 1), torch.tensor(ds.std).view(1, -1, 1, 1)
@@ -176,7 +192,7 @@ def test_client_offsets_come_from_its_own_train_labels():
     assert best not in (0.0, 1.0, 2.0)  # an interior fit: no default or boundary value passes by chance
     assert torch.allclose(got, best * prior)
     fedse = resolve(tiny_config(personalization={"policy": "fedse"}))
-    assert logit_bias(model, shard, fedse, mean=ds.mean, std=ds.std) is None
+    assert _run(fedse, shard, ds).offset(model) is None
 
 
 def test_prediction_mode_trains_exactly_as_fedse():
@@ -187,8 +203,8 @@ def test_prediction_mode_trains_exactly_as_fedse():
     for policy in ("fedse", "fedse-pc"):
         cfg = tiny_config(personalization={"policy": policy})
         model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
-        local_update(
-            model, create_policy(policy).split(model), resolve(cfg), shard, cfg, seed=3, mean=ds.mean, std=ds.std
+        ClientRun(cfg, resolve(cfg), shard, ds.mean, ds.std, seed=3).local_update(
+            model, create_policy(policy).split(model)
         )
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

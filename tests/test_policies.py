@@ -1,0 +1,126 @@
+"""The policy registry's rules (resolve) and APFL's mechanism, computed by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import cpu_state, tiny_config
+from torch.func import functional_call
+
+from fedse.config import ConfigError
+from fedse.federated import build_federated_data
+from fedse.models import build_model
+from fedse.policies import POLICIES, ClientRun, resolve, settings
+from fedse.policies.apfl import APFL, APFL_LOCAL
+
+
+@pytest.mark.parametrize(
+    "raw,pattern",
+    [
+        (
+            {"personalization": {"policy": "ditto", "ditto_lambda": 40.0}},
+            r"'personalization\.ditto_lambda': 40\.0 x train\.lr 0\.05 = 2; .* ditto_lambda < 1 / train\.lr = 20",
+        ),
+        (
+            {"personalization": {"policy": "fedala"}, "privacy": {"mode": "sample", "noise_multiplier": 1.0}},
+            r"'personalization\.policy': 'fedala' cannot be combined with privacy\.mode=sample \(its mixing weights",
+        ),
+        (
+            {"personalization": {"policy": "fedala-la"}, "privacy": {"mode": "sample", "noise_multiplier": 1.0}},
+            r"'personalization\.policy': 'fedala-la' cannot be combined with privacy\.mode=sample",
+        ),
+    ],
+)
+def test_a_methods_own_rules_are_checked_when_it_is_resolved(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        resolve(tiny_config(**raw))
+
+
+def test_only_fedala_refuses_sample_level_dp():
+    refusing = {name for name, p in POLICIES.items() if p.sample_dp_refusal is not None}
+    assert refusing == {"fedala", "fedala-la"}
+    resolve(tiny_config(personalization={"policy": "ditto"}, privacy={"mode": "sample", "noise_multiplier": 1.0}))
+
+
+def test_the_settings_a_resolved_policy_reads():
+    assert settings() == {"prior_smoothing", "ditto_lambda"}
+    assert resolve(tiny_config(personalization={"policy": "fedavg"})).reads() == set()
+    assert resolve(tiny_config(personalization={"policy": "fedse-la"})).reads() == {"prior_smoothing"}
+    assert resolve(tiny_config(personalization={"policy": "ditto"})).reads() == {"ditto_lambda"}
+    # a setting turns the prior on: prior_smoothing is read then
+    on = tiny_config(personalization={"policy": "ditto", "label_prior": "train"})
+    assert resolve(on).reads() == {"ditto_lambda", "prior_smoothing"}
+
+
+def _apfl_setup(alpha: float):
+    cfg = tiny_config(personalization={"policy": "apfl"}, train={"momentum": 0.0, "weight_decay": 0.0})
+    fed = build_federated_data(cfg)
+    shard, ds = fed.shard(1), fed.dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    policy = APFL("apfl", frozenset(), alpha=alpha)
+    return cfg, shard, ds, model, policy
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5])
+def test_apfl_takes_one_sgd_step_on_its_local_model_through_the_mix(alpha):
+    # Deng et al. 2020: v <- v - lr * d/dv L(alpha v + (1 - alpha) w). One step over the whole train
+    # part (one batch, plain SGD), computed here with autograd on the mix as a function of v, equals
+    # what the policy keeps after its update.
+    cfg, shard, ds, model, policy = _apfl_setup(alpha)
+    n = len(shard.train_labels)
+    cfg = tiny_config(personalization={"policy": "apfl"}, train={"momentum": 0.0, "weight_decay": 0.0, "batch_size": n})
+    torch.manual_seed(0)
+    with torch.no_grad():  # w (the trained global model) and v differ
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    extra = {f"{APFL_LOCAL}{k}": v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    run = ClientRun(cfg, policy, shard, ds.mean, ds.std, seed=3)
+    out = policy.after_update(run, model, dict(extra), {})
+
+    w = cpu_state(model)
+    names = [k for k, _ in model.named_parameters()]
+    v = {k: extra[f"{APFL_LOCAL}{k}"].clone().requires_grad_(k in names) for k in w}
+    mix = {k: alpha * v[k] + (1 - alpha) * w[k] for k in w}
+    by_hand = copy.deepcopy(model).train()
+    m, s = torch.tensor(ds.mean).view(1, -1, 1, 1), torch.tensor(ds.std).view(1, -1, 1, 1)
+    x = (shard.train_images.float() / 255 - m) / s
+    loss = torch.nn.functional.cross_entropy(functional_call(by_hand, mix, (x,)), shard.train_labels.long())
+    grads = dict(zip(names, torch.autograd.grad(loss, [v[k] for k in names]), strict=True))
+    for k in names:
+        expected = v[k].detach() - cfg.train.lr * grads[k]
+        torch.testing.assert_close(out[f"{APFL_LOCAL}{k}"], expected, rtol=1e-4, atol=1e-5)
+    moved = sum(float((out[f"{APFL_LOCAL}{k}"] - extra[f"{APFL_LOCAL}{k}"]).abs().sum()) for k in names)
+    assert moved > 1e-3  # the step is not zero
+
+
+def test_apfl_evaluates_the_mix_of_its_local_model_and_the_received_one():
+    cfg, shard, ds, model, policy = _apfl_setup(0.25)
+    received = cpu_state(model)
+    extra = {f"{APFL_LOCAL}{k}": torch.full_like(v, 2.0) for k, v in received.items()}
+    run = ClientRun(cfg, policy, shard, ds.mean, ds.std, seed=0)
+    evaluated = policy.evaluated_model(run, model, extra).state_dict()
+    for k, w in received.items():
+        torch.testing.assert_close(evaluated[k], 0.25 * 2.0 + 0.75 * w)
+    assert all(torch.equal(v, received[k]) for k, v in cpu_state(model).items())  # model itself unchanged
+
+
+def test_apfl_refuses_a_mixing_weight_outside_0_1():
+    with pytest.raises(ValueError, match=r"alpha 0\.0; allowed: 0 < alpha <= 1"):
+        APFL("apfl", frozenset(), alpha=0.0)
+
+
+def test_fedrod_predicts_without_the_prior_offset_wherever_a_model_is_evaluated():
+    # FedRoD's personalized head has learnt the client's prior: no offset at evaluation, in a
+    # client's round (handle_evaluate) as for a new client's cold start (adapt_and_evaluate).
+    cfg = tiny_config(personalization={"policy": "fedrod"})
+    fed = build_federated_data(cfg)
+    shard, ds = fed.shard(1), fed.dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    rod, la = resolve(cfg), resolve(tiny_config(personalization={"policy": "fedavg-la"}))
+    run = ClientRun(cfg, rod, shard, ds.mean, ds.std, seed=0)
+    assert rod.prediction_offset(run, model) is None
+    assert la.prediction_offset(ClientRun(cfg, la, shard, ds.mean, ds.std, seed=0), model) is not None
+    got = run.adapt_and_evaluate(copy.deepcopy(model), rod.split(model))
+    assert got["global_acc"] == run.evaluate(model, None).accuracy
