@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_config
 from flwr.app import Array, ArrayRecord
 
-from fedse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedse.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedse.privacy import make_client_dp
 from fedse.report import RunLog
 
 SHARED = {"w": torch.zeros(2), "b": torch.zeros(1)}
@@ -25,25 +26,79 @@ def _save(tmp_path, cfg, **override):
         torch.save(payload, tmp_path / "checkpoint.pt")
 
 
+def _random(shape, dtype, gen):
+    """A seeded random tensor of ``shape`` and ``dtype`` (values over the dtype's range, not zeros)."""
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    low, high = {torch.int64: (-(2**40), 2**40), torch.uint8: (0, 256), torch.bool: (0, 2)}[dtype]
+    return torch.randint(low, high, shape, generator=gen, dtype=torch.int64).to(dtype)
+
+
+# shared weights of several shapes and dtypes, as a state_dict holds them: conv and linear weights, a
+# float64 and a float16 tensor, BatchNorm's 0-d int64 counter, uint8 and bool buffers
+SHAPES = {
+    "conv.weight": ((4, 1, 3, 3), torch.float32),
+    "fc.bias": ((5,), torch.float32),
+    "scale": ((2, 3), torch.float64),
+    "half": ((3, 2), torch.float16),
+    "bn.num_batches_tracked": ((), torch.int64),
+    "lut": ((7,), torch.uint8),
+    "mask": ((2, 2), torch.bool),
+}
+
+
 def test_a_good_checkpoint_round_trips(tmp_path):
-    cfg = tiny_config()
-    weights = {"w": torch.tensor([0.1, -2.5]), "b": torch.tensor([3e-8])}
-    log = RunLog(train={1: {0: {"train-loss": 0.5}}}, round_seconds={1: 1.25})
-    moments = {"m_t": {"w": torch.tensor([1e-3, 2e-3]), "b": torch.tensor([4e-4])}}
-    manifest = {"0": {"round": 1, "sha256": "ab" * 32}}
+    cfg = tiny_config(server={"rounds": 3}, privacy={"mode": "client", "clipping_norm": 1.0, "noise_multiplier": 1.3})
+    gen = torch.Generator().manual_seed(1234)
+    weights = {k: _random(shape, dtype, gen) for k, (shape, dtype) in SHAPES.items()}
+    moments = {name: {k: _random(v.shape, v.dtype, gen) for k, v in weights.items()} for name in ("m_t", "v_t")}
+    strategy = {"clipping_norm": 0.8125, **moments}
+    log = RunLog(
+        train={1: {0: {"train-loss": 0.5, "num-examples": 30}, 2: {"train-loss": 0.25}}, 2: {1: {"train-acc": 0.75}}},
+        evaluate={2: {0: {"test-acc": 0.875, "num-examples": 12}}},
+        dropped=[{"node-id": 7, "client": None, "problems": ["num-examples 0"]}],
+        failed=[{"node-id": 9, "client": 1, "reason": "boom"}],
+        refused=[{"round": 1, "reason": "2 usable replies"}],
+        round_seconds={1: 1.25, 2: 0.5},
+        epsilon={1: 0.5, 2: 0.75},
+    )
+    manifest = {"0": {"round": 2, "sha256": "ab" * 32, "file": "0.pt"}, "2": {"round": 1, "sha256": "cd" * 32}}
+    dp = make_client_dp(cfg, 3, 3)
+    dp.release()
+    dp.release()
     save_checkpoint(
         tmp_path,
         cfg,
-        1,
+        2,
         ArrayRecord({k: Array(v.numpy()) for k, v in weights.items()}),
         log,
-        strategy=moments,
+        dp,
+        strategy=strategy,
         private=manifest,
+        finished=True,
     )
-    ckpt = load_checkpoint(tmp_path, cfg, SHARED)
-    assert ckpt.round == 1 and ckpt.log == log and ckpt.accountant == "" and not ckpt.finished
-    assert all(torch.equal(ckpt.shared[k], weights[k]) for k in weights) and ckpt.shared.keys() == weights.keys()
-    assert torch.equal(ckpt.strategy["m_t"]["w"], moments["m_t"]["w"]) and ckpt.private == manifest
+    ckpt = load_checkpoint(tmp_path, cfg, {k: torch.zeros_like(v) for k, v in weights.items()})
+
+    def same(got, want):
+        assert list(got) == list(want)
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+
+    # every field of the checkpoint (a new field fails here until it is compared below), each exactly
+    fields = ["round", "shared", "log", "accountant", "strategy", "private", "finished"]
+    assert [f.name for f in dataclasses.fields(Checkpoint)] == fields
+    assert ckpt.round == 2
+    same(ckpt.shared, weights)
+    assert ckpt.log == log
+    assert ckpt.accountant == dp.state()
+    restored = make_client_dp(cfg, 3, 3)
+    restored.load_state(ckpt.accountant)
+    assert restored.releases == 2 and restored.epsilon() == dp.epsilon() > 0
+    assert set(ckpt.strategy) == {"clipping_norm", "m_t", "v_t"} and ckpt.strategy["clipping_norm"] == 0.8125
+    same(ckpt.strategy["m_t"], moments["m_t"])
+    same(ckpt.strategy["v_t"], moments["v_t"])
+    assert ckpt.private == manifest
+    assert ckpt.finished is True
     assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o600
 
 
@@ -132,7 +187,6 @@ def test_a_non_tensor_pickle_is_never_loaded(tmp_path):
 def test_a_dp_run_extends_only_when_its_noise_was_not_sized_for_its_rounds(tmp_path):
     """With privacy.noise_multiplier the accountant counts every release, so a resume may add rounds;
     with privacy.target_epsilon sigma was calibrated to reach it in server.rounds, so it may not."""
-    from fedse.privacy import make_client_dp
 
     def dp_run(privacy):
         cfg = tiny_config(server={"rounds": 2}, privacy={"mode": "client", "clipping_norm": 1.0, **privacy})

@@ -158,9 +158,32 @@ def test_all_attacks_at_once_leave_exactly_fedavg_of_the_honest(task_identity):
     np.testing.assert_allclose(arrays["w"].numpy(), [(1 + 15) / 4, (2 + 18) / 4])
 
 
-def test_huge_num_examples_within_the_cap_is_only_the_cap():
-    schema = train_schema(SHARED, dp_sample=False, digests=False, max_examples=CAP)
-    assert schema.max_examples == CAP  # a client can claim at most the cap, never 10**12
+def test_huge_num_examples_within_the_cap_is_only_the_cap(task_identity):
+    # A claim of exactly CAP passes and weighs CAP; CAP + 1 and 10**12 are beyond the schema's cap and dropped.
+    at_cap = _reply(_content(w=(10.0, 20.0), b=(30.0,), n=CAP, pid=2), 102)
+    over = [
+        _reply(_content(w=(1e6, 1e6), b=(1e6,), n=CAP + 1, pid=3), 103),
+        _reply(_content(w=(-1e6, 1e6), b=(-1e6,), n=10**12, pid=4), 104),
+    ]
+    guard = _guard()
+    arrays, _ = guard.aggregate_train(1, [*_honest(), at_cap, *over])
+    assert _kept(guard) == {0, 1, 2}
+    assert [d["node-id"] for d in guard.last.dropped] == [103, 104]
+    assert all(f"allowed an integer in [1, {CAP}]" in d["problems"][0] for d in guard.last.dropped)
+    assert [checked.metrics["num-examples"] for _, _, checked in guard.last.kept] == [1, 3, CAP]
+    # hand-computed weighted mean, weights 1, 3 and CAP (w: 1, 2 | 5, 6 | 10, 20; b: 0 | 4 | 30)
+    total = 1 + 3 + CAP
+    np.testing.assert_allclose(
+        arrays["w"].numpy(), [(1 + 15 + 10 * CAP) / total, (2 + 18 + 20 * CAP) / total], rtol=1e-6
+    )
+    np.testing.assert_allclose(arrays["b"].numpy(), [(12 + 30 * CAP) / total], rtol=1e-6)
+
+    # Under the server's weight cap the claim of CAP weighs only 2 x the median claim (median of 1, 3, CAP: 3).
+    guard = _guard(weight_cap=2.0)
+    arrays, _ = guard.aggregate_train(1, [*_honest(), copy.deepcopy(at_cap), *copy.deepcopy(over)])
+    assert guard.last.bounded == [{"client": 2, "num-examples": CAP, "weight": 6}]
+    np.testing.assert_allclose(arrays["w"].numpy(), [(1 + 15 + 60) / 10, (2 + 18 + 120) / 10], rtol=1e-6)
+    np.testing.assert_allclose(arrays["b"].numpy(), [(12 + 180) / 10], rtol=1e-6)
 
 
 def test_an_error_reply_does_not_stop_the_round(task_identity):
