@@ -194,9 +194,20 @@ def _run(
             except BaseException as err:  # noqa: BLE001 (re-raised in this process after the engine stopped)
                 holder["error"] = err
 
+        # Without --verbose, Flower's logger shows errors only: its INFO lines would interleave with the
+        # progress bar, and its WARNINGs include the notice every run_simulation call logs (a log record
+        # through flwr.supercore.logger.warn_deprecated_feature, not a DeprecationWarning): "DEPRECATED
+        # FEATURE: The `run_simulation` function is deprecated and will be removed in a future version of
+        # Flower. Please use `flwr run` in the CLI instead" (flwr/simulation/run_simulation.py). Flower 1.42
+        # has no replacement that runs in this process: `flwr run` builds a FAB, hands it to a SuperLink and
+        # runs the ServerApp it loads from the FAB in another process (flwr-simulation, through
+        # run_simulation_process), so it can neither run this ServerApp (a closure over the federation built
+        # above, the progress bar and `holder`) nor hand the ServerOutcome back here; start_simulation is
+        # the older, also deprecated API, and _run_simulation is private. `flwr run` itself is supported as
+        # its own path (server/app.py, clients/app.py). With --verbose the notice shows.
         flwr_logger = logging.getLogger("flwr")
         level = flwr_logger.level
-        if not verbose:  # Flower's INFO lines and its run_simulation deprecation notice
+        if not verbose:
             flwr_logger.setLevel(logging.ERROR)
         # A client with no GPU share must not see the GPU: Ray then hides CUDA from its actor, and
         # fedse.train picks the CPU. Ray does this today by default but warns that the default will
