@@ -1,6 +1,6 @@
 """The import graph: every module imports only from its own layer or the layers below.
 
-The layers, bottom up (README, "Module map"); ``cli`` may import ``simulations``
+The layers, bottom up (docs/design.md, "Module map"); ``cli`` may import ``simulations``
 (the runners it starts), nothing in ``fedse`` below the CLI may."""
 
 from __future__ import annotations
