@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedse.config import load_config  # noqa: E402
+from fedse.data import hflip  # noqa: E402
 from fedse.federated import build_federated_data  # noqa: E402
 from fedse.models import build_model  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402
@@ -62,6 +63,7 @@ def plain(cfg) -> tuple[float, list[float]]:
                 momentum=t.momentum,
                 weight_decay=t.weight_decay,
                 augment=cfg.data.augment,
+                hflip=hflip(cfg.data),
                 seed=cid + rnd,
             )
             evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std)

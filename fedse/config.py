@@ -178,8 +178,11 @@ class DataConfig:
     root: str | None = None
     # Fetch the official files when missing (needs a network).
     download: bool = False
-    # Random crop (and horizontal flip for colour images) on training batches.
+    # Random crop on training batches, and a horizontal flip where hflip allows it.
     augment: bool = False
+    # Whether the augmentation mirrors images left-right (null: the dataset's own rule, fedse.data.DATASETS:
+    # CIFAR-10 yes; digits, MNIST, Fashion-MNIST and image folders no).
+    hflip: bool | None = None
     # Class names in label order. The named datasets have their own; for 'imagefolder' a client
     # reading its own data maps its class folders onto these (a folder not listed is an error, a
     # missing one leaves its label unused), so every client numbers the classes alike.
@@ -661,10 +664,13 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 # default. Each schema names the settings whose meaning changed for a record that lacks them: the value
 # every run before that schema ran with. Bump CONFIG_SCHEMA when a default changes or a key is added
 # whose absence meant something else, and say here what an older record meant.
-CONFIG_SCHEMA = 2
+CONFIG_SCHEMA = 3
 _BEFORE: dict[int, dict[str, Any]] = {
     # 2: the counted label prior's pseudo-count became a setting, 16 by default; before, add-one.
     2: {"personalization.prior_smoothing": 1.0},
+    # 3: data.hflip; before, the augmentation mirrored colour images and no others. That is every
+    # dataset's own rule (null) except for an image folder of colour images: _check_old_flip.
+    3: {"data.hflip": None},
 }
 
 
@@ -697,7 +703,26 @@ def config_from_record(raw: Any) -> Config:
                     break
             else:
                 node.setdefault(key, value)
+    if schema < 3:
+        _check_old_flip(raw)
     return config_from_dict(raw)
+
+
+def _check_old_flip(raw: dict[str, Any]) -> None:
+    """A record from before data.hflip of an augmented image folder: its colour images were mirrored,
+    its grey ones not, and the record does not say which it had."""
+    data = raw.get("data")
+    if (
+        isinstance(data, dict)
+        and data.get("dataset") == "imagefolder"
+        and data.get("augment")
+        and data["hflip"] is None
+    ):
+        raise ConfigError(
+            "config record key 'data.hflip': missing from a record written before it existed, of an augmented "
+            "image folder (whose colour images were mirrored then, grey ones not); allowed: --set data.hflip=true "
+            "for colour images, --set data.hflip=false for grey ones"
+        )
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -34,19 +34,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig, field_range
+from .config import DataConfig, ModelConfig, field_range
 from .io import atomic_save, atomic_write_bytes
 
 __all__ = [
     "DATASETS",
-    "DATASET_SHAPES",
+    "DatasetSpec",
     "IMAGE_SUFFIXES",
-    "OWN_FORMATS",
     "Dataset",
     "DatasetError",
+    "dataset_spec",
+    "hflip",
     "load_dataset",
     "load_own",
     "read_images",
+    "register_dataset",
 ]
 
 
@@ -571,29 +573,110 @@ def load_cifar10(root: Path | None, download: bool) -> Dataset:
     )
 
 
-def load_imagefolder(root: Path | None, download: bool) -> Dataset:
+def _load_imagefolder(root: Path | None, download: bool, classes: Sequence[str]) -> Dataset:
     if root is None:
         raise DatasetError("imagefolder: set data.root to a directory holding train/<class>/*.jpg|png")
-    return load_image_folder(root)
+    return load_image_folder(root, classes=classes or None)
 
 
-DATASETS: dict[str, Callable[[Path | None, bool], Dataset]] = {
-    "digits": load_digits_dataset,
-    "mnist": load_mnist,
-    "fashion-mnist": load_fashion_mnist,
-    "cifar10": load_cifar10,
-    "imagefolder": load_imagefolder,
-}
+def _named(loader: Callable[[Path | None, bool], Dataset]) -> Callable[[Path | None, bool, Sequence[str]], Dataset]:
+    """A named dataset's reader: its classes are its own (checked before, :func:`load_dataset`)."""
+    return lambda root, download, classes: loader(root, download)
 
 
-# (classes, channels, image size) of the named datasets: what a server needs to build the model
-# without holding any data. imagefolder has none: its shape comes from the config.
-DATASET_SHAPES: dict[str, tuple[tuple[str, ...], int, int]] = {
-    "digits": (tuple(str(i) for i in range(10)), 1, 8),
-    "mnist": (tuple(str(i) for i in range(10)), 1, 28),
-    "fashion-mnist": (FASHION_CLASSES, 1, 28),
-    "cifar10": (CIFAR_CLASSES, 3, 32),
-}
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything fedse knows of a dataset, in one row of :data:`DATASETS`.
+
+    ``loader(root, download, classes)`` reads it. ``classes``, ``channels`` and ``image_size`` are what
+    a server needs to build the model without holding any data (None: the config gives them, as for
+    ``imagefolder``). ``hflip``: whether the training augmentation may mirror its images left-right
+    (natural photographs; never digits or letters, whose mirror image is another symbol or none).
+    ``own_format``: what a client's own data folder may hold (``fedse adapt --data-dir``,
+    ``fedse client --data-dir``)."""
+
+    name: str
+    loader: Callable[[Path | None, bool, Sequence[str]], Dataset]
+    classes: tuple[str, ...] | None
+    channels: int | None
+    image_size: int | None
+    hflip: bool
+    own_format: str
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add ``spec`` to :data:`DATASETS` under its name (a name is registered once)."""
+    if spec.name in DATASETS:
+        raise ValueError(f"dataset {spec.name!r} is registered already")
+    DATASETS[spec.name] = spec
+    return spec
+
+
+_DIGITS = tuple(str(i) for i in range(10))
+for _spec in (
+    DatasetSpec(
+        "digits",
+        _named(load_digits_dataset),
+        _DIGITS,
+        1,
+        8,
+        hflip=False,
+        own_format="8x8 grey PNG images in one folder per digit, DIR/<0..9>/*.png (or DIR/train/<0..9>/*.png and "
+        "DIR/test/<0..9>/*.png), pixel values 0..255 as fedse reads scikit-learn's digits (its 0..16 times 255/16)",
+    ),
+    DatasetSpec(
+        "mnist",
+        _named(load_mnist),
+        _DIGITS,
+        1,
+        28,
+        hflip=False,
+        own_format=f"the four MNIST IDX files {list(IDX_FILES)} (gzipped or not)",
+    ),
+    DatasetSpec(
+        "fashion-mnist",
+        _named(load_fashion_mnist),
+        FASHION_CLASSES,
+        1,
+        28,
+        hflip=False,
+        own_format=f"the four Fashion-MNIST IDX files {list(IDX_FILES)} (gzipped or not)",
+    ),
+    DatasetSpec(
+        "cifar10",
+        _named(load_cifar10),
+        CIFAR_CLASSES,
+        3,
+        32,
+        hflip=True,
+        own_format="cifar-10-batches-py/ (data_batch_1..5, test_batch), cifar10-train.tar.gz and "
+        "cifar10-test.tar.gz, or an image-folder tree DIR/train/<class>/*.png",
+    ),
+    DatasetSpec(
+        "imagefolder",
+        _load_imagefolder,
+        None,
+        None,
+        None,
+        hflip=False,  # road signs, text, digits: unknown, so never mirrored unless data.hflip says so
+        own_format="an image-folder tree DIR/train/<class>/*.jpg|png (and DIR/test/<class>/*.jpg|png)",
+    ),
+):
+    register_dataset(_spec)
+
+
+def hflip(data: DataConfig) -> bool:
+    """Whether the training augmentation mirrors images: ``data.hflip``, else the dataset's rule."""
+    return data.hflip if data.hflip is not None else dataset_spec(data.dataset).hflip
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
+    return DATASETS[name]
 
 
 def load_dataset(
@@ -601,50 +684,32 @@ def load_dataset(
 ) -> Dataset:
     """``classes``: for ``imagefolder``, the class names in label order (the folders are mapped onto
     them); for a named dataset they must be its own, in its order."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
+    spec = dataset_spec(name)
     path = Path(root).expanduser() if root is not None else None
-    if name == "imagefolder":
-        if path is None:
-            raise DatasetError("imagefolder: set data.root to a directory holding train/<class>/*.jpg|png")
-        return load_image_folder(path, classes=classes or None)
-    _check_classes(name, classes)
-    return DATASETS[name](path, download)
+    _check_classes(spec, classes)
+    return spec.loader(path, download, classes)
 
 
-def _check_classes(name: str, classes: Sequence[str]) -> None:
-    if classes and tuple(classes) != DATASET_SHAPES[name][0]:
+def _check_classes(spec: DatasetSpec, classes: Sequence[str]) -> None:
+    if classes and spec.classes is not None and tuple(classes) != spec.classes:
         raise DatasetError(
-            f"data.classes {list(classes)} differ from {name}'s classes {list(DATASET_SHAPES[name][0])}; "
+            f"data.classes {list(classes)} differ from {spec.name}'s classes {list(spec.classes)}; "
             "leave data.classes empty for a named dataset"
         )
-
-
-# What a client's own data folder may hold, per dataset (``fedse adapt --data-dir``, ``fedse client --data-dir``).
-OWN_FORMATS: dict[str, str] = {
-    "digits": "8x8 grey PNG images in one folder per digit, DIR/<0..9>/*.png (or DIR/train/<0..9>/*.png and "
-    "DIR/test/<0..9>/*.png), pixel values 0..255 as fedse reads scikit-learn's digits (its 0..16 times 255/16)",
-    "mnist": f"the four MNIST IDX files {list(IDX_FILES)} (gzipped or not)",
-    "fashion-mnist": f"the four Fashion-MNIST IDX files {list(IDX_FILES)} (gzipped or not)",
-    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), cifar10-train.tar.gz and cifar10-test.tar.gz, "
-    "or an image-folder tree DIR/train/<class>/*.png",
-    "imagefolder": "an image-folder tree DIR/train/<class>/*.jpg|png (and DIR/test/<class>/*.jpg|png)",
-}
 
 
 def _load_digits_folder(root: Path) -> Dataset:
     """Digits as image files: ``root/<digit>/*``, or ``root/train/<digit>/*`` with ``root/test/<digit>/*``.
     Pixel values are those of :func:`load_digits_dataset`, so a bundled digit written as a grey PNG reads
     back as the same tensor."""
-    classes, _, size = DATASET_SHAPES["digits"]
+    spec = DATASETS["digits"]
+    classes, size = spec.classes, spec.image_size
     if (root / "train").is_dir():
         data = load_image_folder(root, "digits", classes)
     else:
         unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in classes)
         if unknown:
-            raise DatasetError(
-                f"digits: folders {unknown} in {root} are not digit classes; allowed: {OWN_FORMATS['digits']}"
-            )
+            raise DatasetError(f"digits: folders {unknown} in {root} are not digit classes; allowed: {spec.own_format}")
         arrays, labels, names, _ = _read_folder_split(root, classes)
         if not arrays:
             raise DatasetMissing(f"digits: no {IMAGE_SUFFIXES} images under {root}/<digit>/", ["<0..9>/*.png"])
@@ -661,18 +726,17 @@ def _load_digits_folder(root: Path) -> Dataset:
 def load_own(name: str, directory: str | os.PathLike[str], classes: Sequence[str] = ()) -> Dataset:
     """A client's own data: every sample of dataset ``name`` found in ``directory`` and nowhere else
     (no other place is searched, nothing is downloaded, the bundled digits are not used). A missing
-    folder, or one holding none of the formats :data:`OWN_FORMATS` allows, is a :class:`DatasetError`
-    naming the folder and what is allowed."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
+    folder, or one holding none of the formats its :class:`DatasetSpec` allows (``own_format``), is a
+    :class:`DatasetError` naming the folder and what is allowed."""
+    spec = dataset_spec(name)
     path = Path(directory).expanduser()
-    allowed = f"allowed: a folder holding {OWN_FORMATS[name]}"
+    allowed = f"allowed: a folder holding {spec.own_format}"
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise DatasetError(f"{name} data folder {str(path)!r} {what}; {allowed}")
     try:
         if name == "digits":
-            _check_classes(name, classes)
+            _check_classes(spec, classes)
             return _load_digits_folder(path)
         return load_dataset(name, path, classes=classes)
     except DatasetMissing as err:

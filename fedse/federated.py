@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import DATASET_SHAPES, Dataset, load_dataset, load_own
+from .data import Dataset, dataset_spec, load_dataset, load_own
 from .feature_skew import ClientStyle, apply_style, make_client_styles
 from .partition import label_counts, partition_from_config, split_train_test
 
@@ -91,7 +91,8 @@ def model_shape(cfg: Config, dataset: Dataset | None = None) -> tuple[int, int, 
     imagefolder). No data is read: a deployed server builds its model from this alone. With
     ``dataset`` (a client's data, or the simulator's), the data must have that shape."""
     m, d = cfg.model, cfg.data
-    classes, channels, size = DATASET_SHAPES.get(d.dataset, (d.classes, None, None))
+    spec = dataset_spec(d.dataset)
+    classes, channels, size = spec.classes or d.classes, spec.channels, spec.image_size
     shape = (m.num_classes or len(d.classes or classes) or None, m.in_channels or channels, m.image_size or size)
     if dataset is not None:
         have = (dataset.num_classes, dataset.channels, dataset.image_size)
@@ -140,7 +141,7 @@ def _own(seed: int, name: str, data_dir: str, test_fraction: float, classes: tup
 
 def own_data(cfg: Config, data_dir: str) -> FederatedData:
     """A deployed client's own data: every sample of ``cfg.data.dataset`` read from ``data_dir`` and
-    nowhere else (:func:`fedse.data.load_own`; its formats: :data:`fedse.data.OWN_FORMATS`), split into
+    nowhere else (:func:`fedse.data.load_own`; its formats: :attr:`fedse.data.DatasetSpec.own_format`), split into
     its train and test part (``test_fraction``, stratified, seeded); a one-client federation, so
     ``shard(0)`` is the client's."""
     return _own(cfg.seed, cfg.data.dataset, str(data_dir), cfg.partition.test_fraction, cfg.data.classes)

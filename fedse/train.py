@@ -110,6 +110,7 @@ def train(
     proximal_mu: float = 0.0,
     anchor: dict[str, torch.Tensor] | None = None,
     augment: bool = False,
+    hflip: bool = False,
     seed: int = 0,
     device: torch.device | None = None,
     dp: SampleDP | None = None,
@@ -126,6 +127,7 @@ def train(
     trainable parameter's gradient, Gaussian noise), one :meth:`SampleDP.phase`:
     its batches and its step replace the plain ones, and ``dp``'s accountant counts
     every step.
+    ``augment``: a random crop of every training batch, and with ``hflip`` a random horizontal flip.
     ``logit_bias``: a fixed per-class offset added to the logits (the client's log
     label prior, :mod:`fedse.prior`); loss and accuracy use the offset logits.
     ``bf16``: forward pass and loss under bfloat16 autocast (mixed precision, meant for CUDA;
@@ -192,7 +194,6 @@ def train(
             epoch_batches = lambda: (  # noqa: E731
                 (x_all[i], y_all[i]) for i in (j.to(device) for j in batches(len(labels), batch_size, generator))
             )
-        flip = images.shape[1] == 3
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen, steps = 0, 0
@@ -200,7 +201,7 @@ def train(
             for xb, yb in epoch_batches():
                 x = normalize(xb.to(device), mean, std)
                 if augment:
-                    x = augment_batch(x, generator, flip=flip)
+                    x = augment_batch(x, generator, flip=hflip)
                 y = yb.to(device)
                 loss, logits = step(x, y)
                 steps += 1

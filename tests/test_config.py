@@ -264,7 +264,7 @@ def test_a_record_keeps_the_meaning_it_was_written_with():
     omits is today's default."""
     cfg = config_from_dict({"personalization": {"policy": "fedse-la", "prior_smoothing": 4}})
     record = config_to_record(cfg)
-    assert record["schema"] == CONFIG_SCHEMA == 2 and config_from_record(record) == cfg
+    assert record["schema"] == CONFIG_SCHEMA == 3 and config_from_record(record) == cfg
     legacy = _without_smoothing({k: v for k, v in config_to_dict(cfg).items()})  # no schema: before schemas
     assert config_from_record(legacy).personalization.prior_smoothing == 1.0
     assert "prior_smoothing" not in legacy["personalization"]  # the caller's mapping is left alone
@@ -273,9 +273,9 @@ def test_a_record_keeps_the_meaning_it_was_written_with():
     assert config_from_dict(legacy).personalization.prior_smoothing == 16.0  # a user's mapping
 
 
-@pytest.mark.parametrize("schema", [0, 3, "2", True, 2.0, None])
+@pytest.mark.parametrize("schema", [0, 4, "2", True, 2.0, None])
 def test_a_record_of_an_unknown_schema_is_refused(schema):
-    with pytest.raises(ConfigError, match=r"config record key 'schema': .*allowed: an integer in \[1, 2\]"):
+    with pytest.raises(ConfigError, match=r"config record key 'schema': .*allowed: an integer in \[1, 3\]"):
         config_from_record({**config_to_record(Config()), "schema": schema})
     with pytest.raises(ConfigError, match="config record: expected a mapping, got list"):
         config_from_record([1])

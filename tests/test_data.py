@@ -14,7 +14,7 @@ import torch
 from conftest import SHARED_DATA
 from PIL import Image
 
-from fedse.data import DATASETS, OWN_FORMATS, DatasetError, load_dataset, load_own
+from fedse.data import DATASETS, DatasetError, hflip, load_dataset, load_own
 from fedse.transforms import augment, normalize
 
 
@@ -377,7 +377,7 @@ def test_own_digits_refuse_images_of_another_shape_and_folders_that_are_no_digit
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_own_data_from_a_missing_or_empty_folder_names_it_and_what_is_allowed(tmp_path, name):
-    assert set(OWN_FORMATS) == set(DATASETS)  # every dataset says what its own data folder may hold
+    assert DATASETS[name].own_format  # every dataset says what its own data folder may hold
     (tmp_path / "empty" / "0").mkdir(parents=True)
     (tmp_path / "empty" / "0" / "notes.txt").write_text("no image")
     (tmp_path / "file").write_text("x")
@@ -386,7 +386,7 @@ def test_own_data_from_a_missing_or_empty_folder_names_it_and_what_is_allowed(tm
             load_own(name, tmp_path / folder)
         message = str(info.value)
         assert f"{name} data folder '{tmp_path / folder}' {what}" in message
-        assert f"allowed: a folder holding {OWN_FORMATS[name]}" in message
+        assert f"allowed: a folder holding {DATASETS[name].own_format}" in message
         assert "data.root" not in message  # own data is read from that folder alone
 
 
@@ -442,3 +442,26 @@ def test_image_readers_refuse_a_decompression_bomb_before_decoding(tmp_path, mon
     if side == 2_000:
         with pytest.raises(DatasetError, match=rf"bomb\.png: an image of 2000 x 2000 pixels; {allowed}"):
             read_images([bomb])
+
+
+def test_only_natural_photographs_are_mirrored_unless_the_config_says_so(tmp_path):
+    # The flip is the dataset's rule, not the image's colour: CIFAR-10 is mirrored; digits, MNIST,
+    # Fashion-MNIST and image folders (road signs, text: unknown) are not, unless data.hflip says so.
+    from fedse.config import config_from_dict
+
+    rule = {name: hflip(config_from_dict({"data": {"dataset": name, "root": str(tmp_path)}}).data) for name in DATASETS}
+    assert rule == {"digits": False, "mnist": False, "fashion-mnist": False, "cifar10": True, "imagefolder": False}
+    forced = config_from_dict({"data": {"dataset": "imagefolder", "root": str(tmp_path), "hflip": True}})
+    assert hflip(forced.data) is True
+    assert hflip(config_from_dict({"data": {"dataset": "cifar10", "hflip": False}}).data) is False
+
+
+def test_a_record_from_before_hflip_of_an_augmented_image_folder_must_say_which_flip_it_had(tmp_path):
+    from fedse.config import ConfigError, config_from_record
+
+    old = {"schema": 2, "data": {"dataset": "imagefolder", "root": str(tmp_path), "augment": True}}
+    with pytest.raises(ConfigError, match=r"'data\.hflip': missing from a record .* --set data\.hflip=true"):
+        config_from_record(old)
+    assert config_from_record({**old, "data": {**old["data"], "hflip": True}}).data.hflip is True
+    # any other old record: the dataset's rule is what it had
+    assert config_from_record({"schema": 2, "data": {"dataset": "cifar10", "augment": True}}).data.hflip is None

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..data import hflip
 from ..federated import ClientShard
 from ..prior import fit_prior_weight, label_log_prior
 from ..privacy import SampleDP
@@ -131,6 +132,7 @@ class ClientRun:
             proximal_mu=proximal_mu,
             anchor=anchor,
             augment=self.cfg.data.augment,
+            hflip=hflip(self.cfg.data),
             seed=seed,
             device=self.device,
             dp=dp,
