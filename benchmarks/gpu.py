@@ -107,7 +107,7 @@ def _slot(rank: int, args: argparse.Namespace, ready: mp.Queue, start: mp.Event,
     import torch
 
     from fedse.models import create_model
-    from fedse.train import evaluate, train
+    from fedse.train import TrainSpec, evaluate, train
 
     torch.set_num_threads(1)
     device = torch.device(args.device)
@@ -125,9 +125,11 @@ def _slot(rank: int, args: argparse.Namespace, ready: mp.Queue, start: mp.Event,
             torch.manual_seed(c)
             model = create_model(args.model, num_classes=10, in_channels=3, image_size=32)
             x, y, tx, ty = data[c]
-            common = {"mean": MEAN, "std": STD, "device": device}
-            train(model, x, y, epochs=args.epochs, batch_size=args.batch_size, lr=0.05, bf16=args.bf16, **common)
-            evaluate(model, tx, ty, **common)
+            spec = TrainSpec(
+                mean=MEAN, std=STD, epochs=args.epochs, batch_size=args.batch_size, lr=0.05, bf16=args.bf16
+            )
+            train(model, x, y, spec, device=device)
+            evaluate(model, tx, ty, mean=MEAN, std=STD, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
     except torch.cuda.OutOfMemoryError:

@@ -35,7 +35,7 @@ from fedse.data import hflip  # noqa: E402
 from fedse.federated import build_federated_data  # noqa: E402
 from fedse.models import build_model  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402
-from fedse.train import evaluate, train  # noqa: E402
+from fedse.train import TrainSpec, evaluate, train  # noqa: E402
 
 
 def plain(cfg) -> tuple[float, list[float]]:
@@ -55,16 +55,18 @@ def plain(cfg) -> tuple[float, list[float]]:
                 model,
                 shard.train_images,
                 shard.train_labels,
-                mean=ds.mean,
-                std=ds.std,
-                epochs=t.local_epochs,
-                batch_size=t.batch_size,
-                lr=t.lr,
-                momentum=t.momentum,
-                weight_decay=t.weight_decay,
-                augment=cfg.data.augment,
-                hflip=hflip(cfg.data),
-                seed=cid + rnd,
+                TrainSpec(
+                    mean=ds.mean,
+                    std=ds.std,
+                    epochs=t.local_epochs,
+                    batch_size=t.batch_size,
+                    lr=t.lr,
+                    momentum=t.momentum,
+                    weight_decay=t.weight_decay,
+                    augment=cfg.data.augment,
+                    hflip=hflip(cfg.data),
+                    seed=cid + rnd,
+                ),
             )
             evaluate(model, shard.test_images, shard.test_labels, mean=ds.mean, std=ds.std)
             if rnd == cfg.server.rounds:

@@ -43,7 +43,7 @@ from fedse.models import create_model  # noqa: E402
 from fedse.privacy import Criterion, SampleDP, Step  # noqa: E402
 from fedse.report import format_table, summarize  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402
-from fedse.train import train  # noqa: E402
+from fedse.train import TrainSpec, train  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0, None)
 METHODS = ("fedavg", "fedse")
@@ -168,7 +168,11 @@ def step_times(repeats: int = 10) -> dict:
                     dp = make_dp()
                     start = time.perf_counter()
                     result = train(
-                        model, x, y, mean=(0.5,), std=(0.25,), epochs=1, batch_size=c["batch"], lr=0.05, seed=i, dp=dp
+                        model,
+                        x,
+                        y,
+                        TrainSpec(mean=(0.5,), std=(0.25,), epochs=1, batch_size=c["batch"], lr=0.05, seed=i),
+                        dp=dp,
                     )
                     if i >= 2:  # warm-up
                         times[scale, kind].append((time.perf_counter() - start) / result.steps)

@@ -14,7 +14,7 @@ on the device and read once at the end: no host synchronisation per step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,7 @@ from .transforms import normalize
 if TYPE_CHECKING:  # the loop runs without Opacus and Flower installed (a bare GPU machine) unless dp is used
     from .privacy import SampleDP
 
-__all__ = ["EvalResult", "TrainResult", "batches", "default_device", "evaluate", "predict", "train"]
+__all__ = ["EvalResult", "TrainResult", "TrainSpec", "batches", "default_device", "evaluate", "predict", "train"]
 
 
 def default_device() -> torch.device:
@@ -93,47 +93,74 @@ def _freeze_untrained_norms(model: nn.Module, trainable: set[str]) -> None:
                 module.eval()
 
 
+@dataclass(frozen=True)
+class TrainSpec:
+    """How :func:`train` trains: the normalisation of the data (``mean``, ``std``), ``epochs`` of
+    shuffled batches of ``batch_size`` (drawn from ``seed``), SGD at ``lr`` with ``momentum`` and
+    ``weight_decay``; ``augment``: a random crop of every training batch, and with ``hflip`` a random
+    horizontal flip; ``proximal_mu``: the FedProx term ``mu/2 * ||w - w_anchor||^2`` (with
+    :func:`train`'s ``anchor``); ``bf16``: forward pass and loss under bfloat16 autocast (mixed
+    precision, meant for CUDA; the weights, their gradients and the optimizer stay float32; not with
+    DP)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    augment: bool = False
+    hflip: bool = False
+    proximal_mu: float = 0.0
+    bf16: bool = False
+
+
+def _optimizer(
+    model: nn.Module, spec: TrainSpec, trainable: set[str], lr_scale: dict[str, float] | None
+) -> torch.optim.Optimizer:
+    """SGD over the trainable parameters, one group per learning rate (``lr_scale``: per-parameter
+    multipliers of ``spec.lr``; absent names use ``spec.lr``); the others stop requiring gradients."""
+    scale = lr_scale or {}
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+        if n in trainable:
+            groups.setdefault(spec.lr * scale.get(n, 1.0), []).append(p)
+    return torch.optim.SGD(
+        [{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
+        lr=spec.lr,
+        momentum=spec.momentum,
+        weight_decay=spec.weight_decay,
+    )
+
+
 def train(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    spec: TrainSpec,
     *,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
     trainable: set[str] | None = None,
     lr_scale: dict[str, float] | None = None,
-    proximal_mu: float = 0.0,
     anchor: dict[str, torch.Tensor] | None = None,
-    augment: bool = False,
-    hflip: bool = False,
-    seed: int = 0,
-    device: torch.device | None = None,
     dp: SampleDP | None = None,
     logit_bias: torch.Tensor | None = None,
-    bf16: bool = False,
+    device: torch.device | None = None,
 ) -> TrainResult:
-    """SGD on (images, labels) for ``epochs`` epochs; returns mean loss and accuracy.
+    """SGD on (images, labels) as ``spec`` says; returns mean loss and accuracy.
 
-    ``trainable``: parameter names that train (None: all). Frozen norm layers
-    keep their running statistics. ``lr_scale``: per-parameter multipliers of
-    ``lr`` (e.g. a faster private part); absent names use ``lr``. ``proximal_mu`` with ``anchor`` adds the
-    FedProx term ``mu/2 * ||w - w_anchor||^2`` over the anchored parameters.
-    ``dp``: train with DP-SGD (Poisson sampling, per-sample clipping of every
-    trainable parameter's gradient, Gaussian noise), one :meth:`SampleDP.phase`:
-    its batches and its step replace the plain ones, and ``dp``'s accountant counts
-    every step.
-    ``augment``: a random crop of every training batch, and with ``hflip`` a random horizontal flip.
-    ``logit_bias``: a fixed per-class offset added to the logits (the client's log
-    label prior, :mod:`fedse.prior`); loss and accuracy use the offset logits.
-    ``bf16``: forward pass and loss under bfloat16 autocast (mixed precision, meant for CUDA;
-    the weights, their gradients and the optimizer stay float32). Not with ``dp``.
+    ``trainable``: parameter names that train (None: all). Frozen norm layers keep their running
+    statistics. ``lr_scale``: per-parameter multipliers of the learning rate (e.g. a faster private
+    part). ``anchor``: the weights FedProx's term pulls toward (with ``spec.proximal_mu``).
+    ``dp``: train with DP-SGD (Poisson sampling, per-sample clipping of every trainable parameter's
+    gradient, Gaussian noise), one :meth:`SampleDP.phase`: its batches and its step replace the plain
+    ones, and ``dp``'s accountant counts every step. ``logit_bias``: a fixed per-class offset added
+    to the logits (the client's log label prior, :mod:`fedse.prior`); loss and accuracy use the
+    offset logits.
     """
-    if bf16 and dp is not None:
+    if spec.bf16 and dp is not None:
         raise ValueError("bf16 autocast cannot be combined with sample-level DP (per-sample clipping in float32)")
     device = device or default_device()
     model.to(device).train()
@@ -142,22 +169,10 @@ def train(
     if unknown := trainable - names:
         raise ValueError(f"trainable names not in the model: {sorted(unknown)[:5]}")
     _freeze_untrained_norms(model, trainable)
-    scale = lr_scale or {}
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in trainable)
-        if n in trainable:
-            groups.setdefault(lr * scale.get(n, 1.0), []).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": ps, "lr": group_lr} for group_lr, ps in groups.items()],
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-    )
+    optimizer = _optimizer(model, spec, trainable, lr_scale)
     anchored = []
-    if proximal_mu > 0 and anchor:
+    if spec.proximal_mu > 0 and anchor:
         anchored = [(p, anchor[n].to(device)) for n, p in model.named_parameters() if n in anchor and n in trainable]
-    generator = torch.Generator().manual_seed(seed)
     if dp is not None and anchored:
         raise ValueError(
             "FedProx's proximal term cannot be combined with sample-level DP "
@@ -170,11 +185,11 @@ def train(
         return F.cross_entropy(logits, y), logits
 
     def plain_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
             loss, logits = criterion(model(x), y)
         objective = loss
         if anchored:
-            objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in anchored)
+            objective = loss + spec.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in anchored)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
@@ -182,36 +197,51 @@ def train(
 
     # What DP changes is the step (per-sample clipping and noise) and the batches (Poisson).
     phase = (
-        dp.phase(model, optimizer, images, labels, batch_size, criterion)
+        dp.phase(model, optimizer, images, labels, spec.batch_size, criterion)
         if dp is not None
         else contextlib.nullcontext((plain_step, None))
     )
     with phase as (step, loader), _deterministic_convolutions(device):
-        if loader is not None:  # DP: Opacus's Poisson batches, from the host
-            epoch_batches = lambda: iter(loader)  # noqa: E731
-        else:  # the client's data on the device for the whole call; batches cut there
-            x_all, y_all = images.to(device), labels.to(device)
-            epoch_batches = lambda: (  # noqa: E731
-                (x_all[i], y_all[i]) for i in (j.to(device) for j in batches(len(labels), batch_size, generator))
-            )
-        total_loss = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen, steps = 0, 0
-        for _ in range(epochs):
-            for xb, yb in epoch_batches():
-                x = normalize(xb.to(device), mean, std)
-                if augment:
-                    x = augment_batch(x, generator, flip=hflip)
-                y = yb.to(device)
-                loss, logits = step(x, y)
-                steps += 1
-                if len(y) == 0:  # an empty Poisson batch (probability (1 - q)^n): a noise-only DP step
-                    continue
-                total_loss += loss.double() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
+        result = _epochs(step, loader, images, labels, spec, device)
     for p in model.parameters():
         p.requires_grad_(True)
+    return result
+
+
+def _epochs(
+    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterable | None,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    spec: TrainSpec,
+    device: torch.device,
+) -> TrainResult:
+    """``spec.epochs`` passes of ``step`` over the batches: DP's Poisson ``loader`` (from the host),
+    else the client's data on the device for the whole call, batches cut there."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    if loader is not None:
+        epoch_batches = lambda: iter(loader)  # noqa: E731
+    else:
+        x_all, y_all = images.to(device), labels.to(device)
+        epoch_batches = lambda: (  # noqa: E731
+            (x_all[i], y_all[i]) for i in (j.to(device) for j in batches(len(labels), spec.batch_size, generator))
+        )
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, steps = 0, 0
+    for _ in range(spec.epochs):
+        for xb, yb in epoch_batches():
+            x = normalize(xb.to(device), spec.mean, spec.std)
+            if spec.augment:
+                x = augment_batch(x, generator, flip=spec.hflip)
+            y = yb.to(device)
+            loss, logits = step(x, y)
+            steps += 1
+            if len(y) == 0:  # an empty Poisson batch (probability (1 - q)^n): a noise-only DP step
+                continue
+            total_loss += loss.double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
     return TrainResult(total_loss.item() / max(seen, 1), correct.item() / max(seen, 1), seen, steps)
 
 

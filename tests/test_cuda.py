@@ -13,7 +13,7 @@ from conftest import cpu_state
 
 from fedse.models import create_model
 from fedse.privacy import SampleDP
-from fedse.train import train
+from fedse.train import TrainSpec, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
@@ -37,7 +37,9 @@ def test_training_on_cuda_matches_cpu():
     for device in (torch.device("cpu"), CUDA):
         torch.manual_seed(0)
         model = create_model("se_resnet8", num_classes=10, in_channels=3, image_size=32)
-        results.append(train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=32, lr=0.05, device=device))
+        results.append(
+            train(model, x, y, TrainSpec(mean=MEAN, std=STD, epochs=1, batch_size=32, lr=0.05), device=device)
+        )
     assert results[0].num_examples == results[1].num_examples == 64
     assert results[1].loss == pytest.approx(results[0].loss, rel=1e-3)
 
@@ -48,7 +50,13 @@ def test_same_seed_same_weights_on_cuda_and_cudnn_flag_restored():
     states = []
     for _ in range(2):
         model = _model()
-        train(model, x, y, mean=MEAN, std=STD, epochs=2, batch_size=16, lr=0.05, seed=3, augment=True, device=CUDA)
+        train(
+            model,
+            x,
+            y,
+            TrainSpec(mean=MEAN, std=STD, epochs=2, batch_size=16, lr=0.05, seed=3, augment=True),
+            device=CUDA,
+        )
         states.append(cpu_state(model))
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert torch.backends.cudnn.deterministic is False  # the caller's setting, back after training
@@ -62,7 +70,9 @@ def test_dp_sgd_trains_on_cuda_with_fresh_noise_on_the_device():
     states, dps = [], []
     for _ in range(2):
         model, dp = _model("groupnorm"), SampleDP(noise_multiplier=1.0, max_grad_norm=1.0)
-        result = train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.05, seed=0, dp=dp, device=CUDA)
+        result = train(
+            model, x, y, TrainSpec(mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.05, seed=0), dp=dp, device=CUDA
+        )
         assert result.steps == 4 and next(model.parameters()).device.type == "cuda"
         states.append(cpu_state(model))
         dps.append(dp)

@@ -13,7 +13,7 @@ from fedse.federated import build_federated_data
 from fedse.models import build_model
 from fedse.policies import POLICIES, ClientRun, create_policy, resolve
 from fedse.prior import fit_prior_weight, label_log_prior
-from fedse.train import evaluate, train
+from fedse.train import TrainSpec, evaluate, train
 
 
 def _run(policy, shard, ds, seed=0):
@@ -73,13 +73,7 @@ def test_training_with_the_offset_leaves_the_prior_out_of_the_weights():
             model,
             x,
             y,
-            mean=(0.0,),
-            std=(1.0,),
-            epochs=30,
-            batch_size=50,
-            lr=0.5,
-            momentum=0.0,
-            seed=0,
+            TrainSpec(mean=(0.0,), std=(1.0,), epochs=30, batch_size=50, lr=0.5, momentum=0.0, seed=0),
             logit_bias=bias,
             device=torch.device("cpu"),
         )

@@ -28,7 +28,7 @@ from fedse.privacy import (
 )
 from fedse.records import CONFIG_JSON, to_arrays
 from fedse.state import load_accountant
-from fedse.train import default_device, train
+from fedse.train import TrainSpec, default_device, train
 from fedse.transforms import normalize
 
 MEAN, STD = (0.5,), (0.25,)
@@ -61,7 +61,9 @@ def test_dp_step_without_noise_and_with_loose_clipping_equals_plain_step():
         torch.manual_seed(0)
         model = create_model("se_resnet8", num_classes=3, in_channels=1, width=8, norm="groupnorm")
         # batch = n: Poisson rate 1 includes every example, so both take one full-batch step.
-        train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=len(y), lr=0.1, momentum=0.0, seed=0, dp=dp)
+        train(
+            model, x, y, TrainSpec(mean=MEAN, std=STD, epochs=1, batch_size=len(y), lr=0.1, momentum=0.0, seed=0), dp=dp
+        )
         models.append(cpu_state(model))
     for key in models[0]:
         torch.testing.assert_close(models[0][key], models[1][key], **CLOSE)
@@ -105,8 +107,10 @@ def test_dp_step_equals_plain_step_with_frozen_subset_lr_groups_momentum_and_log
         before = {k: v.clone() for k, v in model.state_dict().items()}
         trainable = {n for n, _ in model.named_parameters() if not _frozen(n)}
         lr_scale = {n: 3.0 for n in trainable if ".se." in n}
-        train(model, x, y, mean=MEAN, std=STD, epochs=3, batch_size=len(y), lr=0.05, momentum=0.9,
-              weight_decay=5e-4, trainable=trainable, lr_scale=lr_scale, seed=0, dp=dp, logit_bias=BIAS)  # fmt: skip
+        spec = TrainSpec(
+            mean=MEAN, std=STD, epochs=3, batch_size=len(y), lr=0.05, momentum=0.9, weight_decay=5e-4, seed=0
+        )
+        train(model, x, y, spec, trainable=trainable, lr_scale=lr_scale, dp=dp, logit_bias=BIAS)
         state = cpu_state(model)
         for name, _ in model.named_parameters():
             assert torch.equal(state[name], before[name]) == (name not in trainable), name
@@ -139,7 +143,9 @@ def test_dp_with_tight_clipping_differs_from_plain():
     for dp in (None, SampleDP(noise_multiplier=0.0, max_grad_norm=1e-3)):
         torch.manual_seed(0)
         model = create_model("se_resnet8", num_classes=3, in_channels=1, width=8, norm="groupnorm")
-        train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=len(y), lr=0.1, momentum=0.0, seed=0, dp=dp)
+        train(
+            model, x, y, TrainSpec(mean=MEAN, std=STD, epochs=1, batch_size=len(y), lr=0.1, momentum=0.0, seed=0), dp=dp
+        )
         states.append(model.state_dict()["fc.weight"])
     assert not torch.allclose(states[0], states[1])
 

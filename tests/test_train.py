@@ -5,7 +5,7 @@ from conftest import cpu_state
 
 from fedse.models import create_model
 from fedse.policies import create_policy
-from fedse.train import batches, evaluate, train
+from fedse.train import TrainSpec, batches, evaluate, train
 
 MEAN, STD = (0.5,), (0.25,)
 
@@ -31,7 +31,7 @@ def test_training_learns_a_separable_toy_problem():
     model = create_model("se_resnet8", num_classes=2, in_channels=1, width=8)
     x, y = _toy()
     before = evaluate(model, x, y, mean=MEAN, std=STD)
-    result = train(model, x, y, mean=MEAN, std=STD, epochs=3, batch_size=32, lr=0.05, seed=0)
+    result = train(model, x, y, TrainSpec(mean=MEAN, std=STD, epochs=3, batch_size=32, lr=0.05, seed=0))
     after = evaluate(model, x, y, mean=MEAN, std=STD)
     assert result.num_examples == 3 * 256 and result.steps == 3 * 8
     assert after.accuracy > 0.9 and after.loss < before.loss
@@ -43,7 +43,13 @@ def test_only_trainable_parameters_move_and_frozen_norm_statistics_stay():
     split = create_policy("fedse").split(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _toy(64)
-    train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, trainable=set(split.private), seed=0)
+    train(
+        model,
+        x,
+        y,
+        TrainSpec(mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, seed=0),
+        trainable=set(split.private),
+    )
     after = cpu_state(model)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and moved <= set(split.private)  # BatchNorm running stats did not move either
@@ -55,7 +61,7 @@ def test_full_training_moves_batchnorm_statistics():
     model = create_model("se_resnet8", num_classes=2, in_channels=1, width=8)
     before = model.bn1.running_mean.clone()
     x, y = _toy(64)
-    train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, seed=0)
+    train(model, x, y, TrainSpec(mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, seed=0))
     assert not torch.equal(before, model.bn1.running_mean.cpu())
 
 
@@ -66,7 +72,13 @@ def test_proximal_term_pulls_towards_anchor():
         torch.manual_seed(0)
         model = create_model("se_resnet8", num_classes=2, in_channels=1, width=8)
         anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
-        train(model, x, y, mean=MEAN, std=STD, epochs=2, batch_size=16, lr=0.05, proximal_mu=mu, anchor=anchor, seed=0)
+        train(
+            model,
+            x,
+            y,
+            TrainSpec(mean=MEAN, std=STD, epochs=2, batch_size=16, lr=0.05, proximal_mu=mu, seed=0),
+            anchor=anchor,
+        )
         drift[mu] = sum(((p.detach().cpu() - anchor[n]) ** 2).sum().item() for n, p in model.named_parameters())
     assert drift[10.0] < drift[0.0]
 
@@ -77,7 +89,7 @@ def test_same_seed_same_result():
     for _ in range(2):
         torch.manual_seed(0)
         model = create_model("se_resnet8", num_classes=2, in_channels=1, width=8)
-        train(model, x, y, mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.05, seed=3, augment=True)
+        train(model, x, y, TrainSpec(mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.05, seed=3, augment=True))
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -92,14 +104,8 @@ def test_lr_scale_sets_a_per_parameter_learning_rate():
         model,
         x,
         y,
-        mean=MEAN,
-        std=STD,
-        epochs=1,
-        batch_size=16,
-        lr=0.1,
-        momentum=0.0,
+        TrainSpec(mean=MEAN, std=STD, epochs=1, batch_size=16, lr=0.1, momentum=0.0, seed=0),
         lr_scale={k: 0.0 for k in private},
-        seed=0,
     )
     after = cpu_state(model)
     assert all(torch.equal(before[k], after[k]) for k in private)  # scale 0: frozen in place
@@ -119,7 +125,9 @@ def test_bf16_autocast_runs_the_forward_pass_in_bfloat16_and_keeps_float32_weigh
     for bf16 in (False, True):
         model = copy.deepcopy(base)
         hook = model.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-        runs[bf16] = train(model, x, y, mean=MEAN, std=STD, epochs=2, batch_size=32, lr=0.05, seed=0, bf16=bf16)
+        runs[bf16] = train(
+            model, x, y, TrainSpec(mean=MEAN, std=STD, epochs=2, batch_size=32, lr=0.05, seed=0, bf16=bf16)
+        )
         hook.remove()
         assert all(p.dtype == torch.float32 for p in model.parameters())
         runs[bf16, "acc"] = evaluate(model, x, y, mean=MEAN, std=STD).accuracy
@@ -133,11 +141,6 @@ def test_bf16_autocast_runs_the_forward_pass_in_bfloat16_and_keeps_float32_weigh
             copy.deepcopy(base),
             x,
             y,
-            mean=MEAN,
-            std=STD,
-            epochs=1,
-            batch_size=32,
-            lr=0.05,
-            bf16=True,
+            TrainSpec(mean=MEAN, std=STD, epochs=1, batch_size=32, lr=0.05, bf16=True),
             dp=SampleDP(1.0, 1.0),
         )

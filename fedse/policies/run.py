@@ -33,7 +33,7 @@ from ..federated import ClientShard
 from ..prior import fit_prior_weight, label_log_prior
 from ..privacy import SampleDP
 from ..split import Split
-from ..train import EvalResult, TrainResult, default_device, evaluate, predict, train
+from ..train import EvalResult, TrainResult, TrainSpec, default_device, evaluate, predict, train
 
 if TYPE_CHECKING:
     from .base import Policy
@@ -116,10 +116,7 @@ class ClientRun:
         cross-entropy, whatever the policy's offset; ``lr_factor`` scales ``train.lr``."""
         t = self.cfg.train
         scale = self.policy.private_lr_scale
-        return train(
-            model,
-            self.shard.train_images,
-            self.shard.train_labels,
+        spec = TrainSpec(
             mean=self.mean,
             std=self.std,
             epochs=epochs,
@@ -127,17 +124,23 @@ class ClientRun:
             lr=t.lr * lr_factor if lr_factor != 1.0 else t.lr,
             momentum=t.momentum,
             weight_decay=t.weight_decay,
-            trainable=trainable,
-            lr_scale={k: scale for k in private} if scale != 1.0 else None,
-            proximal_mu=proximal_mu,
-            anchor=anchor,
+            seed=seed,
             augment=self.cfg.data.augment,
             hflip=hflip(self.cfg.data),
-            seed=seed,
-            device=self.device,
+            proximal_mu=proximal_mu,
+            bf16=t.bf16,
+        )
+        return train(
+            model,
+            self.shard.train_images,
+            self.shard.train_labels,
+            spec,
+            trainable=trainable,
+            lr_scale={k: scale for k in private} if scale != 1.0 else None,
+            anchor=anchor,
             dp=dp,
             logit_bias=self.train_offset(model) if label_prior else None,
-            bf16=t.bf16,
+            device=self.device,
         )
 
     def local_update(
