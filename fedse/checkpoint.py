@@ -113,65 +113,13 @@ def load_checkpoint(run_dir: Path, cfg: Config, shared_like: dict[str, torch.Ten
     or shared weights whose keys, shapes or dtypes differ from ``shared_like`` or that hold NaN or
     inf is a :class:`CheckpointError` naming the problem."""
     path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise CheckpointError(f"cannot resume: {path} does not exist (no round of that run completed)")
-    try:
-        payload = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 (torch raises several types for a bad file)
-        raise CheckpointError(
-            f"cannot resume: {path} is unreadable, truncated or not a fedse checkpoint ({type(err).__name__})"
-        ) from None
-    if isinstance(payload, dict):
-        payload = {**{k: v for k, v in _ABSENT.items() if k not in payload}, **payload}
-    if not isinstance(payload, dict) or set(payload) != _CHECKPOINT_KEYS:
-        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"cannot resume: {path} holds {found}, expected the keys {sorted(_CHECKPOINT_KEYS)}")
-    try:  # read as the record it is: a key an older checkpoint lacks means what it meant then
-        saved, now = config_to_dict(config_from_record(payload["config"])), config_to_dict(cfg)
-    except ConfigError as err:
-        raise CheckpointError(f"cannot resume: {path}: its config is not valid ({err})") from None
-    saved, now = (
-        {k: v for k, v in saved.items() if k not in ("server", "output")},
-        {k: v for k, v in now.items() if k not in ("server", "output")},
-    )
-    if saved != now:
-        diff = config_diff(saved, now)
-        raise CheckpointError(
-            f"cannot resume {run_dir}: the configuration differs from the checkpoint's in {'; '.join(diff)} "
-            "(only server.* and output.* may change)"
-        )
-    done = payload["round"]
-    if not isinstance(done, int) or isinstance(done, bool) or done < 1:
-        raise CheckpointError(f"cannot resume: {path}: round {done!r} is not a round number")
-    if done > cfg.server.rounds:
-        raise CheckpointError(
-            f"cannot resume {run_dir}: it has run {done} rounds, more than server.rounds={cfg.server.rounds}; "
-            f"allowed: server.rounds >= {done}"
-        )
-    was_rounds = config_from_record(payload["config"]).server.rounds
-    if cfg.privacy.mode != "none" and cfg.privacy.target_epsilon is not None and cfg.server.rounds != was_rounds:
-        raise CheckpointError(
-            f"cannot resume {run_dir} with server.rounds={cfg.server.rounds}: the noise was sized to reach "
-            f"privacy.target_epsilon={cfg.privacy.target_epsilon} in server.rounds={was_rounds}; allowed: "
-            f"{was_rounds} (with privacy.noise_multiplier set instead, the rounds may change: the accountant "
-            "counts every release)"
-        )
+    payload = _read_payload(path)
+    done = _check_config_and_rounds(payload, cfg, run_dir, path)
     shared = payload["shared"]
     if not isinstance(shared, dict) or not all(isinstance(v, torch.Tensor) for v in shared.values()):
         raise CheckpointError(f"cannot resume: {path}: the shared weights are not a mapping of tensors")
-    if shared_like is not None:
-        problems = [f"missing {k}" for k in sorted(set(shared_like) - set(shared))][:3]
-        problems += [f"unexpected {k}" for k in sorted(set(shared) - set(shared_like))][:3]
-        problems += [
-            f"{k}: {tuple(v.shape)} {v.dtype}, expected {tuple(shared_like[k].shape)} {shared_like[k].dtype}"
-            for k, v in shared.items()
-            if k in shared_like and (v.shape != shared_like[k].shape or v.dtype != shared_like[k].dtype)
-        ][:3]
-        problems += [
-            f"{k}: NaN or inf" for k, v in shared.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
-        ][:3]
-        if problems:
-            raise CheckpointError(f"cannot resume: {path}: shared weights do not fit this model: {'; '.join(problems)}")
+    if shared_like is not None and (problems := _shared_problems(shared, shared_like)):
+        raise CheckpointError(f"cannot resume: {path}: shared weights do not fit this model: {'; '.join(problems)}")
     try:
         run_log = _run_log_from(payload["log"])
     except (TypeError, ValueError, AttributeError) as err:
@@ -194,6 +142,74 @@ def load_checkpoint(run_dir: Path, cfg: Config, shared_like: dict[str, torch.Ten
     ):
         raise CheckpointError(f"cannot resume: {path}: malformed private-state manifest")
     return Checkpoint(done, shared, run_log, payload["accountant"], strategy, private, finished)
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    """The checkpoint file's mapping, with every key it must hold (an older file's missing ones filled)."""
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {path} does not exist (no round of that run completed)")
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch raises several types for a bad file)
+        raise CheckpointError(
+            f"cannot resume: {path} is unreadable, truncated or not a fedse checkpoint ({type(err).__name__})"
+        ) from None
+    if isinstance(payload, dict):
+        payload = {**{k: v for k, v in _ABSENT.items() if k not in payload}, **payload}
+    if not isinstance(payload, dict) or set(payload) != _CHECKPOINT_KEYS:
+        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"cannot resume: {path} holds {found}, expected the keys {sorted(_CHECKPOINT_KEYS)}")
+    return payload
+
+
+def _check_config_and_rounds(payload: dict[str, Any], cfg: Config, run_dir: Path, path: Path) -> int:
+    """The rounds done, once the checkpoint's configuration is this run's (only server.* and output.*
+    may change; server.rounds not under a DP target epsilon) and the count fits server.rounds."""
+    try:  # read as the record it is: a key an older checkpoint lacks means what it meant then
+        recorded = config_from_record(payload["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"cannot resume: {path}: its config is not valid ({err})") from None
+    saved, now = (
+        {k: v for k, v in config_to_dict(c).items() if k not in ("server", "output")} for c in (recorded, cfg)
+    )
+    if saved != now:
+        diff = config_diff(saved, now)
+        raise CheckpointError(
+            f"cannot resume {run_dir}: the configuration differs from the checkpoint's in {'; '.join(diff)} "
+            "(only server.* and output.* may change)"
+        )
+    done = payload["round"]
+    if not isinstance(done, int) or isinstance(done, bool) or done < 1:
+        raise CheckpointError(f"cannot resume: {path}: round {done!r} is not a round number")
+    if done > cfg.server.rounds:
+        raise CheckpointError(
+            f"cannot resume {run_dir}: it has run {done} rounds, more than server.rounds={cfg.server.rounds}; "
+            f"allowed: server.rounds >= {done}"
+        )
+    was_rounds = recorded.server.rounds
+    if cfg.privacy.mode != "none" and cfg.privacy.target_epsilon is not None and cfg.server.rounds != was_rounds:
+        raise CheckpointError(
+            f"cannot resume {run_dir} with server.rounds={cfg.server.rounds}: the noise was sized to reach "
+            f"privacy.target_epsilon={cfg.privacy.target_epsilon} in server.rounds={was_rounds}; allowed: "
+            f"{was_rounds} (with privacy.noise_multiplier set instead, the rounds may change: the accountant "
+            "counts every release)"
+        )
+    return done
+
+
+def _shared_problems(shared: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> list[str]:
+    """Up to three of each: keys missing, keys unexpected, shapes or dtypes off, NaN or inf."""
+    problems = [f"missing {k}" for k in sorted(set(like) - set(shared))][:3]
+    problems += [f"unexpected {k}" for k in sorted(set(shared) - set(like))][:3]
+    problems += [
+        f"{k}: {tuple(v.shape)} {v.dtype}, expected {tuple(like[k].shape)} {like[k].dtype}"
+        for k, v in shared.items()
+        if k in like and (v.shape != like[k].shape or v.dtype != like[k].dtype)
+    ][:3]
+    problems += [
+        f"{k}: NaN or inf" for k, v in shared.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ][:3]
+    return problems
 
 
 def _strategy_problem(state: Any, shared_like: dict[str, torch.Tensor] | None) -> str | None:
