@@ -423,9 +423,46 @@ class _BadValue(ConfigError):
     not as a type mismatch, even where the key's type is a union."""
 
 
+_NO = object()  # what a coercer returns for a value that is not of its type
+
+
+def _as_float(value: Any, key: str) -> Any:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _NO
+    # NaN passes every range check (all comparisons are false) and inf passes open-ended ones; neither
+    # is a usable learning rate, concentration or bound. (A huge YAML int overflows float().)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _BadValue(f"config key '{key}': got {short_repr(value)}; allowed: a finite number (not nan or inf)")
+    return number
+
+
+def _as_str(value: Any, key: str) -> Any:
+    if not isinstance(value, str):
+        return _NO
+    if "\x00" in value:  # no path, name or label may hold one; os calls raise ValueError on it
+        raise _BadValue(
+            f"config key '{key}': got {short_repr(value)}, which holds a NUL character; allowed: a string without NUL"
+        )
+    return value
+
+
+_SCALARS: dict[Any, Any] = {
+    type(None): lambda value, key: None if value is None else _NO,
+    bool: lambda value, key: value if isinstance(value, bool) else _NO,
+    int: lambda value, key: value if isinstance(value, int) and not isinstance(value, bool) else _NO,
+    float: _as_float,
+    str: _as_str,
+}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
+    got: Any = _NO
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
@@ -436,40 +473,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
     elif origin is Literal:
         if value in typing.get_args(tp) and isinstance(value, str | int):
-            return value
+            got = value
     elif origin is tuple:
         if isinstance(value, list | tuple):
-            return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            # NaN passes every range check (all comparisons are false) and inf passes open-ended
-            # ones; neither is a usable learning rate, concentration or bound. (A huge YAML int
-            # overflows float().)
-            try:
-                number = float(value)
-            except OverflowError:
-                number = math.inf
-            if not math.isfinite(number):
-                raise _BadValue(
-                    f"config key '{key}': got {short_repr(value)}; allowed: a finite number (not nan or inf)"
-                )
-            return number
-    elif tp is str and isinstance(value, str):
-        if "\x00" in value:  # no path, name or label may hold one; os calls raise ValueError on it
-            raise _BadValue(
-                f"config key '{key}': got {short_repr(value)}, which holds a NUL character; allowed: a string "
-                "without NUL"
-            )
-        return value
+            got = tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
+    elif tp in _SCALARS:
+        got = _SCALARS[tp](value, key)
+    if got is not _NO:
+        return got
     raise ConfigError(
         f"config key '{key}': got {short_repr(value)} ({type(value).__name__}); allowed: {_type_name(tp)}"
     )
