@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fedse.client as fedse_client  # noqa: E402
 from fedse.config import load_config  # noqa: E402
 from fedse.io import atomic_write_json  # noqa: E402
-from fedse.records import ARRAYS, METRICS, NODE_PARTITION_ID, NUM_EXAMPLES  # noqa: E402
+from fedse.records import ARRAYS, LOCAL_ACC, METRICS, NODE_PARTITION_ID, NUM_EXAMPLES, POOLED_ACC  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402
 
 Weights = dict[str, np.ndarray]
@@ -140,8 +140,8 @@ def one(config: Path | None, overrides: list[str], attack: str, k: int, defence:
     log = result.outcome.log
     last = max(log.evaluate)
     rows = {cid: row for cid, row in log.evaluate[last].items() if cid not in attackers}
-    local = [r["local-acc"] for r in rows.values()]
-    pooled = [r["pooled-acc"] for r in rows.values() if "pooled-acc" in r]
+    local = [r[LOCAL_ACC] for r in rows.values()]
+    pooled = [r[POOLED_ACC] for r in rows.values() if POOLED_ACC in r]
     return {
         "attack": attack,
         "seed": cfg.seed,

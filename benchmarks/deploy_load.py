@@ -108,18 +108,20 @@ def main() -> None:
         left = procs.running()
         folder = next(p for p in out.iterdir() if p.is_dir())
         rounds = json.loads((folder / "rounds.json").read_text())
+    from fedse.report import COL_CLIENTS, COL_FAILED, COL_ROUND, COL_SECONDS
+
     figures = {
         "nodes": NODES,
         "killed_after_round_2_started": KILLED,
-        "rounds_completed": [r["round"] for r in rounds],
+        "rounds_completed": [r[COL_ROUND] for r in rounds],
         "superlink_state": "sqlite file" if args.database else "in memory",
-        "clients_per_round": [r["clients"] for r in rounds],
-        "failed_replies_per_round": [r.get("failed", 0) for r in rounds],
-        "round_seconds": [round(r["seconds"], 2) for r in rounds],
+        "clients_per_round": [r[COL_CLIENTS] for r in rounds],
+        "failed_replies_per_round": [r.get(COL_FAILED, 0) for r in rounds],
+        "round_seconds": [round(r[COL_SECONDS], 2) for r in rounds],
         "run_seconds": round(run_seconds, 1),
         "superlink_peak_rss_mb": round(superlink_rss, 1),
         "largest_supernode_peak_rss_mb": round(node_rss, 1),
-        "every_round_completed": [r["round"] for r in rounds] == list(range(1, ROUNDS + 1)),
+        "every_round_completed": [r[COL_ROUND] for r in rounds] == list(range(1, ROUNDS + 1)),
         "processes_left_running": left,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

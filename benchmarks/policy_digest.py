@@ -32,7 +32,19 @@ from fedse.config import config_to_dict, load_config  # noqa: E402
 from fedse.federated import build_federated_data, model_shape  # noqa: E402
 from fedse.models import build_model  # noqa: E402
 from fedse.policies import POLICIES, resolve  # noqa: E402
-from fedse.records import CONFIG_JSON, from_arrays, to_arrays  # noqa: E402
+from fedse.records import (  # noqa: E402
+    ARRAYS,
+    CONFIG,
+    CONFIG_JSON,
+    FINAL,
+    METRICS,
+    NODE_PARTITION_ID,
+    NUM_EXAMPLES,
+    POOLED,
+    SERVER_ROUND,
+    from_arrays,
+    to_arrays,
+)
 from fedse.state import load_private  # noqa: E402
 
 
@@ -65,15 +77,15 @@ def digest(policy: str, config: Path | None, overrides: list[str], rounds: int) 
     template = {**split.private_state(model), **resolve(cfg).extra_state(model)}
     shared = split.shared_state(model)
     contexts = [
-        Context(run_id=1, node_id=c + 1, node_config={"partition-id": c}, state=RecordDict(), run_config={})
+        Context(run_id=1, node_id=c + 1, node_config={NODE_PARTITION_ID: c}, state=RecordDict(), run_config={})
         for c in range(cfg.partition.num_clients)
     ]
     h = hashlib.sha256()
     text = json.dumps(config_to_dict(cfg))
 
     def message(kind: str, server_round: int, **extra: object) -> Message:
-        record = ConfigRecord({CONFIG_JSON: text, "server-round": server_round, **extra})
-        return Message(RecordDict({"arrays": to_arrays(shared), "config": record}), dst_node_id=1, message_type=kind)
+        record = ConfigRecord({CONFIG_JSON: text, SERVER_ROUND: server_round, **extra})
+        return Message(RecordDict({ARRAYS: to_arrays(shared), CONFIG: record}), dst_node_id=1, message_type=kind)
 
     with tempfile.TemporaryDirectory() as export:
         for server_round in range(1, rounds + 1):
@@ -87,15 +99,15 @@ def digest(policy: str, config: Path | None, overrides: list[str], rounds: int) 
                     f"state-{c}",
                     {k: v.numpy().tolist() for k, v in sorted(load_private(contexts[c], template).items())},
                 )
-                n = int(reply.content["metrics"]["num-examples"])
+                n = int(reply.content[METRICS][NUM_EXAMPLES])
                 total += n
-                for k, v in from_arrays(reply.content["arrays"]).items():
+                for k, v in from_arrays(reply.content[ARRAYS]).items():
                     summed[k] = summed.get(k, 0) + n * v.numpy().astype(np.float64)
             shared = {k: torch.from_numpy((v / total).astype(np.float32)) for k, v in summed.items()}
             final = server_round == rounds
             for ctx in contexts:
                 reply = handle_evaluate(
-                    message(MessageType.EVALUATE, server_round, pooled=True, final=final), ctx, export
+                    message(MessageType.EVALUATE, server_round, **{POOLED: True, FINAL: final}), ctx, export
                 )
                 _records(h, reply.content)
         for path in sorted(p for p in Path(export).rglob("*") if p.is_file()):

@@ -41,6 +41,7 @@ from fedse.config import load_config  # noqa: E402
 from fedse.io import atomic_save, atomic_write_json, atomic_write_text  # noqa: E402
 from fedse.models import create_model  # noqa: E402
 from fedse.privacy import Criterion, SampleDP, Step  # noqa: E402
+from fedse.records import LOCAL_ACC  # noqa: E402
 from fedse.report import format_table, summarize  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402
 from fedse.train import TrainSpec, train  # noqa: E402
@@ -65,7 +66,7 @@ def accuracy_vs_epsilon(config: str, overrides: list[str]) -> list[dict]:
                     sets += ["privacy.mode=sample", f"privacy.target_epsilon={eps}"]
                 cfg = load_config(config, sets)
                 result = simulate(cfg, quiet=True)
-                local = [c["local-acc"] for c in result.outcome.log.evaluate[max(result.outcome.log.evaluate)].values()]
+                local = [c[LOCAL_ACC] for c in result.outcome.log.evaluate[max(result.outcome.log.evaluate)].values()]
                 stats = summarize(local)
                 privacy = result.outcome.summary["privacy"]
                 rows.append(

@@ -31,8 +31,11 @@ from .records import (
     CONFIG_JSON,
     DIGEST_IN,
     DIGEST_OUT,
+    DP_EPSILON,
     EXPORT_ONLY,
     FINAL,
+    LOCAL_ACC,
+    LOCAL_LOSS,
     METRICS,
     NODE_CLIENT_ID,
     NODE_DATA_DIR,
@@ -41,8 +44,12 @@ from .records import (
     NUM_EXAMPLES,
     NUM_TRAIN,
     POOLED,
+    POOLED_ACC,
+    POOLED_LOSS,
     PROXIMAL_MU,
     SERVER_ROUND,
+    TRAIN_ACC,
+    TRAIN_LOSS,
     TRAINED_BEFORE,
     check_arrays,
     from_arrays,
@@ -185,9 +192,9 @@ def handle_train(msg: Message, context: Context, state_root: str | None = None) 
         client |= {DIGEST_IN: digest(private_in), DIGEST_OUT: digest(private_out)}
     metrics: dict[str, float | int] = {NUM_EXAMPLES: len(s.shard.train_labels)}
     if dp is None:
-        metrics |= {"train-loss": result.loss, "train-acc": result.accuracy}
+        metrics |= {TRAIN_LOSS: result.loss, TRAIN_ACC: result.accuracy}
     else:  # training-set statistics are not DP: only the cumulative epsilon is reported
-        metrics["dp-epsilon"] = dp.epsilon(pr.delta)
+        metrics[DP_EPSILON] = dp.epsilon(pr.delta)
     return _reply(msg, to_arrays(s.split.shared_state(s.model)), metrics, client)
 
 
@@ -208,8 +215,8 @@ def handle_evaluate(
         _export(s, mine, msg, context, local, bias, received, export_dir)
     metrics: dict[str, float | int] = {
         NUM_EXAMPLES: local.num_examples,
-        "local-acc": local.accuracy,
-        "local-loss": local.loss,
+        LOCAL_ACC: local.accuracy,
+        LOCAL_LOSS: local.loss,
     }
     if bool(msg.content[CONFIG].get(POOLED, False)):
         if s.own_data:
@@ -221,7 +228,7 @@ def handle_evaluate(
         # no label-prior offset here: the pooled test set follows the federation's label
         # distribution, not this client's
         pooled = evaluate(s.model, x, y, mean=s.run.mean, std=s.run.std, device=s.run.device)  # the global model
-        metrics |= {"pooled-acc": pooled.accuracy, "pooled-loss": pooled.loss}
+        metrics |= {POOLED_ACC: pooled.accuracy, POOLED_LOSS: pooled.loss}
     client = {CLIENT_ID: s.client_id, NUM_TRAIN: len(s.shard.train_labels)}
     return _reply(msg, None, metrics, client)
 

@@ -29,7 +29,19 @@ from .io import atomic_save, atomic_write_json, atomic_write_text, check_output_
 from .models import base_width, build_model
 from .partition import plot_label_counts
 from .policies import resolve, settings
-from .report import format_table, summarize, write_csv
+from .report import (
+    COL_CLIENT,
+    COL_LOCAL_ACC,
+    COL_LOCAL_ACC_MEAN,
+    COL_POOLED_ACC,
+    COL_ROUND,
+    COL_SECONDS,
+    COL_TEST_SAMPLES,
+    COL_TRAIN_SAMPLES,
+    format_table,
+    summarize,
+    write_csv,
+)
 
 __all__ = [
     "MethodRun",
@@ -61,8 +73,8 @@ class MethodRun:
 
 # What the comparison reads of each row of a run (a client's test size is optional: older runs lack it).
 _ROWS = {
-    "rounds": ("round", "local_acc_mean"),
-    "clients": ("client", "local_acc", "pooled_acc"),
+    "rounds": (COL_ROUND, COL_LOCAL_ACC_MEAN),
+    "clients": (COL_CLIENT, COL_LOCAL_ACC, COL_POOLED_ACC),
     "holdout": ("global_acc", "private_acc", "full_acc"),
 }
 
@@ -110,12 +122,12 @@ def method_run_from(raw: Any, where: str) -> MethodRun:
         for row in rows:
             for key in keys:
                 v = row[key]
-                whole = key in ("round", "client")
+                whole = key in (COL_ROUND, COL_CLIENT)
                 if not (_is_int(v) if whole else v is None or (_is_number(v) and 0 <= v <= 1)):
                     allowed = "an integer" if whole else "an accuracy in [0, 1] or null"
                     raise bad(f"'{name}' row {key}={v!r}; allowed: {allowed}")
-    if any(not (c.get("test_samples") is None or _is_int(c["test_samples"])) for c in raw["clients"]):
-        raise bad("a client's 'test_samples' must be an integer or null")
+    if any(not (c.get(COL_TEST_SAMPLES) is None or _is_int(c[COL_TEST_SAMPLES])) for c in raw["clients"]):
+        raise bad(f"a client's '{COL_TEST_SAMPLES}' must be an integer or null")
     return MethodRun(**raw)
 
 
@@ -143,13 +155,14 @@ def method_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     rows = []
     for method in dict.fromkeys(r.method for r in runs):
         mine = [r for r in runs if r.method == method]
-        stats = [summarize([c["local_acc"] for c in r.clients if c["local_acc"] is not None]) for r in mine]
+        stats = [summarize([c[COL_LOCAL_ACC] for c in r.clients if c[COL_LOCAL_ACC] is not None]) for r in mine]
         best_round = [
-            max((x["local_acc_mean"] for x in r.rounds if x["local_acc_mean"] is not None), default=None) for r in mine
+            max((x[COL_LOCAL_ACC_MEAN] for x in r.rounds if x[COL_LOCAL_ACC_MEAN] is not None), default=None)
+            for r in mine
         ]
-        weighted = [_weighted([(c["local_acc"], c.get("test_samples")) for c in r.clients]) for r in mine]
+        weighted = [_weighted([(c[COL_LOCAL_ACC], c.get(COL_TEST_SAMPLES)) for c in r.clients]) for r in mine]
         pooled = [
-            summarize([c["pooled_acc"] for c in r.clients if c["pooled_acc"] is not None]).get("mean") for r in mine
+            summarize([c[COL_POOLED_ACC] for c in r.clients if c[COL_POOLED_ACC] is not None]).get("mean") for r in mine
         ]
         rows.append(
             {
@@ -179,10 +192,12 @@ def per_client(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     acc: dict[str, dict[int, list[float]]] = {m: {} for m in methods}
     for r in runs:
         for c in r.clients:
-            if c["local_acc"] is not None:
-                acc[r.method].setdefault(c["client"], []).append(c["local_acc"])
+            if c[COL_LOCAL_ACC] is not None:
+                acc[r.method].setdefault(c[COL_CLIENT], []).append(c[COL_LOCAL_ACC])
     clients = sorted({c for m in methods for c in acc[m]})
-    return [{"client": c, **{m: float(np.mean(acc[m][c])) if c in acc[m] else None for m in methods}} for c in clients]
+    return [
+        {COL_CLIENT: c, **{m: float(np.mean(acc[m][c])) if c in acc[m] else None for m in methods}} for c in clients
+    ]
 
 
 def gain_table(rows: Sequence[dict[str, Any]], reference: str = "fedavg") -> list[dict[str, Any]]:
@@ -190,7 +205,7 @@ def gain_table(rows: Sequence[dict[str, Any]], reference: str = "fedavg") -> lis
     if not rows or reference not in rows[0]:
         return []
     out = []
-    for method in [k for k in rows[0] if k not in ("client", reference)]:
+    for method in [k for k in rows[0] if k not in (COL_CLIENT, reference)]:
         diffs = [r[method] - r[reference] for r in rows if r[method] is not None and r[reference] is not None]
         out.append(
             {
@@ -251,11 +266,11 @@ def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in methods:
         curves = [r.rounds for r in runs if r.method == method]
-        shared = set.intersection(*({x["round"] for x in c} for c in curves))  # rounds every seed ran
+        shared = set.intersection(*({x[COL_ROUND] for x in c} for c in curves))  # rounds every seed ran
         points = [
             (n, mean)
             for n in sorted(shared)
-            if (mean := _mean([x["local_acc_mean"] for c in curves for x in c if x["round"] == n])) is not None
+            if (mean := _mean([x[COL_LOCAL_ACC_MEAN] for c in curves for x in c if x[COL_ROUND] == n])) is not None
         ]  # a round without an evaluation is no point
         if points:
             ax.plot(*zip(*points, strict=True), marker=".", label=method)
@@ -509,11 +524,11 @@ def _reached(run: MethodRun, target: float) -> tuple[int, float] | None:
     ``target``; None if it never did (or a round's time is missing)."""
     elapsed = 0.0
     for row in run.rounds:
-        if row.get("seconds") is None:
+        if row.get(COL_SECONDS) is None:
             return None
-        elapsed += row["seconds"]
-        if row["local_acc_mean"] is not None and row["local_acc_mean"] >= target:
-            return row["round"], elapsed
+        elapsed += row[COL_SECONDS]
+        if row[COL_LOCAL_ACC_MEAN] is not None and row[COL_LOCAL_ACC_MEAN] >= target:
+            return row[COL_ROUND], elapsed
     return None
 
 
@@ -523,17 +538,17 @@ def _check_budget_fields(runs: Sequence[MethodRun], path: Path) -> None:
     for index, run in enumerate(runs):
         where = f"{path} run {index}"
         for row in run.rounds:
-            seconds = row.get("seconds")
+            seconds = row.get(COL_SECONDS)
             if seconds is not None and not (_is_number(seconds) and seconds >= 0):
                 raise ConfigError(
-                    f"{where}: round {row['round']} 'seconds' is {short_repr(seconds)}; allowed: a number >= 0 "
+                    f"{where}: round {row[COL_ROUND]} '{COL_SECONDS}' is {short_repr(seconds)}; allowed: a number >= 0 "
                     "(the round's duration) or null"
                 )
         for row in run.clients:
-            samples = row.get("train_samples")
+            samples = row.get(COL_TRAIN_SAMPLES)
             if samples is not None and not (_is_int(samples) and samples >= 0):
                 raise ConfigError(
-                    f"{where}: client {row['client']} 'train_samples' is {short_repr(samples)}; allowed: an "
+                    f"{where}: client {row[COL_CLIENT]} '{COL_TRAIN_SAMPLES}' is {short_repr(samples)}; allowed: an "
                     "integer >= 0 or null"
                 )
 
@@ -560,13 +575,13 @@ def budget_table(
             mine = [r for r in data["runs"] if r.method == method]
             reached = [_reached(r, target) for r in mine]
             hit = [x for x in reached if x is not None]
-            samples = [c.get("train_samples") for c in mine[0].clients]
+            samples = [c.get(COL_TRAIN_SAMPLES) for c in mine[0].clients]
             steps = (
                 None
                 if not samples or any(n is None for n in samples)
                 else cfg.train.local_epochs * sum(-(-n // cfg.train.batch_size) for n in samples)
             )
-            rounds = [r.rounds[-1]["round"] for r in mine if r.rounds]
+            rounds = [r.rounds[-1][COL_ROUND] for r in mine if r.rounds]
             rows.append(
                 {
                     "method": method,

@@ -39,6 +39,7 @@ __all__ = [
     "CONFIG_SCHEMA",
     "MAX_CLASSES",
     "MAX_CLIENTS",
+    "RECORD",
     "SEED_MAX",
     "config_from_dict",
     "config_from_record",
@@ -683,6 +684,8 @@ _BEFORE: dict[int, dict[str, Any]] = {
     # dataset's own rule (null) except for an image folder of colour images: _check_old_flip.
     3: {"data.hflip": None},
 }
+
+RECORD = "config.yaml"  # the file a run folder keeps its record in: what --resume, predict, adapt and monitor read
 
 
 def config_to_record(cfg: Config) -> dict[str, Any]:

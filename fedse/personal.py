@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MAX_CLASSES, MAX_CLIENTS, Config, ModelConfig, field_range, load_config, short_repr
+from .config import MAX_CLASSES, MAX_CLIENTS, RECORD, Config, ModelConfig, field_range, load_config, short_repr
 from .federated import ClientShard, model_shape, own_data
 from .fingerprint import GateStats, probe
 from .io import atomic_write_text, csv_cell
@@ -430,7 +430,7 @@ def adapt_new_client(
     own train part (``data_dir``), evaluate on its own test part, and write its complete model to
     ``out``. Returns it loaded."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml", overrides or [], record=True)
+    cfg = load_config(run_dir / RECORD, overrides or [], record=True)
     shared_path = run_dir / SHARED_FILE
     if not shared_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {SHARED_FILE}: is it a finished run folder?")

@@ -33,9 +33,12 @@ __all__ = [
     "CONFIG",
     "CONFIG_JSON",
     "DIGEST_IN",
+    "DIGEST_OUT",
+    "DP_EPSILON",
     "EXPORT_ONLY",
     "FINAL",
-    "DIGEST_OUT",
+    "LOCAL_ACC",
+    "LOCAL_LOSS",
     "METRICS",
     "NODE_CLIENT_ID",
     "NODE_DATA_DIR",
@@ -45,9 +48,13 @@ __all__ = [
     "NUM_EXAMPLES",
     "NUM_TRAIN",
     "POOLED",
+    "POOLED_ACC",
+    "POOLED_LOSS",
     "PROXIMAL_MU",
     "SERVER_ROUND",
     "TRAINED_BEFORE",
+    "TRAIN_ACC",
+    "TRAIN_LOSS",
     "UNIT_WEIGHT",
     "ReplySchema",
     "Screened",
@@ -75,6 +82,11 @@ UNIT_WEIGHT = "unit-weight"  # client-level DP averages updates uniformly; the s
 CLIENT_ID = "client-id"  # the client's number in reports, as it claims it (bound to its node by the guard)
 NUM_TRAIN = "num-train"
 DIGEST_IN, DIGEST_OUT = "private-digest-in", "private-digest-out"
+# Client -> server: the step's numbers, in the "metrics" record (train_schema, evaluate_schema).
+TRAIN_LOSS, TRAIN_ACC = "train-loss", "train-acc"  # on the client's own train part (not under sample-level DP)
+DP_EPSILON = "dp-epsilon"  # sample-level DP: the client's cumulative epsilon, instead of the train numbers
+LOCAL_LOSS, LOCAL_ACC = "local-loss", "local-acc"  # the personalized model on the client's own test part
+POOLED_LOSS, POOLED_ACC = "pooled-loss", "pooled-acc"  # the global model on the pooled test set (when POOLED)
 # A SuperNode's node config (``--node-config``; the simulation engine sets the partition keys).
 NODE_PARTITION_ID = "partition-id"  # which partition of the run's dataset is this client's (simulation, demos)
 NODE_NUM_PARTITIONS = "num-partitions"
@@ -268,7 +280,7 @@ def train_schema(
     metrics (training loss and accuracy; under sample-level DP only the client's epsilon), the
     client's claimed id (and private-state digests when the run asks for them)."""
     arrays = {k: (tuple(v.shape), np.dtype(str(v.dtype).removeprefix("torch."))) for k, v in shared.items()}
-    metrics = {"dp-epsilon": _NON_NEGATIVE} if dp_sample else {"train-loss": _NON_NEGATIVE, "train-acc": _PROBABILITY}
+    metrics = {DP_EPSILON: _NON_NEGATIVE} if dp_sample else {TRAIN_LOSS: _NON_NEGATIVE, TRAIN_ACC: _PROBABILITY}
     client = {CLIENT_ID: (0, _CLIENT_ID_MAX)}
     if digests:
         client |= {DIGEST_IN: (0, _DIGEST_MAX), DIGEST_OUT: (0, _DIGEST_MAX)}
@@ -278,7 +290,7 @@ def train_schema(
 def evaluate_schema(*, pooled: bool, max_examples: int, max_train: int) -> ReplySchema:
     """The reply to an evaluate message: accuracy and loss on the client's own test part (and on
     the pooled test set when the server asked for it), its claimed id and its training-set size."""
-    metrics = {"local-acc": _PROBABILITY, "local-loss": _NON_NEGATIVE}
+    metrics = {LOCAL_ACC: _PROBABILITY, LOCAL_LOSS: _NON_NEGATIVE}
     if pooled:
-        metrics |= {"pooled-acc": _PROBABILITY, "pooled-loss": _NON_NEGATIVE}
+        metrics |= {POOLED_ACC: _PROBABILITY, POOLED_LOSS: _NON_NEGATIVE}
     return ReplySchema(metrics, {CLIENT_ID: (0, _CLIENT_ID_MAX), NUM_TRAIN: (0, max_train)}, max_examples)

@@ -19,11 +19,29 @@ import numpy as np
 import torch
 import yaml
 
-from .config import Config, config_to_record
+from .config import RECORD, Config, config_to_record
 from .io import atomic_save, atomic_write_json, atomic_write_text, csv_cell
-from .records import NUM_EXAMPLES
+from .records import DP_EPSILON, LOCAL_ACC, NUM_EXAMPLES, NUM_TRAIN, POOLED_ACC, TRAIN_ACC, TRAIN_LOSS
 
 __all__ = [
+    "COL_CLIENT",
+    "COL_CLIENTS",
+    "COL_DROPPED",
+    "COL_EPSILON",
+    "COL_FAILED",
+    "COL_LOCAL_ACC",
+    "COL_LOCAL_ACC_MEAN",
+    "COL_LOCAL_ACC_WEIGHTED",
+    "COL_POOLED_ACC",
+    "COL_POOLED_ACC_MEAN",
+    "COL_REFUSED",
+    "COL_ROUND",
+    "COL_SECONDS",
+    "COL_TEST_SAMPLES",
+    "COL_TRAIN_ACC",
+    "COL_TRAIN_LOSS",
+    "COL_TRAIN_SAMPLES",
+    "RECORD",
     "RunLog",
     "client_rows",
     "client_summary_rows",
@@ -34,6 +52,19 @@ __all__ = [
     "write_csv",
     "write_run",
 ]
+
+# The columns of a run folder's tables: rounds.json/.csv (round_rows: one row per round) and
+# clients.json/.csv (client_rows: one row per client). The comparison reads them back from run folders.
+COL_ROUND, COL_CLIENTS = "round", "clients"  # the round; how many clients trained in it
+COL_TRAIN_LOSS, COL_TRAIN_ACC = "train_loss", "train_acc"  # sample-weighted over the clients that trained
+COL_LOCAL_ACC_MEAN = "local_acc_mean"  # personalized accuracy, mean over the clients evaluated
+COL_LOCAL_ACC_WEIGHTED = "local_acc_weighted"  # the same, sample-weighted
+COL_POOLED_ACC_MEAN = "pooled_acc_mean"  # pooled-test accuracy, mean over clients (where measured)
+COL_SECONDS, COL_EPSILON = "seconds", "epsilon"  # the round's duration; DP epsilon spent so far (None: no DP)
+COL_DROPPED, COL_FAILED, COL_REFUSED = "dropped", "failed", "refused"  # replies dropped, failed; no update?
+COL_CLIENT = "client"  # the client's number (a client row; in summary rows, the statistic's name)
+COL_TRAIN_SAMPLES, COL_TEST_SAMPLES = "train_samples", "test_samples"
+COL_LOCAL_ACC, COL_POOLED_ACC = "local_acc", "pooled_acc"  # from the last round the client was evaluated in
 
 
 @dataclass
@@ -75,7 +106,7 @@ def _epsilon(log: RunLog, rnd: int, train: Mapping[int, Mapping[str, Any]]) -> f
     level (the largest cumulative epsilon a client reported); None without DP."""
     if rnd in log.epsilon:
         return log.epsilon[rnd]
-    eps = [r["dp-epsilon"] for r in train.values() if "dp-epsilon" in r]
+    eps = [r[DP_EPSILON] for r in train.values() if DP_EPSILON in r]
     return max(eps) if eps else None
 
 
@@ -85,22 +116,22 @@ def round_rows(log: RunLog) -> list[dict[str, Any]]:
     rows = []
     for rnd in sorted(set(log.train) | set(log.evaluate)):
         train, ev = log.train.get(rnd, {}), log.evaluate.get(rnd, {})
-        local = [r["local-acc"] for r in ev.values() if "local-acc" in r]
-        pooled = [r["pooled-acc"] for r in ev.values() if "pooled-acc" in r]
+        local = [r[LOCAL_ACC] for r in ev.values() if LOCAL_ACC in r]
+        pooled = [r[POOLED_ACC] for r in ev.values() if POOLED_ACC in r]
         rows.append(
             {
-                "round": rnd,
-                "clients": len(train),
-                "train_loss": _weighted(train, "train-loss"),
-                "train_acc": _weighted(train, "train-acc"),
-                "local_acc_mean": float(np.mean(local)) if local else None,
-                "local_acc_weighted": _weighted(ev, "local-acc"),
-                "pooled_acc_mean": float(np.mean(pooled)) if pooled else None,
-                "seconds": log.round_seconds.get(rnd),
-                "epsilon": _epsilon(log, rnd, train),
-                "dropped": sum(d["round"] == rnd for d in log.dropped),
-                "failed": sum(f["round"] == rnd for f in log.failed),
-                "refused": any(r["round"] == rnd for r in log.refused),
+                COL_ROUND: rnd,
+                COL_CLIENTS: len(train),
+                COL_TRAIN_LOSS: _weighted(train, TRAIN_LOSS),
+                COL_TRAIN_ACC: _weighted(train, TRAIN_ACC),
+                COL_LOCAL_ACC_MEAN: float(np.mean(local)) if local else None,
+                COL_LOCAL_ACC_WEIGHTED: _weighted(ev, LOCAL_ACC),
+                COL_POOLED_ACC_MEAN: float(np.mean(pooled)) if pooled else None,
+                COL_SECONDS: log.round_seconds.get(rnd),
+                COL_EPSILON: _epsilon(log, rnd, train),
+                COL_DROPPED: sum(d["round"] == rnd for d in log.dropped),
+                COL_FAILED: sum(f["round"] == rnd for f in log.failed),
+                COL_REFUSED: any(r["round"] == rnd for r in log.refused),
             }
         )
     return rows
@@ -115,12 +146,12 @@ def client_rows(log: RunLog) -> list[dict[str, Any]]:
             latest[cid] = (rnd, row)
     return [
         {
-            "client": cid,
-            "round": rnd,
-            "train_samples": row.get("num-train"),
-            "test_samples": row.get(NUM_EXAMPLES),
-            "local_acc": row.get("local-acc"),
-            "pooled_acc": row.get("pooled-acc"),
+            COL_CLIENT: cid,
+            COL_ROUND: rnd,
+            COL_TRAIN_SAMPLES: row.get(NUM_TRAIN),
+            COL_TEST_SAMPLES: row.get(NUM_EXAMPLES),
+            COL_LOCAL_ACC: row.get(LOCAL_ACC),
+            COL_POOLED_ACC: row.get(POOLED_ACC),
         }
         for cid, (rnd, row) in sorted(latest.items())
     ]
@@ -147,10 +178,10 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
 def client_summary_rows(clients: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """mean / std / median / worst 10% / best over clients, for local and pooled accuracy."""
-    local = summarize([c["local_acc"] for c in clients if c["local_acc"] is not None])
-    pooled = summarize([c["pooled_acc"] for c in clients if c["pooled_acc"] is not None])
+    local = summarize([c[COL_LOCAL_ACC] for c in clients if c[COL_LOCAL_ACC] is not None])
+    pooled = summarize([c[COL_POOLED_ACC] for c in clients if c[COL_POOLED_ACC] is not None])
     return [
-        {"client": name, "local_acc": local.get(key), "pooled_acc": pooled.get(key)}
+        {COL_CLIENT: name, COL_LOCAL_ACC: local.get(key), COL_POOLED_ACC: pooled.get(key)}
         for name, key in (
             ("mean", "mean"),
             ("std", "std"),
@@ -181,11 +212,11 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str = ""
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (
-        ("local_acc_mean", "personalized (own test, mean over clients)"),
-        ("pooled_acc_mean", "pooled test (mean over clients)"),
-        ("train_acc", "train (sample-weighted)"),
+        (COL_LOCAL_ACC_MEAN, "personalized (own test, mean over clients)"),
+        (COL_POOLED_ACC_MEAN, "pooled test (mean over clients)"),
+        (COL_TRAIN_ACC, "train (sample-weighted)"),
     ):
-        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        pts = [(r[COL_ROUND], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
     ax.set_xlabel("round")
@@ -235,9 +266,6 @@ def provenance() -> dict[str, Any]:
     }
 
 
-RECORD = "config.yaml"  # a run folder's configuration, as run: what --resume, predict and adapt read
-
-
 def write_record(run_dir: Path, cfg: Config) -> None:
     """The run's configuration (:func:`fedse.config.config_to_record`), written atomically."""
     atomic_write_text(Path(run_dir) / RECORD, yaml.safe_dump(dict(config_to_record(cfg)), sort_keys=False))
@@ -267,11 +295,11 @@ def write_run(
     summary = {
         "split": dict(split_summary),
         "clients": {
-            row["client"]: {k: v for k, v in row.items() if k != "client"} for row in client_summary_rows(clients)
+            row[COL_CLIENT]: {k: v for k, v in row.items() if k != COL_CLIENT} for row in client_summary_rows(clients)
         },
         "last_round": rounds[-1] if rounds else None,
         "best_round_local_acc_mean": max(
-            (r["local_acc_mean"] for r in rounds if r["local_acc_mean"] is not None), default=None
+            (r[COL_LOCAL_ACC_MEAN] for r in rounds if r[COL_LOCAL_ACC_MEAN] is not None), default=None
         ),
         "dropped_replies": log.dropped,
         "failed_replies": log.failed,

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT, checkpoint_status
-from .config import Config, ConfigError
+from .config import RECORD, Config, ConfigError
 from .federated import FederatedData
 from .io import atomic_write_json
 from .partition import plot_label_counts
-from .report import RECORD
 
 __all__ = ["claim_run_dir", "discard_unstarted", "make_run_dir", "write_partition"]
 

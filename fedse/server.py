@@ -37,6 +37,7 @@ from .records import (
     ARRAYS,
     CONFIG,
     CONFIG_JSON,
+    DP_EPSILON,
     EXPORT_ONLY,
     FINAL,
     POOLED,
@@ -47,7 +48,18 @@ from .records import (
     to_arrays,
     train_schema,
 )
-from .report import RunLog, client_rows, client_summary_rows, format_table, write_record, write_run
+from .report import (
+    COL_CLIENT,
+    COL_LOCAL_ACC,
+    COL_POOLED_ACC,
+    COL_TRAIN_SAMPLES,
+    RunLog,
+    client_rows,
+    client_summary_rows,
+    format_table,
+    write_record,
+    write_run,
+)
 from .split import Split
 from .state import private_manifest, verify_manifest
 from .strategy import (
@@ -79,7 +91,7 @@ def privacy_report(cfg: Config, run_log: RunLog, dp: ClientDP | None) -> dict[st
     if pr.mode == "none":
         return {"mode": "none"}
     if pr.mode == "sample":
-        eps = [r["dp-epsilon"] for rows in run_log.train.values() for r in rows.values() if "dp-epsilon" in r]
+        eps = [r[DP_EPSILON] for rows in run_log.train.values() for r in rows.values() if DP_EPSILON in r]
         return {
             "mode": "sample",
             "level": "one training example of one client",
@@ -477,7 +489,7 @@ def final_tables(outcome_log: RunLog, max_rows: int = 20) -> str:
     ``clients.csv``, which always holds every client) and its summary lines, as printed at the end
     of a run, then any refused or failed replies (with the first failure's reason)."""
     clients = client_rows(outcome_log)
-    cols = ["client", "train_samples", "local_acc", "pooled_acc"]
+    cols = [COL_CLIENT, COL_TRAIN_SAMPLES, COL_LOCAL_ACC, COL_POOLED_ACC]
     if len(clients) <= max_rows:
         text = format_table(clients, cols) + "\n\n"
     else:

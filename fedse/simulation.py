@@ -25,11 +25,24 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from .client import make_client_app
-from .config import Config
+from .config import RECORD, Config
 from .federated import FederatedData, build_federated_data
 from .interrupt import as_stop, clear_stop, stop_requested
 from .policies import resolve
-from .report import RECORD, RunLog, round_rows, write_record
+from .report import (
+    COL_CLIENTS,
+    COL_DROPPED,
+    COL_EPSILON,
+    COL_FAILED,
+    COL_LOCAL_ACC_MEAN,
+    COL_POOLED_ACC_MEAN,
+    COL_REFUSED,
+    COL_SECONDS,
+    COL_TRAIN_LOSS,
+    RunLog,
+    round_rows,
+    write_record,
+)
 from .rundir import claim_run_dir, discard_unstarted, write_partition
 from .server import ServerOutcome, final_tables, run_server
 from .state import PRIVATE_DIR
@@ -90,13 +103,13 @@ class _Progress:
         row = round_rows(run_log)[-1]
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         text = (
-            f"round {server_round}/{self.rounds}  clients {row['clients']}  loss {fmt(row['train_loss'])}  "
-            f"pers-acc {fmt(row['local_acc_mean'])}  pooled {fmt(row['pooled_acc_mean'])}  "
-            f"{row['seconds']:.1f}s"
-            + (f"  eps {row['epsilon']:.3f}" if row["epsilon"] is not None else "")
-            + ("  no update (refused: see rounds.json)" if row["refused"] else "")
-            + (f"  dropped {row['dropped']}" if row["dropped"] else "")
-            + (f"  failed {row['failed']}" if row["failed"] else "")
+            f"round {server_round}/{self.rounds}  clients {row[COL_CLIENTS]}  loss {fmt(row[COL_TRAIN_LOSS])}  "
+            f"pers-acc {fmt(row[COL_LOCAL_ACC_MEAN])}  pooled {fmt(row[COL_POOLED_ACC_MEAN])}  "
+            f"{row[COL_SECONDS]:.1f}s"
+            + (f"  eps {row[COL_EPSILON]:.3f}" if row[COL_EPSILON] is not None else "")
+            + ("  no update (refused: see rounds.json)" if row[COL_REFUSED] else "")
+            + (f"  dropped {row[COL_DROPPED]}" if row[COL_DROPPED] else "")
+            + (f"  failed {row[COL_FAILED]}" if row[COL_FAILED] else "")
         )
         if self.bar is not None:
             self.bar.console.print(text)

@@ -508,7 +508,7 @@ class GuardedStrategy(Strategy):
             for cid, msg, claim in zip(cids, kept, claims, strict=True):
                 if claim > cap:
                     msg.content[METRICS][NUM_EXAMPLES] = cap
-                    self.last.bounded.append({"client": cid, "num-examples": claim, "weight": cap})
+                    self.last.bounded.append({"client": cid, NUM_EXAMPLES: claim, "weight": cap})
         return kept
 
     def _refuse(self, server_round: int, reason: str) -> tuple[None, None]:

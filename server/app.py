@@ -28,7 +28,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedse.checkpoint import CheckpointError
-from fedse.config import ConfigError, load_config
+from fedse.config import RECORD, ConfigError, load_config
 from fedse.data import DatasetError
 from fedse.partition import PartitionError
 from fedse.rundir import claim_run_dir, discard_unstarted
@@ -90,7 +90,7 @@ def _main(grid: Grid, context: Context) -> None:
     resume = str(rc["resume-from"])
     if resume:
         run_dir = resolve_output_dir(resume, ROOT)
-        cfg = load_config(run_dir / "config.yaml", overrides, record=True)
+        cfg = load_config(run_dir / RECORD, overrides, record=True)
     else:
         config_file = Path(str(rc["config-file"]))
         cfg = load_config(config_file if config_file.is_absolute() else ROOT / config_file, overrides)

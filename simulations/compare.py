@@ -29,7 +29,7 @@ from fedse.federated import build_federated_data, model_shape
 from fedse.io import atomic_write_json
 from fedse.models import build_model
 from fedse.policies import POLICIES, ClientRun, resolve
-from fedse.report import client_rows, round_rows
+from fedse.report import COL_CLIENT, COL_TRAIN_SAMPLES, client_rows, round_rows
 from fedse.simulation import simulate
 
 __all__ = ["compare"]
@@ -47,8 +47,8 @@ def _holdout(cfg: Config, shared: dict, first: int) -> list[dict[str, Any]]:
         model.load_state_dict(shared, strict=False)
         rows.append(
             {
-                "client": cid,
-                "train_samples": len(shard.train_labels),
+                COL_CLIENT: cid,
+                COL_TRAIN_SAMPLES: len(shard.train_labels),
                 **ClientRun(cfg, policy, shard, ds.mean, ds.std, cfg.seed + cid).adapt_and_evaluate(model, split),
             }
         )

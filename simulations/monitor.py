@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedse.config import SEED_MAX, ConfigError, load_config, short_repr
+from fedse.config import RECORD, SEED_MAX, ConfigError, load_config, short_repr
 from fedse.federated import build_federated_data
 from fedse.fingerprint import CORRUPTIONS, FeatureGaussian, auroc, corrupt, mmd_test, msp_score, probe
 from fedse.io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
@@ -93,7 +93,7 @@ def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
             raise ConfigError(f"{name} {short_repr(value)}: out of range; allowed: an integer in [{lo}, {hi}]")
     check_output_dir(out, "--out")
-    cfg = load_config(run_dir / "config.yaml", record=True)
+    cfg = load_config(run_dir / RECORD, record=True)
     fed = build_federated_data(cfg)
     per_client: list[dict[str, Any]] = []
     fingerprints, examples = [], None
