@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, load_config
+from .config import RECORD, ConfigError, load_config
 
 __all__ = ["main"]
 
@@ -27,31 +30,28 @@ def _methods(text: str | None) -> list[str] | None:
     return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedse", description="Federated personalization with private excitation.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a federated simulation on Flower's simulation engine")
+def _overrides(parser: argparse.ArgumentParser, text: str | None = None) -> None:
+    """``--set KEY=VALUE``, repeatable: overrides of config keys (``text``: its help)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text)
+
+
+def _simulate_arguments(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--config", type=Path, default=None, help="YAML file (default: built-in defaults)")
-    sim.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set partition.alpha=0.1 (repeatable)",
-    )
+    _overrides(sim, "override one config key, e.g. --set partition.alpha=0.1 (repeatable)")
     sim.add_argument(
         "--resume",
         type=Path,
         default=None,
         metavar="RUN_DIR",
-        help="continue RUN_DIR's run from its last checkpoint (its config.yaml, plus --set)",
+        help=f"continue RUN_DIR's run from its last checkpoint (its {RECORD}, plus --set)",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress display or tables")
     sim.add_argument("--verbose", action="store_true", help="Flower's own INFO/DEBUG logs")
-    cmp = sub.add_parser("compare", help="run several methods under the identical partition and budget")
+
+
+def _compare_arguments(cmp: argparse.ArgumentParser) -> None:
     cmp.add_argument("--config", type=Path, default=None, help="YAML file (default: built-in defaults)")
-    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _overrides(cmp)
     cmp.add_argument(
         "--methods",
         default=None,
@@ -87,9 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         help="with --budget: the mean personalized accuracy whose round, seconds and upload are "
         "reported (default: %(default)s)",
     )
-    prd = sub.add_parser(
-        "predict", help="score images with a client's personalized model: a CSV of labels and probabilities"
-    )
+
+
+def _predict_arguments(prd: argparse.ArgumentParser) -> None:
     prd.add_argument(
         "model", type=Path, help="a run folder (with --client N), a deployed client's state dir, or a .fedse file"
     )
@@ -104,33 +104,39 @@ def _parser() -> argparse.ArgumentParser:
         "--split", choices=["train", "test"], help="the client's own part of the run's dataset (run folders only)"
     )
     prd.add_argument("--out", type=Path, required=True, help="the CSV to write")
-    adp = sub.add_parser(
-        "adapt", help="a new client: fit its private part on a finished run's shared weights, from its own data"
-    )
-    adp.add_argument("run", type=Path, help="the finished run's folder (config.yaml, shared_weights.pt)")
+
+
+def _adapt_arguments(adp: argparse.ArgumentParser) -> None:
+    adp.add_argument("run", type=Path, help=f"the finished run's folder ({RECORD}, shared_weights.pt)")
     adp.add_argument("--data-dir", type=Path, required=True, help="the client's own data (data.dataset's format)")
     adp.add_argument("--out", type=Path, required=True, help="where to write its model (.fedse)")
-    adp.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
-    mon = sub.add_parser(
-        "monitor", help="each client's gate fingerprint against other clients' data and corrupted inputs (AUROC)"
-    )
+    _overrides(adp, "override a config key")
+
+
+def _monitor_arguments(mon: argparse.ArgumentParser) -> None:
     mon.add_argument("run", type=Path, help="a finished simulation's run folder (with clients/)")
     mon.add_argument("--out", type=Path, default=None, help="where to write (default: RUN/monitor)")
     mon.add_argument("--max-other", type=int, default=1000, help="other clients' test images per client (sampled)")
     mon.add_argument("--seed", type=int, default=0)
-    crt = sub.add_parser("certs", help="make a test certificate authority and a SuperLink certificate")
+
+
+def _certs_arguments(crt: argparse.ArgumentParser) -> None:
     crt.add_argument("directory", type=Path)
-    key = sub.add_parser("keygen", help="make a SuperNode key pair (register the .pub with flwr supernode register)")
+
+
+def _keygen_arguments(key: argparse.ArgumentParser) -> None:
     key.add_argument("path", type=Path)
-    srv = sub.add_parser("server", help="start a SuperLink (TLS and SuperNode authentication on)")
+
+
+def _server_arguments(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--certs", type=Path, help="directory from 'fedse certs' (ca.crt, server.pem, server.key)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=9093)
     srv.add_argument("--database", type=Path, help="SuperLink state (registered nodes, runs); default in memory")
     srv.add_argument("--insecure", action="store_true", help="no TLS, no authentication (warned; testing only)")
-    cli = sub.add_parser("client", help="start a SuperNode for one client")
+
+
+def _client_arguments(cli: argparse.ArgumentParser) -> None:
     cli.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     cli.add_argument("--ca", type=Path, help="CA certificate the SuperLink's certificate is signed by")
     cli.add_argument("--key", type=Path, help="this node's private key (from fedse keygen)")
@@ -141,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_argument("--num-partitions", type=int)
     cli.add_argument("--port", type=int, default=9094, help="this SuperNode's local Runtime API port")
     cli.add_argument("--insecure", action="store_true", help="no TLS (warned; testing only)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedse", description="Federated personalization with private excitation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in _COMMANDS.items():
+        command.arguments(sub.add_parser(name, help=command.help))
     return parser
 
 
@@ -154,34 +167,46 @@ def _exec(cmd: list[str]) -> int:
     return 0  # not reached
 
 
-def _deploy(args: argparse.Namespace) -> int:
+def _certs(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .deploy import make_test_certs
+
+    certs = make_test_certs(args.directory)
+    print(f"CA {certs.ca}\nSuperLink certificate {certs.cert}\nkey {certs.key}")
+    return 0
+
+
+def _keygen(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .deploy import make_node_key
+
+    print(make_node_key(args.path))
+    return 0
+
+
+def _server(args: argparse.Namespace, argv: list[str] | None) -> int:
     from . import deploy
 
-    if args.command == "certs":
-        certs = deploy.make_test_certs(args.directory)
-        print(f"CA {certs.ca}\nSuperLink certificate {certs.cert}\nkey {certs.key}")
-        return 0
-    if args.command == "keygen":
-        print(deploy.make_node_key(args.path))
-        return 0
-    if args.command == "server":
-        if args.certs is None and not args.insecure:
-            raise ConfigError("fedse server needs --certs DIR (from 'fedse certs DIR') or an explicit --insecure")
-        certs = (
-            None
-            if args.insecure
-            else deploy.Certs(args.certs / "ca.crt", args.certs / "server.pem", args.certs / "server.key")
+    if args.certs is None and not args.insecure:
+        raise ConfigError("fedse server needs --certs DIR (from 'fedse certs DIR') or an explicit --insecure")
+    certs = (
+        None
+        if args.insecure
+        else deploy.Certs(args.certs / "ca.crt", args.certs / "server.pem", args.certs / "server.key")
+    )
+    missing = [str(p) for p in (certs.ca, certs.cert, certs.key) if not p.is_file()] if certs else []
+    if missing:
+        raise ConfigError(
+            f"--certs {args.certs}: missing {', '.join(missing)}; make them with 'fedse certs DIR' "
+            "or put your CA certificate, server certificate and key there under these names"
         )
-        missing = [str(p) for p in (certs.ca, certs.cert, certs.key) if not p.is_file()] if certs else []
-        if missing:
-            raise ConfigError(
-                f"--certs {args.certs}: missing {', '.join(missing)}; make them with 'fedse certs DIR' "
-                "or put your CA certificate, server certificate and key there under these names"
-            )
-        cmd = deploy.superlink_command(certs=certs, host=args.host, port=args.port, database=args.database)
-        # Before exec: the operator must see who can register nodes and start runs on this SuperLink.
-        print(f"fedse: warning: {deploy.control_api_exposure(args.host, args.port)}", file=sys.stderr, flush=True)
-        return _exec(cmd)
+    cmd = deploy.superlink_command(certs=certs, host=args.host, port=args.port, database=args.database)
+    # Before exec: the operator must see who can register nodes and start runs on this SuperLink.
+    print(f"fedse: warning: {deploy.control_api_exposure(args.host, args.port)}", file=sys.stderr, flush=True)
+    return _exec(cmd)
+
+
+def _client(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .deploy import supernode_command
+
     if not args.insecure and (args.ca is None or args.key is None):
         raise ConfigError(
             "fedse client needs --ca and --key (TLS and SuperNode authentication) or an explicit --insecure"
@@ -200,18 +225,23 @@ def _deploy(args: argparse.Namespace) -> int:
             NODE_PARTITION_ID: args.partition_id,
             NODE_NUM_PARTITIONS: args.num_partitions or args.partition_id + 1,
         }
-    return _exec(
-        deploy.supernode_command(
-            superlink=args.superlink,
-            ca=None if args.insecure else args.ca,
-            key=args.key,
-            node_config=node,
-            port=args.port,
-        )
+    command = supernode_command(
+        superlink=args.superlink,
+        ca=None if args.insecure else args.ca,
+        key=args.key,
+        node_config=node,
+        port=args.port,
     )
+    return _exec(command)
 
 
-def _predict(args: argparse.Namespace) -> int:
+def _run_folder(path: Path, message: str) -> None:
+    """A ConfigError with ``message`` unless ``path`` is a run folder (it holds the run's record)."""
+    if not (path / RECORD).is_file():
+        raise ConfigError(message)
+
+
+def _predict(args: argparse.Namespace, argv: list[str] | None) -> int:
     import torch
 
     from .data import IMAGE_SUFFIXES, read_images
@@ -222,17 +252,11 @@ def _predict(args: argparse.Namespace) -> int:
     if args.split is not None:
         from .federated import build_federated_data
 
-        if not (args.model / "config.yaml").is_file():
-            raise ConfigError(f"--split needs a run folder (with config.yaml); {args.model} is not one")
-        run_cfg = load_config(args.model / "config.yaml", record=True)
+        _run_folder(args.model, f"--split needs a run folder (with {RECORD}); {args.model} is not one")
+        run_cfg = load_config(args.model / RECORD, record=True)
         shard = build_federated_data(run_cfg).shard(int(loaded.header["client"]))
         images, labels = (
-            (shard.test_images, shard.test_labels)
-            if args.split == "test"
-            else (
-                shard.train_images,
-                shard.train_labels,
-            )
+            (shard.test_images, shard.test_labels) if args.split == "test" else (shard.train_images, shard.train_labels)
         )
         names = [f"{args.split}-{i}" for i in range(len(labels))]
     else:
@@ -256,6 +280,37 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt(args: argparse.Namespace, argv: list[str] | None):  # noqa: ANN202 (PersonalizedModel, imported lazily)
+    from .personal import adapt_new_client
+
+    _run_folder(args.run, f"{args.run} is not a run folder (no {RECORD})")
+    return adapt_new_client(args.run, args.data_dir, args.out, args.overrides)
+
+
+def _adapted(args: argparse.Namespace, loaded) -> int:  # noqa: ANN001 (PersonalizedModel)
+    h = loaded.header
+    print(
+        f"new client: {h['train_samples']} train / {h['test_samples']} test images, own test accuracy "
+        f"{h['local_acc']:.4f} -> {args.out}"
+    )
+    return 0
+
+
+def _monitor(args: argparse.Namespace, argv: list[str] | None) -> Path:
+    from simulations.monitor import monitor
+
+    _run_folder(args.run, f"{args.run} is not a run folder (no {RECORD})")
+    out = args.out or args.run / "monitor"
+    monitor(args.run, out, max_other=args.max_other, seed=args.seed)
+    return out
+
+
+def _monitored(args: argparse.Namespace, out: Path) -> int:
+    print((out / "table.md").read_text())
+    print(f"monitor folder: {out}")
+    return 0
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -263,9 +318,15 @@ def _int_list(text: str, what: str) -> list[int]:
         raise ConfigError(f"--{what} must be comma-separated integers, got {text!r}") from None
 
 
-def _fail(err: object) -> int:
+def _fail(err: BaseException) -> int:
     """One line on stderr (library and torch messages can span lines), exit code 2."""
     print(f"fedse: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
+
+
+def _fail_as_is(err: BaseException) -> int:
+    """The message as it is (a deployment tool's output may span lines), exit code 2."""
+    print(f"fedse: error: {err}", file=sys.stderr)
     return 2
 
 
@@ -283,75 +344,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
-    if args.command in ("certs", "keygen", "server", "client"):
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        try:
-            return _deploy(args)
-        except (ConfigError, FileExistsError, FileNotFoundError, RuntimeError) as err:
-            print(f"fedse: error: {err}", file=sys.stderr)
-            return 2
+    """The subcommand's work; what it raises of its ``errors`` is one message and exit code 2, a stopped
+    run is its resume line (:func:`_stopped`). Then what it shows of its outcome."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "adapt":
-        from .data import DatasetError
-        from .personal import adapt_new_client
-        from .state import StateCorruptError
+    command = _COMMANDS[args.command]
+    try:
+        outcome = command.run(args, argv)
+    except command.stops() as stop:  # evaluated only when something is raised: imported lazily
+        return _stopped(stop, args, argv)
+    except command.errors() as err:
+        return command.fail(err)
+    return command.show(args, outcome)
 
-        try:
-            if not (args.run / "config.yaml").is_file():
-                raise ConfigError(f"{args.run} is not a run folder (no config.yaml)")
-            loaded = adapt_new_client(args.run, args.data_dir, args.out, args.overrides)
-        except (ConfigError, DatasetError, StateCorruptError, FileNotFoundError, ValueError, OSError) as err:
-            return _fail(err)
-        h = loaded.header
-        print(
-            f"new client: {h['train_samples']} train / {h['test_samples']} test images, own test accuracy "
-            f"{h['local_acc']:.4f} -> {args.out}"
-        )
-        return 0
-    if args.command == "monitor":
-        from simulations.monitor import monitor
 
-        from .data import DatasetError
-        from .state import StateCorruptError
-
-        try:
-            if not (args.run / "config.yaml").is_file():
-                raise ConfigError(f"{args.run} is not a run folder (no config.yaml)")
-            out = args.out or args.run / "monitor"
-            monitor(args.run, out, max_other=args.max_other, seed=args.seed)
-        except (ConfigError, DatasetError, StateCorruptError, FileNotFoundError, ValueError, OSError) as err:
-            return _fail(err)
-        print((out / "table.md").read_text())
-        print(f"monitor folder: {out}")
-        return 0
-    if args.command == "predict":
-        from .data import DatasetError
-        from .state import StateCorruptError
-
-        try:
-            return _predict(args)
-        except (ConfigError, DatasetError, StateCorruptError, FileNotFoundError, ValueError, OSError) as err:
-            return _fail(err)
+def _simulate_or_compare(args: argparse.Namespace, argv: list[str] | None) -> int:
     logging.getLogger("fedse").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     resume = getattr(args, "resume", None)
-    try:
-        cfg = _run_config(args, resume)
-    except ConfigError as err:
-        return _fail(err)
-    from .checkpoint import CheckpointError
-    from .data import DatasetError
-    from .interrupt import RunStopped, stoppable
-    from .partition import PartitionError
+    cfg = _run_config(args, resume)
+    from .interrupt import stoppable
 
     name = args.config.stem if args.config else "default"
-    try:
-        with stoppable():
-            return _run(args, cfg, name, resume, argv)
-    except RunStopped as stop:
-        return _stopped(stop, args, argv)
-    except (ConfigError, CheckpointError, DatasetError, PartitionError, OSError) as err:
-        # OSError: an unwritable --out and the like
-        return _fail(err)
+    with stoppable():
+        return _run(args, cfg, name, resume, argv)
 
 
 def _run_config(args: argparse.Namespace, resume: Path | None):  # noqa: ANN202 (Config, imported lazily)
@@ -361,7 +375,6 @@ def _run_config(args: argparse.Namespace, resume: Path | None):  # noqa: ANN202 
     from .checkpoint import config_diff
     from .config import config_to_dict
     from .policies import resolve
-    from .report import RECORD
 
     if resume is None:
         cfg = load_config(args.config, args.overrides)
@@ -450,6 +463,110 @@ def _compare(args: argparse.Namespace, cfg, name: str, argv: list[str] | None) -
     print((out / "table.md").read_text())
     print(f"comparison folder: {out}")
     return 0
+
+
+# What each subcommand raises that is the user's to fix (imported only when something is raised).
+def _deploy_errors() -> tuple[type[BaseException], ...]:
+    return (ConfigError, FileExistsError, FileNotFoundError, RuntimeError)
+
+
+def _model_errors() -> tuple[type[BaseException], ...]:
+    """Reading a run folder, a client's model, its data or state."""
+    from .data import DatasetError
+    from .state import StateCorruptError
+
+    return (ConfigError, DatasetError, StateCorruptError, FileNotFoundError, ValueError, OSError)
+
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """A run's configuration, data, partition, checkpoint; OSError: an unwritable --out and the like."""
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+    from .partition import PartitionError
+
+    return (ConfigError, CheckpointError, DatasetError, PartitionError, OSError)
+
+
+def _run_stops() -> tuple[type[BaseException], ...]:
+    from .interrupt import RunStopped
+
+    return (RunStopped,)
+
+
+@dataclass(frozen=True)
+class _Command:
+    """A subcommand: its help line and arguments; ``run``, its work, under :func:`_main`'s error handling;
+    ``show``, what it prints of ``run``'s outcome afterwards; ``stops``, what ends it as a stopped run."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, list[str] | None], Any]
+    errors: Callable[[], tuple[type[BaseException], ...]]
+    fail: Callable[[BaseException], int] = _fail
+    show: Callable[[argparse.Namespace, Any], int] = lambda args, code: code
+    stops: Callable[[], tuple[type[BaseException], ...]] = lambda: ()
+
+
+_COMMANDS: dict[str, _Command] = {  # in --help's order
+    "simulate": _Command(
+        "run a federated simulation on Flower's simulation engine",
+        _simulate_arguments,
+        _simulate_or_compare,
+        _run_errors,
+        stops=_run_stops,
+    ),
+    "compare": _Command(
+        "run several methods under the identical partition and budget",
+        _compare_arguments,
+        _simulate_or_compare,
+        _run_errors,
+        stops=_run_stops,
+    ),
+    "predict": _Command(
+        "score images with a client's personalized model: a CSV of labels and probabilities",
+        _predict_arguments,
+        _predict,
+        _model_errors,
+    ),
+    "adapt": _Command(
+        "a new client: fit its private part on a finished run's shared weights, from its own data",
+        _adapt_arguments,
+        _adapt,
+        _model_errors,
+        show=_adapted,
+    ),
+    "monitor": _Command(
+        "each client's gate fingerprint against other clients' data and corrupted inputs (AUROC)",
+        _monitor_arguments,
+        _monitor,
+        _model_errors,
+        show=_monitored,
+    ),
+    "certs": _Command(
+        "make a test certificate authority and a SuperLink certificate",
+        _certs_arguments,
+        _certs,
+        _deploy_errors,
+        fail=_fail_as_is,
+    ),
+    "keygen": _Command(
+        "make a SuperNode key pair (register the .pub with flwr supernode register)",
+        _keygen_arguments,
+        _keygen,
+        _deploy_errors,
+        fail=_fail_as_is,
+    ),
+    "server": _Command(
+        "start a SuperLink (TLS and SuperNode authentication on)",
+        _server_arguments,
+        _server,
+        _deploy_errors,
+        fail=_fail_as_is,
+    ),
+    "client": _Command(
+        "start a SuperNode for one client", _client_arguments, _client, _deploy_errors, fail=_fail_as_is
+    ),
+}
 
 
 if __name__ == "__main__":
