@@ -44,7 +44,6 @@ from .report import (
 )
 
 __all__ = [
-    "MethodRun",
     "budget_report",
     "budget_table",
     "comparable",
@@ -52,8 +51,10 @@ __all__ = [
     "merge",
     "method_run_from",
     "method_table",
+    "MethodRun",
     "paired_gains",
     "per_client",
+    "read_comparison",
     "write_budget",
     "write_comparison",
 ]
@@ -406,7 +407,7 @@ def _differences(first: Any, other: Any, key: str = "") -> list[str]:
     return [] if first == other else [f"{key}: {first!r} vs {other!r}"]
 
 
-def _read_comparison(folder: Path) -> dict[str, Any]:
+def read_comparison(folder: Path) -> dict[str, Any]:
     """A folder's ``comparison.json``, checked: its configuration, methods, --holdout and runs (each
     through :func:`method_run_from`)."""
     path = Path(folder) / "comparison.json"
@@ -466,7 +467,7 @@ def merge(
         )
     loaded = []
     for folder in folders:
-        data = _read_comparison(folder)
+        data = read_comparison(folder)
         if methods is not None:
             data["methods"] = [m for m in data["methods"] if m in methods]
             data["runs"] = [r for r in data["runs"] if r.method in methods]
@@ -565,7 +566,7 @@ def budget_table(
     only these (None: every method of every folder)."""
     rows = []
     for folder in folders:
-        data = _read_comparison(folder)
+        data = read_comparison(folder)
         _check_budget_fields(data["runs"], Path(folder) / "comparison.json")
         cfg = config_from_record(data["config"])
         model = build_model(cfg, *model_shape(cfg))

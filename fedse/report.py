@@ -24,6 +24,8 @@ from .io import atomic_save, atomic_write_json, atomic_write_text, csv_cell
 from .records import DP_EPSILON, LOCAL_ACC, NUM_EXAMPLES, NUM_TRAIN, POOLED_ACC, TRAIN_ACC, TRAIN_LOSS
 
 __all__ = [
+    "client_rows",
+    "client_summary_rows",
     "COL_CLIENT",
     "COL_CLIENTS",
     "COL_DROPPED",
@@ -41,13 +43,12 @@ __all__ = [
     "COL_TRAIN_ACC",
     "COL_TRAIN_LOSS",
     "COL_TRAIN_SAMPLES",
-    "RECORD",
-    "RunLog",
-    "client_rows",
-    "client_summary_rows",
+    "format_cell",
     "format_table",
     "plot_accuracy",
+    "RECORD",
     "round_rows",
+    "RunLog",
     "summarize",
     "write_csv",
     "write_run",
@@ -157,7 +158,7 @@ def client_rows(log: RunLog) -> list[dict[str, Any]]:
     ]
 
 
-def _fmt(value: Any) -> str:
+def format_cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -170,7 +171,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     if not rows:
         return "(no rows)"
     columns = list(columns or rows[0].keys())
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    cells = [[format_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])

@@ -152,12 +152,12 @@ def monitor(run_dir: Path, out: Path, *, max_other: int = 1000, seed: int = 0) -
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "monitor.json", result)
-    atomic_write_text(out / "table.md", _table(summary, flagged, len(per_client)))
+    atomic_write_text(out / "table.md", monitor_table(summary, flagged, len(per_client)))
     _plots(out, fingerprints, fed.label_counts("train"), examples or {})
     return result
 
 
-def _table(summary: dict[str, Any], flagged: dict[str, float], clients: int) -> str:
+def monitor_table(summary: dict[str, Any], flagged: dict[str, float], clients: int) -> str:
     lines = [
         f"ROC AUC, own test part against each scenario: mean ± std over {clients} clients; batch drift: "
         f"share of clients whose gate MMD test (200 vs 200 images) has p < {DRIFT_LEVEL}",
