@@ -44,7 +44,7 @@ from flwr.clientapp import ClientApp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fedse.client as fedse_client  # noqa: E402
+import fedse.federation.client as fedse_client  # noqa: E402
 from fedse.config import load_config  # noqa: E402
 from fedse.io import atomic_write_json  # noqa: E402
 from fedse.records import ARRAYS, LOCAL_ACC, METRICS, NODE_PARTITION_ID, NUM_EXAMPLES, POOLED_ACC  # noqa: E402
@@ -121,7 +121,7 @@ def attacker_factory(attack: str, attackers: set[int], cap: int, num_classes: in
 
 
 def one(config: Path | None, overrides: list[str], attack: str, k: int, defence: str) -> dict:
-    from fedse.federated import build_federated_data
+    from fedse.data.federated import build_federated_data
 
     with tempfile.TemporaryDirectory() as out:
         extra = DEFENCES[defence](max(k, 1)) + [f"output.dir={out}", "output.client_models=false"]

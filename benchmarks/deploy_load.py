@@ -45,8 +45,14 @@ def main() -> None:
     # (a background job's SIGINT may be ignored).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
 
-    from fedse.deploy import make_node_key, make_test_certs, superlink_command, supernode_command, write_connection
-    from fedse.launch import LocalProcesses, free_port, register_supernode
+    from fedse.deployment.deploy import (
+        make_node_key,
+        make_test_certs,
+        superlink_command,
+        supernode_command,
+        write_connection,
+    )
+    from fedse.deployment.launch import LocalProcesses, free_port, register_supernode
 
     flwr = str(Path(sys.executable).with_name("flwr"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +114,7 @@ def main() -> None:
         left = procs.running()
         folder = next(p for p in out.iterdir() if p.is_dir())
         rounds = json.loads((folder / "rounds.json").read_text())
-    from fedse.report import COL_CLIENTS, COL_FAILED, COL_ROUND, COL_SECONDS
+    from fedse.analysis.report import COL_CLIENTS, COL_FAILED, COL_ROUND, COL_SECONDS
 
     figures = {
         "nodes": NODES,

@@ -61,7 +61,7 @@ def _client_data(args: argparse.Namespace, client: int):
 
 
 def _federation(args: argparse.Namespace, num_clients: int):
-    from fedse.federated import build_federated_data
+    from fedse.data.federated import build_federated_data
 
     return build_federated_data(_config(args, num_clients, 1))
 

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedse.config import load_config  # noqa: E402
-from fedse.data import hflip  # noqa: E402
-from fedse.federated import build_federated_data  # noqa: E402
+from fedse.data.federated import build_federated_data  # noqa: E402
+from fedse.data.readers import hflip  # noqa: E402
 from fedse.models import build_model  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402
 from fedse.train import TrainSpec, evaluate, train  # noqa: E402

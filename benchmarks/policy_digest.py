@@ -27,9 +27,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedse.client import handle_evaluate, handle_train  # noqa: E402
 from fedse.config import config_to_dict, load_config  # noqa: E402
-from fedse.federated import build_federated_data, model_shape  # noqa: E402
+from fedse.data.federated import build_federated_data, model_shape  # noqa: E402
+from fedse.federation.client import handle_evaluate, handle_train  # noqa: E402
 from fedse.models import build_model  # noqa: E402
 from fedse.policies import POLICIES, resolve  # noqa: E402
 from fedse.records import (  # noqa: E402

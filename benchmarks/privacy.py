@@ -37,12 +37,12 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedse.analysis.report import format_table, summarize  # noqa: E402
 from fedse.config import load_config  # noqa: E402
 from fedse.io import atomic_save, atomic_write_json, atomic_write_text  # noqa: E402
 from fedse.models import create_model  # noqa: E402
 from fedse.privacy import Criterion, SampleDP, Step  # noqa: E402
 from fedse.records import LOCAL_ACC  # noqa: E402
-from fedse.report import format_table, summarize  # noqa: E402
 from fedse.simulation import simulate  # noqa: E402
 from fedse.train import TrainSpec, train  # noqa: E402
 

@@ -73,7 +73,7 @@ def _worker_rss_peak(stop: threading.Event, out: dict[str, int]) -> None:
 
 def one(num_clients: int) -> dict:
     from fedse.config import config_from_dict
-    from fedse.federated import build_federated_data
+    from fedse.data.federated import build_federated_data
     from fedse.models import build_model
     from fedse.policies import ClientRun, resolve
     from fedse.simulation import simulate
@@ -179,8 +179,8 @@ def private_state_cost(run_dir: Path, cfg, last_round: int) -> dict:
 
     import torch
 
+    from fedse.analysis.report import RunLog
     from fedse.checkpoint import CHECKPOINT
-    from fedse.report import RunLog
     from fedse.state import PRIVATE_DIR, RoundStore, private_manifest
 
     root = run_dir / PRIVATE_DIR

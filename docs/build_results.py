@@ -35,11 +35,11 @@ A SOURCE is a path relative to the repository root, optionally named (``name=PAT
 only), ``methods=`` (a budget's), ``each=`` (a JSON list's items are the rows). A source is:
 
 - a comparison folder (``comparison.json``, written by ``fedse compare``): its runs read by
-  :mod:`fedse.comparison` and its rows made by the same functions that wrote the folder's
+  :mod:`fedse.analysis.comparison` and its rows made by the same functions that wrote the folder's
   ``table.md`` (``method_table``, ``paired_gains``, ``holdout_table``);
 - a monitor folder (``monitor.json``, ``fedse monitor``): the rows of the table it prints;
 - ``budget:DIR,DIR,...`` (with ``methods=``): the rows of ``fedse compare --budget DIR ...``
-  (:func:`fedse.comparison.budget_table`), keyed ``METHOD bBATCH wWIDTH``;
+  (:func:`fedse.analysis.comparison.budget_table`), keyed ``METHOD bBATCH wWIDTH``;
 - ``attacks:FILE.json``: ``benchmarks/attacks.py``'s table of that file;
 - any other ``FILE.json`` (a benchmark's output): fields are dotted paths (``runs.0.ratio``);
   with ``each=runs`` the rows are that list's items, keyed by their index.
@@ -128,10 +128,10 @@ class Source:
 
 
 class Comparison(Source):
-    """A ``fedse compare`` folder: its runs as fedse.comparison reads them, its rows as it makes them."""
+    """A ``fedse compare`` folder: its runs as fedse.analysis.comparison reads them, its rows as it makes them."""
 
     def __init__(self, path: Path, shown: str, seeds: Sequence[int] | None) -> None:
-        from fedse.comparison import read_comparison
+        from fedse.analysis.comparison import read_comparison
 
         runs = read_comparison(path)["runs"]
         if seeds is not None:
@@ -146,7 +146,7 @@ class Comparison(Source):
     def _rows(runs: Sequence[Any]) -> dict[str, dict[str, Any]]:
         """One row per method: the folder's table.md columns (method table, gains over fedavg,
         cold start), plus ``gain``, ``params`` and ``rN``."""
-        from fedse.comparison import holdout_table, method_table, paired_gains
+        from fedse.analysis.comparison import holdout_table, method_table, paired_gains
 
         rows = {r["method"]: dict(r) for r in method_table(runs)}
         empty = ("mean_gain_points", "clients_gain", "clients_tie", "clients_lose", "paired_seeds", "gain")
@@ -188,7 +188,7 @@ class Comparison(Source):
         return row[field]
 
     def show(self, value: Any) -> str:
-        from fedse.report import format_cell  # how format_table prints a cell of table.md
+        from fedse.analysis.report import format_cell  # how format_table prints a cell of table.md
 
         return "" if value is None else format_cell(value)
 
@@ -197,7 +197,7 @@ class Budget(Comparison):
     """``fedse compare --budget DIR ... --methods ...``'s rows, keyed ``METHOD bBATCH wWIDTH``."""
 
     def __init__(self, folders: list[Path], shown: str, methods: Sequence[str] | None) -> None:
-        from fedse.comparison import budget_table
+        from fedse.analysis.comparison import budget_table
 
         rows = budget_table(folders, 0.9, methods)
         Source.__init__(self, shown, {f"{r['method']} b{r['batch']} w{r['width']}": r for r in rows})

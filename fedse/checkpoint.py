@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+from .analysis.report import RunLog
 from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record
 from .io import atomic_save
 from .privacy import ClientDP
 from .records import from_arrays
-from .report import RunLog
 
 __all__ = [
     "CHECKPOINT",
@@ -213,7 +213,7 @@ def _shared_problems(shared: dict[str, torch.Tensor], like: dict[str, torch.Tens
 
 
 def _strategy_problem(state: Any, shared_like: dict[str, torch.Tensor] | None) -> str | None:
-    """What is wrong with a checkpoint's strategy state (:func:`fedse.strategy.strategy_state`), if
+    """What is wrong with a checkpoint's strategy state (:func:`fedse.federation.strategy.strategy_state`), if
     anything: adaptive clipping's bound a finite positive number, FedAdam's moments finite tensors of
     the shared weights' keys and shapes."""
     if not isinstance(state, dict) or set(state) - {"clipping_norm", "m_t", "v_t"}:

@@ -161,14 +161,14 @@ def _exec(cmd: list[str]) -> int:
     """Replace this process with a Flower process (signals reach it directly)."""
     import os
 
-    from .deploy import NO_RUNTIME_INSTALL
+    from .deployment.deploy import NO_RUNTIME_INSTALL
 
     os.execvpe(cmd[0], cmd, {**os.environ, **NO_RUNTIME_INSTALL})
     return 0  # not reached
 
 
 def _certs(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .deploy import make_test_certs
+    from .deployment.deploy import make_test_certs
 
     certs = make_test_certs(args.directory)
     print(f"CA {certs.ca}\nSuperLink certificate {certs.cert}\nkey {certs.key}")
@@ -176,14 +176,14 @@ def _certs(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _keygen(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .deploy import make_node_key
+    from .deployment.deploy import make_node_key
 
     print(make_node_key(args.path))
     return 0
 
 
 def _server(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from . import deploy
+    from .deployment import deploy
 
     if args.certs is None and not args.insecure:
         raise ConfigError("fedse server needs --certs DIR (from 'fedse certs DIR') or an explicit --insecure")
@@ -205,7 +205,7 @@ def _server(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _client(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .deploy import supernode_command
+    from .deployment.deploy import supernode_command
 
     if not args.insecure and (args.ca is None or args.key is None):
         raise ConfigError(
@@ -244,13 +244,13 @@ def _run_folder(path: Path, message: str) -> None:
 def _predict(args: argparse.Namespace, argv: list[str] | None) -> int:
     import torch
 
-    from .data import IMAGE_SUFFIXES, read_images
+    from .data.readers import IMAGE_SUFFIXES, read_images
     from .personal import load_personalized, predict_csv
 
     loaded = load_personalized(args.model, args.client)
     labels = None
     if args.split is not None:
-        from .federated import build_federated_data
+        from .data.federated import build_federated_data
 
         _run_folder(args.model, f"--split needs a run folder (with {RECORD}); {args.model} is not one")
         run_cfg = load_config(args.model / RECORD, record=True)
@@ -429,7 +429,7 @@ def _compare(args: argparse.Namespace, cfg, name: str, argv: list[str] | None) -
 
     from simulations.compare import compare
 
-    from .comparison import budget_report, budget_table, merge, write_budget
+    from .analysis.comparison import budget_report, budget_table, merge, write_budget
     from .interrupt import RunStopped
 
     command = "fedse " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -472,7 +472,7 @@ def _deploy_errors() -> tuple[type[BaseException], ...]:
 
 def _model_errors() -> tuple[type[BaseException], ...]:
     """Reading a run folder, a client's model, its data or state."""
-    from .data import DatasetError
+    from .data.readers import DatasetError
     from .state import StateCorruptError
 
     return (ConfigError, DatasetError, StateCorruptError, FileNotFoundError, ValueError, OSError)
@@ -481,8 +481,8 @@ def _model_errors() -> tuple[type[BaseException], ...]:
 def _run_errors() -> tuple[type[BaseException], ...]:
     """A run's configuration, data, partition, checkpoint; OSError: an unwritable --out and the like."""
     from .checkpoint import CheckpointError
-    from .data import DatasetError
-    from .partition import PartitionError
+    from .data.partition import PartitionError
+    from .data.readers import DatasetError
 
     return (ConfigError, CheckpointError, DatasetError, PartitionError, OSError)
 

@@ -181,7 +181,7 @@ class DataConfig:
     download: bool = False
     # Random crop on training batches, and a horizontal flip where hflip allows it.
     augment: bool = False
-    # Whether the augmentation mirrors images left-right (null: the dataset's own rule, fedse.data.DATASETS:
+    # Whether the augmentation mirrors images left-right (null: the dataset's own rule, fedse.data.readers.DATASETS:
     # CIFAR-10 yes; digits, MNIST, Fashion-MNIST and image folders no).
     hflip: bool | None = None
     # Class names in label order. The named datasets have their own; for 'imagefolder' a client

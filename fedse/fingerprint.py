@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .feature_skew import ClientStyle, apply_style
+from .data.feature_skew import ClientStyle, apply_style
+from .data.transforms import normalize
 from .models import SEBlock
-from .transforms import normalize
 
 __all__ = [
     "CORRUPTIONS",
@@ -86,7 +86,7 @@ def probe(
 ) -> Probe:
     """Run ``model`` on uint8 ``images`` (N, C, H, W) and record gates, features and logits.
 
-    Inputs are normalised by :func:`fedse.transforms.normalize` with ``mean``/``std``. The
+    Inputs are normalised by :func:`fedse.data.transforms.normalize` with ``mean``/``std``. The
     model runs in eval mode without gradients (its previous mode is restored afterwards);
     a forward hook on every ``SEBlock.gate`` (in ``model.modules()`` order) records that
     block's sigmoid outputs. Features are ``model.forward_features(x)``, logits are the
@@ -466,7 +466,7 @@ def corrupt(images: torch.Tensor, kind: str, strength: int, seed: int) -> torch.
     * ``rotation``: rotate by 15 / 45 degrees counter-clockwise about the centre (bilinear,
       zero fill outside the original frame).
 
-    Noise, contrast and rotation are :func:`fedse.feature_skew.apply_style` with one field set.
+    Noise, contrast and rotation are :func:`fedse.data.feature_skew.apply_style` with one field set.
     Deterministic for a given ``seed``.
     """
     if kind not in CORRUPTIONS:

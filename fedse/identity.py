@@ -4,7 +4,7 @@ In a deployment every SuperNode signs in with a key the operator registered
 (``flwr supernode register``), and the SuperLink keeps each node's public key
 with its node id. The operator lists each client's key fingerprint (what
 ``ssh-keygen -lf KEY.pub`` prints) with its client number; the guard
-(:class:`fedse.strategy.GuardedStrategy`) then binds each node to the number
+(:class:`fedse.federation.strategy.GuardedStrategy`) then binds each node to the number
 its key is listed with, so a node whose key is not listed, or that claims
 another number, is refused. Simulated nodes have no keys.
 """

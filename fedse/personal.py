@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MAX_CLASSES, MAX_CLIENTS, RECORD, Config, ModelConfig, field_range, load_config, short_repr
-from .federated import ClientShard, model_shape, own_data
+from .data.federated import ClientShard, model_shape, own_data
 from .fingerprint import GateStats, probe
 from .io import atomic_write_text, csv_cell
 from .models import MODELS, NORMS, SEBlock, build_model, create_model
@@ -65,7 +65,7 @@ __all__ = [
 MAGIC = b"FEDSE-MODEL\n"
 CLIENTS_DIR = "clients"
 MODEL_FILE = "personalized.fedse"  # in a deployed client's state dir
-SHARED_FILE = "shared_weights.pt"  # in a run folder (fedse.report.write_run)
+SHARED_FILE = "shared_weights.pt"  # in a run folder (fedse.analysis.report.write_run)
 _MODEL_KEYS = ("name", "width", "reduction", "norm")
 
 

@@ -1,7 +1,7 @@
 """Run folders: claimed atomically, discarded when a run fails before its first round.
 
 A run folder is ``output.dir/<output.name or <config>-<timestamp>>``; it holds
-the run's configuration, its reports (:mod:`fedse.report`), its checkpoint
+the run's configuration, its reports (:mod:`fedse.analysis.report`), its checkpoint
 (:mod:`fedse.checkpoint`) and the partition it ran on.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .checkpoint import CHECKPOINT, checkpoint_status
 from .config import RECORD, Config, ConfigError
-from .federated import FederatedData
+from .data.federated import FederatedData
+from .data.partition import plot_label_counts
 from .io import atomic_write_json
-from .partition import plot_label_counts
 
 __all__ = ["claim_run_dir", "discard_unstarted", "make_run_dir", "write_partition"]
 

@@ -3,8 +3,8 @@
 ``fedse simulate`` calls :func:`simulate`: the federation is built once here
 (so a missing dataset fails before Ray starts), the label distribution is
 plotted, then :func:`flwr.simulation.run_simulation` runs the ServerApp
-(:func:`fedse.server.run_server`, in this process) against one ClientApp per
-virtual client (:func:`fedse.client.make_client_app`, in Ray actors).
+(:func:`fedse.federation.server.run_server`, in this process) against one ClientApp per
+virtual client (:func:`fedse.federation.client.make_client_app`, in Ray actors).
 """
 
 from __future__ import annotations
@@ -24,12 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from .client import make_client_app
-from .config import RECORD, Config
-from .federated import FederatedData, build_federated_data
-from .interrupt import as_stop, clear_stop, stop_requested
-from .policies import resolve
-from .report import (
+from .analysis.report import (
     COL_CLIENTS,
     COL_DROPPED,
     COL_EPSILON,
@@ -43,8 +38,13 @@ from .report import (
     round_rows,
     write_record,
 )
+from .config import RECORD, Config
+from .data.federated import FederatedData, build_federated_data
+from .federation.client import make_client_app
+from .federation.server import ServerOutcome, final_tables, run_server
+from .interrupt import as_stop, clear_stop, stop_requested
+from .policies import resolve
 from .rundir import claim_run_dir, discard_unstarted, write_partition
-from .server import ServerOutcome, final_tables, run_server
 from .state import PRIVATE_DIR
 
 __all__ = ["SimulationResult", "backend_config", "simulate"]

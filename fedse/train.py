@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.transforms import augment as augment_batch
+from .data.transforms import normalize
 from .models import NORM_TYPES
-from .transforms import augment as augment_batch
-from .transforms import normalize
 
 if TYPE_CHECKING:  # the loop runs without Opacus and Flower installed (a bare GPU machine) unless dp is used
     from .privacy import SampleDP

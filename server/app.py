@@ -10,7 +10,7 @@ Run config (``pyproject.toml`` ``[tool.flwr.app.config]`` or ``flwr run . --run-
 * ``resume-from``: a run folder to continue from its last checkpoint (its ``config.yaml`` plus ``overrides``);
   resolved the same way.
 
-The strategy, guard and report live in :mod:`fedse.server` and :mod:`fedse.strategy`. The server
+The strategy, guard and report live in :mod:`fedse.federation.server` and :mod:`fedse.federation.strategy`. The server
 reads no data: the model's shape comes from the config, and the clients' label counts are never
 collected (each client's prior stays with it).
 
@@ -29,10 +29,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedse.checkpoint import CheckpointError
 from fedse.config import RECORD, ConfigError, load_config
-from fedse.data import DatasetError
-from fedse.partition import PartitionError
+from fedse.data.partition import PartitionError
+from fedse.data.readers import DatasetError
+from fedse.federation.server import final_tables, run_server
 from fedse.rundir import claim_run_dir, discard_unstarted
-from fedse.server import final_tables, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 # fedse's own errors, as `fedse simulate` reports them; anything else is a bug and keeps its traceback.
@@ -108,7 +108,7 @@ def _main(grid: Grid, context: Context) -> None:
         run_dir, existed = claim_run_dir(cfg, config_file.stem)
     _say(f"run folder: {run_dir}" + (" (resumed)" if resume else ""))
     try:
-        # The server holds no data: the model's shape comes from the config (fedse.federated.model_shape),
+        # The server holds no data: the model's shape comes from the config (fedse.data.federated.model_shape),
         # and no partition is written (it would describe data the server does not have).
         outcome = run_server(grid, cfg, None, run_dir, resume=bool(resume))
     except BaseException:

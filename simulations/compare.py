@@ -2,7 +2,7 @@
 
 Runs one simulation per (seed, method) that differ only in
 ``personalization.policy``, then writes the comparison folder
-(:func:`fedse.comparison.write_comparison`). Rerun with the same ``--out``, it
+(:func:`fedse.analysis.comparison.write_comparison`). Rerun with the same ``--out``, it
 survives interruption: a (method, seed) that finished is read back from its run
 folder, one that was interrupted continues from its last checkpoint.
 
@@ -22,14 +22,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from fedse.analysis.comparison import MethodRun, comparable, method_run_from, write_comparison
+from fedse.analysis.report import COL_CLIENT, COL_TRAIN_SAMPLES, client_rows, round_rows
 from fedse.checkpoint import CHECKPOINT
-from fedse.comparison import MethodRun, comparable, method_run_from, write_comparison
 from fedse.config import Config, ConfigError, config_from_record, config_to_record
-from fedse.federated import build_federated_data, model_shape
+from fedse.data.federated import build_federated_data, model_shape
 from fedse.io import atomic_write_json
 from fedse.models import build_model
 from fedse.policies import POLICIES, ClientRun, resolve
-from fedse.report import COL_CLIENT, COL_TRAIN_SAMPLES, client_rows, round_rows
 from fedse.simulation import simulate
 
 __all__ = ["compare"]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fedse.config import RECORD, SEED_MAX, ConfigError, load_config, short_repr
-from fedse.federated import build_federated_data
+from fedse.data.federated import build_federated_data
 from fedse.fingerprint import CORRUPTIONS, FeatureGaussian, auroc, corrupt, mmd_test, msp_score, probe
 from fedse.io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
 from fedse.personal import PersonalizedModel, load_personalized

@@ -2,7 +2,7 @@
 
 A resumed run's checkpoint is checked against this run's model, DP ledger,
 strategy and clients' private state before the simulation engine starts
-(:func:`fedse.server.check_resume`). A finished run is left as it is unless
+(:func:`fedse.federation.server.check_resume`). A finished run is left as it is unless
 ``server.rounds`` asks for more. A new run reads its dataset and partition
 first, so a missing dataset leaves no run folder, then
 :func:`fedse.simulation.simulate` claims the folder and runs.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from fedse import simulation
 from fedse.config import Config
-from fedse.federated import build_federated_data
-from fedse.server import check_resume
+from fedse.data.federated import build_federated_data
+from fedse.federation.server import check_resume
 from fedse.state import PRIVATE_DIR
 
 __all__ = ["run"]

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_config
 from flwr.app import Array, ArrayRecord
 
+from fedse.analysis.report import RunLog
 from fedse.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedse.privacy import make_client_dp
-from fedse.report import RunLog
 
 SHARED = {"w": torch.zeros(2), "b": torch.zeros(1)}
 

@@ -219,11 +219,11 @@ def test_loadable_but_malformed_checkpoint_fails_before_ray(capsys, tmp_path, no
     import torch
     from flwr.app import ArrayRecord
 
+    from fedse.analysis.report import RunLog
     from fedse.checkpoint import save_checkpoint
-    from fedse.federated import build_federated_data
+    from fedse.data.federated import build_federated_data
     from fedse.models import build_model
     from fedse.policies import create_policy
-    from fedse.report import RunLog
 
     run = tmp_path / "run"
     run.mkdir()
@@ -276,8 +276,8 @@ def test_config_with_resume_shows_what_it_changes_and_the_resume_checks_it(capsy
 def test_reusing_the_name_of_a_stopped_run_says_how_to_continue_it(capsys, tmp_path, no_ray):
     from flwr.app import ArrayRecord
 
+    from fedse.analysis.report import RunLog
     from fedse.checkpoint import save_checkpoint
-    from fedse.report import RunLog
 
     cfg = config_from_dict({"output": {"dir": str(tmp_path), "name": "run"}})
     run = tmp_path / "run"

@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_config
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fedse.client import make_client_app
 from fedse.config import config_to_dict
-from fedse.federated import build_federated_data
+from fedse.data.federated import build_federated_data
+from fedse.federation.client import make_client_app
 from fedse.models import build_model
 from fedse.policies import create_policy
 from fedse.prior import label_log_prior

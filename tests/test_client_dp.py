@@ -14,10 +14,10 @@ from conftest import tiny_config
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
+from fedse.analysis.report import RunLog
+from fedse.federation.strategy import GuardedStrategy, create_strategy
 from fedse.privacy import client_level_epsilon, client_noise_multiplier, make_client_dp
 from fedse.records import evaluate_schema, train_schema
-from fedse.report import RunLog
-from fedse.strategy import GuardedStrategy, create_strategy
 
 DIM = 20_000
 SHARED = {"w": torch.zeros(DIM)}
@@ -203,7 +203,7 @@ def test_a_zero_update_does_not_stop_the_server(task_identity, clipping):
 
 def test_client_level_dp_with_nothing_shared_is_refused_before_the_first_round():
     from fedse.config import ConfigError
-    from fedse.server import _start
+    from fedse.federation.server import _start
 
     cfg = tiny_config(personalization={"policy": "local"}, privacy={"mode": "client", "noise_multiplier": 1.0})
     with pytest.raises(ConfigError, match="policy 'local' shares none"):
@@ -218,7 +218,7 @@ def test_adaptive_clipping_releases_exactly_the_configured_noise_multiplier():
     sensitivity 1/2) leaves 0.918, whose epsilon after 20 rounds is 33.9, not the 30.1 reported."""
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
 
-    from fedse.strategy import AdaptiveClipping
+    from fedse.federation.strategy import AdaptiveClipping
 
     z, s, rounds, delta = 1.0, 2.0, 20, 1e-5
     released = lambda sigma_u: (sigma_u**-2 + s**-2) ** -0.5  # noqa: E731
@@ -247,7 +247,7 @@ def test_adaptive_clipping_releases_exactly_the_configured_noise_multiplier():
 def test_a_second_reply_from_a_node_is_dropped_and_never_decoded(task_identity):
     """Two replies from one node (Flower's SuperLink refuses the second today): the recorder reads the
     clipped update of the reply the guard kept, never the dropped one, whatever it holds."""
-    from fedse.server import RunRecorder
+    from fedse.federation.server import RunRecorder
 
     cfg = _cfg("fixed")
     dp = make_client_dp(cfg, 10, 10)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fedse.comparison import MethodRun, gain_table, merge, method_table
+from fedse.analysis.comparison import MethodRun, gain_table, merge, method_table
 from fedse.config import ConfigError
 from simulations.compare import compare
 
@@ -87,7 +87,7 @@ def test_two_method_comparison_writes_every_file(tmp_path):
     # Client 3's accuracies recomputed from each run's final shared weights (shared_weights.pt):
     # `global` is that model as received; fedse's `private` adapts its excitation keys only.
     from fedse.config import load_config
-    from fedse.federated import build_federated_data
+    from fedse.data.federated import build_federated_data
     from fedse.models import build_model
     from fedse.policies import ClientRun, create_policy, resolve
 
@@ -181,7 +181,7 @@ def test_merge_combines_folders_measured_apart(tmp_path):
 
 @pytest.mark.slow
 def test_a_comparison_survives_interruption(tmp_path, monkeypatch):
-    import fedse.server
+    import fedse.federation.server
 
     cfg = tiny_config(partition={"num_clients": 3}, output={"dir": str(tmp_path)})
     out = tmp_path / "cmp"
@@ -210,7 +210,7 @@ def test_a_comparison_survives_interruption(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fedse.server, "write_run", crash)
+    monkeypatch.setattr(fedse.federation.server, "write_run", crash)
     with pytest.raises(OSError, match="disk full"):
         compare(cfg, ["fedavg", "fedse"], [0], out)
     interrupted = out / "runs" / "fedse-seed0"
@@ -295,7 +295,7 @@ def test_a_finished_run_recorded_before_a_default_changed_is_not_taken_for_today
 def test_a_damaged_run_file_is_one_error_naming_it(damage, pattern):
     from dataclasses import asdict
 
-    from fedse.comparison import method_run_from
+    from fedse.analysis.comparison import method_run_from
 
     raw = asdict(MethodRun("fedavg", 0, [], [], [], {"private_params": 0, "private_percent": 0.0}, 0, 1.0))
     assert method_run_from(dict(raw), "f.json") == MethodRun(**raw)
@@ -340,7 +340,7 @@ def test_budget_table_hand_computed(tmp_path):
     there."""
     from dataclasses import asdict
 
-    from fedse.comparison import budget_table
+    from fedse.analysis.comparison import budget_table
     from fedse.config import config_to_record
 
     split = {"private_params": 0, "private_percent": 0.0}
@@ -469,7 +469,7 @@ def test_merge_refuses_an_out_under_a_regular_file_before_reading(tmp_path, caps
 
 
 def test_a_round_without_an_evaluation_is_skipped_in_every_table_and_plot(tmp_path):
-    from fedse.comparison import write_comparison
+    from fedse.analysis.comparison import write_comparison
 
     rounds = [
         {"round": 1, "local_acc_mean": None},
@@ -520,7 +520,7 @@ def test_a_round_without_an_evaluation_is_skipped_in_every_table_and_plot(tmp_pa
 def test_budget_table_refuses_a_comparison_json_of_the_wrong_types(tmp_path, damage, pattern):
     from dataclasses import asdict
 
-    from fedse.comparison import budget_table
+    from fedse.analysis.comparison import budget_table
     from fedse.config import config_to_record
 
     clients = [

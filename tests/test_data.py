@@ -14,8 +14,8 @@ import torch
 from conftest import SHARED_DATA
 from PIL import Image
 
-from fedse.data import DATASETS, DatasetError, hflip, load_dataset, load_own
-from fedse.transforms import augment, normalize
+from fedse.data.readers import DATASETS, DatasetError, hflip, load_dataset, load_own
+from fedse.data.transforms import augment, normalize
 
 
 def _idx(images: np.ndarray | None = None, labels: np.ndarray | None = None) -> bytes:
@@ -422,7 +422,7 @@ def _png_claiming(path: pathlib.Path, width: int, height: int) -> None:
 
 @pytest.mark.parametrize("side", [20_000, 2_000])  # past PIL's own bomb limit; past fedse's (1024 x 1024)
 def test_image_readers_refuse_a_decompression_bomb_before_decoding(tmp_path, monkeypatch, side):
-    from fedse.data import read_images
+    from fedse.data.readers import read_images
 
     monkeypatch.setenv("FEDSE_CACHE", str(tmp_path / "cache"))
     _png_tree(tmp_path / "tree", "train", {"a": [1]})
@@ -465,3 +465,11 @@ def test_a_record_from_before_hflip_of_an_augmented_image_folder_must_say_which_
     assert config_from_record({**old, "data": {**old["data"], "hflip": True}}).data.hflip is True
     # any other old record: the dataset's rule is what it had
     assert config_from_record({"schema": 2, "data": {"dataset": "cifar10", "augment": True}}).data.hflip is None
+
+
+def test_the_data_package_gives_exactly_the_readers_names():
+    import fedse.data
+    from fedse.data import readers
+
+    assert set(fedse.data.__all__) == set(readers.__all__)
+    assert all(getattr(fedse.data, n) is getattr(readers, n) for n in readers.__all__)

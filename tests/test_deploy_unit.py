@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedse import cli
-from fedse.deploy import (
+from fedse.deployment.deploy import (
     owner_only_database,
     registered_node_id,
     superlink_command,
@@ -125,7 +125,7 @@ def test_superlink_exposure_names_every_api_on_the_port_and_how_to_close_it():
 
 
 def test_the_old_name_is_the_same_warning():
-    from fedse.deploy import control_api_exposure
+    from fedse.deployment.deploy import control_api_exposure
 
     assert control_api_exposure("127.0.0.1", 9093) == superlink_exposure("127.0.0.1", 9093)
 
@@ -248,7 +248,7 @@ def test_a_key_has_one_fingerprint_in_either_form_and_it_is_ssh_keygens():
 def test_the_fingerprint_of_a_fresh_key_matches_ssh_keygen(tmp_path):
     import subprocess
 
-    from fedse.deploy import make_node_key
+    from fedse.deployment.deploy import make_node_key
 
     public = make_node_key(tmp_path / "k")
     listed = subprocess.run(["ssh-keygen", "-lf", str(public)], capture_output=True, text=True, check=True)
@@ -348,7 +348,7 @@ def test_wait_log_fails_at_once_when_the_process_exits_and_shows_its_log(tmp_pat
     # test waited its full 300 s for a round that never came, saying only "timed out".
     import time
 
-    from fedse.launch import LocalProcesses
+    from fedse.deployment.launch import LocalProcesses
 
     procs = LocalProcesses(dict(os.environ), tmp_path / "logs", tmp_path)
     procs.start("run", ["sh", "-c", "echo FAB size exceeds; exit 3"])
@@ -361,7 +361,7 @@ def test_wait_log_fails_at_once_when_the_process_exits_and_shows_its_log(tmp_pat
 
 
 def test_wait_log_returns_when_the_text_appears_and_times_out_with_the_logs(tmp_path):
-    from fedse.launch import LocalProcesses
+    from fedse.deployment.launch import LocalProcesses
 
     procs = LocalProcesses(dict(os.environ), tmp_path / "logs", tmp_path)
     try:

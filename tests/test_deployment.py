@@ -19,8 +19,14 @@ from pathlib import Path
 import pytest
 from conftest import flower_env
 
-from fedse.deploy import make_node_key, make_test_certs, superlink_command, supernode_command, write_connection
-from fedse.launch import LocalProcesses, free_port, register_supernode
+from fedse.deployment.deploy import (
+    make_node_key,
+    make_test_certs,
+    superlink_command,
+    supernode_command,
+    write_connection,
+)
+from fedse.deployment.launch import LocalProcesses, free_port, register_supernode
 from fedse.state import StateStore, digest
 
 pytestmark = [
@@ -103,7 +109,7 @@ def test_tls_authenticated_deployment_with_failure_and_restart(tmp_path):
         # Each client's report is on its own partition of the run's configuration: exact sizes,
         # an accuracy that is a count over that size, and the summary mean computed by hand.
         from fedse.config import load_config
-        from fedse.federated import build_federated_data
+        from fedse.data.federated import build_federated_data
 
         fed = build_federated_data(load_config(folder / "config.yaml"))
         clients = json.loads((folder / "clients.json").read_text())

@@ -36,8 +36,8 @@ from flwr.proto.runtime_pb2 import (
 )
 from flwr.supercore.constant import TASK_TOKEN_HEADER
 
-from fedse.deploy import superlink_command, supernode_command, write_connection
-from fedse.launch import LocalProcesses, free_port, wait_for
+from fedse.deployment.deploy import superlink_command, supernode_command, write_connection
+from fedse.deployment.launch import LocalProcesses, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 

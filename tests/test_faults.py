@@ -11,9 +11,9 @@ import shutil
 import pytest
 from conftest import tiny_config
 
+from fedse.federation.strategy import NodeCountError
 from fedse.privacy import client_level_epsilon
 from fedse.simulation import simulate
-from fedse.strategy import NodeCountError
 
 pytestmark = pytest.mark.slow
 

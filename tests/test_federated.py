@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from conftest import tiny_config
 
-from fedse.federated import _build, build_federated_data
+from fedse.data.federated import _build, build_federated_data
 
 
 def _fresh(cfg):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedse.data.transforms import normalize
 from fedse.fingerprint import (
     CORRUPTIONS,
     FeatureGaussian,
@@ -19,7 +20,6 @@ from fedse.fingerprint import (
     threshold_at,
 )
 from fedse.models import SEBlock, create_model
-from fedse.transforms import normalize
 
 MEAN, STD = (0.5,), (0.25,)
 

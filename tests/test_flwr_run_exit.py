@@ -29,8 +29,8 @@ from conftest import flower_env
 
 import server.app as server_app
 from fedse.config import ConfigError
-from fedse.deploy import write_connection
-from fedse.launch import LocalProcesses, free_port, wait_for
+from fedse.deployment.deploy import write_connection
+from fedse.deployment.launch import LocalProcesses, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, and the helpers the SuperLink starts by name

@@ -15,8 +15,8 @@ from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedse.federation.strategy import GuardedStrategy
 from fedse.records import evaluate_schema, train_schema
-from fedse.strategy import GuardedStrategy
 
 SHARED = {"w": torch.zeros(2), "b": torch.zeros(1)}
 CAP = 1000
@@ -209,8 +209,8 @@ def test_identity_comes_from_the_node_and_a_spoofed_id_cannot_overwrite_a_row(ta
 
 
 def test_only_checked_fields_reach_the_run_log(task_identity):
-    from fedse.report import RunLog
-    from fedse.server import RunRecorder
+    from fedse.analysis.report import RunLog
+    from fedse.federation.server import RunRecorder
 
     recorder = RunRecorder(_guard(), RunLog(), num_rounds=3, round_offset=4)
     extra = _content(n=1, pid=2)
@@ -433,8 +433,8 @@ def test_a_guard_over_any_offered_strategy_never_raises_on_well_formed_replies(
     update they return is finite."""
     from conftest import tiny_config
 
+    from fedse.federation.strategy import bounds, create_strategy
     from fedse.privacy import make_client_dp
-    from fedse.strategy import bounds, create_strategy
 
     privacy = {}
     if name.startswith("dp-"):
@@ -513,7 +513,7 @@ def test_an_inflated_count_weighs_at_most_the_cap_times_the_median_claim(task_id
 def test_flowers_robust_aggregators_keep_an_outlier_out_of_the_aggregate(strategy, expected, task_identity):
     from conftest import tiny_config
 
-    from fedse.strategy import create_strategy
+    from fedse.federation.strategy import create_strategy
 
     cfg = tiny_config(partition={"num_clients": 5}, server={"strategy": strategy, "trim_beta": 0.2, "byzantine": 1})
     _, arrays = _bounded_round([1.0, 2.0, 3.0, 4.0, 1e6], [1] * 5, inner=create_strategy(cfg))
@@ -524,7 +524,7 @@ def test_flowers_robust_aggregators_keep_an_outlier_out_of_the_aggregate(strateg
 def test_the_bounds_are_on_by_default_on_a_deployed_server_only():
     from conftest import tiny_config
 
-    from fedse.strategy import bounds
+    from fedse.federation.strategy import bounds
 
     cfg = tiny_config()
     assert bounds(cfg, deployed=False) == {"norm_bound": None, "norm_action": "clip", "weight_cap": None}
@@ -591,8 +591,8 @@ def test_a_node_whose_key_is_not_listed_can_neither_take_a_number_nor_be_sampled
 
 
 def test_the_node_count_counts_listed_keys_and_names_the_missing_clients(task_identity):
+    from fedse.federation.strategy import NodeCountError
     from fedse.identity import key_fingerprint
-    from fedse.strategy import NodeCountError
 
     keys = {100: _pem(), 300: _pem()}  # client 1's node never came; an unlisted node did
     listed = {key_fingerprint(keys[100]): 0, key_fingerprint(_pem()): 1}
@@ -621,8 +621,8 @@ def test_a_key_list_is_refused_in_simulation_and_checked_in_deployment(tmp_path)
     from conftest import tiny_config
 
     from fedse.config import ConfigError
-    from fedse.federated import build_federated_data
-    from fedse.server import _client_keys
+    from fedse.data.federated import build_federated_data
+    from fedse.federation.server import _client_keys
 
     listed = tmp_path / "keys.txt"
     listed.write_text("SHA256:" + "A" * 43 + " 0\n")

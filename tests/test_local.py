@@ -5,7 +5,7 @@ import copy
 import torch
 from conftest import cpu_state, tiny_config
 
-from fedse.federated import build_federated_data
+from fedse.data.federated import build_federated_data
 from fedse.models import build_model
 from fedse.policies import ClientRun, create_policy, resolve
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fedse.config import PartitionConfig
-from fedse.feature_skew import ClientStyle, apply_style, make_client_styles
-from fedse.partition import (
+from fedse.data.feature_skew import ClientStyle, apply_style, make_client_styles
+from fedse.data.partition import (
     PartitionError,
     create_partition,
     label_counts,
@@ -171,7 +171,7 @@ def test_impossible_min_size_is_a_clear_error():
     with pytest.raises(PartitionError, match="min_size 10 = 100 samples needed, but the dataset has 50"):
         create_partition("dirichlet", small, 10, seed=0, alpha=0.1, min_size=10)
     with pytest.raises(PartitionError, match=r"after 7 retries.*min_size=30.*larger alpha.*scheme 'dirichlet-client'"):
-        from fedse.partition import dirichlet
+        from fedse.data.partition import dirichlet
 
         dirichlet(LABELS, 20, alpha=0.01, seed=0, min_size=30, max_retries=7)
     with pytest.raises(PartitionError, match="quantity"):

@@ -16,9 +16,9 @@ from conftest import tiny_config
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedse.client import make_client_app
 from fedse.config import config_to_dict
-from fedse.federated import build_federated_data
+from fedse.data.federated import build_federated_data
+from fedse.federation.client import make_client_app
 from fedse.models import build_model
 from fedse.personal import MAGIC, MODEL_FILE, client_model_path, load_personalized
 from fedse.policies import create_policy
@@ -247,7 +247,7 @@ def _digit_pngs(root, indices):
 
 def test_fedse_adapt_fits_a_new_clients_private_part_on_the_final_shared_weights(tmp_path):
     from fedse.cli import main
-    from fedse.federated import own_data
+    from fedse.data.federated import own_data
 
     cfg, model, split, run, shared = _finished_run(tmp_path)
     files = _digit_pngs(tmp_path / "own", range(0, 200, 2))

@@ -10,7 +10,7 @@ from conftest import cpu_state, tiny_config
 from torch.func import functional_call
 
 from fedse.config import ConfigError
-from fedse.federated import build_federated_data
+from fedse.data.federated import build_federated_data
 from fedse.models import build_model
 from fedse.policies import POLICIES, ClientRun, resolve, settings
 from fedse.policies.apfl import APFL, APFL_LOCAL

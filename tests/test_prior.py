@@ -9,7 +9,7 @@ from conftest import tiny_config
 from torch import nn
 
 from fedse.config import ConfigError
-from fedse.federated import build_federated_data
+from fedse.data.federated import build_federated_data
 from fedse.models import build_model
 from fedse.policies import POLICIES, ClientRun, create_policy, resolve
 from fedse.prior import fit_prior_weight, label_log_prior

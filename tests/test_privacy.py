@@ -12,9 +12,10 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
-from fedse.client import make_client_app
 from fedse.config import ConfigError, config_to_dict
-from fedse.federated import build_federated_data
+from fedse.data.federated import build_federated_data
+from fedse.data.transforms import normalize
+from fedse.federation.client import make_client_app
 from fedse.models import build_model, create_model
 from fedse.policies import create_policy
 from fedse.privacy import (
@@ -29,7 +30,6 @@ from fedse.privacy import (
 from fedse.records import CONFIG_JSON, to_arrays
 from fedse.state import load_accountant
 from fedse.train import TrainSpec, default_device, train
-from fedse.transforms import normalize
 
 MEAN, STD = (0.5,), (0.25,)
 BIAS = torch.tensor([0.7, -1.2, 0.1])  # a fixed logit offset (a label prior)

@@ -13,17 +13,17 @@ import torch
 from conftest import tiny_config
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
+from fedse.analysis.report import RunLog
 from fedse.checkpoint import CheckpointError, save_checkpoint
-from fedse.client import make_client_app
 from fedse.config import config_to_dict
-from fedse.federated import build_federated_data
+from fedse.data.federated import build_federated_data
+from fedse.federation.client import make_client_app
+from fedse.federation.server import check_resume
+from fedse.federation.strategy import load_strategy_state, strategy_state
 from fedse.models import build_model
 from fedse.policies import create_policy
 from fedse.records import CONFIG_JSON, to_arrays
-from fedse.report import RunLog
-from fedse.server import check_resume
 from fedse.state import RoundStore, digest, private_manifest
-from fedse.strategy import load_strategy_state, strategy_state
 
 
 def _message(cfg, arrays, server_round, message_type=MessageType.TRAIN):
@@ -104,7 +104,7 @@ def test_a_client_that_trained_before_a_resume_refuses_to_start_without_its_stat
 
 def _stopped_run(tmp_path, manifest="scan"):
     """A run folder stopped after round 2 whose clients 0 and 1 trained, as a simulation leaves it."""
-    from fedse.server import _start
+    from fedse.federation.server import _start
 
     cfg = tiny_config()
     _, _, shared, _ = _start(cfg, build_federated_data(cfg), cfg.partition.num_clients)

@@ -18,7 +18,7 @@ def _node_recording_app(record_dir, export_dir=None, state_root=None):
     """fedse's ClientApp, with each call recording the Ray node it ran on (test only)."""
     from flwr.clientapp import ClientApp
 
-    from fedse.client import handle_evaluate, handle_train
+    from fedse.federation.client import handle_evaluate, handle_train
 
     def on_node(handler):
         def wrapped(msg, context):

@@ -7,7 +7,10 @@ import typing
 
 import pytest
 
-from fedse import config, data, feature_skew, models, partition, policies, strategy
+from fedse import config, models, policies
+from fedse.data import feature_skew, partition
+from fedse.data import readers as data
+from fedse.federation import strategy
 
 
 def _allowed(section: type, key: str) -> set:

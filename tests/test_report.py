@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from fedse.report import write_csv
+from fedse.analysis.report import write_csv
 
 
 @pytest.mark.parametrize(

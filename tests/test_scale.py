@@ -29,7 +29,7 @@ def test_one_round_of_1000_clients_with_10_sampled(tmp_path):
     log = result.outcome.log
     assert len(log.train[1]) == 10 and len(log.evaluate[1]) == 10  # 1% of 1,000, not 1,000
     assert not log.dropped and not log.failed
-    from fedse.federated import build_federated_data
+    from fedse.data.federated import build_federated_data
 
     fed = build_federated_data(cfg)
     assert {cid: r["num-examples"] for cid, r in log.train[1].items()} == {

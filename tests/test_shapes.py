@@ -7,14 +7,14 @@ import pytest
 from PIL import Image
 
 from fedse.config import config_from_dict
-from fedse.data import DatasetError, load_dataset
-from fedse.federated import build_federated_data, model_shape, own_data
+from fedse.data.federated import build_federated_data, model_shape, own_data
+from fedse.data.readers import DatasetError, load_dataset
 
 
 def test_model_shape_comes_from_the_config_without_reading_data(monkeypatch):
-    import fedse.federated
+    import fedse.data.federated
 
-    monkeypatch.setattr(fedse.federated, "load_dataset", lambda *a, **k: pytest.fail("data was read"))
+    monkeypatch.setattr(fedse.data.federated, "load_dataset", lambda *a, **k: pytest.fail("data was read"))
     assert model_shape(config_from_dict({"data": {"dataset": "fashion-mnist"}})) == (10, 1, 28)
     assert model_shape(config_from_dict({"data": {"dataset": "cifar10"}})) == (10, 3, 32)
     assert model_shape(config_from_dict({"data": {"dataset": "digits"}})) == (10, 1, 8)

@@ -46,7 +46,7 @@ def test_run_folder_holds_every_report_file(run):
         "accuracy.png",
         "shared_weights.pt",
     }
-    from fedse.federated import build_federated_data
+    from fedse.data.federated import build_federated_data
 
     # Every figure of the report, recomputed by hand from the replies the server logged
     # (client_rounds.json: round -> client -> what the client reported).
@@ -80,7 +80,7 @@ def test_run_folder_holds_every_report_file(run):
 def test_shared_weights_file_has_only_shared_keys(run):
     import torch
 
-    from fedse.federated import build_federated_data
+    from fedse.data.federated import build_federated_data
     from fedse.models import build_model
     from fedse.policies import create_policy
 

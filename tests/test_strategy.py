@@ -6,8 +6,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from fedse.federation.strategy import GuardedStrategy
 from fedse.records import evaluate_schema, train_schema
-from fedse.strategy import GuardedStrategy
 
 SHARED = {"w": torch.zeros(2), "b": torch.zeros(1)}
 
@@ -32,8 +32,8 @@ def _guard(**kw):
 
 
 def test_pooled_evaluation_is_requested_on_schedule():
-    from fedse.report import RunLog
-    from fedse.server import RunRecorder
+    from fedse.analysis.report import RunLog
+    from fedse.federation.server import RunRecorder
 
     every_4 = RunRecorder(_guard(), RunLog(), num_rounds=6, pooled_every=4)
     assert [every_4.wants_pooled(r) for r in range(1, 7)] == [False, False, False, True, False, True]
@@ -45,7 +45,7 @@ def test_pooled_evaluation_is_requested_on_schedule():
 def test_strategy_registry_builds_flowers_own_strategies(name, cls):
     from conftest import tiny_config
 
-    from fedse.strategy import create_strategy
+    from fedse.federation.strategy import create_strategy
 
     strategy = create_strategy(tiny_config(server={"strategy": name, "min_train_clients": 3}))
     assert type(strategy).__name__ == cls and strategy.min_train_nodes == 3
@@ -56,8 +56,8 @@ def test_strategy_registry_builds_flowers_own_strategies(name, cls):
 def test_client_level_dp_wraps_the_strategy_with_flowers_wrapper():
     from conftest import tiny_config
 
+    from fedse.federation.strategy import create_strategy
     from fedse.privacy import make_client_dp
-    from fedse.strategy import create_strategy
 
     def build(**privacy):
         cfg = tiny_config(privacy={"mode": "client", "noise_multiplier": 1.0, **privacy})

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.transforms import normalize
 from ..train import batches
-from ..transforms import normalize
 from .base import Policy, head_keys
 from .run import ClientRun
 

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data import hflip
-from ..federated import ClientShard
+from ..data.federated import ClientShard
+from ..data.readers import hflip
 from ..prior import fit_prior_weight, label_log_prior
 from ..privacy import SampleDP
 from ..split import Split

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record, short_repr
-from .federated import build_federated_data, model_shape
-from .io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
-from .models import base_width, build_model
-from .partition import plot_label_counts
-from .policies import resolve, settings
+from ..config import Config, ConfigError, config_from_record, config_to_dict, config_to_record, short_repr
+from ..data.federated import build_federated_data, model_shape
+from ..data.partition import plot_label_counts
+from ..io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
+from ..models import base_width, build_model
+from ..policies import resolve, settings
 from .report import (
     COL_CLIENT,
     COL_LOCAL_ACC,

@@ -17,13 +17,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .config import Config, config_from_dict
-from .federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
-from .models import SEResNet, build_model
-from .personal import MODEL_FILE, client_model_path, export_model
-from .policies import ClientRun, Policy, resolve
-from .privacy import SampleDP, check_dp_model, sample_noise_multiplier
-from .records import (
+from ..config import Config, config_from_dict
+from ..data.federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
+from ..models import SEResNet, build_model
+from ..personal import MODEL_FILE, client_model_path, export_model
+from ..policies import ClientRun, Policy, resolve
+from ..privacy import SampleDP, check_dp_model, sample_noise_multiplier
+from ..records import (
     ARRAYS,
     CLIENT,
     CLIENT_ID,
@@ -55,9 +55,9 @@ from .records import (
     from_arrays,
     to_arrays,
 )
-from .split import Split
-from .state import RoundStore, digest, load_accountant, persist, restore, save_accountant
-from .train import EvalResult, evaluate
+from ..split import Split
+from ..state import RoundStore, digest, load_accountant, persist, restore, save_accountant
+from ..train import EvalResult, evaluate
 
 __all__ = ["handle_evaluate", "handle_train", "make_client_app"]
 

@@ -1,6 +1,6 @@
 """Tensor transforms of image batches: normalisation and the training augmentation.
 
-Images are kept as uint8 ``(N, C, H, W)`` tensors (:mod:`fedse.data`) and turned
+Images are kept as uint8 ``(N, C, H, W)`` tensors (:mod:`fedse.data.readers`) and turned
 into float inputs only batch by batch, here, by the one training and evaluation
 loop (:mod:`fedse.train`).
 """

@@ -4,7 +4,7 @@
 ``flwr run``; :mod:`fedse.simulation` for ``fedse simulate``). The server sends
 the run's configuration with every message, so clients need nothing but their
 data and a partition id. Three wrappers, each with one job: Flower's strategy
-(and DP wrapper) aggregates, :class:`~fedse.strategy.GuardedStrategy` screens
+(and DP wrapper) aggregates, :class:`~fedse.federation.strategy.GuardedStrategy` screens
 the replies, :class:`RunRecorder` records what the guard kept into the run log,
 times rounds, schedules pooled evaluation and checkpoints.
 """
@@ -25,15 +25,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from .checkpoint import CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, config_to_dict, config_to_record
-from .federated import FederatedData, model_shape
-from .identity import read_client_keys
-from .interrupt import StoppableGrid
-from .models import build_model
-from .policies import resolve
-from .privacy import ClientDP, check_dp_model, make_client_dp
-from .records import (
+from ..analysis.report import (
+    COL_CLIENT,
+    COL_LOCAL_ACC,
+    COL_POOLED_ACC,
+    COL_TRAIN_SAMPLES,
+    RunLog,
+    client_rows,
+    client_summary_rows,
+    format_table,
+    write_record,
+    write_run,
+)
+from ..checkpoint import CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from ..config import Config, ConfigError, config_to_dict, config_to_record
+from ..data.federated import FederatedData, model_shape
+from ..identity import read_client_keys
+from ..interrupt import StoppableGrid
+from ..models import build_model
+from ..policies import resolve
+from ..privacy import ClientDP, check_dp_model, make_client_dp
+from ..records import (
     ARRAYS,
     CONFIG,
     CONFIG_JSON,
@@ -48,20 +60,8 @@ from .records import (
     to_arrays,
     train_schema,
 )
-from .report import (
-    COL_CLIENT,
-    COL_LOCAL_ACC,
-    COL_POOLED_ACC,
-    COL_TRAIN_SAMPLES,
-    RunLog,
-    client_rows,
-    client_summary_rows,
-    format_table,
-    write_record,
-    write_run,
-)
-from .split import Split
-from .state import private_manifest, verify_manifest
+from ..split import Split
+from ..state import private_manifest, verify_manifest
 from .strategy import (
     GuardedStrategy,
     bounds,
@@ -240,7 +240,7 @@ def _start(
     cfg: Config, fed: FederatedData | None, num_clients: int
 ) -> tuple[torch.nn.Module, Split, dict[str, torch.Tensor], ClientDP | None]:
     """The run's model, its split, the initial shared weights and the client-level DP state. The
-    model's shape comes from the config (:func:`fedse.federated.model_shape`); ``fed`` (the
+    model's shape comes from the config (:func:`fedse.data.federated.model_shape`); ``fed`` (the
     simulator's data; None on a deployed server, which holds none) must agree with it."""
     model = build_model(cfg, *model_shape(cfg, fed.dataset if fed is not None else None))
     if cfg.privacy.mode == "sample":

@@ -37,10 +37,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from .config import Config, ConfigError
-from .identity import bind_node_keys
-from .privacy import ClientDP
-from .records import (
+from ..config import Config, ConfigError
+from ..identity import bind_node_keys
+from ..privacy import ClientDP
+from ..records import (
     ARRAYS,
     CLIENT_ID,
     METRICS,

@@ -16,7 +16,7 @@
   (NIID-Bench, Li et al. 2022).
 
 Feature skew, which transforms images rather than splitting indices, is
-:mod:`fedse.feature_skew`.
+:mod:`fedse.data.feature_skew`.
 
 Each returns one sorted int64 index array per client; the arrays are disjoint
 and cover every sample (except ``dirichlet-client`` with ``samples_per_client``,
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PartitionConfig
-from .io import atomic_save
+from ..config import PartitionConfig
+from ..io import atomic_save
 
 __all__ = [
     "partition_from_config",

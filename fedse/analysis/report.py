@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import yaml
 
-from .config import RECORD, Config, config_to_record
-from .io import atomic_save, atomic_write_json, atomic_write_text, csv_cell
-from .records import DP_EPSILON, LOCAL_ACC, NUM_EXAMPLES, NUM_TRAIN, POOLED_ACC, TRAIN_ACC, TRAIN_LOSS
+from ..config import RECORD, Config, config_to_record
+from ..io import atomic_save, atomic_write_json, atomic_write_text, csv_cell
+from ..records import DP_EPSILON, LOCAL_ACC, NUM_EXAMPLES, NUM_TRAIN, POOLED_ACC, TRAIN_ACC, TRAIN_LOSS
 
 __all__ = [
     "client_rows",
@@ -256,7 +256,7 @@ def provenance() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     device = f"cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
-    from . import __version__
+    from .. import __version__
 
     return {
         "fedse": commit or __version__,

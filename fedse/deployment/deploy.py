@@ -200,7 +200,7 @@ def owner_only_database(database: str | Path) -> str:
     text = str(database)
     if text in _IN_MEMORY:
         return text
-    from .config import ConfigError
+    from ..config import ConfigError
 
     path = Path(os.path.abspath(Path(text.removeprefix("sqlite:///")).expanduser()))
     if path.is_symlink():
@@ -355,7 +355,7 @@ def supernode_command(
 
 def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | Path | None) -> Path:
     """A SuperLink connection for the ``flwr`` CLI in ``<flwr_home>/config.toml``."""
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
 
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
     lines.append(f'root-certificates = "{Path(ca).resolve()}"' if ca is not None else "insecure = true")

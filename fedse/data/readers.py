@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig, ModelConfig, field_range
-from .io import atomic_save, atomic_write_bytes
+from ..config import DataConfig, ModelConfig, field_range
+from ..io import atomic_save, atomic_write_bytes
 
 __all__ = [
     "DATASETS",

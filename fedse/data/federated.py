@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import Config
-from .data import Dataset, dataset_spec, load_dataset, load_own
+from ..config import Config
 from .feature_skew import ClientStyle, apply_style, make_client_styles
 from .partition import label_counts, partition_from_config, split_train_test
+from .readers import Dataset, dataset_spec, load_dataset, load_own
 
 __all__ = ["ClientShard", "FederatedData", "build_federated_data", "model_shape", "own_data"]
 
@@ -141,7 +141,7 @@ def _own(seed: int, name: str, data_dir: str, test_fraction: float, classes: tup
 
 def own_data(cfg: Config, data_dir: str) -> FederatedData:
     """A deployed client's own data: every sample of ``cfg.data.dataset`` read from ``data_dir`` and
-    nowhere else (:func:`fedse.data.load_own`; its formats: :attr:`fedse.data.DatasetSpec.own_format`), split into
-    its train and test part (``test_fraction``, stratified, seeded); a one-client federation, so
-    ``shard(0)`` is the client's."""
+    nowhere else (:func:`fedse.data.readers.load_own`; its formats:
+    :attr:`fedse.data.readers.DatasetSpec.own_format`), split into its train and test part
+    (``test_fraction``, stratified, seeded); a one-client federation, so ``shard(0)`` is the client's."""
     return _own(cfg.seed, cfg.data.dataset, str(data_dir), cfg.partition.test_fraction, cfg.data.classes)
