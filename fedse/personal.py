@@ -30,7 +30,7 @@ import csv
 import io
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,17 +205,7 @@ def _check_header(file: Path, header: dict[str, Any], advice: str) -> None:
     missing = {"model", "num_classes", "in_channels", "image_size", "mean", "std", "classes", "complete"} - set(header)
     if missing:
         raise StateCorruptError(f"{file}: header lacks {sorted(missing)}; {advice}")
-    spec = header["model"]
-    if not isinstance(spec, dict) or set(spec) != set(_MODEL_KEYS):
-        raise refuse("model", spec, f"a mapping of exactly {list(_MODEL_KEYS)}")
-    if not isinstance(spec["name"], str) or spec["name"] not in MODELS:
-        raise refuse("model.name", spec["name"], f"one of {sorted(MODELS)}")
-    if not isinstance(spec["norm"], str) or spec["norm"] not in NORMS:
-        raise refuse("model.norm", spec["norm"], f"one of {list(NORMS)}")
-    for key, lo in (("width", 1), ("reduction", 1)):
-        _, hi = field_range(ModelConfig, key)
-        if spec[key] is not None and not _is_int(spec[key], lo, hi):
-            raise refuse(f"model.{key}", spec[key], f"an integer in [{lo}, {hi}] or null")
+    _check_model_spec(header["model"], refuse)
     shape = {"num_classes": (1, MAX_CLASSES), **{k: field_range(ModelConfig, k) for k in ("in_channels", "image_size")}}
     for key, (lo, hi) in shape.items():
         if not _is_int(header[key], lo, hi):
@@ -238,6 +228,21 @@ def _check_header(file: Path, header: dict[str, Any], advice: str) -> None:
         threshold = header["gate_threshold"]
         if not (isinstance(threshold, dict) and _is_finite(threshold.get("value"))):
             raise refuse("gate_threshold", threshold, "a mapping whose 'value' is a finite number")
+
+
+def _check_model_spec(spec: Any, refuse: Callable[[str, Any, str], StateCorruptError]) -> None:
+    """The header's ``model`` mapping: a registered model and norm, width and reduction in the config's
+    bounds."""
+    if not isinstance(spec, dict) or set(spec) != set(_MODEL_KEYS):
+        raise refuse("model", spec, f"a mapping of exactly {list(_MODEL_KEYS)}")
+    if not isinstance(spec["name"], str) or spec["name"] not in MODELS:
+        raise refuse("model.name", spec["name"], f"one of {sorted(MODELS)}")
+    if not isinstance(spec["norm"], str) or spec["norm"] not in NORMS:
+        raise refuse("model.norm", spec["norm"], f"one of {list(NORMS)}")
+    for key, lo in (("width", 1), ("reduction", 1)):
+        _, hi = field_range(ModelConfig, key)
+        if spec[key] is not None and not _is_int(spec[key], lo, hi):
+            raise refuse(f"model.{key}", spec[key], f"an integer in [{lo}, {hi}] or null")
 
 
 _GATE_BLOCK = re.compile(r"gates\.gate_(?:mean|var)\.(\d{1,9})")
@@ -365,6 +370,19 @@ def predict_csv(
     return None if labels is None else (predicted == labels).float().mean().item()
 
 
+@dataclass(frozen=True)
+class Evaluated:
+    """What a client measured of the model it exports: its id (None: a new client), the round, the
+    result on its own test part, the offset it predicted with, and a note where it was not evaluated
+    in the run's last round."""
+
+    client: int | None
+    server_round: int
+    result: EvalResult
+    offset: torch.Tensor | None
+    note: str | None = None
+
+
 def export_model(
     path: str | Path,
     *,
@@ -375,15 +393,13 @@ def export_model(
     policy: Policy,
     dataset: Any,
     shard: ClientShard,
-    client: int | None,
-    server_round: int,
-    result: EvalResult,
-    offset: torch.Tensor | None,
-    note: str | None = None,
+    evaluated: Evaluated,
 ) -> None:
     """Write the model a client just evaluated, with its header (what :func:`load_personalized`
     needs, the accuracy it measured) and its gate fingerprint (fitted on ``shard``'s train part, the
     threshold set on its test part)."""
+    client, server_round, result = evaluated.client, evaluated.server_round, evaluated.result
+    offset, note = evaluated.offset, evaluated.note
     m = cfg.model
     weight = None
     if offset is not None:
@@ -452,6 +468,9 @@ def adapt_new_client(
     run.adapt(model, keys, epochs=epochs, private=split.private)
     offset = policy.prediction_offset(run, model)
     result = run.evaluate(model, offset)
+    note = (
+        f"a new client: its private part fitted for {epochs} epochs on its own data on the run's final shared weights"
+    )
     export_model(
         out,
         model=model,
@@ -461,11 +480,6 @@ def adapt_new_client(
         policy=policy,
         dataset=ds,
         shard=shard,
-        client=None,
-        server_round=0,
-        result=result,
-        offset=offset,
-        note=f"a new client: its private part fitted for {epochs} epochs on its own data on the run's final shared "
-        "weights",
+        evaluated=Evaluated(None, 0, result, offset, note),
     )
     return load_personalized(out)

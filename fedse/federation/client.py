@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from ..config import Config, config_from_dict
 from ..data.federated import ClientShard, FederatedData, build_federated_data, model_shape, own_data
 from ..models import SEResNet, build_model
-from ..personal import MODEL_FILE, client_model_path, export_model
+from ..personal import MODEL_FILE, Evaluated, client_model_path, export_model
 from ..policies import ClientRun, Policy, resolve
 from ..privacy import SampleDP, check_dp_model, sample_noise_multiplier
 from ..records import (
@@ -257,6 +257,9 @@ def _export(
     else:
         return
     config = msg.content[CONFIG]
+    note = None
+    if config.get(EXPORT_ONLY, False):
+        note = "not evaluated in the run's last round: the final shared weights plus this client's latest private part"
     export_model(
         path,
         model=model,
@@ -266,13 +269,7 @@ def _export(
         policy=s.policy,
         dataset=s.fed.dataset,
         shard=s.shard,
-        client=s.client_id,
-        server_round=int(config.get(SERVER_ROUND, 0)),
-        result=local,
-        offset=bias,
-        note=None
-        if not config.get(EXPORT_ONLY, False)
-        else "not evaluated in the run's last round: the final shared weights plus this client's latest private part",
+        evaluated=Evaluated(s.client_id, int(config.get(SERVER_ROUND, 0)), local, bias, note),
     )
 
 
