@@ -374,7 +374,7 @@ def _run_config(args: argparse.Namespace, resume: Path | None):  # noqa: ANN202 
     it changes is printed, and the resume's checks apply to it as to ``--set``."""
     from .checkpoint import config_diff
     from .config import config_to_dict
-    from .policies import resolve
+    from .spec import resolve
 
     if resume is None:
         cfg = load_config(args.config, args.overrides)
@@ -388,7 +388,7 @@ def _run_config(args: argparse.Namespace, resume: Path | None):  # noqa: ANN202 
             if changes:
                 print(f"fedse: --config {args.config} changes {resume}'s record: {'; '.join(changes)}", file=sys.stderr)
             cfg = given
-    resolve(cfg)  # the policy's own rules, before anything starts
+    resolve(cfg)  # every registry's rules, before anything starts
     return cfg
 
 

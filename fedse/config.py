@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
@@ -41,6 +41,7 @@ __all__ = [
     "MAX_CLIENTS",
     "RECORD",
     "SEED_MAX",
+    "choice_error",
     "config_from_dict",
     "config_from_record",
     "config_to_dict",
@@ -174,7 +175,8 @@ MAX_STEPS = 1_000_000  # rounds, epochs, the batch size
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["digits", "mnist", "fashion-mnist", "cifar10", "imagefolder"] = "digits"
+    # A name of fedse.data.DATASETS (the registry checks it: fedse.spec.resolve).
+    dataset: str = "digits"
     # Directory holding the dataset files (None: $FEDSE_DATA, then the standard places).
     root: str | None = None
     # Fetch the official files when missing (needs a network).
@@ -195,7 +197,8 @@ class PartitionConfig:
     # 'dirichlet' splits each class across clients (global form: redrawn until min_size holds, which
     # fails at hundreds of clients); 'dirichlet-client' draws each client's own label mix and size
     # (per-client form: min_size holds by construction, seconds at 10,000 clients).
-    scheme: Literal["iid", "dirichlet", "dirichlet-client", "pathological", "quantity"] = "dirichlet"
+    # (a name of fedse.data.partition.PARTITIONERS)
+    scheme: str = "dirichlet"
     num_clients: int = field(default=10, metadata=_range(1, MAX_CLIENTS))
     # Dirichlet concentration for label ('dirichlet', 'dirichlet-client') or size ('quantity') skew;
     # smaller = more skewed.
@@ -216,21 +219,21 @@ class PartitionConfig:
     # Share of each client's data held out as its own test part (same label distribution).
     test_fraction: float = field(default=0.25, metadata=_range(0, 1, lo_open=True))
     # Feature skew: each client's images pass through its own fixed transformation.
-    feature_skew: tuple[Literal["rotation", "contrast", "brightness", "noise", "color"], ...] = ()
+    # (names of fedse.data.feature_skew.STYLE_KINDS)
+    feature_skew: tuple[str, ...] = ()
     feature_skew_strength: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["se_resnet8", "se_resnet14", "se_resnet20", "se_resnet32", "se_resnet18", "se_resnet34"] = (
-        "se_resnet8"
-    )
+    # (a name of fedse.models.MODELS)
+    name: str = "se_resnet8"
     # Width of the first stage (None: 16 for CIFAR-style, 64 for ImageNet-style).
     width: int | None = field(default=None, metadata=_range(1, MAX_WIDTH))
     # SE reduction ratio r: excitation hidden width h = C / r (rounded, at least 4).
     reduction: int = field(default=16, metadata=_range(1, 8 * MAX_WIDTH))
-    # groupnorm is required for sample-level DP (Opacus).
-    norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
+    # groupnorm is required for sample-level DP (Opacus). (a name of fedse.models.NORMS)
+    norm: str = "batchnorm"
     # The model's input and output shape. None: implied by data.dataset (digits 1x8x8, MNIST and
     # Fashion-MNIST 1x28x28, CIFAR-10 3x32x32, 10 classes; imagefolder: len(data.classes) classes,
     # channels and size must be given). A deployed server builds the model from these alone: it
@@ -280,10 +283,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    # Flower strategy aggregating the shared keys; the last five are Flower's robust aggregators.
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan"] = (
-        "fedavg"
-    )
+    # Flower strategy aggregating the shared keys (a name of fedse.federation.strategy.STRATEGIES:
+    # fedavg, fedprox, fedadam, and Flower's robust aggregators fedtrimmedavg, fedmedian, krum,
+    # multikrum, bulyan).
+    strategy: str = "fedavg"
     rounds: int = field(default=20, metadata=_range(1, MAX_STEPS))
     fraction_train: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
     fraction_evaluate: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
@@ -419,6 +422,12 @@ def _type_name(tp: Any) -> str:
     )
 
 
+def choice_error(key: str, value: Any, allowed: Iterable[str]) -> ConfigError:
+    """The error for a name no registry holds: the key, the value, and every name allowed."""
+    names = ", ".join(repr(a) for a in allowed)
+    return ConfigError(f"config key '{key}': got {short_repr(value)} ({type(value).__name__}); allowed: one of {names}")
+
+
 class _BadValue(ConfigError):
     """The value has the right type but can never be valid (NaN, inf, a NUL byte): reported as is,
     not as a type mismatch, even where the key's type is a union."""
@@ -551,59 +560,10 @@ def _check_output_name(name: str | None) -> None:
         )
 
 
-def _check_secure_mode(pr: PrivacyConfig) -> None:
-    if not pr.secure_mode:
-        return
-    try:
-        importlib.import_module("torchcsprng")
-    except Exception:  # noqa: BLE001 (ImportError, or a build that fails to load)
-        raise ConfigError(
-            "config key 'privacy.secure_mode': true needs the package torchcsprng, which does not "
-            "import here (pip install torchcsprng); allowed: false, where DP noise comes from a "
-            "generator seeded from os.urandom (unpredictable, not cryptographically secure)"
-        ) from None
-
-
-ROBUST_STRATEGIES = ("fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
-
-
-def _check_robust(cfg: Config) -> None:
-    """Robust aggregation against client-level DP and the number of clients a round averages."""
-    s, pr = cfg.server, cfg.privacy
-    if pr.mode == "client" and s.strategy in ROBUST_STRATEGIES:
-        raise ConfigError(
-            f"config key 'server.strategy': {s.strategy!r} cannot be combined with privacy.mode=client: the DP "
-            "noise is sized for the mean of clipped updates (sensitivity C/m), and a trimmed mean, a median or "
-            "Krum's choice has another sensitivity, so the reported epsilon would not hold; allowed: fedavg, "
-            "fedprox under client-level DP"
-        )
-    if pr.mode == "client" and s.norm_bound:
-        raise ConfigError(
-            f"config key 'server.norm_bound': {short_repr(s.norm_bound)} cannot be combined with privacy.mode=client: "
-            "a bound relative to the round's median norm makes every client's clipping depend on the others' "
-            "updates, so one client changes the clipped sum by more than the DP bound C; the DP wrapper's own "
-            "clipping to privacy.clipping_norm bounds every update; allowed: null or 0"
-        )
-    per_round = max(int(cfg.partition.num_clients * s.fraction_train), s.min_train_clients)
-    need = {"krum": 2 * s.byzantine + 3, "multikrum": 2 * s.byzantine + 3, "bulyan": 4 * s.byzantine + 3}
-    if s.strategy in need and per_round < need[s.strategy]:
-        raise ConfigError(
-            f"config key 'server.byzantine': {s.strategy} with {s.byzantine} malicious clients needs at least "
-            f"{need[s.strategy]} clients a round, the run has {per_round}; allowed: a smaller server.byzantine "
-            "or more clients a round"
-        )
-    if s.strategy == "multikrum" and s.krum_select is not None and s.krum_select > per_round - s.byzantine:
-        raise ConfigError(
-            f"config key 'server.krum_select': {s.krum_select} exceeds the {per_round} clients a round less "
-            f"server.byzantine={s.byzantine}; allowed: at most {per_round - s.byzantine}"
-        )
-
-
 def _check_cross(cfg: Config) -> None:
-    """Rules that involve more than one key."""
+    """Rules between keys that are numbers and names alone; what a registry's names mean (datasets,
+    partitions, models, strategies, privacy, policies) each registry checks (fedse.spec.resolve)."""
     _check_output_name(cfg.output.name)
-    _check_secure_mode(cfg.privacy)
-    _check_robust(cfg)
     p, s = cfg.partition, cfg.server
     if s.min_train_clients > p.num_clients:
         raise ConfigError(
@@ -615,48 +575,6 @@ def _check_cross(cfg: Config) -> None:
             f"config key 'server.min_evaluate_clients': {s.min_evaluate_clients} exceeds "
             f"partition.num_clients={p.num_clients}; allowed: at most the number of clients"
         )
-    for key, default in (("size_sigma", 0.0), ("samples_per_client", 0)):
-        if p.scheme != "dirichlet-client" and getattr(p, key) != default:
-            raise ConfigError(
-                f"config key 'partition.{key}': {short_repr(getattr(p, key))} is only used by partition.scheme="
-                f"dirichlet-client (got scheme {p.scheme!r}); allowed: {default} with this scheme"
-            )
-    pr = cfg.privacy
-    if pr.mode != "none" and (pr.noise_multiplier is None) == (pr.target_epsilon is None):
-        raise ConfigError(
-            f"config key 'privacy': mode '{pr.mode}' needs exactly one of privacy.noise_multiplier "
-            f"or privacy.target_epsilon (got noise_multiplier={pr.noise_multiplier}, "
-            f"target_epsilon={pr.target_epsilon})"
-        )
-    if pr.mode == "sample" and cfg.personalization.label_prior not in (None, "off"):
-        raise ConfigError(
-            f"config key 'personalization.label_prior': '{cfg.personalization.label_prior}' cannot be "
-            "combined with privacy.mode=sample (the prior depends on all of a client's labels, outside "
-            "DP-SGD's per-example bound); allowed: off or null (null turns it off under sample-level DP)"
-        )
-    if pr.mode == "sample" and cfg.train.bf16:
-        raise ConfigError(
-            "config key 'train.bf16': true cannot be combined with privacy.mode=sample (per-sample clipping "
-            "and the accountant assume float32 gradients); allowed: false"
-        )
-    if pr.mode == "sample" and s.strategy == "fedprox":
-        raise ConfigError(
-            "config key 'server.strategy': 'fedprox' cannot be combined with privacy.mode=sample "
-            "(the proximal term's gradient is not per-sample); allowed: fedavg, fedadam"
-        )
-    if pr.mode == "client" and s.strategy == "fedadam":
-        raise ConfigError(
-            "config key 'server.strategy': 'fedadam' cannot be combined with privacy.mode=client "
-            "(Flower's DP wrapper adds its noise after FedAdam's server step, so the noise would not "
-            "be on the clipped mean of the updates); allowed: fedavg, fedprox"
-        )
-    if pr.mode == "client" and pr.clipping == "adaptive" and pr.target_epsilon is not None:
-        raise ConfigError(
-            "config key 'privacy.target_epsilon': not supported with clipping=adaptive "
-            "(its accounting depends on the clipped-count noise); set privacy.noise_multiplier"
-        )
-    if cfg.data.dataset == "imagefolder" and cfg.data.root is None:
-        raise ConfigError("config key 'data.root': dataset 'imagefolder' needs data.root=<dir with train/<class>/...>")
 
 
 def config_from_dict(raw: dict[str, Any] | None) -> Config:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 if TYPE_CHECKING:  # models and the training loop import with torch alone (a bare GPU machine)
-    from .config import Config
+    from .config import Config, ModelConfig
 
 __all__ = [
     "MODELS",
@@ -285,3 +285,13 @@ def build_model(cfg: Config, num_classes: int, in_channels: int, image_size: int
         norm=m.norm,
         image_size=image_size,
     )
+
+
+def check_config(m: ModelConfig) -> None:
+    """``model.name`` and ``model.norm`` are registered names."""
+    from .config import choice_error  # here: the models import with torch alone
+
+    if m.name not in MODELS:
+        raise choice_error("model.name", m.name, MODELS)
+    if m.norm not in NORMS:
+        raise choice_error("model.norm", m.norm, NORMS)

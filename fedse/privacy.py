@@ -27,6 +27,7 @@ reports the epsilon of every release since round 1.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -75,6 +76,43 @@ __all__ = [
 Criterion = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # (inputs, labels) -> (mean loss, logits), both detached (None, None for an empty batch): one step.
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def check_config(cfg: Config) -> None:
+    """The privacy settings' own rules and the settings DP-SGD or the client-level wrappers cannot
+    account for (each error names the key, the value and what is allowed)."""
+    pr = cfg.privacy
+    if pr.mode != "none" and (pr.noise_multiplier is None) == (pr.target_epsilon is None):
+        raise ConfigError(
+            f"config key 'privacy': mode '{pr.mode}' needs exactly one of privacy.noise_multiplier "
+            f"or privacy.target_epsilon (got noise_multiplier={pr.noise_multiplier}, "
+            f"target_epsilon={pr.target_epsilon})"
+        )
+    if pr.mode == "sample" and cfg.personalization.label_prior not in (None, "off"):
+        raise ConfigError(
+            f"config key 'personalization.label_prior': '{cfg.personalization.label_prior}' cannot be "
+            "combined with privacy.mode=sample (the prior depends on all of a client's labels, outside "
+            "DP-SGD's per-example bound); allowed: off or null (null turns it off under sample-level DP)"
+        )
+    if pr.mode == "sample" and cfg.train.bf16:
+        raise ConfigError(
+            "config key 'train.bf16': true cannot be combined with privacy.mode=sample (per-sample clipping "
+            "and the accountant assume float32 gradients); allowed: false"
+        )
+    if pr.mode == "client" and pr.clipping == "adaptive" and pr.target_epsilon is not None:
+        raise ConfigError(
+            "config key 'privacy.target_epsilon': not supported with clipping=adaptive "
+            "(its accounting depends on the clipped-count noise); set privacy.noise_multiplier"
+        )
+    if pr.secure_mode:
+        try:
+            importlib.import_module("torchcsprng")
+        except Exception:  # noqa: BLE001 (ImportError, or a build that fails to load)
+            raise ConfigError(
+                "config key 'privacy.secure_mode': true needs the package torchcsprng, which does not "
+                "import here (pip install torchcsprng); allowed: false, where DP noise comes from a "
+                "generator seeded from os.urandom (unpredictable, not cryptographically secure)"
+            ) from None
 
 
 def per_sample_gradients(

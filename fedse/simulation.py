@@ -43,8 +43,8 @@ from .data.federated import FederatedData, build_federated_data
 from .federation.client import make_client_app
 from .federation.server import ServerOutcome, final_tables, run_server
 from .interrupt import as_stop, clear_stop, stop_requested
-from .policies import resolve
 from .rundir import claim_run_dir, discard_unstarted, write_partition
+from .spec import resolve
 from .state import PRIVATE_DIR
 
 __all__ = ["SimulationResult", "backend_config", "simulate"]
@@ -139,7 +139,7 @@ def simulate(
     A run that fails before its first round leaves no run folder behind."""
     started = time.perf_counter()
     clear_stop()  # a stop asked of an earlier run in this process is not this run's
-    resolve(cfg)  # the policy's own rules, before anything starts
+    resolve(cfg)  # every registry's rules, before anything starts
     fed = build_federated_data(cfg)
     claimed = run_dir is None
     existed = False

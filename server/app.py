@@ -7,12 +7,11 @@ Run config (``pyproject.toml`` ``[tool.flwr.app.config]`` or ``flwr run . --run-
 * ``output-dir``: parent of the run folder (default ``runs``); pass an ABSOLUTE path: a relative one is
   resolved against the app's root, which under ``flwr run`` is Flower's installed copy of the app
   (``~/.flwr/apps/...``), not the directory you ran from (see :func:`resolve_output_dir`);
-* ``resume-from``: a run folder to continue from its last checkpoint (its ``config.yaml`` plus ``overrides``);
-  resolved the same way.
+* ``resume-from``: a run folder to continue from its last checkpoint (``config.yaml`` plus ``overrides``), found alike.
 
-The strategy, guard and report live in :mod:`fedse.federation.server` and :mod:`fedse.federation.strategy`. The server
-reads no data: the model's shape comes from the config, and the clients' label counts are never
-collected (each client's prior stays with it).
+The strategy, guard and report live in :mod:`fedse.federation.server` and :mod:`fedse.federation.strategy`.
+The server reads no data: the model's shape comes from the config, and the clients' label counts
+are never collected (each client's prior stays with it).
 
 A fedse error is one line, ``fedse: error: ...``, and fails the run (``finished:failed`` in ``flwr ls``);
 ``flwr run`` still exits 0: Flower 1.42's CLI never reads a run's status (``flwr/cli/run/run.py``).
@@ -33,6 +32,7 @@ from fedse.data.partition import PartitionError
 from fedse.data.readers import DatasetError
 from fedse.federation.server import final_tables, run_server
 from fedse.rundir import claim_run_dir, discard_unstarted
+from fedse.spec import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 # fedse's own errors, as `fedse simulate` reports them; anything else is a bug and keeps its traceback.
@@ -90,10 +90,10 @@ def _main(grid: Grid, context: Context) -> None:
     resume = str(rc["resume-from"])
     if resume:
         run_dir = resolve_output_dir(resume, ROOT)
-        cfg = load_config(run_dir / RECORD, overrides, record=True)
+        cfg = resolve(load_config(run_dir / RECORD, overrides, record=True)).cfg  # every registry's rules
     else:
         config_file = Path(str(rc["config-file"]))
-        cfg = load_config(config_file if config_file.is_absolute() else ROOT / config_file, overrides)
+        cfg = resolve(load_config(config_file if config_file.is_absolute() else ROOT / config_file, overrides)).cfg
         given = str(rc["output-dir"]) or cfg.output.dir
         out = resolve_output_dir(given, ROOT)
         if not Path(given).expanduser().is_absolute():

@@ -31,6 +31,7 @@ from fedse.io import atomic_write_json
 from fedse.models import build_model
 from fedse.policies import POLICIES, ClientRun, resolve
 from fedse.simulation import simulate
+from fedse.spec import resolve as resolve_run
 
 __all__ = ["compare"]
 
@@ -133,7 +134,7 @@ def compare(
     if unknown := [m for m in methods if m not in POLICIES]:
         raise ConfigError(f"unknown method(s) {unknown}; valid methods: {sorted(POLICIES)}")
     for method in methods:
-        resolve(cfg, method)  # each method's own rules, before anything runs
+        resolve_run(cfg, method)  # every registry's rules, each method's included, before anything runs
     trained = cfg.partition.num_clients - holdout
     if holdout < 0 or trained < max(cfg.server.min_train_clients, 1):
         raise ConfigError(

@@ -13,6 +13,7 @@ from fedse.config import (
     load_config,
     parse_overrides,
 )
+from fedse.spec import resolve
 
 
 def test_defaults_and_round_trip():
@@ -42,7 +43,7 @@ def test_unknown_key_is_named_with_allowed_keys():
 )
 def test_wrong_type_names_key_value_and_allowed(raw, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        config_from_dict(raw)
+        resolve(config_from_dict(raw))  # the config's own types, or a registry's names
 
 
 @pytest.mark.parametrize(
@@ -60,7 +61,7 @@ def test_wrong_type_names_key_value_and_allowed(raw, pattern):
 )
 def test_out_of_range_values_are_named(raw, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        config_from_dict(raw)
+        resolve(config_from_dict(raw))
 
 
 def test_int_is_accepted_for_float_and_coerced():
@@ -219,7 +220,7 @@ def test_secure_mode_needs_torchcsprng():
     if importlib.util.find_spec("torchcsprng") is not None:
         pytest.skip("torchcsprng is installed here")
     with pytest.raises(ConfigError, match=r"'privacy\.secure_mode'.*torchcsprng.*pip install torchcsprng.*os\.urandom"):
-        config_from_dict({"privacy": {"secure_mode": True}})
+        resolve(config_from_dict({"privacy": {"secure_mode": True}}))
     with pytest.raises(ConfigError, match=r"'privacy\.secure_mode': got 'yes'"):
         config_from_dict({"privacy": {"secure_mode": "yes"}})
 
@@ -228,28 +229,30 @@ def test_secure_mode_needs_torchcsprng():
 def test_client_level_dp_refuses_fedadam(strategy, ok):
     raw = {"privacy": {"mode": "client", "noise_multiplier": 1.0}, "server": {"strategy": strategy}}
     if ok:
-        assert config_from_dict(raw).server.strategy == strategy
+        assert resolve(config_from_dict(raw)).cfg.server.strategy == strategy
     else:
         with pytest.raises(
             ConfigError,
             match=r"'server\.strategy': 'fedadam'.*privacy\.mode=client.*allowed: "
             r"fedavg, fedprox",
         ):
-            config_from_dict(raw)
-    assert config_from_dict({"server": {"strategy": "fedadam"}}).server.strategy == "fedadam"  # without DP: fine
+            resolve(config_from_dict(raw))
+    assert resolve(config_from_dict({"server": {"strategy": "fedadam"}})).cfg.server.strategy == "fedadam"  # no DP
 
 
 def test_bf16_is_refused_with_sample_level_dp():
     from fedse.config import ConfigError
 
-    config_from_dict({"train": {"bf16": True}})
+    resolve(config_from_dict({"train": {"bf16": True}}))
     with pytest.raises(ConfigError, match="'train.bf16'.*privacy.mode=sample"):
-        config_from_dict(
-            {
-                "train": {"bf16": True},
-                "model": {"norm": "groupnorm"},
-                "privacy": {"mode": "sample", "noise_multiplier": 1.0},
-            }
+        resolve(
+            config_from_dict(
+                {
+                    "train": {"bf16": True},
+                    "model": {"norm": "groupnorm"},
+                    "privacy": {"mode": "sample", "noise_multiplier": 1.0},
+                }
+            )
         )
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fedse.federation.strategy import GuardedStrategy
 from fedse.records import evaluate_schema, train_schema
+from fedse.spec import resolve
 
 SHARED = {"w": torch.zeros(2), "b": torch.zeros(1)}
 CAP = 1000
@@ -538,7 +539,7 @@ def test_the_bounds_are_on_by_default_on_a_deployed_server_only():
     from fedse.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"'server.norm_bound': 3.0 cannot be combined with privacy.mode=client"):
-        tiny_config(server={"norm_bound": 3.0}, privacy={"mode": "client", "noise_multiplier": 1.0})
+        resolve(tiny_config(server={"norm_bound": 3.0}, privacy={"mode": "client", "noise_multiplier": 1.0}))
 
 
 class _KeyedNodes:

@@ -22,7 +22,7 @@ LAYERS: list[list[str]] = [
     ["fedse.personal"],
     ["fedse.analysis", "fedse.checkpoint", "fedse.rundir"],  # analysis: report, comparison
     ["fedse.federation"],  # client, strategy, server
-    ["fedse.simulation", "fedse.deployment"],  # deployment: deploy, launch
+    ["fedse.spec", "fedse.simulation", "fedse.deployment"],  # deployment: deploy, launch
     ["simulations.simulate", "simulations.compare", "simulations.monitor"],
     ["fedse.cli"],
 ]

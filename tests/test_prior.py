@@ -13,6 +13,7 @@ from fedse.data.federated import build_federated_data
 from fedse.models import build_model
 from fedse.policies import POLICIES, ClientRun, create_policy, resolve
 from fedse.prior import fit_prior_weight, label_log_prior
+from fedse.spec import resolve as resolve_run
 from fedse.train import TrainSpec, evaluate, train
 
 
@@ -98,7 +99,7 @@ def test_modes_follow_the_policy_the_override_and_sample_dp():
         == "off"
     )
     with pytest.raises(ConfigError, match="personalization.label_prior.*privacy.mode=sample"):
-        tiny_config(personalization={"label_prior": "predict"}, model={"norm": "groupnorm"}, privacy=dp)
+        resolve_run(tiny_config(personalization={"label_prior": "predict"}, model={"norm": "groupnorm"}, privacy=dp))
     with pytest.raises(ConfigError, match="personalization.label_prior"):
         tiny_config(personalization={"label_prior": "yes"})
 

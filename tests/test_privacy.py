@@ -228,9 +228,10 @@ def test_client_with_batchnorm_and_sample_dp_refuses(task_identity):
 )
 def test_privacy_config_errors(raw, pattern):
     from fedse.config import config_from_dict
+    from fedse.spec import resolve
 
     with pytest.raises(ConfigError, match=pattern):
-        config_from_dict(raw)
+        resolve(config_from_dict(raw))
 
 
 @pytest.mark.slow

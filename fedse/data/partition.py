@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PartitionConfig
+from ..config import ConfigError, PartitionConfig, choice_error, short_repr
 from ..io import atomic_save
 
 __all__ = [
@@ -324,6 +324,24 @@ PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
     "pathological": pathological,
     "quantity": quantity_skew,
 }
+
+
+def check_config(p: PartitionConfig) -> None:
+    """``partition.scheme`` and ``partition.feature_skew`` are registered names, and the keys only
+    ``dirichlet-client`` reads keep their defaults under another scheme."""
+    from .feature_skew import STYLE_KINDS
+
+    if p.scheme not in PARTITIONERS:
+        raise choice_error("partition.scheme", p.scheme, PARTITIONERS)
+    for i, kind in enumerate(p.feature_skew):
+        if kind not in STYLE_KINDS:
+            raise choice_error(f"partition.feature_skew[{i}]", kind, STYLE_KINDS)
+    for key, default in (("size_sigma", 0.0), ("samples_per_client", 0)):
+        if p.scheme != "dirichlet-client" and getattr(p, key) != default:
+            raise ConfigError(
+                f"config key 'partition.{key}': {short_repr(getattr(p, key))} is only used by partition.scheme="
+                f"dirichlet-client (got scheme {p.scheme!r}); allowed: {default} with this scheme"
+            )
 
 
 def create_partition(name: str, labels: np.ndarray, num_clients: int, *, seed: int, **params) -> list[np.ndarray]:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DataConfig, ModelConfig, field_range
+from ..config import ConfigError, DataConfig, ModelConfig, choice_error, field_range
 from ..io import atomic_save, atomic_write_bytes
 
 __all__ = [
@@ -666,6 +666,15 @@ for _spec in (
     ),
 ):
     register_dataset(_spec)
+
+
+def check_config(data: DataConfig) -> DatasetSpec:
+    """``data.dataset`` is a registered name, and an image folder names its root; returns its spec."""
+    if data.dataset not in DATASETS:
+        raise choice_error("data.dataset", data.dataset, DATASETS)
+    if data.dataset == "imagefolder" and data.root is None:
+        raise ConfigError("config key 'data.root': dataset 'imagefolder' needs data.root=<dir with train/<class>/...>")
+    return DATASETS[data.dataset]
 
 
 def hflip(data: DataConfig) -> bool:

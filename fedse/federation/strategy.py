@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, choice_error, short_repr
 from ..identity import bind_node_keys
 from ..privacy import ClientDP
 from ..records import (
@@ -97,6 +97,60 @@ STRATEGIES: dict[str, Callable[[Config], Strategy]] = {
     "multikrum": _multikrum,
     "bulyan": lambda cfg: Bulyan(**_common(cfg), num_malicious_nodes=cfg.server.byzantine),
 }
+
+
+ROBUST_STRATEGIES = ("fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
+
+
+def check_config(cfg: Config) -> None:
+    """``server.strategy`` is a registered name, composed only with the privacy it is sound under,
+    and a robust aggregator has the clients a round it needs."""
+    s, pr = cfg.server, cfg.privacy
+    if s.strategy not in STRATEGIES:
+        raise choice_error("server.strategy", s.strategy, STRATEGIES)
+    if pr.mode == "sample" and s.strategy == "fedprox":
+        raise ConfigError(
+            "config key 'server.strategy': 'fedprox' cannot be combined with privacy.mode=sample "
+            "(the proximal term's gradient is not per-sample); allowed: fedavg, fedadam"
+        )
+    if pr.mode == "client" and s.strategy == "fedadam":
+        raise ConfigError(
+            "config key 'server.strategy': 'fedadam' cannot be combined with privacy.mode=client "
+            "(Flower's DP wrapper adds its noise after FedAdam's server step, so the noise would not "
+            "be on the clipped mean of the updates); allowed: fedavg, fedprox"
+        )
+    if pr.mode == "client" and s.strategy in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"config key 'server.strategy': {s.strategy!r} cannot be combined with privacy.mode=client: the DP "
+            "noise is sized for the mean of clipped updates (sensitivity C/m), and a trimmed mean, a median or "
+            "Krum's choice has another sensitivity, so the reported epsilon would not hold; allowed: fedavg, "
+            "fedprox under client-level DP"
+        )
+    if pr.mode == "client" and s.norm_bound:
+        raise ConfigError(
+            f"config key 'server.norm_bound': {short_repr(s.norm_bound)} cannot be combined with privacy.mode=client: "
+            "a bound relative to the round's median norm makes every client's clipping depend on the others' "
+            "updates, so one client changes the clipped sum by more than the DP bound C; the DP wrapper's own "
+            "clipping to privacy.clipping_norm bounds every update; allowed: null or 0"
+        )
+    _check_byzantine(cfg)
+
+
+def _check_byzantine(cfg: Config) -> None:
+    s = cfg.server
+    per_round = max(int(cfg.partition.num_clients * s.fraction_train), s.min_train_clients)
+    need = {"krum": 2 * s.byzantine + 3, "multikrum": 2 * s.byzantine + 3, "bulyan": 4 * s.byzantine + 3}
+    if s.strategy in need and per_round < need[s.strategy]:
+        raise ConfigError(
+            f"config key 'server.byzantine': {s.strategy} with {s.byzantine} malicious clients needs at least "
+            f"{need[s.strategy]} clients a round, the run has {per_round}; allowed: a smaller server.byzantine "
+            "or more clients a round"
+        )
+    if s.strategy == "multikrum" and s.krum_select is not None and s.krum_select > per_round - s.byzantine:
+        raise ConfigError(
+            f"config key 'server.krum_select': {s.krum_select} exceeds the {per_round} clients a round less "
+            f"server.byzantine={s.byzantine}; allowed: at most {per_round - s.byzantine}"
+        )
 
 
 DEPLOYED_NORM_BOUND = 3.0  # server.norm_bound: null on a server without data (a deployment)
