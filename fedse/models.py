@@ -45,6 +45,7 @@ __all__ = [
     "SEBlock",
     "SEResNet",
     "BasicBlock",
+    "CNN",
     "create_model",
     "make_divisible",
     "make_norm",
@@ -210,11 +211,48 @@ class SEResNet(nn.Module):
         return self.fc
 
 
+class CNN(nn.Module):
+    """McMahan et al. 2017's CNN, as PFLlib builds it (``FedAvgCNN``): two stages of a 5x5
+    convolution (``width``, then ``2 * width`` channels), ReLU and 2x2 max-pooling, then ``fc1``
+    (512 units, ReLU) and the classifier ``fc``. 582,026 parameters at width 32 on 1x28x28 with 10
+    classes. With ``reduction``, a squeeze-and-excitation block follows each stage (``se_cnn``), so
+    private excitation can be measured on the reference architecture itself. It has no
+    normalisation layers."""
+
+    def __init__(
+        self, *, num_classes: int, in_channels: int, image_size: int, width: int = 32, reduction: int | None = None
+    ) -> None:
+        super().__init__()
+        side = ((image_size - 4) // 2 - 4) // 2
+        if side < 1:
+            raise ValueError(
+                f"the cnn needs images of at least 16x16 pixels (two 5x5 convolutions and pools), got {image_size}"
+            )
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, width, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.se1 = SEBlock(width, reduction) if reduction else nn.Identity()
+        self.conv2 = nn.Sequential(nn.Conv2d(width, 2 * width, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.se2 = SEBlock(2 * width, reduction) if reduction else nn.Identity()
+        self.fc1 = nn.Sequential(nn.Linear(2 * width * side * side, 512), nn.ReLU())
+        self.fc = nn.Linear(512, num_classes)
+        self.num_features = 512
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.se2(self.conv2(self.se1(self.conv1(x))))
+        return self.fc1(x.flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+
 @dataclass(frozen=True)
 class _Arch:
     blocks: tuple[int, ...]
     width_multipliers: tuple[int, ...]
-    family: str  # "cifar" (widths w,2w,4w) or "imagenet" (widths 64..512 scaled)
+    family: str  # "cifar" (widths w,2w,4w), "imagenet" (widths 64..512 scaled) or "cnn" (CNN, widths w,2w)
+    se: bool = True  # SE blocks (the cnn is also registered without: the reference model itself)
 
 
 MODELS: dict[str, _Arch] = {
@@ -224,6 +262,8 @@ MODELS: dict[str, _Arch] = {
     "se_resnet32": _Arch((5, 5, 5), (1, 2, 4), "cifar"),
     "se_resnet18": _Arch((2, 2, 2, 2), (1, 2, 4, 8), "imagenet"),
     "se_resnet34": _Arch((3, 4, 6, 3), (1, 2, 4, 8), "imagenet"),
+    "cnn": _Arch((), (1, 2), "cnn", se=False),
+    "se_cnn": _Arch((), (1, 2), "cnn"),
 }
 
 
@@ -233,7 +273,7 @@ def base_width(name: str, width: int | None) -> int:
     ``width: 16`` build the same se_resnet8, and records compare through this."""
     if width is not None:
         return width
-    return 16 if MODELS[name].family == "cifar" else 64
+    return {"cifar": 16, "imagenet": 64, "cnn": 32}[MODELS[name].family]
 
 
 def create_model(
@@ -245,8 +285,8 @@ def create_model(
     reduction: int | None = 16,
     norm: str = "batchnorm",
     image_size: int = 32,
-) -> SEResNet:
-    """Build a registered SE-ResNet.
+) -> nn.Module:
+    """Build a registered model: an SE-ResNet, or the reference CNN (``cnn``, ``se_cnn``: :class:`CNN`).
 
     ``width`` is the first stage's width (default 16 for CIFAR-style, 64 for
     ImageNet-style). ``reduction=None`` builds the plain ResNet (no SE).
@@ -259,6 +299,13 @@ def create_model(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     arch = MODELS[name]
     base = base_width(name, width)
+    if arch.family == "cnn":
+        if norm != "batchnorm":
+            raise ValueError(
+                f"model {name!r} has no normalisation layers for norm {norm!r}; allowed: batchnorm (unused)"
+            )
+        se = reduction if arch.se else None
+        return CNN(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=base, reduction=se)
     stem = "cifar" if arch.family == "cifar" or image_size <= 64 else "imagenet"
     return SEResNet(
         arch.blocks,
@@ -289,9 +336,25 @@ def build_model(cfg: Config, num_classes: int, in_channels: int, image_size: int
 
 def check_config(m: ModelConfig) -> None:
     """``model.name`` and ``model.norm`` are registered names."""
-    from .config import choice_error  # here: the models import with torch alone
+    from .config import ConfigError, choice_error  # here: the models import with torch alone
 
     if m.name not in MODELS:
         raise choice_error("model.name", m.name, MODELS)
     if m.norm not in NORMS:
         raise choice_error("model.norm", m.norm, NORMS)
+    if MODELS[m.name].family == "cnn" and m.norm != "batchnorm":
+        raise ConfigError(
+            f"config key 'model.norm': {m.norm!r} has no layer to act on in model {m.name!r}, which has no "
+            "normalisation layers; allowed: batchnorm (the default, unused there)"
+        )
+
+
+def check_shape(m: ModelConfig, image_size: int) -> None:
+    """The model can take images of ``image_size`` pixels (the cnn's two convolutions and pools need 16)."""
+    from .config import ConfigError
+
+    if MODELS[m.name].family == "cnn" and image_size < 16:
+        raise ConfigError(
+            f"config key 'model.name': {m.name!r} needs images of at least 16x16 pixels (two 5x5 convolutions and "
+            f"2x2 pools), the run's are {image_size}x{image_size}; allowed: an se_resnet, or larger images"
+        )

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import models, privacy
-from .config import Config
+from .config import Config, ConfigError
 from .data import partition, readers
+from .data.federated import model_shape
 from .federation import strategy
 from .policies import Policy
 from .policies import resolve as resolve_policy
@@ -36,6 +37,12 @@ def resolve(cfg: Config, policy: str | None = None) -> RunSpec:
     dataset = readers.check_config(cfg.data)
     partition.check_config(cfg.partition)
     models.check_config(cfg.model)
+    try:
+        models.check_shape(cfg.model, model_shape(cfg)[2])
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        # an image folder whose shape the config does not give yet: the clients' data gives it
     privacy.check_config(cfg)
     strategy.check_config(cfg)
     return RunSpec(cfg, dataset, resolve_policy(cfg, policy))

@@ -45,7 +45,7 @@ def test_se_sits_on_residual_branch_before_skip_addition():
     torch.testing.assert_close(block(x), torch.relu(x))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(n for n in MODELS if MODELS[n].family != "cnn"))  # the cnn's own tests below
 @pytest.mark.parametrize("in_channels,size", [(1, 8), (3, 32)])
 def test_output_shapes(name, in_channels, size):
     model = create_model(name, num_classes=7, in_channels=in_channels, image_size=size).eval()
@@ -84,3 +84,39 @@ def test_bad_arguments_name_the_value():
         create_model("se_resnet99", num_classes=10)
     with pytest.raises(ValueError, match="layernorm"):
         create_model("se_resnet8", num_classes=10, norm="layernorm")
+
+
+def test_the_reference_cnn_is_pfllibs_fedavgcnn_and_se_cnn_adds_one_se_block_a_stage():
+    # PFLlib's FedAvgCNN(in_features=1, num_classes=10, dim=1024): conv 1->32 (5x5) 832, conv 32->64
+    # 51,264, fc 1024->512 524,800, fc 512->10 5,130: 582,026; on CIFAR (dim 1600): 878,538.
+    from fedse.models import CNN, SEBlock
+
+    cnn = create_model("cnn", num_classes=10, in_channels=1, image_size=28)
+    assert isinstance(cnn, CNN) and sum(p.numel() for p in cnn.parameters()) == 582_026
+    assert sum(p.numel() for p in create_model("cnn", num_classes=10, in_channels=3).parameters()) == 878_538
+    se = create_model("se_cnn", num_classes=10, in_channels=1, image_size=28)
+    blocks = [m for m in se.modules() if isinstance(m, SEBlock)]
+    assert [b.channels for b in blocks] == [32, 64]
+    # SE(32): 2*32*4 + 4 + 32 = 292; SE(64): 2*64*4 + 4 + 64 = 580 (hidden width 4 at r = 16)
+    assert sum(p.numel() for p in se.parameters()) - 582_026 == 292 + 580
+    x = torch.randn(3, 1, 28, 28)
+    assert cnn(x).shape == (3, 10) and se(x).shape == (3, 10) and se.forward_features(x).shape == (3, 512)
+    assert not any(isinstance(m, SEBlock) for m in cnn.modules())
+
+
+def test_fedses_split_on_se_cnn_keeps_the_two_excitation_mlps_private():
+    from fedse.policies import create_policy
+
+    se = create_model("se_cnn", num_classes=10, in_channels=1, image_size=28)
+    private = create_policy("fedse").split(se).private
+    assert set(private) == {f"se{i}.fc{j}.{t}" for i in (1, 2) for j in (1, 2) for t in ("weight", "bias")}
+    assert create_policy("fedper").split(se).private == ("fc.weight", "fc.bias")
+    with pytest.raises(ValueError, match="policy 'fedbn' keeps \\['norm'\\] private, but CNN has no such modules"):
+        create_policy("fedbn").split(se)  # no normalisation layers: FedBN is undefined on it
+
+
+def test_the_cnn_refuses_images_too_small_and_a_norm_it_does_not_have():
+    with pytest.raises(ValueError, match="at least 16x16 pixels"):
+        create_model("cnn", num_classes=10, in_channels=1, image_size=8)
+    with pytest.raises(ValueError, match="no normalisation layers for norm 'groupnorm'"):
+        create_model("cnn", num_classes=10, in_channels=1, image_size=28, norm="groupnorm")

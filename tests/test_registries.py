@@ -72,7 +72,7 @@ def test_every_registered_name_resolves():
         *({"data": {"dataset": d, "root": "/nonexistent"}} for d in data.DATASETS),
         *({"partition": {"scheme": s}} for s in partition.PARTITIONERS if s != "dirichlet-client"),
         {"partition": {"feature_skew": list(feature_skew.STYLE_KINDS)}},
-        *({"model": {"name": m}} for m in models.MODELS),
+        *({"model": {"name": m}, "data": {"dataset": "mnist"}} for m in models.MODELS),
         *({"server": {"strategy": s, "byzantine": 0}} for s in strategy.STRATEGIES),
     ):
         spec.resolve(config.config_from_dict(raw))
