@@ -30,6 +30,7 @@ from .analysis.report import (
     COL_EPSILON,
     COL_FAILED,
     COL_LOCAL_ACC_MEAN,
+    COL_LOCAL_ACC_WEIGHTED,
     COL_POOLED_ACC_MEAN,
     COL_REFUSED,
     COL_SECONDS,
@@ -104,15 +105,16 @@ class _Progress:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         text = (
             f"round {server_round}/{self.rounds}  clients {row[COL_CLIENTS]}  loss {fmt(row[COL_TRAIN_LOSS])}  "
-            f"pers-acc {fmt(row[COL_LOCAL_ACC_MEAN])}  pooled {fmt(row[COL_POOLED_ACC_MEAN])}  "
-            f"{row[COL_SECONDS]:.1f}s"
+            f"personalized mean {fmt(row[COL_LOCAL_ACC_MEAN])} weighted {fmt(row[COL_LOCAL_ACC_WEIGHTED])}  "
+            + (f"pooled {fmt(row[COL_POOLED_ACC_MEAN])}  " if row[COL_POOLED_ACC_MEAN] is not None else "")
+            + f"{row[COL_SECONDS]:.1f}s"
             + (f"  eps {row[COL_EPSILON]:.3f}" if row[COL_EPSILON] is not None else "")
             + ("  no update (refused: see rounds.json)" if row[COL_REFUSED] else "")
             + (f"  dropped {row[COL_DROPPED]}" if row[COL_DROPPED] else "")
             + (f"  failed {row[COL_FAILED]}" if row[COL_FAILED] else "")
         )
         if self.bar is not None:
-            self.bar.console.print(text)
+            self.bar.console.print(text, soft_wrap=True)  # one line a round, in a log file too
             self.bar.advance(self.task)
         else:
             log.info(text)

@@ -42,3 +42,23 @@ def test_write_csv_escapes_every_cell_a_spreadsheet_would_run(tmp_path):
         ["'" + evil, "-0.5", "'@x"],
         ["b", "0.75", "3"],
     ]
+
+
+def test_the_round_line_names_both_personalized_accuracies_and_pooled_only_when_measured(capsys):
+    # Two clients, 10 and 30 test images, accuracies 0.5 and 0.9: mean 0.7, weighted (5 + 27) / 40 = 0.8.
+    from fedse.analysis.report import RunLog
+    from fedse.simulation import _Progress
+
+    log = RunLog()
+    log.train[1] = {0: {"num-examples": 5, "train-loss": 1.0, "train-acc": 0.5}}
+    log.evaluate[1] = {
+        0: {"num-examples": 10, "local-acc": 0.5, "local-loss": 1.0},
+        1: {"num-examples": 30, "local-acc": 0.9, "local-loss": 0.5},
+    }
+    log.round_seconds[1] = 2.0
+    with _Progress(rounds=2, quiet=False) as progress:
+        progress.bar.console.file = __import__("sys").stdout
+        progress(1, log)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("round 1/2"))
+    assert "personalized mean 0.7000 weighted 0.8000" in line
+    assert "pooled" not in line  # not measured this round: not shown as "-"

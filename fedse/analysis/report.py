@@ -214,6 +214,7 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str = ""
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (
         (COL_LOCAL_ACC_MEAN, "personalized (own test, mean over clients)"),
+        (COL_LOCAL_ACC_WEIGHTED, "personalized (own test, weighted by test samples)"),
         (COL_POOLED_ACC_MEAN, "pooled test (mean over clients)"),
         (COL_TRAIN_ACC, "train (sample-weighted)"),
     ):
