@@ -197,7 +197,8 @@ class PartitionConfig:
     # 'dirichlet' splits each class across clients (global form: redrawn until min_size holds, which
     # fails at hundreds of clients); 'dirichlet-client' draws each client's own label mix and size
     # (per-client form: min_size holds by construction, seconds at 10,000 clients).
-    # (a name of fedse.data.partition.PARTITIONERS)
+    # 'file' imports a split made elsewhere (PFLlib's folders, an index file: docs/data.md#bring-your-own-split).
+    # (a name of fedse.data.partition.PARTITIONERS, or 'file')
     scheme: str = "dirichlet"
     num_clients: int = field(default=10, metadata=_range(1, MAX_CLIENTS))
     # Dirichlet concentration for label ('dirichlet', 'dirichlet-client') or size ('quantity') skew;
@@ -222,6 +223,17 @@ class PartitionConfig:
     # (names of fedse.data.feature_skew.STYLE_KINDS)
     feature_skew: tuple[str, ...] = ()
     feature_skew_strength: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
+    # Under scheme 'file': the split to import, a PFLlib dataset folder (config.json, train/<k>.npz,
+    # test/<k>.npz: each client's own images) or an index file (.json or .npz: each client's train and
+    # test indices into data.dataset). Every client's train and test part is the file's, as it is
+    # (test_fraction does not apply). A relative path is taken from the working directory.
+    split: str | None = None
+    # Under scheme 'file': the SHA-256 of the split's content (fedse.data.split_import.split_digest,
+    # the same for the same split in any format). The split must have it, in every process that reads
+    # it. null: not checked; fedse simulate and fedse compare set it (and make split an absolute path)
+    # when a run starts, so the run's record names the split it ran on: a resume, or a merge of
+    # comparisons, on another split is refused.
+    split_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -339,6 +351,10 @@ class EvaluateConfig:
     # Clients report a CRC32 of their private state before and after each round (reveals
     # no weights; lets a run verify that private state persists across rounds).
     private_digest: bool = False
+    # Whose evaluation protocol: 'fedse' evaluates what each method keeps as it stands (FedALA: the
+    # received head mixed with the W learnt before the client's last training); 'pfllib' evaluates as
+    # PFLlib and the FedALA paper do (FedALA: W learnt on the model just received, then that mix).
+    protocol: Literal["fedse", "pfllib"] = "fedse"
 
 
 @dataclass(frozen=True)

@@ -124,3 +124,31 @@ def test_fedrod_predicts_without_the_prior_offset_wherever_a_model_is_evaluated(
     assert la.prediction_offset(ClientRun(cfg, la, shard, ds.mean, ds.std, seed=0), model) is not None
     got = run.adapt_and_evaluate(copy.deepcopy(model), rod.split(model))
     assert got["global_acc"] == run.evaluate(model, None).accuracy
+
+
+def test_fedala_under_pfllibs_protocol_learns_w_on_the_received_model_before_evaluating():
+    from fedse.policies.fedala import LOCAL, MIXING, mix_head
+
+    results = {}
+    for protocol in ("fedse", "pfllib"):
+        cfg = tiny_config(personalization={"policy": "fedala"}, evaluate={"protocol": protocol})
+        fed = build_federated_data(cfg)
+        shard, ds = fed.shard(1), fed.dataset
+        model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+        policy = resolve(cfg)
+        extra = policy.extra_state(model)
+        g = torch.Generator().manual_seed(0)
+        extra = {k: v + 0.3 * torch.randn(v.shape, generator=g) if k.startswith(LOCAL) else v for k, v in extra.items()}
+        kept = {k: v.clone() for k, v in extra.items()}
+        run = ClientRun(cfg, policy, shard, ds.mean, ds.std, seed=3)
+        evaluated = policy.evaluated_model(run, model, extra).state_dict()
+        assert all(torch.equal(extra[k], kept[k]) for k in kept)  # the W learnt to evaluate is not kept
+        expected = copy.deepcopy(model)
+        if protocol == "pfllib":
+            learnt = policy.adaptive_mixing(run, expected, dict(kept))
+            assert any(not bool((v == 1).all()) for k, v in learnt.items() if k.startswith(MIXING))
+        else:
+            mix_head(expected, kept)  # the stored W (all ones here: the received head itself)
+        assert all(torch.equal(evaluated[k].cpu(), v.cpu()) for k, v in expected.state_dict().items())
+        results[protocol] = evaluated
+    assert any(not torch.equal(results["fedse"][k], results["pfllib"][k]) for k in results["fedse"])

@@ -67,8 +67,15 @@ class FedALA(Policy):
         return extra | {f"{LOCAL}{k}": v.detach().clone() for k, v in model.state_dict().items()}
 
     def evaluated_model(self, run: ClientRun, model: nn.Module, extra: dict[str, torch.Tensor]) -> nn.Module:
+        """The received head mixed with the client's own: with the W it learnt before its last training
+        (``evaluate.protocol: fedse``), or with W learnt first on the model just received, as PFLlib and
+        the paper evaluate (``pfllib``; one pass, as every round here: the paper's first round learns W
+        until its loss settles). The W learnt to evaluate is not kept."""
         mine = deepcopy(model)
-        mix_head(mine, extra)
+        if run.cfg.evaluate.protocol == "pfllib":
+            self.adaptive_mixing(run, mine, extra)
+        else:
+            mix_head(mine, extra)
         return mine
 
     def adaptive_mixing(
