@@ -44,3 +44,17 @@ def test_gpu_benchmark_measures_device_memory_on_cuda(tmp_path):
     result = _gpu_benchmark(tmp_path, "--concurrency", "1", "2", "--samples", "64", "--clients-per-slot", "1")
     assert result["gpu"] and all(r["device_memory_per_client_mb"] > 0 for r in result["runs"])
     assert result["summary"]["client_gpu_fraction_that_avoids_it"] == 0.5
+
+
+def test_time_to_accuracy_finds_the_first_round_at_the_target_and_the_seconds_until_its_end():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tta
+
+    rows = [
+        {"round": 1, "seconds": 2.0, "local_acc_weighted": 0.5, "local_acc_mean": 0.4},
+        {"round": 2, "seconds": 3.0, "local_acc_weighted": 0.95, "local_acc_mean": 0.9},
+        {"round": 3, "seconds": 4.0, "local_acc_weighted": 0.97, "local_acc_mean": 0.96},
+    ]
+    assert tta._first(rows, "local_acc_weighted", 0.95) == (2, 5.0)  # reached at round 2, after 2 + 3 s
+    assert tta._first(rows, "local_acc_mean", 0.95) == (3, 9.0)
+    assert tta._first(rows, "local_acc_mean", 0.99) == (None, None)
