@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord
 
 from .analysis.report import RunLog
 from .config import Config, ConfigError, config_from_record, config_to_dict, config_to_record
+from .data.split_import import comparable_partition
 from .io import atomic_save
 from .privacy import ClientDP
 from .records import from_arrays
@@ -172,6 +173,8 @@ def _check_config_and_rounds(payload: dict[str, Any], cfg: Config, run_dir: Path
     saved, now = (
         {k: v for k, v in config_to_dict(c).items() if k not in ("server", "output")} for c in (recorded, cfg)
     )
+    if saved["partition"].get("split_sha256") == now["partition"].get("split_sha256"):  # the same split, wherever
+        saved["partition"], now["partition"] = (comparable_partition(c["partition"]) for c in (saved, now))
     if saved != now:
         diff = config_diff(saved, now)
         raise CheckpointError(

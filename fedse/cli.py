@@ -371,17 +371,21 @@ def _simulate_or_compare(args: argparse.Namespace, argv: list[str] | None) -> in
 def _run_config(args: argparse.Namespace, resume: Path | None):  # noqa: ANN202 (Config, imported lazily)
     """The run's configuration: ``--config`` plus ``--set``; with ``--resume``, the run folder's
     record plus ``--set``. ``--config`` with ``--resume`` is taken as overrides of the record: what
-    it changes is printed, and the resume's checks apply to it as to ``--set``."""
+    it changes is printed, and the resume's checks apply to it as to ``--set``. An imported split
+    (``partition.scheme: file``) is pinned (:func:`fedse.data.split_import.pin_split`): by a new run,
+    and by a resumed one whose record pinned it, so the checkpoint's configuration refuses another."""
     from .checkpoint import config_diff
     from .config import config_to_dict
     from .spec import resolve
 
+    pin = resume is None  # a new run pins an imported split; a resumed one, where its record did
     if resume is None:
         cfg = load_config(args.config, args.overrides)
     elif not (resume / RECORD).is_file():
         raise ConfigError(f"--resume {resume}: no {RECORD} there; allowed: a folder fedse simulate made")
     else:
         cfg = load_config(resume / RECORD, args.overrides, record=True)
+        pin = cfg.partition.split_sha256 is not None
         if args.config is not None:
             given = load_config(args.config, args.overrides)
             changes = config_diff(config_to_dict(cfg), config_to_dict(given))
@@ -389,6 +393,10 @@ def _run_config(args: argparse.Namespace, resume: Path | None):  # noqa: ANN202 
                 print(f"fedse: --config {args.config} changes {resume}'s record: {'; '.join(changes)}", file=sys.stderr)
             cfg = given
     resolve(cfg)  # every registry's rules, before anything starts
+    if pin:
+        from .data.split_import import pin_split
+
+        cfg = pin_split(cfg)  # an imported split's digest and absolute path go into the run's record
     return cfg
 
 

@@ -2,7 +2,7 @@
 
 A run folder is ``output.dir/<output.name or <config>-<timestamp>>``; it holds
 the run's configuration, its reports (:mod:`fedse.analysis.report`), its checkpoint
-(:mod:`fedse.checkpoint`) and the partition it ran on.
+(:mod:`fedse.checkpoint`) and the partition it ran on (an imported split's digest: ``split.json``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .checkpoint import CHECKPOINT, checkpoint_status
 from .config import RECORD, Config, ConfigError
 from .data.federated import FederatedData
 from .data.partition import plot_label_counts
+from .data.split_import import record_split
 from .io import atomic_write_json
 
 __all__ = ["claim_run_dir", "discard_unstarted", "make_run_dir", "write_partition"]
@@ -153,6 +154,9 @@ def discard_unstarted(run_dir: Path, existed: bool) -> None:
 
 
 def write_partition(fed: FederatedData, run_dir: Path) -> None:
+    """The partition's label counts and their plot; for an imported split, ``split.json`` (its path,
+    format, SHA-256 and part sizes), checked first against the one a resumed run's folder holds."""
+    record_split(run_dir, fed.split, fed.train_parts, fed.test_parts)
     counts = fed.label_counts()
     atomic_write_json(
         run_dir / "label_counts.json",

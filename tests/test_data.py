@@ -473,3 +473,29 @@ def test_the_data_package_gives_exactly_the_readers_names():
 
     assert set(fedse.data.__all__) == set(readers.__all__)
     assert all(getattr(fedse.data, n) is getattr(readers, n) for n in readers.__all__)
+
+
+class _PastTheList:
+    """numpy's own pickle of an object array whose state promises 100,000 items and holds one: handed to
+    ``ndarray.__setstate__``, numpy reads past the list and the process crashes."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return _reconstruct, (np.ndarray, (0,), b"b"), (1, (100_000,), np.dtype("O"), False, [1])
+
+
+def test_a_cifar_batch_of_numpy_globals_with_a_lying_state_is_refused_not_crashed(tmp_path):
+    # Run in a child process: before the safe reader, this killed the interpreter (SIGSEGV).
+    import subprocess
+    import sys
+
+    _cifar_batches(tmp_path, data_batch_1=pickle.dumps({b"data": _PastTheList(), b"labels": [1]}, protocol=4))
+    code = (
+        "from fedse.data.readers import DatasetError, load_dataset\n"
+        f"try:\n    load_dataset('cifar10', root={str(tmp_path)!r})\n"
+        "except DatasetError as err:\n    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "data_batch_1: the pickle holds an object array of 100000 items rebuilt from list data" in done.stdout

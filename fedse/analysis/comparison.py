@@ -26,6 +26,7 @@ import numpy as np
 from ..config import Config, ConfigError, config_from_record, config_to_dict, config_to_record, short_repr
 from ..data.federated import build_federated_data, model_shape
 from ..data.partition import plot_label_counts
+from ..data.split_import import comparable_partition
 from ..io import atomic_save, atomic_write_json, atomic_write_text, check_output_dir
 from ..models import base_width, build_model
 from ..policies import resolve, settings
@@ -373,13 +374,15 @@ def _unread(cfg: Config, methods: Sequence[str]) -> set[str]:
 
 def comparable(raw: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
     """A recorded configuration (:func:`~fedse.config.config_to_record`) without what may differ between
-    runs that measured the same thing: seed, output, the policy, and the settings none of ``methods``
-    reads. Read as the record it is, so a key an older record lacks has the value it had then; the
-    model's width as built, so ``width: null`` and the family's default width are the same model."""
+    runs that measured the same thing: seed, output, the policy, the settings none of ``methods``
+    reads, and the path of an imported split whose digest is pinned. Read as the record it is, so a
+    key an older record lacks has the value it had then; the model's width as built, so
+    ``width: null`` and the family's default width are the same model."""
     cfg = config_from_record(raw)
     unread = _unread(cfg, methods)
     raw = config_to_dict(cfg)
     raw["model"]["width"] = base_width(cfg.model.name, cfg.model.width)
+    raw["partition"] = comparable_partition(raw["partition"])  # a pinned split is its digest, wherever it lies
     raw.pop("seed", None)
     raw.pop("output", None)
     for key in ("policy", *unread):

@@ -1,7 +1,9 @@
 """A dataset split across virtual clients: the one place config turns into shards.
 
 ``config -> load dataset -> partition (seeded) -> each client's own train/test
-split (same label distribution) -> each client's fixed feature style``. Every
+split (same label distribution) -> each client's fixed feature style``; a split
+imported from files (``partition.scheme: file``, :mod:`.split_import`) gives the
+dataset and every client's train and test part as they are. Every
 process (the simulation driver, each Ray actor, a test) that builds it from
 the same configuration gets the same shards, so nothing but the configuration
 travels between them. Results are cached per process.
@@ -19,6 +21,7 @@ from ..config import Config
 from .feature_skew import ClientStyle, apply_style, make_client_styles
 from .partition import label_counts, partition_from_config, split_train_test
 from .readers import Dataset, dataset_spec, load_dataset, load_own
+from .split_import import SPLIT_SCHEME, SplitInfo, import_split
 
 __all__ = ["ClientShard", "FederatedData", "build_federated_data", "model_shape", "own_data"]
 
@@ -38,6 +41,7 @@ class FederatedData:
     train_parts: tuple[np.ndarray, ...]
     test_parts: tuple[np.ndarray, ...]
     styles: tuple[ClientStyle, ...] | None
+    split: SplitInfo | None = None  # the imported split it was built from (partition.scheme: file)
 
     @property
     def num_clients(self) -> int:
@@ -114,16 +118,21 @@ def model_shape(cfg: Config, dataset: Dataset | None = None) -> tuple[int, int, 
 @functools.lru_cache(maxsize=4)
 def _build(key: tuple) -> FederatedData:
     seed, name, root, download, classes, p = key
-    dataset = load_dataset(name, root=root, download=download, classes=classes)
-    labels = dataset.labels.numpy()
-    parts = partition_from_config(labels, p, seed=seed)
-    train, test = split_train_test(parts, labels, test_fraction=p.test_fraction, seed=seed)
+    split = None
+    if p.scheme == SPLIT_SCHEME:
+        imported = import_split(p, name, root=root, download=download, classes=classes)
+        dataset, train, test, split = imported.dataset, imported.train, imported.test, imported.info
+    else:
+        dataset = load_dataset(name, root=root, download=download, classes=classes)
+        labels = dataset.labels.numpy()
+        parts = partition_from_config(labels, p, seed=seed)
+        train, test = split_train_test(parts, labels, test_fraction=p.test_fraction, seed=seed)
     styles = None
     if p.feature_skew:
         styles = tuple(
             make_client_styles(p.num_clients, kinds=p.feature_skew, strength=p.feature_skew_strength, seed=seed)
         )
-    return FederatedData(dataset, tuple(train), tuple(test), styles)
+    return FederatedData(dataset, tuple(train), tuple(test), styles, split)
 
 
 def build_federated_data(cfg: Config) -> FederatedData:

@@ -16,7 +16,8 @@
   (NIID-Bench, Li et al. 2022).
 
 Feature skew, which transforms images rather than splitting indices, is
-:mod:`fedse.data.feature_skew`.
+:mod:`fedse.data.feature_skew`. A split made elsewhere and read from files (``partition.scheme: file``)
+is :mod:`fedse.data.split_import`.
 
 Each returns one sorted int64 index array per client; the arrays are disjoint
 and cover every sample (except ``dirichlet-client`` with ``samples_per_client``,
@@ -38,6 +39,7 @@ from ..io import atomic_save
 
 __all__ = [
     "partition_from_config",
+    "FILE_SCHEME",
     "PARTITIONERS",
     "PartitionError",
     "create_partition",
@@ -326,13 +328,19 @@ PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
 }
 
 
+FILE_SCHEME = "file"  # a split read from files (fedse.data.split_import), not drawn by a partitioner
+_SHA256 = frozenset("0123456789abcdef")
+
+
 def check_config(p: PartitionConfig) -> None:
-    """``partition.scheme`` and ``partition.feature_skew`` are registered names, and the keys only
-    ``dirichlet-client`` reads keep their defaults under another scheme."""
+    """``partition.scheme`` and ``partition.feature_skew`` are registered names, the keys only
+    ``dirichlet-client`` reads keep their defaults under another scheme, and those of an imported
+    split (``split``, ``split_sha256``) are set under ``file`` alone, where ``test_fraction`` does not apply."""
     from .feature_skew import STYLE_KINDS
 
-    if p.scheme not in PARTITIONERS:
-        raise choice_error("partition.scheme", p.scheme, PARTITIONERS)
+    if p.scheme not in PARTITIONERS and p.scheme != FILE_SCHEME:
+        raise choice_error("partition.scheme", p.scheme, [*PARTITIONERS, FILE_SCHEME])
+    _check_file_keys(p)
     for i, kind in enumerate(p.feature_skew):
         if kind not in STYLE_KINDS:
             raise choice_error(f"partition.feature_skew[{i}]", kind, STYLE_KINDS)
@@ -342,6 +350,34 @@ def check_config(p: PartitionConfig) -> None:
                 f"config key 'partition.{key}': {short_repr(getattr(p, key))} is only used by partition.scheme="
                 f"dirichlet-client (got scheme {p.scheme!r}); allowed: {default} with this scheme"
             )
+
+
+def _check_file_keys(p: PartitionConfig) -> None:
+    if p.scheme == FILE_SCHEME:
+        if not p.split:
+            raise ConfigError(
+                f"config key 'partition.split': {short_repr(p.split)}, but partition.scheme={FILE_SCHEME} reads "
+                "the split from it; allowed: the path of a PFLlib dataset folder or of a .json or .npz index file "
+                "(docs/data.md#bring-your-own-split)"
+            )
+        if p.test_fraction != 0.25:
+            raise ConfigError(
+                f"config key 'partition.test_fraction': {short_repr(p.test_fraction)}, but under partition.scheme="
+                f"{FILE_SCHEME} every client's train and test part is the split file's; allowed: 0.25 (the default)"
+            )
+    else:
+        for key in ("split", "split_sha256"):
+            if getattr(p, key) is not None:
+                raise ConfigError(
+                    f"config key 'partition.{key}': {short_repr(getattr(p, key))} is only used by partition.scheme="
+                    f"{FILE_SCHEME} (got scheme {p.scheme!r}); allowed: null with this scheme"
+                )
+    digest = p.split_sha256
+    if digest is not None and (len(digest) != 64 or not set(digest) <= _SHA256):
+        raise ConfigError(
+            f"config key 'partition.split_sha256': {short_repr(digest)}; allowed: 64 lowercase hexadecimal digits "
+            "(a SHA-256, as a run records it) or null"
+        )
 
 
 def create_partition(name: str, labels: np.ndarray, num_clients: int, *, seed: int, **params) -> list[np.ndarray]:

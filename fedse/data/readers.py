@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import io
 import os
-import pickle
 import tarfile
 import urllib.request
 import warnings
@@ -36,6 +35,7 @@ import torch
 
 from ..config import ConfigError, DataConfig, ModelConfig, choice_error, field_range
 from ..io import atomic_save, atomic_write_bytes
+from . import safe_pickle
 
 __all__ = [
     "DATASETS",
@@ -438,65 +438,27 @@ def _load_cifar_tarballs(train_tar: Path, test_tar: Path) -> Dataset:
     return _make("cifar10", images, labels, train_classes, len(train_x))
 
 
-try:  # the modules numpy pickles name for its array reconstructors (numpy >= 2, then 1.x)
-    from numpy._core import multiarray as _np_multiarray
-    from numpy._core import numeric as _np_numeric
-except ImportError:  # pragma: no cover (numpy < 2)
-    from numpy.core import multiarray as _np_multiarray
-    from numpy.core import numeric as _np_numeric
-
-# Every global a CIFAR-10 python batch may name, mapped to the object itself (nothing is imported by name).
-# The official batches hold a dict of bytes keys, a uint8 ndarray (pickled as _reconstruct + ndarray + dtype),
-# lists of ints and byte strings; a batch re-saved with pickle protocol 5 uses _frombuffer instead of
-# _reconstruct. Both numpy 1.x (numpy.core) and numpy 2 (numpy._core) spellings occur in files in the wild.
-_CIFAR_PICKLE_GLOBALS: dict[tuple[str, str], object] = {
-    **{
-        (module, "_reconstruct"): _np_multiarray._reconstruct
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    },
-    **{(module, "_frombuffer"): _np_numeric._frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only numpy's array-reconstruction globals.
-
-    ``pickle.load`` on a file found under data.root, $FEDSE_DATA or ../shared/data would run whatever callable
-    the file names (``os.system``, ``Path.write_text``...). Refusing every other global in ``find_class``
-    makes a crafted batch fail before anything runs; dicts, lists, ints and bytes need no global at all.
-    """
-
-    def __init__(self, handle: io.BufferedIOBase, path: Path) -> None:
-        super().__init__(handle, encoding="bytes")
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> object:
-        try:
-            return _CIFAR_PICKLE_GLOBALS[(module, name)]
-        except KeyError:
-            allowed = sorted(f"{m}.{n}" for m, n in _CIFAR_PICKLE_GLOBALS)
-            raise DatasetError(
-                f"{self.path}: refusing to load the global {module}.{name}; a CIFAR-10 batch may "
-                f"only name {allowed}. Not an official CIFAR-10 python batch (or a crafted one): "
-                "fetch cifar-10-python.tar.gz again."
-            ) from None
-
-
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch as (N, 3, 32, 32) uint8 images and (N,) labels, every field checked.
 
     The file is untrusted (anyone who can write to a data directory can plant one), so it is read with
-    :class:`_CifarUnpickler` and every shape, type and label is checked before use; anything else is a
-    :class:`DatasetError` naming the file and what a batch must hold.
+    :func:`fedse.data.safe_pickle.load` (numpy's array globals only, each state checked before an array
+    is built; nothing else runs) and every shape, type and label is checked before use; anything else
+    is a :class:`DatasetError` naming the file and what a batch must hold.
     """
     expected = 'a dict with b"data" (uint8 array N x 3072) and b"labels" (N ints in 0..9)'
     try:
         with path.open("rb") as handle:
-            entry = _CifarUnpickler(handle, path).load()
-    except DatasetError:
-        raise
+            entry = safe_pickle.load(handle, encoding="bytes")  # the official batches: Python 2, bytes keys
+    except safe_pickle.GlobalRefused as err:
+        raise DatasetError(
+            f"{path}: refusing to load {err}; a CIFAR-10 batch may only name {safe_pickle.ALLOWED}. Not an "
+            "official CIFAR-10 python batch (or a crafted one): fetch cifar-10-python.tar.gz again."
+        ) from None
+    except safe_pickle.PickleRefused as err:
+        raise DatasetError(
+            f"{path}: the pickle holds {err}; expected a pickle of {expected}. Fetch cifar-10-python.tar.gz again."
+        ) from None
     except Exception as err:  # noqa: BLE001 (truncated/garbled pickles fail in many ways; all mean the same)
         raise DatasetError(
             f"{path}: truncated or corrupt CIFAR-10 batch ({type(err).__name__}: {err}); "
