@@ -45,7 +45,9 @@ def _simulate_arguments(sim: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help=f"continue RUN_DIR's run from its last checkpoint (its {RECORD}, plus --set)",
     )
-    sim.add_argument("--quiet", action="store_true", help="no progress display or tables")
+    sim.add_argument(
+        "--quiet", action="store_true", help="no progress display or tables: prints only the run folder's path"
+    )
     sim.add_argument("--verbose", action="store_true", help="Flower's own INFO/DEBUG logs")
 
 
@@ -61,6 +63,12 @@ def _compare_arguments(cmp: argparse.ArgumentParser) -> None:
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     cmp.add_argument("--holdout", type=int, default=0, help="keep the last K clients out of training (cold start)")
     cmp.add_argument("--out", type=Path, default=None, help="comparison folder (default: <output.dir>/compare-...)")
+    cmp.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress display or table: prints only the comparison folder's path (with --budget and no "
+        "--out, the table)",
+    )
     cmp.add_argument(
         "--merge",
         type=Path,
@@ -274,10 +282,15 @@ def _predict(args: argparse.Namespace, argv: list[str] | None) -> int:
                 raise ConfigError(f"--images: subfolders {unknown} are not among the model's classes {classes}")
             labels = torch.tensor([classes.index(p.parent.name) for p in files])
     accuracy = predict_csv(loaded, images, names, args.out, labels)
-    print(f"{len(names)} images scored with client {loaded.header['client']}'s model -> {args.out}")
+    print(f"{len(names)} images scored with {_whose(loaded.header.get('client'))} -> {args.out}")
     if accuracy is not None:
         print(f"accuracy {accuracy:.4f}")
     return 0
+
+
+def _whose(client: int | None) -> str:
+    """Whose model it is: a client of the run, or a new client's (``fedse adapt``: no client number)."""
+    return "a new client's model (fedse adapt)" if client is None else f"client {client}'s model"
 
 
 def _adapt(args: argparse.Namespace, argv: list[str] | None):  # noqa: ANN202 (PersonalizedModel, imported lazily)
@@ -427,7 +440,9 @@ def _run(args: argparse.Namespace, cfg, name: str, resume: Path | None, argv: li
     if args.command == "simulate":
         from simulations.simulate import run
 
-        run(cfg, config_name=name, resume=resume, quiet=args.quiet, verbose=args.verbose)
+        result = run(cfg, config_name=name, resume=resume, quiet=args.quiet, verbose=args.verbose)
+        if args.quiet:  # the one line a script needs: the run folder (resume's, when it had nothing to add)
+            print(result.run_dir if result is not None else resume, flush=True)
         return 0
     return _compare(args, cfg, name, argv)
 
@@ -449,10 +464,11 @@ def _compare(args: argparse.Namespace, cfg, name: str, argv: list[str] | None) -
         rows = budget_table(args.budget, args.target, _methods(args.methods))
         if not rows:
             raise ConfigError(f"--methods {args.methods}: in none of the folders {args.budget}")
-        print(budget_report(rows, command))
+        if args.out is None or not args.quiet:
+            print(budget_report(rows, command))
         if args.out is not None:
             write_budget(rows, command, args.out)
-            print(f"budget table: {args.out / 'budget.md'}")
+            print(args.out / "budget.md" if args.quiet else f"budget table: {args.out / 'budget.md'}")
         return 0
     if args.merge:
         if args.out is None:
@@ -464,10 +480,13 @@ def _compare(args: argparse.Namespace, cfg, name: str, argv: list[str] | None) -
         seeds = _int_list(args.seeds, "seeds")
         out = args.out or Path(cfg.output.dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
-            compare(cfg, methods, seeds, out, holdout=args.holdout, command=command)
+            compare(cfg, methods, seeds, out, holdout=args.holdout, command=command, quiet=args.quiet)
         except RunStopped as stop:
             stop.out = out  # the folder to continue in, named in the resume command
             raise
+    if args.quiet:
+        print(out, flush=True)
+        return 0
     print((out / "table.md").read_text())
     print(f"comparison folder: {out}")
     return 0

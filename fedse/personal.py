@@ -55,6 +55,7 @@ __all__ = [
     "PersonalizedModel",
     "adapt_new_client",
     "client_model_path",
+    "client_models",
     "export_model",
     "fit_gates",
     "load_personalized",
@@ -151,6 +152,22 @@ class PersonalizedModel:
             )
 
 
+def client_models(run_dir: str | Path) -> list[int]:
+    """The clients whose model file a run folder holds (``clients/client_NNNNN.fedse``), in order."""
+    found = (re.fullmatch(r"client_(\d+)\.fedse", p.name) for p in (Path(run_dir) / CLIENTS_DIR).glob("*.fedse"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def _clients_held(run_dir: Path) -> str:
+    """Which client numbers a run folder's models have, for a message."""
+    held = client_models(run_dir)
+    if not held:
+        return f"but this one holds none: {CLIENTS_DIR}/ is empty or missing, as after output.client_models=false"
+    if held == list(range(held[0], held[-1] + 1)):
+        return f"N in {held[0]}..{held[-1]}"
+    return f"N one of {short_repr(held)}"
+
+
 def _resolve(path: Path, client: int | None) -> Path:
     if path.is_file():
         return path
@@ -160,7 +177,14 @@ def _resolve(path: Path, client: int | None) -> Path:
         found = client_model_path(path, client)
         if found.is_file():
             return found
-        raise FileNotFoundError(f"no personalized model for client {client} in {path} (looked for {found})")
+        raise FileNotFoundError(
+            f"no personalized model for client {client} in {path} (looked for {found}); {_clients_held(path)}"
+        )
+    if (path / RECORD).is_file():
+        raise FileNotFoundError(
+            f"{path} is a simulation run folder, which holds one model per client: pass --client N "
+            f"({_clients_held(path)}; in Python, load_personalized(path, client=N))"
+        )
     raise FileNotFoundError(
         f"{path} holds no personalized model: pass a .fedse file, a deployed client's state dir "
         f"(with {MODEL_FILE}) or a run folder with client=N"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,6 +55,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import Config, ConfigError
+
+# Importing Opacus calls logging.basicConfig (opacus/utils/module_utils.py): where nothing had set up
+# logging, the root logger gets a stderr handler of Opacus's format, and every line Flower's own
+# handler prints (its logger propagates) is printed a second time. Only that handler is removed, by
+# its format; a root handler the host program set up before is left alone (basicConfig then added none).
+_OPACUS_FORMAT = ("%(asctime)s:%(levelname)s:%(message)s", "%m/%d/%Y %H:%M:%S")
+for _handler in list(logging.getLogger().handlers):
+    if _handler.formatter is not None and (_handler.formatter._fmt, _handler.formatter.datefmt) == _OPACUS_FORMAT:
+        logging.getLogger().removeHandler(_handler)
 
 __all__ = [
     "ClientDP",

@@ -42,15 +42,24 @@ from .analysis.report import (
 from .config import RECORD, Config
 from .data.federated import FederatedData, build_federated_data
 from .federation.client import make_client_app
-from .federation.server import ServerOutcome, final_tables, run_server
+from .federation.server import ServerOutcome, final_tables, format_privacy, run_server, setup_logging
 from .interrupt import as_stop, clear_stop, stop_requested
 from .rundir import claim_run_dir, discard_unstarted, write_partition
 from .spec import resolve
 from .state import PRIVATE_DIR
 
-__all__ = ["SimulationResult", "backend_config", "simulate"]
+__all__ = ["SharedProgress", "SimulationResult", "backend_config", "epsilon_label", "progress_bar", "simulate"]
 
 log = logging.getLogger("fedse")
+
+
+@dataclass(frozen=True)
+class SharedProgress:
+    """A progress display another command started and shows (``fedse compare``'s
+    :func:`progress_bar`), and the label of this run's lines and bar in it."""
+
+    bar: Any
+    label: str
 
 
 @dataclass(frozen=True)
@@ -80,44 +89,66 @@ def backend_config(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": sim.client_cpus, "num_gpus": gpus}, "init_args": init_args}
 
 
+def progress_bar(console: Any = None) -> Any:  # noqa: ANN401 (rich's Console and Progress, imported lazily)
+    """The progress display of ``fedse simulate`` and ``fedse compare``: one bar a task (its
+    description, the bar, done/total, time elapsed), with the round lines printed above it
+    (``console``: where, default the terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console)
+
+
+def epsilon_label(mode: str) -> str:
+    """What a round line's epsilon is: the server's client-level accountant, or the largest of the
+    cumulative epsilons this round's clients reported (sample level)."""
+    return "eps(client-level)" if mode == "client" else "eps(sample-level, max over clients)"
+
+
 class _Progress:
-    """One line per round, with a rich progress bar where a terminal is attached."""
+    """One line per round, with a rich progress bar where a terminal is attached; nothing when quiet.
+    ``shared``: a display someone else shows (``fedse compare``'s), where this run adds its bar of
+    rounds, its lines start with the shared label, and its bar is removed when the run ends."""
 
-    def __init__(self, rounds: int, quiet: bool) -> None:
-        self.rounds, self.quiet, self.bar = rounds, quiet, None
-        if not quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            self.task = self.bar.add_task("rounds", total=rounds)
+    def __init__(
+        self, rounds: int, quiet: bool, *, privacy: str = "none", shared: SharedProgress | None = None
+    ) -> None:
+        self.rounds, self.privacy = rounds, privacy
+        self.label = shared.label if shared is not None else ""
+        self.owned = shared is None and not quiet
+        self.bar = progress_bar() if self.owned else shared.bar if shared is not None else None
+        if self.bar is not None:
+            self.task = self.bar.add_task(self.label or "rounds", total=rounds)
 
     def __enter__(self) -> _Progress:
-        if self.bar is not None:
+        if self.owned:
             self.bar.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
+        if self.owned:
             self.bar.stop()
+        elif self.bar is not None:
+            self.bar.remove_task(self.task)
 
     def __call__(self, server_round: int, run_log: RunLog) -> None:
+        if self.bar is None:
+            return
         row = round_rows(run_log)[-1]
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         text = (
-            f"round {server_round}/{self.rounds}  clients {row[COL_CLIENTS]}  loss {fmt(row[COL_TRAIN_LOSS])}  "
+            (f"{self.label}  " if self.label else "")
+            + f"round {server_round}/{self.rounds}  clients {row[COL_CLIENTS]}  loss {fmt(row[COL_TRAIN_LOSS])}  "
             f"personalized mean {fmt(row[COL_LOCAL_ACC_MEAN])} weighted {fmt(row[COL_LOCAL_ACC_WEIGHTED])}  "
             + (f"pooled {fmt(row[COL_POOLED_ACC_MEAN])}  " if row[COL_POOLED_ACC_MEAN] is not None else "")
             + f"{row[COL_SECONDS]:.1f}s"
-            + (f"  eps {row[COL_EPSILON]:.3f}" if row[COL_EPSILON] is not None else "")
+            + (f"  {epsilon_label(self.privacy)} {row[COL_EPSILON]:.3f}" if row[COL_EPSILON] is not None else "")
             + ("  no update (refused: see rounds.json)" if row[COL_REFUSED] else "")
             + (f"  dropped {row[COL_DROPPED]}" if row[COL_DROPPED] else "")
             + (f"  failed {row[COL_FAILED]}" if row[COL_FAILED] else "")
         )
-        if self.bar is not None:
-            self.bar.console.print(text, soft_wrap=True)  # one line a round, in a log file too
-            self.bar.advance(self.task)
-        else:
-            log.info(text)
+        self.bar.console.print(text, soft_wrap=True)  # one line a round, in a log file too
+        self.bar.advance(self.task)
 
 
 def simulate(
@@ -131,6 +162,7 @@ def simulate(
     resume: bool = False,
     num_supernodes: int | None = None,
     client_app_factory: Callable[..., ClientApp] = make_client_app,
+    progress: SharedProgress | None = None,
 ) -> SimulationResult:
     """Run the whole simulation described by ``cfg``; write the run folder.
 
@@ -138,6 +170,9 @@ def simulate(
     so the others can be held out as new clients. ``resume``: continue the run in ``run_dir``
     from its last checkpoint. ``num_supernodes``: virtual nodes to start (default ``clients``;
     another number is refused by the server before round 1, as under ``flwr run``).
+    ``progress``: a display already shown (``fedse compare``'s) to show this run's rounds in, each
+    line starting with its label, even when ``quiet``. ``quiet``: nothing is printed (the
+    caller prints what it needs of the result, e.g. its ``run_dir``).
     A run that fails before its first round leaves no run folder behind."""
     started = time.perf_counter()
     clear_stop()  # a stop asked of an earlier run in this process is not this run's
@@ -159,6 +194,7 @@ def simulate(
             resume=resume,
             num_supernodes=num_supernodes,
             client_app_factory=client_app_factory,
+            progress=progress,
         )
     except BaseException as err:
         if (stop := as_stop(err)) is not None:  # a pause: the folder stays, resumable (fedse.interrupt)
@@ -169,8 +205,8 @@ def simulate(
         raise
     if not quiet:
         print(final_tables(outcome.log))
-        if outcome.summary.get("privacy", {}).get("mode", "none") != "none":
-            print(f"\nprivacy: {outcome.summary['privacy']}")
+        if privacy := format_privacy(outcome.summary.get("privacy", {})):
+            print(f"\n{privacy}")
         print(f"\nrun folder: {run_dir}")
     return SimulationResult(run_dir, outcome, time.perf_counter() - started)
 
@@ -186,12 +222,15 @@ def _run(
     resume: bool,
     num_supernodes: int | None,
     client_app_factory: Callable[..., ClientApp],
+    progress: SharedProgress | None,
 ) -> ServerOutcome:
     write_partition(fed, run_dir)
     holder: dict[str, Any] = {}
     server_app = ServerApp()
+    setup_logging()  # one line per event: Flower's lines (--verbose) through its own handler only
 
-    with _Progress(cfg.server.rounds, quiet) as progress:
+    shown = _Progress(cfg.server.rounds, quiet, privacy=cfg.privacy.mode, shared=progress)
+    with shown as rounds:
 
         @server_app.main()
         def _main(grid: Grid, context: Context) -> None:
@@ -201,10 +240,11 @@ def _run(
                     cfg,
                     fed,
                     run_dir,
-                    on_round=progress,
+                    on_round=rounds,
                     num_clients=clients,
                     resume=resume,
                     private_root=run_dir / PRIVATE_DIR,
+                    show_privacy=False,  # printed after the tables (simulate)
                 )
             except BaseException as err:  # noqa: BLE001 (re-raised in this process after the engine stopped)
                 holder["error"] = err

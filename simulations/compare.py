@@ -30,7 +30,7 @@ from fedse.data.federated import build_federated_data, model_shape
 from fedse.io import atomic_write_json
 from fedse.models import build_model
 from fedse.policies import POLICIES, ClientRun, resolve
-from fedse.simulation import simulate
+from fedse.simulation import SharedProgress, progress_bar, simulate
 from fedse.spec import resolve as resolve_run
 
 __all__ = ["compare"]
@@ -72,9 +72,12 @@ def _split_summary(run_cfg: Config) -> tuple[dict[str, Any], int]:
     return {**split.summary(model), "extra_private_values": extra}, upload
 
 
-def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> MethodRun:
+def _run(
+    cfg: Config, method: str, seed: int, out: Path, holdout: int, progress: SharedProgress | None = None
+) -> MethodRun:
     """One (method, seed): taken from its run folder when it finished before (``method_run.json``),
-    continued from its checkpoint when it was interrupted, else run afresh."""
+    continued from its checkpoint when it was interrupted, else run afresh (its rounds shown in
+    ``progress``, when given)."""
     run_cfg = replace(
         cfg,
         seed=seed,
@@ -110,7 +113,9 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
     if folder.exists() and not resume:  # stopped before its first round: nothing to keep
         shutil.rmtree(folder)
     trained = cfg.partition.num_clients - holdout
-    result = simulate(run_cfg, quiet=True, clients=trained, run_dir=folder if resume else None, resume=resume)
+    result = simulate(
+        run_cfg, quiet=True, clients=trained, run_dir=folder if resume else None, resume=resume, progress=progress
+    )
     split, upload = _split_summary(run_cfg)
     hold = _holdout(run_cfg, result.outcome.shared_state, trained) if holdout else []
     run = MethodRun(
@@ -128,9 +133,18 @@ def _run(cfg: Config, method: str, seed: int, out: Path, holdout: int) -> Method
 
 
 def compare(
-    cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path, *, holdout: int = 0, command: str = ""
+    cfg: Config,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    *,
+    holdout: int = 0,
+    command: str = "",
+    quiet: bool = True,
 ) -> dict[str, Any]:
-    """Run every (seed, method); write the comparison folder ``out``; return its summary."""
+    """Run every (seed, method); write the comparison folder ``out``; return its summary. Unless
+    ``quiet``, show what ``fedse simulate`` shows while it runs: a bar of the (method, seed) runs,
+    one of the current run's rounds, and one line a round naming its method and seed."""
     if unknown := [m for m in methods if m not in POLICIES]:
         raise ConfigError(f"unknown method(s) {unknown}; valid methods: {sorted(POLICIES)}")
     for method in methods:
@@ -142,5 +156,15 @@ def compare(
             f"server.min_train_clients={cfg.server.min_train_clients}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    runs = [_run(cfg, m, s, out, holdout) for s in seeds for m in methods]
+    todo = [(m, s) for s in seeds for m in methods]
+    if quiet:
+        runs = [_run(cfg, m, s, out, holdout) for m, s in todo]
+    else:
+        bar = progress_bar()
+        task = bar.add_task("runs (method x seed)", total=len(todo))
+        runs = []
+        with bar:
+            for m, s in todo:
+                runs.append(_run(cfg, m, s, out, holdout, SharedProgress(bar, f"{m} seed {s}")))
+                bar.advance(task)
     return write_comparison(cfg, runs, out, holdout=holdout, command=command)

@@ -28,16 +28,18 @@ def run(
     cfg: Config, *, config_name: str, resume: Path | None = None, quiet: bool = False, verbose: bool = False
 ) -> simulation.SimulationResult | None:
     """Run ``cfg`` (or continue ``resume``, a run folder, from its checkpoint). None when ``resume``
-    finished all of ``server.rounds`` already: nothing is run and nothing in it changes."""
+    finished all of ``server.rounds`` already: nothing is run and nothing in it changes (said unless
+    ``quiet``)."""
     fed = build_federated_data(cfg)
     if resume is not None:
         ckpt = check_resume(resume, cfg, fed, private_root=resume / PRIVATE_DIR)
         if ckpt is not None and ckpt.finished:
             if ckpt.round == cfg.server.rounds:
-                print(
-                    f"{resume} finished all its {ckpt.round} rounds; nothing to add, nothing changed "
-                    f"(to train on: fedse simulate --resume {resume} --set server.rounds=N, N > {ckpt.round})"
-                )
+                if not quiet:
+                    print(
+                        f"{resume} finished all its {ckpt.round} rounds; nothing to add, nothing changed "
+                        f"(to train on: fedse simulate --resume {resume} --set server.rounds=N, N > {ckpt.round})"
+                    )
                 return None
             log.warning("extending %s from %d to %d rounds", resume, ckpt.round, cfg.server.rounds)
     return simulation.simulate(

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from ..identity import read_client_keys
 from ..interrupt import StoppableGrid
 from ..models import build_model
 from ..policies import resolve
-from ..privacy import ClientDP, check_dp_model, make_client_dp
+from ..privacy import ClientDP, check_dp_model, make_client_dp, poisson_rate, sample_noise_multiplier
 from ..records import (
     ARRAYS,
     CONFIG,
@@ -52,6 +55,7 @@ from ..records import (
     DP_EPSILON,
     EXPORT_ONLY,
     FINAL,
+    NUM_EXAMPLES,
     POOLED,
     SERVER_ROUND,
     TRAINED_BEFORE,
@@ -71,7 +75,17 @@ from .strategy import (
     strategy_state,
 )
 
-__all__ = ["RunRecorder", "ServerOutcome", "check_resume", "final_tables", "privacy_report", "run_server"]
+__all__ = [
+    "RunRecorder",
+    "ServerOutcome",
+    "check_resume",
+    "client_dp_warning",
+    "final_tables",
+    "format_privacy",
+    "privacy_report",
+    "run_server",
+    "setup_logging",
+]
 
 log = logging.getLogger("fedse")
 
@@ -85,8 +99,70 @@ class ServerOutcome:
     summary: dict[str, Any]
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is when a record is emitted (Flower's ServerApp
+    process mirrors ``sys.stderr`` into ``flwr run --stream``; a progress display redirects it)."""
+
+    @property
+    def stream(self):  # noqa: ANN202 (a text stream)
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ sets it; the property decides
+        pass
+
+
+def setup_logging(default_level: int | None = None) -> None:
+    """One line per event, wherever the run's server is: the ``fedse`` logger gets one handler of its
+    own (on stderr, ``LEVEL fedse: message``) and no longer hands its records to the root logger's
+    handlers, and Flower's ``flwr`` logger, which has its own console handler, no longer hands its
+    records to them either. Without this every line of a deployed ServerApp is printed twice: Opacus
+    calls ``logging.basicConfig`` when it is imported (opacus/utils/module_utils.py), which gives the
+    root logger a handler of its own (:mod:`fedse.privacy` removes that one when it imports Opacus;
+    a root handler the host program set up is left alone). Calling it again changes nothing.
+    ``default_level``: the ``fedse`` logger's level where nothing set one (a deployed ServerApp: INFO,
+    so the split, the wait for nodes and the privacy summary show; ``fedse simulate`` sets its own)."""
+    logging.getLogger("flwr").propagate = False
+    fedse_log = logging.getLogger("fedse")
+    if not any(isinstance(h, _Stderr) for h in fedse_log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        fedse_log.addHandler(handler)
+    fedse_log.propagate = False
+    if default_level is not None and fedse_log.level == logging.NOTSET:
+        fedse_log.setLevel(default_level)
+
+
+def _sample_noise(cfg: Config, run_log: RunLog) -> dict[str, Any]:
+    """Sample-level DP's noise multiplier: the configured one, or each client's, calibrated on the
+    client to ``target_epsilon`` from its number of training examples (:func:`fedse.privacy.sample_noise_multiplier`,
+    recomputed here from the train-sample count the client reported; a client's sampling rate and
+    step count, and so its sigma, depend on that count)."""
+    pr = cfg.privacy
+    if pr.noise_multiplier is not None:
+        return {"noise_multiplier": pr.noise_multiplier, "noise_multiplier_source": "configured"}
+    private_first = resolve(cfg).schedule == "private-first"
+    sizes = {cid: int(row[NUM_EXAMPLES]) for rows in run_log.train.values() for cid, row in rows.items()}
+    # sigma depends on a client's size only through its steps per epoch (poisson_rate): one
+    # calibration (about a second each) per distinct count of steps, not per client
+    steps = {cid: poisson_rate(n, cfg.train.batch_size)[1] for cid, n in sizes.items()}
+    size_of = {steps[cid]: n for cid, n in sizes.items()}
+    with warnings.catch_warnings():  # the clients' own calibrations warned already (hidden in their logs)
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+        by_steps = {k: sample_noise_multiplier(cfg, n, private_first) for k, n in size_of.items()}
+    sigmas = {str(cid): by_steps[steps[cid]] for cid in sorted(sizes)}
+    return {
+        "noise_multiplier": max(sigmas.values(), default=None),
+        "noise_multiplier_min": min(sigmas.values(), default=None),
+        "noise_multiplier_source": f"calibrated on each client to target_epsilon {pr.target_epsilon} "
+        "from its train samples",
+        "noise_multiplier_per_client": sigmas,
+    }
+
+
 def privacy_report(cfg: Config, run_log: RunLog, dp: ClientDP | None) -> dict[str, Any]:
-    """What DP guarantees this run gave: mode, epsilon, delta and how it was obtained."""
+    """What DP guarantees this run gave: mode, epsilon, delta, the noise multiplier (each client's,
+    under sample-level DP calibrated to a target epsilon) and how it was obtained."""
     pr = cfg.privacy
     if pr.mode == "none":
         return {"mode": "none"}
@@ -97,6 +173,7 @@ def privacy_report(cfg: Config, run_log: RunLog, dp: ClientDP | None) -> dict[st
             "level": "one training example of one client",
             "delta": pr.delta,
             "epsilon_max_over_clients": max(eps, default=0.0),
+            **_sample_noise(cfg, run_log),
             "accountant": pr.accountant,
             "max_grad_norm": pr.max_grad_norm,
         }
@@ -107,6 +184,9 @@ def privacy_report(cfg: Config, run_log: RunLog, dp: ClientDP | None) -> dict[st
         "delta": pr.delta,
         "epsilon": dp.epsilon(),
         "noise_multiplier": dp.noise_multiplier,
+        "noise_multiplier_source": "configured"
+        if pr.noise_multiplier is not None
+        else f"calibrated to target_epsilon {pr.target_epsilon} over {cfg.server.rounds} rounds",
         "releases": dp.releases,
         "rounds_refused": [r["round"] for r in run_log.refused],
         "clients_per_release": dp.sampled,
@@ -118,6 +198,77 @@ def privacy_report(cfg: Config, run_log: RunLog, dp: ClientDP | None) -> dict[st
     }
 
 
+def _sigma(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_privacy(privacy: Mapping[str, Any]) -> str:
+    """:func:`privacy_report` as a few labelled lines (printed at the end of a run; every figure is
+    in summary.json under ``privacy``). Empty without DP."""
+    mode = privacy.get("mode", "none")
+    if mode == "none":
+        return ""
+    mechanism = "DP-SGD on every client, Opacus" if mode == "sample" else "DP-FedAvg, Flower's wrappers"
+    lines = [("mode", f"{mode} ({mechanism})"), ("level", f"{mode}: {privacy['level']}")]
+    if mode == "sample":
+        lines.append(("epsilon", f"{privacy['epsilon_max_over_clients']:.4f} (sample-level, max over clients)"))
+        lines.append(("delta", f"{privacy['delta']:g}"))
+        if "noise_multiplier_per_client" in privacy:
+            low, high = privacy["noise_multiplier_min"], privacy["noise_multiplier"]
+            count = len(privacy["noise_multiplier_per_client"])
+            spread = _sigma(high) if low == high else f"{_sigma(low)} to {_sigma(high)}"
+            noise = f"{spread} over {count} clients ({privacy['noise_multiplier_source']}; each in summary.json)"
+        else:
+            noise = f"{_sigma(privacy['noise_multiplier'])} (configured)"
+        lines.append(("noise multiplier", noise))
+        lines.append(("clipping", f"per-example gradient norm {privacy['max_grad_norm']:g}"))
+        lines.append(("accountant", f"{privacy['accountant']} (Opacus), each client's steps over every round"))
+    else:
+        refused = privacy["rounds_refused"]
+        lines.append(
+            (
+                "epsilon",
+                f"{privacy['epsilon']:.4f} (client-level, {privacy['releases']} releases of "
+                f"{privacy['clients_per_release']} clients each)",
+            )
+        )
+        lines.append(("delta", f"{privacy['delta']:g}"))
+        source = privacy["noise_multiplier_source"]
+        lines.append(("noise multiplier", f"{_sigma(privacy['noise_multiplier'])} ({source})"))
+        lines.append(("clipping", f"{privacy['clipping']}, norm {privacy['clipping_norm']:g}"))
+        lines.append(("accountant", f"{privacy['accountant']}, no amplification by client sampling"))
+        if refused:
+            lines.append(("rounds refused", ", ".join(map(str, refused))))
+    width = max(len(label) for label, _ in lines)
+    return "privacy:\n" + "\n".join(f"  {label:<{width}}  {text}" for label, text in lines)
+
+
+# Client-level DP adds noise of standard deviation sigma * C / m to every shared value of the mean of
+# m updates clipped to norm C (Flower's compute_stdv, flwr/supercore/differential_privacy.py), so over
+# d shared values the noise vector's norm is about sigma * C * sqrt(d) / m, while the mean of the
+# clipped updates is at most C long. docs/results.md has no client-level DP measurement to set a
+# threshold from (its DP measurements are sample-level), so the line is this bound: past 1, the noise
+# on one round's mean update outweighs the largest mean update the clients can send, and the rounds'
+# updates add up more slowly than their noise (accuracy near chance with 10 clients a round).
+CLIENT_DP_NOISE_LIMIT = 1.0
+
+
+def client_dp_warning(dp: ClientDP, shared_values: int) -> str | None:
+    """A warning when client-level DP's noise on the mean update outweighs the update itself
+    (:data:`CLIENT_DP_NOISE_LIMIT`), with the figures; None otherwise."""
+    sigma, m = dp.noise_multiplier, dp.sampled
+    ratio = sigma * math.sqrt(shared_values) / m
+    if ratio <= CLIENT_DP_NOISE_LIMIT:
+        return None
+    needed = math.ceil(sigma * math.sqrt(shared_values) / CLIENT_DP_NOISE_LIMIT)
+    return (
+        f"client-level DP: the noise on the mean update is sigma/m = {sigma / m:.3g} of the clipping norm "
+        f"per shared value (noise multiplier {sigma:.3g}, {m} clients a round), {ratio:.3g} times the clipping "
+        f"norm over its {shared_values:,} shared values, more than the mean of clipped updates can be; "
+        f"with fewer than {needed:,} clients a round expect little learning"
+    )
+
+
 class RunRecorder(Strategy):
     """Wrap the guard; record what it kept, dropped, failed or refused into ``log``, per round.
 
@@ -127,7 +278,10 @@ class RunRecorder(Strategy):
     evaluation every ``pooled_every`` rounds and at the last (``None``: never), times each round,
     and hands each complete round (trained and evaluated) to ``on_round_end`` (checkpoints), but
     for the run's last, which the server checkpoints once the run is written. ``mark_final``: the
-    last round's evaluate messages carry ``final`` (the clients write their personalized models)."""
+    last round's evaluate messages carry ``final`` (the clients write their personalized models).
+    ``message_config``: entries every train and evaluate message carries (the run's configuration),
+    added here rather than passed to ``start``, which logs the configs it is given (Flower's
+    ``log_strategy_start_info``): the whole configuration JSON would be dumped into the log."""
 
     def __init__(
         self,
@@ -140,8 +294,10 @@ class RunRecorder(Strategy):
         on_round: Callable[[int, RunLog], None] | None = None,
         on_round_end: Callable[[int, ArrayRecord, RunLog], None] | None = None,
         mark_final: bool = False,
+        message_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.guard = guard
+        self.message_config = dict(message_config or {})
         self.mark_final = mark_final
         self.log = log
         self.num_rounds = num_rounds
@@ -183,6 +339,7 @@ class RunRecorder(Strategy):
         self._started = time.perf_counter()
         self._sent = arrays
         self._sent_numpy = {k: v.numpy() for k, v in arrays.items()}
+        config = ConfigRecord({**dict(config), **self.message_config})
         return self.guard.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(
@@ -220,6 +377,7 @@ class RunRecorder(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        config = ConfigRecord({**dict(config), **self.message_config})
         config[POOLED] = self.wants_pooled(server_round)
         config[FINAL] = self.mark_final and server_round == self.num_rounds
         return self.guard.configure_evaluate(server_round, arrays, config, grid)
@@ -334,6 +492,15 @@ def check_resume(
     return ckpt
 
 
+def _message_config(cfg: Config, run_log: RunLog | None) -> dict[str, Any]:
+    """What every train and evaluate message carries: the run's configuration, and in a resumed run
+    the clients that trained before (each must find its state)."""
+    common: dict[str, Any] = {CONFIG_JSON: json.dumps(config_to_dict(cfg))}
+    if run_log is not None and (trained := sorted({c for rows in run_log.train.values() for c in rows})):
+        common[TRAINED_BEFORE] = trained
+    return common
+
+
 def run_server(
     grid: Grid,
     cfg: Config,
@@ -343,6 +510,7 @@ def run_server(
     num_clients: int | None = None,
     resume: bool = False,
     private_root: Path | None = None,
+    show_privacy: bool = True,
 ) -> ServerOutcome:
     """Run ``cfg.server.rounds`` rounds on ``grid``; write the run folder when ``run_dir`` is set,
     with a checkpoint after every round. ``resume``: continue ``run_dir``'s run from its checkpoint
@@ -350,10 +518,14 @@ def run_server(
     ``partition.num_clients``). ``private_root``: where simulated clients keep their private state
     (its manifest goes into each checkpoint; None on a deployed server). A run asked to stop
     (:mod:`fedse.interrupt`) raises :class:`~fedse.interrupt.RunStopped` while it waits for replies,
-    its folder holding the last complete round."""
+    its folder holding the last complete round. ``show_privacy``: log the DP summary at the end
+    (:func:`format_privacy`; ``fedse simulate`` prints it after its tables instead)."""
+    setup_logging(logging.INFO if fed is None else None)  # fed is None: a deployed ServerApp
     num_clients = num_clients or cfg.partition.num_clients
     model, split, shared, dp = _start(cfg, fed, num_clients)
     log.info("%s", split.describe(model))
+    if dp is not None and (warning := client_dp_warning(dp, sum(v.numel() for v in shared.values()))):
+        log.warning("%s", warning)
     shared_like = dict(shared)
     done, run_log, ckpt = 0, None, None
     if resume:
@@ -411,6 +583,7 @@ def run_server(
             finished=finished,
         )
 
+    common = _message_config(cfg, run_log)
     strategy = RunRecorder(
         guard,
         run_log or RunLog(),
@@ -420,11 +593,8 @@ def run_server(
         on_round=on_round,
         on_round_end=checkpoint if run_dir else None,
         mark_final=cfg.output.client_models,
+        message_config=common,
     )
-    payload = json.dumps(config_to_dict(cfg))
-    common: dict[str, Any] = {CONFIG_JSON: payload}
-    if run_log is not None and (trained := sorted({c for rows in run_log.train.values() for c in rows})):
-        common[TRAINED_BEFORE] = trained  # a resumed run: a client that trained before must find its state
     started = time.perf_counter()
     grid = StoppableGrid(grid)
     result = strategy.start(
@@ -432,19 +602,17 @@ def run_server(
         initial_arrays=to_arrays(shared),
         num_rounds=max(cfg.server.rounds - done, 0),
         timeout=cfg.server.round_timeout,
-        train_config=ConfigRecord(dict(common)),
-        evaluate_config=ConfigRecord(dict(common)),
     )
     final = from_arrays(result.arrays) if len(result.arrays) else shared
     privacy = privacy_report(cfg, strategy.log, dp)
-    if privacy["mode"] != "none":
-        log.info("privacy: %s", privacy)
+    if show_privacy and privacy["mode"] != "none":
+        log.info("%s", format_privacy(privacy))
     summary: dict[str, Any] = {"privacy": privacy}
     extra: dict[str, Any] = {"wall_seconds": time.perf_counter() - started, "privacy": privacy}
     if done:
         extra["resumed_after_round"] = done
     if cfg.output.client_models:
-        extra["client_models"] = _export_rest(grid, guard, cfg, strategy.log, to_arrays(final), payload)
+        extra["client_models"] = _export_rest(grid, guard, cfg, strategy.log, to_arrays(final), common[CONFIG_JSON])
     if run_dir is not None:
         summary = write_run(
             run_dir,

@@ -425,7 +425,7 @@ class GuardedStrategy(Strategy):
                 raise NodeCountError(
                     f"the federation has {found} nodes (SuperNodes) but the run needs {self.expected_nodes} "
                     f"(partition.num_clients); start {self.expected_nodes} SuperNodes (flwr run's local simulation: "
-                    f"options.num-supernodes = {self.expected_nodes} under [superlink.local] in ~/.flwr/config.toml) "
+                    f'flwr run . --federation-config "num-supernodes={self.expected_nodes}") '
                     f"or set partition.num_clients={found}"
                 )
             if not waiting:
