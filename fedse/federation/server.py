@@ -527,42 +527,17 @@ def run_server(
     if dp is not None and (warning := client_dp_warning(dp, sum(v.numel() for v in shared.values()))):
         log.warning("%s", warning)
     shared_like = dict(shared)
-    done, run_log, ckpt = 0, None, None
-    if resume:
-        if run_dir is None:
-            raise ValueError("resume needs the run folder to continue")
-        if (run_dir / CHECKPOINT).is_file():
-            ckpt = _resume(run_dir, cfg, shared_like, dp, private_root)
-            done, shared, run_log = ckpt.round, ckpt.shared, ckpt.log
-            log.info("resuming %s after round %d of %d", run_dir, done, cfg.server.rounds)
+    ckpt = _checkpoint_to_resume(run_dir, cfg, shared_like, dp, private_root) if resume else None
+    done, run_log = (ckpt.round, ckpt.log) if ckpt is not None else (0, None)
+    if ckpt is not None:
+        shared = ckpt.shared
+        log.info("resuming %s after round %d of %d", run_dir, done, cfg.server.rounds)
     if ckpt is not None and ckpt.finished and done == cfg.server.rounds:
         log.info("%s finished all %d rounds; nothing to add", run_dir, done)
         return ServerOutcome(ckpt.log, ckpt.shared, {"privacy": privacy_report(cfg, ckpt.log, dp), "unchanged": True})
     if run_dir is not None:  # the run's record, from its first round on (a resume reads it)
         write_record(run_dir, cfg)
-    # The cap on a reply's num-examples: the config's, else the largest part of the run's partition;
-    # a server without data (deployment) that was given none uses NO_DATA_MAX_EXAMPLES.
-    if cfg.server.max_num_examples:
-        max_train = max_test = cfg.server.max_num_examples
-    elif fed is not None:
-        max_train, max_test = max(len(p) for p in fed.train_parts), max(len(p) for p in fed.test_parts)
-    else:
-        max_train = max_test = NO_DATA_MAX_EXAMPLES
-    guard = GuardedStrategy(
-        create_strategy(cfg, dp),
-        train_schema(
-            shared_like,
-            dp_sample=cfg.privacy.mode == "sample",
-            digests=cfg.evaluate.private_digest,
-            max_examples=max_train,
-        ),
-        lambda pooled: evaluate_schema(pooled=pooled, max_examples=max_test, max_train=max_train),
-        dp=dp,
-        expected_nodes=num_clients,
-        join_timeout=cfg.server.join_timeout,
-        **bounds(cfg, deployed=fed is None),
-        client_keys=_client_keys(cfg, fed),
-    )
+    guard = _guard(cfg, fed, dp, shared_like, num_clients)
     if ckpt is not None:
         try:
             load_strategy_state(guard, ckpt.strategy)
@@ -624,6 +599,50 @@ def run_server(
         )
         checkpoint(cfg.server.rounds, to_arrays(final), strategy.log, finished=True)
     return ServerOutcome(strategy.log, final, summary)
+
+
+def _checkpoint_to_resume(
+    run_dir: Path | None,
+    cfg: Config,
+    shared_like: dict[str, torch.Tensor],
+    dp: ClientDP | None,
+    private_root: Path | None,
+) -> Checkpoint | None:
+    """``run_dir``'s checkpoint, checked (a folder without one starts afresh: None)."""
+    if run_dir is None:
+        raise ValueError("resume needs the run folder to continue")
+    if not (run_dir / CHECKPOINT).is_file():
+        return None
+    return _resume(run_dir, cfg, shared_like, dp, private_root)
+
+
+def _guard(
+    cfg: Config, fed: FederatedData | None, dp: ClientDP | None, shared_like: dict[str, torch.Tensor], num_clients: int
+) -> GuardedStrategy:
+    """The run's strategy behind the guard: the reply schemas, the DP wrapper, the bounds, the key list.
+    The cap on a reply's num-examples: the config's, else the largest part of the run's partition; a
+    server without data (deployment) that was given none uses NO_DATA_MAX_EXAMPLES."""
+    if cfg.server.max_num_examples:
+        max_train = max_test = cfg.server.max_num_examples
+    elif fed is not None:
+        max_train, max_test = max(len(p) for p in fed.train_parts), max(len(p) for p in fed.test_parts)
+    else:
+        max_train = max_test = NO_DATA_MAX_EXAMPLES
+    return GuardedStrategy(
+        create_strategy(cfg, dp),
+        train_schema(
+            shared_like,
+            dp_sample=cfg.privacy.mode == "sample",
+            digests=cfg.evaluate.private_digest,
+            max_examples=max_train,
+        ),
+        lambda pooled: evaluate_schema(pooled=pooled, max_examples=max_test, max_train=max_train),
+        dp=dp,
+        expected_nodes=num_clients,
+        join_timeout=cfg.server.join_timeout,
+        **bounds(cfg, deployed=fed is None),
+        client_keys=_client_keys(cfg, fed),
+    )
 
 
 def _export_rest(
