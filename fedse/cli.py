@@ -126,6 +126,7 @@ def _monitor_arguments(mon: argparse.ArgumentParser) -> None:
     mon.add_argument("--out", type=Path, default=None, help="where to write (default: RUN/monitor)")
     mon.add_argument("--max-other", type=int, default=1000, help="other clients' test images per client (sampled)")
     mon.add_argument("--seed", type=int, default=0)
+    mon.add_argument("--quiet", action="store_true", help="no progress display or table: prints only the folder")
 
 
 def _certs_arguments(crt: argparse.ArgumentParser) -> None:
@@ -314,11 +315,14 @@ def _monitor(args: argparse.Namespace, argv: list[str] | None) -> Path:
 
     _run_folder(args.run, f"{args.run} is not a run folder (no {RECORD})")
     out = args.out or args.run / "monitor"
-    monitor(args.run, out, max_other=args.max_other, seed=args.seed)
+    monitor(args.run, out, max_other=args.max_other, seed=args.seed, quiet=args.quiet)
     return out
 
 
 def _monitored(args: argparse.Namespace, out: Path) -> int:
+    if args.quiet:
+        print(out, flush=True)
+        return 0
     print((out / "table.md").read_text())
     print(f"monitor folder: {out}")
     return 0
@@ -452,7 +456,7 @@ def _compare(args: argparse.Namespace, cfg, name: str, argv: list[str] | None) -
 
     from simulations.compare import compare
 
-    from .analysis.comparison import budget_report, budget_table, merge, write_budget
+    from .analysis.comparison import budget_report, budget_table, merge, terminal_table, write_budget
     from .interrupt import RunStopped
 
     command = "fedse " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -474,21 +478,21 @@ def _compare(args: argparse.Namespace, cfg, name: str, argv: list[str] | None) -
         if args.out is None:
             raise ConfigError("--merge needs --out: the folder the combined comparison is written to")
         out = args.out
-        merge(args.merge, out, command=command, methods=_methods(args.methods))
+        summary = merge(args.merge, out, command=command, methods=_methods(args.methods))
     else:
         methods = _methods(args.methods or DEFAULT_METHODS)
         seeds = _int_list(args.seeds, "seeds")
         out = args.out or Path(cfg.output.dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
-            compare(cfg, methods, seeds, out, holdout=args.holdout, command=command, quiet=args.quiet)
+            summary = compare(cfg, methods, seeds, out, holdout=args.holdout, command=command, quiet=args.quiet)
         except RunStopped as stop:
             stop.out = out  # the folder to continue in, named in the resume command
             raise
     if args.quiet:
         print(out, flush=True)
         return 0
-    print((out / "table.md").read_text())
-    print(f"comparison folder: {out}")
+    print(terminal_table(summary))  # the narrow table; table.md, table.csv and comparison.json hold all of it
+    print(f"comparison folder: {out} (the full table: {out / 'table.md'})")
     return 0
 
 

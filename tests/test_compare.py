@@ -537,3 +537,92 @@ def test_budget_table_refuses_a_comparison_json_of_the_wrong_types(tmp_path, dam
         return
     with pytest.raises(ConfigError, match=rf"comparison\.json {pattern}"):
         budget_table([tmp_path])
+
+
+# --------------------------------------------------------------------------- what a reader sees
+
+
+def _gained(method, seed, accuracies):
+    clients = [
+        {"client": c, "local_acc": a, "pooled_acc": None, "test_samples": n}
+        for c, (a, n) in enumerate(zip(accuracies, (10, 30, 20, 40), strict=False))
+    ]
+    rounds = [{"round": 1, "local_acc_mean": 0.5}, {"round": 2, "local_acc_mean": sum(accuracies) / len(accuracies)}]
+    return MethodRun(method, seed, rounds, clients, [], {"private_params": 0, "private_percent": 0.0}, 8, 1.0)
+
+
+def test_the_terminal_table_is_narrow_with_two_decimals_and_the_gain_in_points(tmp_path):
+    from fedse.analysis.comparison import read_comparison, terminal_table, write_comparison
+
+    # fedavg 0.5/0.6/0.7/0.8, fedse 0.49/0.6/0.72/0.8: per-client gains -1, 0, +2, 0 points, mean +0.25
+    runs = [_gained("fedavg", 0, [0.5, 0.6, 0.7, 0.8]), _gained("fedse", 0, [0.49, 0.6, 0.72, 0.8])]
+    cfg = tiny_config(partition={"num_clients": 4})
+    summary = write_comparison(cfg, runs, tmp_path / "out", holdout=0, command="")
+    text = terminal_table(summary)
+    lines = text.splitlines()
+    header = lines[0].split("  ")
+    assert [h.strip() for h in header if h.strip()] == [
+        "method",
+        "mean over clients",
+        "weighted by test images",
+        "worst 10% of clients",
+        "gain over fedavg",
+    ]
+    rows = {line.split()[0]: line.split() for line in lines[2:4]}
+    # fedavg: mean 65.00, weighted (5 + 18 + 14 + 32) / 100 = 69.00, worst 10% (1 of 4 clients) 50.00
+    assert rows["fedavg"] == ["fedavg", "65.00", "69.00", "50.00", "-"]
+    assert rows["fedse"] == ["fedse", "65.25", "69.30", "49.00", "+0.25", "(1/2/1)"]
+    assert max(len(line) for line in lines) <= 100  # fits a terminal; the file keeps every column
+    numbers = re.findall(r"[+-]?\d+\.\d+", "\n".join(lines[2:4]))
+    assert numbers and all(len(n.split(".")[1]) == 2 for n in numbers)  # one precision throughout
+    assert terminal_table(read_comparison(tmp_path / "out")) == text  # the same from the folder read back
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "personalized_mean_best_round" in md and "wall_s_per_run" in md  # the file keeps the full table
+    gain_line = next(line for line in md.split("## Gain")[1].splitlines() if "fedse" in line)
+    assert "+0.25" in gain_line and "0.2500" not in gain_line  # points, 2 decimals, as the accuracy cells
+    gains_csv = (tmp_path / "out" / "gains.csv").read_text()
+    assert "0.25" in gains_csv and "+0.25" not in gains_csv  # the CSV keeps the number as a number
+
+
+def test_the_terminal_table_with_several_seeds_and_without_fedavg():
+    from fedse.analysis.comparison import method_table, paired_gains, terminal_table
+
+    runs = [_gained("fedavg", s, [0.5, 0.6, 0.7, 0.8]) for s in (0, 1)] + [
+        _gained("fedse", 0, [0.6, 0.6, 0.7, 0.8]),
+        _gained("fedse", 1, [0.5, 0.6, 0.7, 0.8]),
+    ]
+    text = terminal_table({"table": method_table(runs), "gains": paired_gains(runs)})
+    # fedse: 67.50 (seed 0), 65.00 (seed 1): 66.25 ± 1.25
+    assert "66.25 ± 1.25" in text and "mean ± std over seeds" in " ".join(text.split())
+    alone = terminal_table({"table": method_table(runs[2:]), "gains": []})
+    assert "gain over" not in alone.splitlines()[0]
+
+
+def test_the_comparison_figures_name_the_setting_with_whole_rounds_and_no_global_model(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from fedse.analysis.comparison import clients_figure, per_client, round_figure
+    from fedse.analysis.report import describe_split
+
+    runs = [_gained("fedavg", 0, [0.5, 0.6, 0.7, 0.8]), _gained("fedse", 0, [0.49, 0.6, 0.72, 0.8])]
+    setting = describe_split(tiny_config(partition={"num_clients": 20, "alpha": 0.1}))
+    fig = round_figure(runs, setting)
+    ax = fig.axes[0]
+    assert ax.get_title().startswith("digits, Dirichlet(0.1), 20 clients: ")
+    assert ax.get_xlabel() == "round" and "own test part" in ax.get_ylabel()
+    locator = ax.xaxis.get_major_locator()
+    assert isinstance(locator, MaxNLocator) and locator._integer
+    assert all(float(t).is_integer() for t in locator() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["fedavg", "fedse"]
+    plt.close(fig)
+    fig = clients_figure(runs, per_client(runs), setting)
+    ax = fig.axes[0]
+    assert "digits, Dirichlet(0.1), 20 clients" in ax.get_title() and "4 clients" in ax.get_title()
+    assert "FedAvg" in ax.get_xlabel() and "personalized" in ax.get_ylabel()
+    words = " ".join([ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), *(t.get_text() for t in ax.texts)])
+    words += " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "global" not in words.lower()
+    assert "fedse (mean gain +0.25 points)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
+    assert clients_figure(runs[1:], per_client(runs[1:])) is None  # no fedavg: no figure against it

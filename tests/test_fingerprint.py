@@ -281,3 +281,131 @@ def test_mmd_permutation_test_flags_a_shift_and_not_a_resample():
         for k in range(60)
     )
     assert rejections <= 9  # 60 x 0.05 = 3 expected; 9 or more has probability < 0.3%
+
+
+# --------------------------------------------------------------------------- fedse monitor: what a reader sees
+
+
+def _monitor_rows(test_sizes, train_sizes=None, other=200):
+    """monitor.json's per-client rows as far as the table's caption reads them."""
+    scenarios = ["own test", "other clients", "blur 1"]
+    rows = []
+    for i, n in enumerate(test_sizes):
+        train = min(200, (train_sizes or [300] * len(test_sizes))[i])
+        sizes = {"own test": min(200, n), "other clients": other, "blur 1": min(200, n)}
+        drift = {s: {"mmd2": 0.0, "p": 0.5, "flagged": False, "images": [train, sizes[s]]} for s in scenarios}
+        rows.append({"client": i, "test_samples": n, "drift": drift})
+    return rows
+
+
+def _summary():
+    from simulations.monitor import METHODS
+
+    return {s: {m: {"mean": 0.7, "std": 0.1} for m in METHODS} for s in ("other clients", "blur 1")}
+
+
+def test_the_monitor_table_names_the_images_each_drift_test_really_compared():
+    from simulations.monitor import monitor_table
+
+    flagged = {"own test": 0.0, "other clients": 0.5, "blur 1": 1.0}
+    caption = lambda rows: monitor_table(_summary(), flagged, 3, rows).split("\n\n")[0]  # noqa: E731
+    first = caption(_monitor_rows([28, 81, 40], train_sizes=[97, 250, 300]))
+    assert "200 vs 200" not in first
+    assert "97-200 of the client's own train images" in first
+    assert "28-81 images of its own test part" in first and " 200 of other clients' test images" in first
+    # a monitor.json written before the counts were recorded: the clients' test sizes
+    old = [{k: v for k, v in r.items() if k != "drift"} for r in _monitor_rows([28, 81, 40])]
+    first = caption(old)
+    assert "28-81 images of its own test part" in first and "200 vs 200" not in first
+    # without rows (docs/build_results.py reads the table's rows only): no count it does not know
+    first = caption(None)
+    assert "up to 200" in first and "200 vs 200" not in first
+    # the rows docs/build_results.py reads stay as they were
+    rows = [line for line in monitor_table(_summary(), flagged, 3).splitlines() if line.startswith("|")]
+    assert (
+        rows[0] == "| scenario | gate monitor | max softmax prob. | feature Mahalanobis | best | batch drift flagged |"
+    )
+    assert rows[2] == "| own test (false alarms) | | | | | 0.00 |"
+
+
+def _monitor_figures(clients=6):
+    from simulations.monitor import _figures
+
+    rng = np.random.default_rng(0)
+    fingerprints = [[0.5 + 0.02 * rng.standard_normal(n) for n in (4, 8)] for _ in range(clients)]
+    relative = {
+        s: [rng.lognormal(i * 0.3 - 1, 0.5, 30) for _ in range(clients)]
+        for i, s in enumerate(["own test", "other clients", "blur 1", "blur 2"])
+    }
+    counts = rng.integers(0, 20, (clients, 3))
+    return _figures(
+        fingerprints, counts, relative, setting="digits, Dirichlet(0.1), 20 clients: fedse-la", false_alarm=0.05
+    )
+
+
+def test_the_gate_heatmaps_have_colourbars_labelled_axes_and_a_scale_centred_on_the_clients_mean():
+    import matplotlib.pyplot as plt
+
+    figures = _monitor_figures()
+    fig = figures["gate_heatmaps.png"]
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 2 and all(im.colorbar is not None for im in images)
+    assert all(im.colorbar.ax.get_ylabel() for im in images)  # each colour scale says what it is
+    common, deviation = images
+    assert common.get_clim() == (0, 1)
+    lo, hi = deviation.get_clim()
+    assert lo == -hi and hi < 0.2  # a diverging scale around the mean, as wide as the clients differ
+    data = deviation.get_array()
+    assert data.shape == (6, 12) and np.allclose(data.mean(0), 0)  # one row per client, its difference
+    main = deviation.axes
+    assert main.get_ylabel() == "client" and "channel" in main.get_xlabel()
+    assert "digits, Dirichlet(0.1), 20 clients: fedse-la" in fig.axes[0].get_title()
+    sim = figures["similarity.png"]
+    panels = [ax for ax in sim.axes if ax.get_images()]
+    assert len(panels) == 2
+    for ax in panels:
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("client", "client")
+        assert ax.get_images()[0].colorbar.ax.get_ylabel() == "cosine similarity"
+    assert "fedse-la" in sim._suptitle.get_text()
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_the_scores_figure_shows_every_client_per_scenario_with_its_threshold():
+    import matplotlib.pyplot as plt
+
+    figures = _monitor_figures(clients=6)
+    fig = figures["scores.png"]
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    assert [ax.get_title().split(":")[0] for ax in panels] == ["own test", "other clients", "blur 1", "blur 2"]
+    for ax in panels:
+        lines = [line for line in ax.get_lines() if line.get_label() == "the client's alarm threshold"]
+        assert len(lines) == 1 and list(lines[0].get_ydata()) == [1.0, 1.0]  # every client's threshold is 1
+        medians = [
+            line
+            for line in ax.get_lines()
+            if line.get_color() == "black" and len(line.get_xdata()) == 2 and line.get_label().startswith("_")
+        ]
+        assert len(medians) >= 6  # a box (its median line) per client
+        assert "flagged" in ax.get_title()
+    assert "threshold" in panels[0].get_ylabel() and panels[-1].get_xlabel() == "client"
+    assert "set to flag 5% of its held-out images" in fig._suptitle.get_text()
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_the_monitor_progress_counts_clients_times_scenarios_and_is_silent_when_quiet(capsys):
+    from simulations.monitor import _Progress
+
+    with _Progress(3, 4, quiet=True) as progress:
+        assert progress.bar is None
+        progress.step(0, "own test", done=True)
+    assert capsys.readouterr() == ("", "")
+    with _Progress(3, 4, quiet=False) as progress:
+        task = progress.bar.tasks[0]
+        assert task.total == 12
+        progress.step(0, "own test")
+        progress.step(0, "own test", done=True)
+        progress.step(1, "blur 1", done=True)
+        assert task.completed == 2 and task.description == "client 2/3: blur 1"
+        assert progress.bar.console.stderr  # the table printed afterwards has stdout to itself

@@ -25,6 +25,7 @@ from fedse.cli import main
 from fedse.config import config_from_dict, config_to_dict
 from fedse.federation.server import (
     RunRecorder,
+    _Stderr,
     client_dp_warning,
     format_privacy,
     privacy_report,
@@ -298,7 +299,7 @@ def test_setup_logging_twice_leaves_one_handler_and_one_line(capsys):
         setup_logging()
         setup_logging()
         fedse_log = logging.getLogger("fedse")
-        assert len(fedse_log.handlers) == 1 and fedse_log.propagate is False
+        assert len([h for h in fedse_log.handlers if isinstance(h, _Stderr)]) == 1 and fedse_log.propagate is False
         assert logging.getLogger("flwr").propagate is False
         fedse_log.warning("one event")
         logging.getLogger("flwr").warning("a Flower event")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -39,7 +40,9 @@ from .report import (
     COL_SECONDS,
     COL_TEST_SAMPLES,
     COL_TRAIN_SAMPLES,
+    describe_split,
     format_table,
+    integer_rounds,
     summarize,
     write_csv,
 )
@@ -47,6 +50,7 @@ from .report import (
 __all__ = [
     "budget_report",
     "budget_table",
+    "clients_figure",
     "comparable",
     "gain_table",
     "merge",
@@ -56,6 +60,8 @@ __all__ = [
     "paired_gains",
     "per_client",
     "read_comparison",
+    "round_figure",
+    "terminal_table",
     "write_budget",
     "write_comparison",
 ]
@@ -221,6 +227,52 @@ def gain_table(rows: Sequence[dict[str, Any]], reference: str = "fedavg") -> lis
     return out
 
 
+def _points(value: float | None) -> str:
+    """A gain in percentage points, signed, 2 decimals (the accuracy cells' unit and precision)."""
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def terminal_table(summary: dict[str, Any], reference: str = "fedavg") -> str:
+    """The comparison in brief, for the terminal: per method, personalized accuracy on each client's
+    own test part in % (mean over clients, weighted by test images, the worst 10% of clients; mean ±
+    std over seeds where several) and the mean per-client gain over ``reference`` in points, with the
+    clients that gain, tie and lose. ``summary``: what :func:`write_comparison` returns (or
+    :func:`read_comparison` reads: its ``table`` and ``gains``). The full table is the folder's
+    ``table.md`` and ``table.csv``."""
+    gains = {g["method"]: g for g in summary.get("gains") or []}
+    columns = ["method", "mean over clients", "weighted by test images", "worst 10% of clients"]
+    if gains:
+        columns.append(f"gain over {reference}")
+    rows = []
+    for row in summary["table"]:
+        cells = [row["method"], row["personalized_mean_last"], row["personalized_weighted_last"], row["worst_10pct"]]
+        if gains:
+            g = gains.get(row["method"])
+            cells.append(
+                "-"
+                if g is None
+                else f"{_points(g['mean_gain_points'])} ({g['clients_gain']}/{g['clients_tie']}/{g['clients_lose']})"
+            )
+        rows.append(cells)
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    line = lambda cells: "  ".join(  # noqa: E731
+        (c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    ).rstrip()
+    seeds = max((int(row.get("seeds", 1)) for row in summary["table"]), default=1)
+    note = (
+        "Personalized accuracy in % on each client's own test part, after the last round: the mean over clients, "
+        "the same weighted by test images, the mean of the worst 10% of clients"
+        + ("; mean ± std over seeds." if seeds > 1 else ".")
+    )
+    if gains:
+        note += (
+            f" Gain over {reference}: the mean per-client gain in points (clients gaining/tied/losing), over the "
+            "seeds both were run with."
+        )
+    note += " Every column: table.md, table.csv."
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, rows), "", textwrap.fill(note, 100)])
+
+
 def paired_gains(runs: Sequence[MethodRun], reference: str = "fedavg") -> list[dict[str, Any]]:
     """:func:`gain_table` per method over the seeds it shares with ``reference`` only: a
     seed is a partition, so client ``i`` of one seed is not client ``i`` of another."""
@@ -258,11 +310,20 @@ def holdout_table(runs: Sequence[MethodRun]) -> list[dict[str, Any]]:
     return rows
 
 
-def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) -> None:
+def _seeds_note(runs: Sequence[MethodRun]) -> str:
+    seeds = sorted({r.seed for r in runs})
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {', '.join(map(str, seeds))}"
+
+
+def round_figure(runs: Sequence[MethodRun], setting: str = "") -> Any:
+    """Personalized accuracy (mean over clients) per round, one curve per method (mean over its
+    seeds, at the rounds every seed ran and evaluated), as a matplotlib Figure (not saved, not
+    closed). ``setting``: the dataset and split (:func:`~fedse.analysis.report.describe_split`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     methods = list(dict.fromkeys(r.method for r in runs))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -276,32 +337,77 @@ def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path) 
         ]  # a round without an evaluation is no point
         if points:
             ax.plot(*zip(*points, strict=True), marker=".", label=method)
-    ax.set(xlabel="round", ylabel="personalized accuracy (mean over clients)", ylim=(0, 1))
+    ax.set(
+        xlabel="round",
+        ylabel="accuracy on each client's own test part\n(the method's model for it, mean over clients)",
+        ylim=(0, 1),
+    )
+    integer_rounds(ax.xaxis)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(f"{setting + ': ' if setting else ''}accuracy per round ({_seeds_note(runs)})", fontsize=9.5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, title="method", title_fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def clients_figure(runs: Sequence[MethodRun], clients: list[dict[str, Any]], setting: str = "") -> Any:
+    """Each client's personalized accuracy under each method against its accuracy under FedAvg (the
+    shared model), both on the client's own test part (:func:`per_client`'s rows: mean over seeds), as
+    a matplotlib Figure (not saved, not closed); None without fedavg and another method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    methods = list(dict.fromkeys(r.method for r in runs))
+    if "fedavg" not in methods or len(methods) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5.8, 5.8))
+    values = [v for c in clients for m in methods if (v := c[m]) is not None]
+    lo = max(0.0, min(values, default=0.0) - 0.03)
+    for method in methods:
+        if method == "fedavg":
+            continue
+        pts = [(c["fedavg"], c[method]) for c in clients if c["fedavg"] is not None and c[method] is not None]
+        if pts:
+            gain = 100 * float(np.mean([y - x for x, y in pts]))
+            ax.scatter(*zip(*pts, strict=True), s=18, alpha=0.8, label=f"{method} (mean gain {gain:+.2f} points)")
+    ax.plot([lo, 1], [lo, 1], color="grey", linestyle="--", linewidth=1, label="same accuracy as FedAvg")
+    ax.text(
+        0.04, 0.96, "above the line: better than FedAvg", transform=ax.transAxes, fontsize=8, va="top", color="dimgrey"
+    )
+    ax.set(
+        xlabel="FedAvg's shared model: accuracy on the client's own test part",
+        ylabel="personalized model: accuracy on the client's own test part",
+        xlim=(lo, 1.005),
+        ylim=(lo, 1.005),
+    )
+    others = ", ".join(m for m in methods if m != "fedavg")
+    ax.set_title(
+        f"{setting + ': ' if setting else ''}{others} against FedAvg\n"
+        f"one point per client ({len(clients)} clients, {_seeds_note(runs)})",
+        fontsize=9.5,
+    )
+    for axis in (ax.xaxis, ax.yaxis):  # in %, as the tables; few ticks, so that "97.5%" labels do not crowd
+        axis.set_major_locator(MaxNLocator(6))
+        axis.set_major_formatter(PercentFormatter(1.0))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _plots(runs: Sequence[MethodRun], clients: list[dict[str, Any]], out: Path, setting: str = "") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = round_figure(runs, setting)
     atomic_save(out / "accuracy_per_round.png", lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    if "fedavg" in methods and len(methods) > 1:
-        fig, ax = plt.subplots(figsize=(5.5, 5.5))
-        values = [v for c in clients for m in methods if (v := c[m]) is not None]
-        lo = max(0.0, min(values, default=0.0) - 0.03)
-        for method in methods:
-            if method == "fedavg":
-                continue
-            pts = [(c["fedavg"], c[method]) for c in clients if c["fedavg"] is not None and c[method] is not None]
-            if pts:
-                ax.scatter(*zip(*pts, strict=True), s=18, label=method, alpha=0.8)
-        ax.plot([lo, 1], [lo, 1], color="grey", linestyle="--", linewidth=1)
-        ax.set(
-            xlabel="global accuracy (fedavg, own test part)",
-            ylabel="personalized accuracy (own test part)",
-            xlim=(lo, 1.005),
-            ylim=(lo, 1.005),
-        )
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+    fig = clients_figure(runs, clients, setting)
+    if fig is not None:
         atomic_save(out / "personalized_vs_global.png", lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
 
@@ -318,7 +424,7 @@ def write_comparison(
         fed.label_counts(),
         out / "label_distribution.png",
         class_names=list(fed.dataset.classes),
-        title=f"{fed.dataset.name}, seed {seeds[0]}: samples per client and class",
+        title=f"{describe_split(cfg)}, seed {seeds[0]}: samples per client and class (train + test)",
     )
     table, clients = method_table(runs), per_client(runs)
     gains, hold = paired_gains(runs), holdout_table(runs)
@@ -334,11 +440,12 @@ def write_comparison(
         format_table(table),
     ]
     if gains:
-        md += ["", "## Gain over fedavg (per client, over the seeds both were run with)", "", format_table(gains)]
+        shown = [{**g, "mean_gain_points": _points(g["mean_gain_points"])} for g in gains]  # the CSV keeps every digit
+        md += ["", "## Gain over fedavg (per client, over the seeds both were run with)", "", format_table(shown)]
     if hold:
         md += ["", f"## Cold start: {holdout} held-out clients", "", format_table(hold)]
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")
-    _plots(runs, clients, out)
+    _plots(runs, clients, out, describe_split(cfg))
     summary = {
         "config": config_to_record(cfg),
         "methods": methods,

@@ -43,8 +43,11 @@ __all__ = [
     "COL_TRAIN_ACC",
     "COL_TRAIN_LOSS",
     "COL_TRAIN_SAMPLES",
+    "accuracy_figure",
+    "describe_split",
     "format_cell",
     "format_table",
+    "integer_rounds",
     "plot_accuracy",
     "RECORD",
     "round_rows",
@@ -205,31 +208,118 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> None:
+def describe_split(config: Any) -> str:
+    """The dataset and split of a configuration (a :class:`~fedse.config.Config` or its record), as a
+    figure's title names them: ``digits, Dirichlet(0.5), 10 clients``."""
+    record = config if isinstance(config, Mapping) else config_to_record(config)
+    data, part = record.get("data") or {}, record.get("partition") or {}
+    scheme, alpha, clients = part.get("scheme"), part.get("alpha"), part.get("num_clients")
+    split = {
+        "iid": "IID",
+        "dirichlet": f"Dirichlet({alpha:g})" if isinstance(alpha, int | float) else "Dirichlet",
+        "dirichlet-client": f"per-client Dirichlet({alpha:g})" if isinstance(alpha, int | float) else "Dirichlet",
+        "quantity": f"quantity skew Dirichlet({alpha:g})" if isinstance(alpha, int | float) else "quantity skew",
+        "pathological": f"{part.get('classes_per_client')} classes per client",
+        "file": "split read from files",
+    }.get(scheme, str(scheme))
+    parts = [str(data.get("dataset", "?")), split]
+    if clients is not None:
+        parts.append(f"{clients} clients")
+    if part.get("feature_skew"):
+        parts.append(f"feature skew ({', '.join(part['feature_skew'])})")
+    return ", ".join(parts)
+
+
+def integer_rounds(axis: Any) -> None:
+    """Ticks at whole numbers only on ``axis`` (``ax.xaxis``): a round is never 2.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+# What each curve of the round plot is (the legend's words).
+ROUND_CURVES = (
+    (COL_LOCAL_ACC_MEAN, "personalized: own test part, mean over clients"),
+    (COL_LOCAL_ACC_WEIGHTED, "personalized: own test part, weighted by test images"),
+    (COL_TRAIN_ACC, "own train part, during local training (weighted by samples)"),
+)
+POOLED_LABEL = "pooled test set, mean over clients"
+
+
+def accuracy_figure(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
+    """The round plot of :func:`round_rows`'s ``rows`` as a matplotlib Figure (not saved, not closed):
+    rounds on x (whole numbers), accuracy on y. Pooled accuracy is measured in few rounds (by default
+    the last one only): a lone point of it is a large marker named after its round and labelled with
+    its value, never an unexplained dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (
-        (COL_LOCAL_ACC_MEAN, "personalized (own test, mean over clients)"),
-        (COL_LOCAL_ACC_WEIGHTED, "personalized (own test, weighted by test samples)"),
-        (COL_POOLED_ACC_MEAN, "pooled test (mean over clients)"),
-        (COL_TRAIN_ACC, "train (sample-weighted)"),
-    ):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, label in ROUND_CURVES:
         pts = [(r[COL_ROUND], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        if pts:  # the two personalized curves are often close: the weighted one dashed, so both show
+            style = "--" if key == COL_LOCAL_ACC_WEIGHTED else "-"
+            ax.plot(*zip(*pts, strict=True), marker="o", markersize=4, linestyle=style, label=label)
+    pooled = [(r[COL_ROUND], r[COL_POOLED_ACC_MEAN]) for r in rows if r.get(COL_POOLED_ACC_MEAN) is not None]
+    last = max((r[COL_ROUND] for r in rows), default=None)
+    if len(pooled) == 1:
+        ((rnd, acc),) = pooled
+        when = "last round" if rnd == last else f"round {rnd}"
+        ax.plot(
+            [rnd],
+            [acc],
+            linestyle="none",
+            marker="*",
+            markersize=13,
+            color="black",
+            label=f"{POOLED_LABEL} ({when} only)",
+        )
+        # its value under it, to its left: the curves come in from the left, above runs the training curve
+        ax.annotate(
+            f"{100 * acc:.1f}%",
+            (rnd, acc),
+            textcoords="offset points",
+            xytext=(6, -11),
+            ha="right",
+            va="top",
+            fontsize=8,
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},
+        )
+    elif pooled:
+        ax.plot(
+            *zip(*pooled, strict=True),
+            marker="*",
+            markersize=9,
+            color="black",
+            linestyle=":",
+            label=f"{POOLED_LABEL} (rounds measured)",
+        )
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))  # as every table gives accuracies: in %
+    integer_rounds(ax.xaxis)
+    if last is not None:
+        first = min(r[COL_ROUND] for r in rows)
+        ax.set_xlim(first - 0.3, last + 0.3)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=7.5)
+    ax.set_title(title, fontsize=9.5)
     fig.tight_layout()
+    return fig
+
+
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Any:
+    """:func:`accuracy_figure` written to ``path`` as PNG (atomically); returns the (closed) Figure."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(rows, title)
     atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+    return fig
 
 
 def provenance() -> dict[str, Any]:
@@ -291,7 +381,8 @@ def write_run(
     atomic_write_json(run_dir / "clients.json", clients)
     write_csv(run_dir / "clients.csv", clients)
     atomic_write_json(run_dir / "client_rounds.json", {"train": log.train, "evaluate": log.evaluate})
-    plot_accuracy(rounds, run_dir / "accuracy.png", title=str(split_summary.get("policy", "")))
+    method = split_summary.get("policy") or (config.get("personalization") or {}).get("policy", "")
+    plot_accuracy(rounds, run_dir / "accuracy.png", title=f"{describe_split(config)}: {method}, accuracy per round")
     if shared_state is not None:
         atomic_save(run_dir / "shared_weights.pt", lambda f: torch.save(dict(shared_state), f))
     summary = {
