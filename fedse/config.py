@@ -405,6 +405,9 @@ class OutputConfig:
     # into the run folder's clients/, a deployed client with a state-dir into that directory. A client
     # not evaluated in the last round is asked once more after it, with the final shared weights.
     client_models: bool = True
+    # TensorBoard event files in the run folder (tensorboard/): every figure of the round line per
+    # round, the configuration and the final tables (fedse.analysis.tracking; needs fedse[tensorboard]).
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)

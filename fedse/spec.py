@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import models, privacy
+from .analysis import tracking
 from .config import Config, ConfigError
 from .data import partition, readers
 from .data.federated import model_shape
@@ -45,4 +46,5 @@ def resolve(cfg: Config, policy: str | None = None) -> RunSpec:
         # an image folder whose shape the config does not give yet: the clients' data gives it
     privacy.check_config(cfg)
     strategy.check_config(cfg)
+    tracking.check_config(cfg)
     return RunSpec(cfg, dataset, resolve_policy(cfg, policy))

@@ -159,3 +159,43 @@ def test_describe_split_names_the_dataset_the_split_and_the_clients(partition, e
     from fedse.config import config_to_record
 
     assert describe_split(config_to_record(cfg)) == expected  # or its record, as a run folder holds it
+
+
+def test_a_runs_rounds_config_and_tables_are_read_back_from_its_tensorboard_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedse.analysis.tracking import TENSORBOARD_DIR, TensorBoardLog
+
+    board = TensorBoardLog(tmp_path)
+    rows = [
+        {"round": 1, "local_acc_mean": 0.5, "local_acc_weighted": 0.6, "pooled_acc_mean": None, "train_loss": 1.5,
+         "seconds": 2.0, "dropped": 0, "refused": False},
+        {"round": 2, "local_acc_mean": 0.7, "local_acc_weighted": 0.8, "pooled_acc_mean": 0.65, "train_loss": 1.0,
+         "seconds": 1.5, "dropped": 1, "refused": True},
+    ]  # fmt: skip
+    for row in rows:
+        board.round(row)
+    board.run(tiny_config(), {"clients": "| client | local_acc |"})
+    board.close()
+    events = EventAccumulator(str(tmp_path / TENSORBOARD_DIR), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, round(e.value, 6)) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars["accuracy/personalized_mean_over_clients"] == [(1, 0.5), (2, 0.7)]
+    assert scalars["accuracy/personalized_weighted_by_test_samples"] == [(1, 0.6), (2, 0.8)]
+    assert scalars["accuracy/pooled_test_mean_over_clients"] == [(2, 0.65)]  # measured in round 2 only
+    assert scalars["replies/round_refused"] == [(1, 0.0), (2, 1.0)] and scalars["time/round_seconds"][0] == (1, 2.0)
+    texts = set(events.Tags()["tensors"])
+    assert {"config/text_summary", "clients/text_summary"} <= texts
+
+
+def test_tensorboard_without_its_package_is_refused_before_anything_starts(monkeypatch):
+    import importlib.util
+
+    from fedse.config import ConfigError
+    from fedse.spec import resolve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"'output\.tensorboard': true needs the package tensorboard"):
+        resolve(tiny_config(output={"tensorboard": True}))
+    resolve(tiny_config())  # off: nothing asked

@@ -37,9 +37,11 @@ from ..analysis.report import (
     client_rows,
     client_summary_rows,
     format_table,
+    round_rows,
     write_record,
     write_run,
 )
+from ..analysis.tracking import TensorBoardLog
 from ..checkpoint import CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError, config_to_dict, config_to_record
 from ..data.federated import FederatedData, model_shape
@@ -559,6 +561,9 @@ def run_server(
         )
 
     common = _message_config(cfg, run_log)
+    board = TensorBoardLog(run_dir) if cfg.output.tensorboard and run_dir is not None else None
+    if board is not None:
+        on_round = _with_board(board, on_round)
     strategy = RunRecorder(
         guard,
         run_log or RunLog(),
@@ -598,7 +603,22 @@ def run_server(
             extra=extra,
         )
         checkpoint(cfg.server.rounds, to_arrays(final), strategy.log, finished=True)
+    if board is not None:
+        tables = {"clients": final_tables(strategy.log), "privacy": format_privacy(privacy)}
+        board.run(cfg, {name: text for name, text in tables.items() if text})
+        board.close()
     return ServerOutcome(strategy.log, final, summary)
+
+
+def _with_board(board: TensorBoardLog, on_round: Callable[[int, RunLog], None] | None) -> Callable[[int, RunLog], None]:
+    """``on_round`` that also writes the round's figures to TensorBoard."""
+
+    def both(server_round: int, run_log: RunLog) -> None:
+        board.round(round_rows(run_log)[-1])
+        if on_round is not None:
+            on_round(server_round, run_log)
+
+    return both
 
 
 def _checkpoint_to_resume(
