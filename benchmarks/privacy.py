@@ -8,8 +8,8 @@
 2. Step time: the same model and batch, one plain SGD step against one DP-SGD
    step (fedse's DP phase: per-sample gradients by torch.func, Opacus's
    clipping, noise, Poisson sampling and accountant) and, for reference, one
-   DP-SGD step with per-sample gradients from Opacus's hooks (fedse before
-   issue 15), interleaved, median of repeats; at 28x28, batch 64, and at the
+   DP-SGD step with per-sample gradients from Opacus's hooks (Opacus's own
+   GradSampleModule), interleaved, median of repeats; at 28x28, batch 64, and at the
    quickstart's scale (8x8, batch 32) side by side. Results keep the ratios
    to the plain step only.
 
@@ -93,7 +93,7 @@ STEP_SCALES = {
 
 
 class OpacusHooksDP(SampleDP):
-    """For reference only: the DP phase fedse had before issue 15, Opacus's ``make_private``, whose
+    """For reference only: a DP phase through Opacus's ``make_private``, whose
     GradSampleModule computes per-sample gradients with hooks, layer by layer. Same Poisson loader,
     optimizer, clipping, noise and accountant as :class:`SampleDP`; only the per-sample gradients
     differ in how they are computed."""
