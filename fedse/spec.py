@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from . import models, privacy
 from .analysis import tracking
-from .config import Config, ConfigError
+from .config import Config
 from .data import partition, readers
 from .data.federated import model_shape
 from .federation import strategy
@@ -39,11 +39,11 @@ def resolve(cfg: Config, policy: str | None = None) -> RunSpec:
     partition.check_config(cfg.partition)
     models.check_config(cfg.model)
     try:
-        models.check_shape(cfg.model, model_shape(cfg)[2])
-    except ValueError as err:
-        if isinstance(err, ConfigError):
-            raise
-        # an image folder whose shape the config does not give yet: the clients' data gives it
+        size = model_shape(cfg)[2]
+    except ValueError:  # an image folder whose shape the config does not give: the clients' data gives it
+        size = None
+    if size is not None:
+        models.check_shape(cfg.model, size)
     privacy.check_config(cfg)
     strategy.check_config(cfg)
     tracking.check_config(cfg)

@@ -15,13 +15,12 @@ variant; 0.5 here).
 
 from __future__ import annotations
 
-from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import Policy
+from .base import Policy, with_state
 from .run import ClientRun
 
 __all__ = ["APFL", "APFL_LOCAL"]
@@ -51,11 +50,7 @@ class APFL(Policy):
         for k, w in model.state_dict().items():
             v = extra[f"{APFL_LOCAL}{k}"].to(w.device)
             state[k] = a * v + (1 - a) * w if w.is_floating_point() else v.clone()
-        mix = deepcopy(model)
-        # strict=False: torch re-adds BatchNorm step counters to a metadata-less dict; every real key is checked
-        if missing := mix.load_state_dict(state, strict=False).missing_keys:
-            raise ValueError(f"the mixed model lacks {missing[:5]}")
-        return mix
+        return with_state(model, state, "the mixed model")
 
     def after_update(
         self, run: ClientRun, model: nn.Module, extra: dict[str, torch.Tensor], received: dict[str, torch.Tensor]

@@ -18,6 +18,7 @@ subclass says only what its method changes:
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -30,7 +31,7 @@ from ..split import PARTS, Split, split_model
 if TYPE_CHECKING:
     from .run import ClientRun
 
-__all__ = ["LABEL_PRIOR_MODES", "SCHEDULES", "Policy", "head_keys", "norm_keys"]
+__all__ = ["LABEL_PRIOR_MODES", "SCHEDULES", "Policy", "head_keys", "norm_keys", "with_state"]
 
 SCHEDULES = ("joint", "private-first")
 LABEL_PRIOR_MODES = ("off", "train", "predict")
@@ -39,6 +40,16 @@ LABEL_PRIOR_MODES = ("off", "train", "predict")
 def norm_keys(model: nn.Module) -> tuple[str, ...]:
     """The normalisation layers' keys: affine weights and biases, running statistics."""
     return split_model(model, {"norm"}).private
+
+
+def with_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """A copy of ``model`` holding ``state`` (a whole model's tensors, kept by a method as extra state).
+    strict=False: torch re-adds BatchNorm step counters to a metadata-less dict; every real key is
+    checked (a missing one is a ValueError naming ``what``)."""
+    copy = deepcopy(model)
+    if missing := copy.load_state_dict(state, strict=False).missing_keys:
+        raise ValueError(f"{what} lacks {missing[:5]}")
+    return copy
 
 
 def head_keys(model: nn.Module) -> tuple[str, ...]:

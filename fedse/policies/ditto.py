@@ -8,14 +8,13 @@ round (Algorithm 1), and evaluated in the global model's place.
 
 from __future__ import annotations
 
-from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import Config, ConfigError
-from .base import Policy
+from .base import Policy, with_state
 from .run import ClientRun
 
 __all__ = ["PERSONAL", "Ditto", "personal_model"]
@@ -26,12 +25,8 @@ PERSONAL = "personal."  # prefix of the personal model's tensors in a client's p
 def personal_model(model: nn.Module, extra: dict[str, torch.Tensor], prefix: str = PERSONAL) -> nn.Module:
     """A copy of ``model``'s architecture holding the client's personal model, whose tensors are
     ``extra``'s ``<prefix><key>`` entries."""
-    personal = deepcopy(model)
     state = {k.removeprefix(prefix): v for k, v in extra.items() if k.startswith(prefix)}
-    # strict=False: torch re-adds BatchNorm step counters to a metadata-less dict; every real key is checked
-    if missing := personal.load_state_dict(state, strict=False).missing_keys:
-        raise ValueError(f"the stored personal model lacks {missing[:5]}")
-    return personal
+    return with_state(model, state, "the stored personal model")
 
 
 @dataclass(frozen=True)

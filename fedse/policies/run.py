@@ -121,7 +121,7 @@ class ClientRun:
             std=self.std,
             epochs=epochs,
             batch_size=t.batch_size,
-            lr=t.lr * lr_factor if lr_factor != 1.0 else t.lr,
+            lr=t.lr * lr_factor,  # x 1.0 is exact: the configured rate itself
             momentum=t.momentum,
             weight_decay=t.weight_decay,
             seed=seed,
@@ -217,16 +217,16 @@ class ClientRun:
 
     def evaluate(self, model: nn.Module, offset: torch.Tensor | None) -> EvalResult:
         """``model`` on the client's own test part, its logits offset by ``offset``."""
-        s = self.shard
-        return evaluate(
-            model, s.test_images, s.test_labels, mean=self.mean, std=self.std, device=self.device, logit_bias=offset
-        )
+        return self._evaluate(model, self.shard.test_images, self.shard.test_labels, offset)
 
     def score(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, offset: torch.Tensor | None) -> float:
         """``model``'s accuracy on ``images`` (the client's own), its logits offset by ``offset``."""
-        return evaluate(
-            model, images, labels, mean=self.mean, std=self.std, device=self.device, logit_bias=offset
-        ).accuracy
+        return self._evaluate(model, images, labels, offset).accuracy
+
+    def _evaluate(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, offset: torch.Tensor | None
+    ) -> EvalResult:
+        return evaluate(model, images, labels, mean=self.mean, std=self.std, device=self.device, logit_bias=offset)
 
     def adapt_and_evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
         """Cold start: a client that never trained adapts copies of the received ``model`` on its own
