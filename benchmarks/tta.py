@@ -12,8 +12,9 @@ set to every core), as PFLlib runs them, so the three parts add up to the round.
         --target 0.95 --out benchmarks/results/tta_fmnist.json
 
 Output: one row per method with, for each metric, the first round at or above the target and the
-wall seconds until the end of that round (None where it was not reached), and the median seconds a
-round spent on client training, client evaluation and the framework. Rows already in ``--out`` are
+wall seconds until the end of that round (None where it was not reached), the median seconds a
+round spent on client training, client evaluation and the framework, and every round's two
+accuracies and seconds (``per_round``). Rows already in ``--out`` are
 kept (a stopped benchmark continues where it stopped).
 """
 
@@ -111,7 +112,15 @@ def one(config: Path | None, overrides: list[str], method: str, target: float) -
         r = row[COL_ROUND]
         train = sum(x["seconds"] for x in lines if x["kind"] == "train" and x["round"] == r)
         evaluate = sum(x["seconds"] for x in lines if x["kind"] == "evaluate" and x["round"] == r)
-        per_round[r] = {"train": train, "evaluate": evaluate, "framework": (row[COL_SECONDS] or 0.0) - train - evaluate}
+        per_round[r] = {
+            "round": r,
+            "weighted": row[COL_LOCAL_ACC_WEIGHTED],
+            "mean": row[COL_LOCAL_ACC_MEAN],
+            "seconds": round(row[COL_SECONDS] or 0.0, 2),
+            "train": round(train, 2),
+            "evaluate": round(evaluate, 2),
+            "framework": round((row[COL_SECONDS] or 0.0) - train - evaluate, 2),
+        }
     weighted_round, weighted_s = _first(rows, COL_LOCAL_ACC_WEIGHTED, target)
     mean_round, mean_s = _first(rows, COL_LOCAL_ACC_MEAN, target)
     median = {
@@ -126,6 +135,7 @@ def one(config: Path | None, overrides: list[str], method: str, target: float) -
         "last": {"weighted": rows[-1][COL_LOCAL_ACC_WEIGHTED], "mean": rows[-1][COL_LOCAL_ACC_MEAN]},
         "rounds": len(rows),
         "wall_seconds": round(wall, 1),
+        "per_round": list(per_round.values()),
     }
 
 
