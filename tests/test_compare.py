@@ -564,7 +564,7 @@ def test_the_terminal_table_is_narrow_with_two_decimals_and_the_gain_in_points(t
     assert [h.strip() for h in header if h.strip()] == [
         "method",
         "mean over clients",
-        "weighted by test images",
+        "weighted by test samples",
         "worst 10% of clients",
         "gain over fedavg",
     ]

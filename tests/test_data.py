@@ -297,6 +297,30 @@ def test_unreadable_or_pickled_cifar_cache_is_rebuilt_not_unpickled(tmp_path, mo
         assert torch.equal(again.images, first.images) and not marker.exists()
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "home/.cache/fedse"),
+        ({"XDG_CACHE_HOME": "{tmp}/xdg"}, "xdg/fedse"),
+        ({"XDG_CACHE_HOME": "relative/xdg"}, "home/.cache/fedse"),  # not absolute: ignored, as XDG says
+        ({"XDG_CACHE_HOME": "{tmp}/xdg", "FEDSE_CACHE": "{tmp}/mine"}, "mine"),
+    ],
+)
+def test_the_cache_and_downloads_go_where_the_environment_says(tmp_path, monkeypatch, env, expected):
+    from fedse.data import readers
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("FEDSE_CACHE", "XDG_CACHE_HOME", "FEDSE_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    assert readers.cache_dir() == tmp_path / expected
+    assert readers._download_dir(None) == tmp_path / expected / "data"
+    monkeypatch.setenv("FEDSE_DATA", str(tmp_path / "data"))
+    assert readers._download_dir(None) == tmp_path / "data"
+    assert readers._download_dir(tmp_path / "root") == tmp_path / "root"
+
+
 def test_image_folder_rejects_mixed_sizes_naming_the_file(tmp_path):
     _png_tree(tmp_path, "train", {"a": [1]})
     Image.fromarray(np.zeros((5, 5, 3), dtype=np.uint8)).save(tmp_path / "train" / "a" / "odd.png")

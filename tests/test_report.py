@@ -188,6 +188,28 @@ def test_a_runs_rounds_config_and_tables_are_read_back_from_its_tensorboard_even
     assert {"config/text_summary", "clients/text_summary"} <= texts
 
 
+@pytest.mark.parametrize(
+    ("mode", "tag"),
+    [
+        ("client", "privacy/epsilon_client_level"),
+        ("sample", "privacy/epsilon_sample_level_max_over_clients"),
+        (None, "privacy/epsilon"),
+    ],
+)
+def test_the_epsilon_on_the_board_is_tagged_with_its_level(tmp_path, mode, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedse.analysis.tracking import TENSORBOARD_DIR, TensorBoardLog
+
+    board = TensorBoardLog(tmp_path, privacy=mode)
+    board.round({"round": 1, "epsilon": 1.5, "seconds": 2.0})
+    board.close()
+    events = EventAccumulator(str(tmp_path / TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [t for t in events.Tags()["scalars"] if t.startswith("privacy/")] == [tag]
+    assert [(e.step, e.value) for e in events.Scalars(tag)] == [(1, 1.5)]
+
+
 def test_tensorboard_without_its_package_is_refused_before_anything_starts(monkeypatch):
     import importlib.util
 

@@ -234,13 +234,13 @@ def _points(value: float | None) -> str:
 
 def terminal_table(summary: dict[str, Any], reference: str = "fedavg") -> str:
     """The comparison in brief, for the terminal: per method, personalized accuracy on each client's
-    own test part in % (mean over clients, weighted by test images, the worst 10% of clients; mean ±
+    own test part in % (mean over clients, weighted by test samples, the worst 10% of clients; mean ±
     std over seeds where several) and the mean per-client gain over ``reference`` in points, with the
     clients that gain, tie and lose. ``summary``: what :func:`write_comparison` returns (or
     :func:`read_comparison` reads: its ``table`` and ``gains``). The full table is the folder's
     ``table.md`` and ``table.csv``."""
     gains = {g["method"]: g for g in summary.get("gains") or []}
-    columns = ["method", "mean over clients", "weighted by test images", "worst 10% of clients"]
+    columns = ["method", "mean over clients", "weighted by test samples", "worst 10% of clients"]
     if gains:
         columns.append(f"gain over {reference}")
     rows = []
@@ -261,7 +261,7 @@ def terminal_table(summary: dict[str, Any], reference: str = "fedavg") -> str:
     seeds = max((int(row.get("seeds", 1)) for row in summary["table"]), default=1)
     note = (
         "Personalized accuracy in % on each client's own test part, after the last round: the mean over clients, "
-        "the same weighted by test images, the mean of the worst 10% of clients"
+        "the same weighted by test samples, the mean of the worst 10% of clients"
         + ("; mean ± std over seeds." if seeds > 1 else ".")
     )
     if gains:

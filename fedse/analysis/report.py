@@ -240,7 +240,7 @@ def integer_rounds(axis: Any) -> None:
 # What each curve of the round plot is (the legend's words).
 ROUND_CURVES = (
     (COL_LOCAL_ACC_MEAN, "personalized: own test part, mean over clients"),
-    (COL_LOCAL_ACC_WEIGHTED, "personalized: own test part, weighted by test images"),
+    (COL_LOCAL_ACC_WEIGHTED, "personalized: own test part, weighted by test samples"),
     (COL_TRAIN_ACC, "own train part, during local training (weighted by samples)"),
 )
 POOLED_LABEL = "pooled test set, mean over clients"

@@ -31,21 +31,27 @@ from .report import (
     COL_TRAIN_LOSS,
 )
 
-__all__ = ["TENSORBOARD_DIR", "SCALARS", "TensorBoardLog", "check_config"]
+__all__ = ["EPSILON_TAGS", "TENSORBOARD_DIR", "SCALARS", "TensorBoardLog", "check_config"]
 
 TENSORBOARD_DIR = "tensorboard"  # in the run folder
-# The round line's figures, by their TensorBoard tag.
+# The round line's figures, by their TensorBoard tag; the epsilon's tag is in EPSILON_TAGS.
 SCALARS = {
     "accuracy/personalized_mean_over_clients": COL_LOCAL_ACC_MEAN,
     "accuracy/personalized_weighted_by_test_samples": COL_LOCAL_ACC_WEIGHTED,
     "accuracy/pooled_test_mean_over_clients": COL_POOLED_ACC_MEAN,
     "train/loss": COL_TRAIN_LOSS,
     "train/accuracy": COL_TRAIN_ACC,
-    "privacy/epsilon_client_level": COL_EPSILON,
     "replies/dropped": COL_DROPPED,
     "replies/failed": COL_FAILED,
     "replies/round_refused": COL_REFUSED,
     "time/round_seconds": COL_SECONDS,
+}
+# The epsilon spent so far, tagged with what it is by ``privacy.mode``: the server's client-level
+# accountant, or the largest cumulative epsilon of the round's clients under sample-level DP-SGD.
+# A board not told the mode tags it ``privacy/epsilon``.
+EPSILON_TAGS = {
+    "client": "privacy/epsilon_client_level",
+    "sample": "privacy/epsilon_sample_level_max_over_clients",
 }
 
 
@@ -59,17 +65,19 @@ def check_config(cfg: Config) -> None:
 
 
 class TensorBoardLog:
-    """The event files of one run folder."""
+    """The event files of one run folder; ``privacy``: the run's ``privacy.mode``, which names its
+    epsilon (:data:`EPSILON_TAGS`)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, privacy: str | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
+        self.scalars = {**SCALARS, EPSILON_TAGS.get(privacy or "", "privacy/epsilon"): COL_EPSILON}
 
     def round(self, row: Mapping[str, Any]) -> None:
         """One row of the round table (:func:`fedse.analysis.report.round_rows`): every figure it has."""
         step = int(row[COL_ROUND])
-        for tag, column in SCALARS.items():
+        for tag, column in self.scalars.items():
             value = row.get(column)
             if isinstance(value, int | float):  # a figure the round measured (bools count 0/1)
                 self.writer.add_scalar(tag, float(value), step)

@@ -150,9 +150,10 @@ def _download(urls: dict[str, tuple[str, str]], directory: Path) -> None:
 
 
 def _download_dir(root: Path | None) -> Path:
+    """Where ``download=True`` writes: ``root``, else ``$FEDSE_DATA``, else ``data/`` in :func:`cache_dir`."""
     if root is not None:
         return root
-    return Path(os.environ.get("FEDSE_DATA") or Path.home() / ".cache" / "fedse" / "data")
+    return Path(os.environ.get("FEDSE_DATA") or cache_dir() / "data")
 
 
 # ----------------------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
@@ -409,8 +410,15 @@ def _read_tar_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return _stack(arrays, names), np.asarray([classes.index(c) for c in classes_of]), classes
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("FEDSE_CACHE") or Path.home() / ".cache" / "fedse")
+def cache_dir() -> Path:
+    """The folder for what fedse can rebuild or fetch again (decoded CIFAR-10 tarballs, downloads
+    when neither ``data.root`` nor ``$FEDSE_DATA`` is set): ``$FEDSE_CACHE``, else
+    ``$XDG_CACHE_HOME/fedse`` (an absolute path only, as the XDG base-directory rules say), else
+    ``~/.cache/fedse``."""
+    if own := os.environ.get("FEDSE_CACHE"):
+        return Path(own)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "fedse"
 
 
 def _load_cifar_tarballs(train_tar: Path, test_tar: Path) -> Dataset:
@@ -420,7 +428,7 @@ def _load_cifar_tarballs(train_tar: Path, test_tar: Path) -> Dataset:
             [(str(p.resolve()), s.st_size, s.st_mtime_ns) for p, s in zip((train_tar, test_tar), stat, strict=True)]
         ).encode()
     ).hexdigest()[:16]
-    cache = _cache_dir() / f"cifar10-{key}.npz"
+    cache = cache_dir() / f"cifar10-{key}.npz"
     if cache.is_file():
         try:  # never pickles: a planted cache file must not run code; an unreadable one is rebuilt
             with np.load(cache, allow_pickle=False) as z:

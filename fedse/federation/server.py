@@ -561,7 +561,9 @@ def run_server(
         )
 
     common = _message_config(cfg, run_log)
-    board = TensorBoardLog(run_dir) if cfg.output.tensorboard and run_dir is not None else None
+    board = (
+        TensorBoardLog(run_dir, privacy=cfg.privacy.mode) if cfg.output.tensorboard and run_dir is not None else None
+    )
     if board is not None:
         on_round = _with_board(board, on_round)
     strategy = RunRecorder(
