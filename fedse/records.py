@@ -86,7 +86,9 @@ DIGEST_IN, DIGEST_OUT = "private-digest-in", "private-digest-out"
 TRAIN_LOSS, TRAIN_ACC = "train-loss", "train-acc"  # on the client's own train part (not under sample-level DP)
 DP_EPSILON = "dp-epsilon"  # sample-level DP: the client's cumulative epsilon, instead of the train numbers
 LOCAL_LOSS, LOCAL_ACC = "local-loss", "local-acc"  # the personalized model on the client's own test part
-POOLED_LOSS, POOLED_ACC = "pooled-loss", "pooled-acc"  # the global model on the pooled test set (when POOLED)
+# On the pooled test set (when POOLED): the received shared weights with the client's private keys, without
+# its label prior (client.handle_evaluate); the global model only where nothing is private or fine-tuned.
+POOLED_LOSS, POOLED_ACC = "pooled-loss", "pooled-acc"
 # A SuperNode's node config (``--node-config``; the simulation engine sets the partition keys).
 NODE_PARTITION_ID = "partition-id"  # which partition of the run's dataset is this client's (simulation, demos)
 NODE_NUM_PARTITIONS = "num-partitions"

@@ -626,3 +626,42 @@ def test_the_comparison_figures_name_the_setting_with_whole_rounds_and_no_global
     assert "fedse (mean gain +0.25 points)" in [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(fig)
     assert clients_figure(runs[1:], per_client(runs[1:])) is None  # no fedavg: no figure against it
+
+
+def test_the_round_figure_shades_one_std_over_seeds_where_a_method_has_several():
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import to_rgb
+
+    from fedse.analysis.comparison import round_figure
+
+    def curve(*accuracies):
+        return [{"round": n, "local_acc_mean": a} for n, a in enumerate(accuracies, start=1)]
+
+    runs = [
+        _run("fedavg", 0, curve(0.5, 0.6)),
+        _run("fedavg", 1, curve(0.7, 0.8)),
+        _run("fedse", 0, curve(0.6, 0.9)),
+        _run("fedse", 1, curve(0.6, 0.7)),
+    ]
+    fig = round_figure(runs)
+    ax = fig.axes[0]
+    shades = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(shades) == len(ax.collections) == 2  # one per method
+    # round 2: fedavg 0.6, 0.8 -> 0.7 ± 0.1; fedse 0.9, 0.7 -> 0.8 ± 0.1 (population std, as the tables)
+    for shade, line, (lo, hi) in zip(shades, ax.get_lines(), [(0.6, 0.8), (0.7, 0.9)], strict=True):
+        xy = shade.get_paths()[0].vertices
+        at_two = xy[xy[:, 0] == 2, 1]
+        assert (at_two.min(), at_two.max()) == (pytest.approx(lo), pytest.approx(hi))
+        assert tuple(shade.get_facecolor()[0][:3]) == pytest.approx(to_rgb(line.get_color()))  # the line's colour
+    assert ax.get_legend().get_title().get_text() == "method\n(shaded: ± 1 std over 2 seeds)"
+    plt.close(fig)
+    fig = round_figure([*runs, _run("fedse", 2, curve(0.6, 0.8))])  # seed counts differ: each label names its own
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["fedavg (2 seeds)", "fedse (3 seeds)"]
+    assert ax.get_legend().get_title().get_text() == "method\n(shaded: ± 1 std over its seeds)"
+    plt.close(fig)
+    fig = round_figure([r for r in runs if r.seed == 0])  # one seed: no spread to shade
+    ax = fig.axes[0]
+    assert not ax.collections and ax.get_legend().get_title().get_text() == "method"
+    plt.close(fig)

@@ -27,6 +27,7 @@ from fedse.federation.server import (
     RunRecorder,
     _Stderr,
     client_dp_warning,
+    final_tables,
     format_privacy,
     privacy_report,
     setup_logging,
@@ -270,6 +271,20 @@ def test_client_level_summary_is_labelled():
     assert "level             client: all data of one client" in text
     assert "clipping          fixed, norm 0.5" in text
     assert format_privacy({"mode": "none"}) == ""
+
+
+def test_the_final_tables_name_their_columns_in_the_readmes_words():
+    from fedse.records import LOCAL_ACC, NUM_EXAMPLES, NUM_TRAIN, POOLED_ACC
+
+    ev = {c: {NUM_TRAIN: 40 + c, NUM_EXAMPLES: 10, LOCAL_ACC: 0.5 + c / 10, POOLED_ACC: 0.4} for c in (0, 1)}
+    text = final_tables(RunLog(evaluate={2: ev}))
+    clients, summary = (t.splitlines() for t in text.split("\n\n")[:2])
+    words = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    readable = ["personalized accuracy (own test part)", "pooled accuracy"]
+    assert words(clients[0]) == ["client", "train samples", *readable]
+    assert words(summary[0]) == ["over clients", *readable]
+    assert words(clients[3]) == ["1", "41", "0.6000", "0.4000"] and words(summary[2]) == ["mean", "0.5500", "0.4000"]
+    assert "local_acc" not in text and "pooled_acc" not in text and "train_samples" not in text
 
 
 # --------------------------------------------------------------------------- client-level DP's warning

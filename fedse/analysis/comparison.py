@@ -139,14 +139,21 @@ def method_run_from(raw: Any, where: str) -> MethodRun:
     return MethodRun(**raw)
 
 
-def _pm(values: Sequence[float | None], scale: float = 100.0, digits: int = 2) -> str:
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
+    """Mean and population standard deviation (numpy's, ``ddof=0``) of the values that were measured
+    (None: not evaluated); None when none was. The spread over seeds of every table and plot."""
     vals = [v for v in values if v is not None]
-    if not vals:
+    return (float(np.mean(vals)), float(np.std(vals))) if vals else None
+
+
+def _pm(values: Sequence[float | None], scale: float = 100.0, digits: int = 2) -> str:
+    spread = _mean_std(values)
+    if spread is None:
         return "-"
-    mean = float(np.mean(vals)) * scale
-    if len(vals) == 1:
+    mean, std = spread[0] * scale, spread[1] * scale
+    if sum(v is not None for v in values) == 1:
         return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {float(np.std(vals)) * scale:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _weighted(pairs: Sequence[tuple[float | None, int | None]]) -> float | None:
@@ -317,7 +324,8 @@ def _seeds_note(runs: Sequence[MethodRun]) -> str:
 
 def round_figure(runs: Sequence[MethodRun], setting: str = "") -> Any:
     """Personalized accuracy (mean over clients) per round, one curve per method (mean over its
-    seeds, at the rounds every seed ran and evaluated), as a matplotlib Figure (not saved, not
+    seeds, at the rounds every seed ran and evaluated), shaded ± 1 std over the seeds where a method
+    has several (the std of the tables, :func:`_mean_std`), as a matplotlib Figure (not saved, not
     closed). ``setting``: the dataset and split (:func:`~fedse.analysis.report.describe_split`)."""
     import matplotlib
 
@@ -326,17 +334,25 @@ def round_figure(runs: Sequence[MethodRun], setting: str = "") -> Any:
     from matplotlib.ticker import PercentFormatter
 
     methods = list(dict.fromkeys(r.method for r in runs))
+    seeds = {m: len([r for r in runs if r.method == m]) for m in methods}  # a (method, seed) is one run
+    shaded = sorted({n for n in seeds.values() if n > 1})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in methods:
         curves = [r.rounds for r in runs if r.method == method]
         shared = set.intersection(*({x[COL_ROUND] for x in c} for c in curves))  # rounds every seed ran
         points = [
-            (n, mean)
+            (n, *spread)
             for n in sorted(shared)
-            if (mean := _mean([x[COL_LOCAL_ACC_MEAN] for c in curves for x in c if x[COL_ROUND] == n])) is not None
+            if (spread := _mean_std([x[COL_LOCAL_ACC_MEAN] for c in curves for x in c if x[COL_ROUND] == n]))
+            is not None
         ]  # a round without an evaluation is no point
-        if points:
-            ax.plot(*zip(*points, strict=True), marker=".", label=method)
+        if not points:
+            continue
+        x, mean, std = (np.array(v) for v in zip(*points, strict=True))
+        label = f"{method} ({seeds[method]} seeds)" if len(shaded) > 1 and seeds[method] > 1 else method
+        (line,) = ax.plot(x, mean, marker=".", label=label)
+        if seeds[method] > 1:
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set(
         xlabel="round",
         ylabel="accuracy on each client's own test part\n(the method's model for it, mean over clients)",
@@ -347,7 +363,10 @@ def round_figure(runs: Sequence[MethodRun], setting: str = "") -> Any:
     ax.set_title(f"{setting + ': ' if setting else ''}accuracy per round ({_seeds_note(runs)})", fontsize=9.5)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, title="method", title_fontsize=8)
+        title = "method"
+        if shaded:  # one seed count for every shaded method: the title names it; several: each label does
+            title += f"\n(shaded: ± 1 std over {shaded[0] if len(shaded) == 1 else 'its'} seeds)"
+        ax.legend(fontsize=8, title=title, title_fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -24,6 +24,7 @@ from ..io import atomic_save, atomic_write_json, atomic_write_text, csv_cell
 from ..records import DP_EPSILON, LOCAL_ACC, NUM_EXAMPLES, NUM_TRAIN, POOLED_ACC, TRAIN_ACC, TRAIN_LOSS
 
 __all__ = [
+    "CLIENT_HEADINGS",
     "client_rows",
     "client_summary_rows",
     "COL_CLIENT",
@@ -69,6 +70,14 @@ COL_DROPPED, COL_FAILED, COL_REFUSED = "dropped", "failed", "refused"  # replies
 COL_CLIENT = "client"  # the client's number (a client row; in summary rows, the statistic's name)
 COL_TRAIN_SAMPLES, COL_TEST_SAMPLES = "train_samples", "test_samples"
 COL_LOCAL_ACC, COL_POOLED_ACC = "local_acc", "pooled_acc"  # from the last round the client was evaluated in
+# What a printed per-client table calls these columns (the README's words, "What the figures mean");
+# the files keep the keys, which are the names scripts read.
+CLIENT_HEADINGS = {
+    COL_CLIENT: "client",
+    COL_TRAIN_SAMPLES: "train samples",
+    COL_LOCAL_ACC: "personalized accuracy (own test part)",
+    COL_POOLED_ACC: "pooled accuracy",
+}
 
 
 @dataclass
@@ -169,15 +178,22 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Plain-text table (also valid GitHub Markdown)."""
+def format_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    headings: Mapping[str, str] | None = None,
+) -> str:
+    """Plain-text table (also valid GitHub Markdown); ``headings`` maps a column's key to the name its
+    header prints (a key not in it prints as itself)."""
     if not rows:
         return "(no rows)"
     columns = list(columns or rows[0].keys())
+    header = [(headings or {}).get(c, c) for c in columns]
     cells = [[format_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
     line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
 def client_summary_rows(clients: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

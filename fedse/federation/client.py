@@ -201,8 +201,9 @@ def handle_train(msg: Message, context: Context, state_root: str | None = None) 
 def handle_evaluate(
     msg: Message, context: Context, export_dir: str | None = None, state_root: str | None = None
 ) -> Message:
-    """Personalized model (received shared + own private) on the client's own test part,
-    and, when asked, on the pooled test set of all clients. At the run's final evaluation
+    """The personalized model (the policy's evaluated model, fine-tuned where the policy fine-tunes,
+    with its prediction offset) on the client's own test part; when asked, ``s.model`` (received
+    shared + own private, no offset) on the pooled test set of all clients. At the run's final evaluation
     (``final`` in the message) the client writes the model it evaluated (:func:`_export`)."""
     s = _setup(msg, context, state_root)
     final = bool(msg.content[CONFIG].get(FINAL, False))
@@ -225,9 +226,11 @@ def handle_evaluate(
                 "does not have; run with --set evaluate.pooled=false"
             )
         x, y = s.fed.pooled_test(s.cfg.evaluate.pooled_max_samples, s.cfg.seed)
-        # no label-prior offset here: the pooled test set follows the federation's label
-        # distribution, not this client's
-        pooled = evaluate(s.model, x, y, mean=s.run.mean, std=s.run.std, device=s.run.device)  # the global model
+        # s.model: the received shared weights with this client's private keys, fine-tuned above where
+        # the policy fine-tunes and evaluates s.model itself (fedavg-ft, fedbabu); the global model only
+        # where nothing is private or fine-tuned. No label-prior offset: the pooled test set follows the
+        # federation's label distribution, not this client's.
+        pooled = evaluate(s.model, x, y, mean=s.run.mean, std=s.run.std, device=s.run.device)
         metrics |= {POOLED_ACC: pooled.accuracy, POOLED_LOSS: pooled.loss}
     client = {CLIENT_ID: s.client_id, NUM_TRAIN: len(s.shard.train_labels)}
     return _reply(msg, None, metrics, client)

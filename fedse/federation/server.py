@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..analysis.report import (
+    CLIENT_HEADINGS,
     COL_CLIENT,
     COL_LOCAL_ACC,
     COL_POOLED_ACC,
@@ -696,14 +697,16 @@ def _export_rest(
 def final_tables(outcome_log: RunLog, max_rows: int = 20) -> str:
     """The per-client table (up to ``max_rows`` clients; beyond that only a pointer to
     ``clients.csv``, which always holds every client) and its summary lines, as printed at the end
-    of a run, then any refused or failed replies (with the first failure's reason)."""
+    of a run, then any refused or failed replies (with the first failure's reason). The headers use
+    the README's words (:data:`~fedse.analysis.report.CLIENT_HEADINGS`); the files keep the keys."""
     clients = client_rows(outcome_log)
     cols = [COL_CLIENT, COL_TRAIN_SAMPLES, COL_LOCAL_ACC, COL_POOLED_ACC]
     if len(clients) <= max_rows:
-        text = format_table(clients, cols) + "\n\n"
+        text = format_table(clients, cols, headings=CLIENT_HEADINGS) + "\n\n"
     else:
         text = f"{len(clients)} clients evaluated: every client's row is in clients.csv in the run folder\n\n"
-    text += format_table(client_summary_rows(clients))
+    # a summary row's first cell names the statistic (mean, std, ...) over the clients
+    text += format_table(client_summary_rows(clients), headings={**CLIENT_HEADINGS, COL_CLIENT: "over clients"})
     if outcome_log.dropped:
         text += f"\n\n{len(outcome_log.dropped)} replies refused by the guard; first: {outcome_log.dropped[0]}"
     if outcome_log.failed:
