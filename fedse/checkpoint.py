@@ -25,7 +25,7 @@ from .config import Config, ConfigError, config_from_record, config_to_dict, con
 from .data.split_import import comparable_partition
 from .io import atomic_save
 from .privacy import ClientDP
-from .records import from_arrays
+from .records import from_arrays, non_finite
 
 __all__ = [
     "CHECKPOINT",
@@ -209,9 +209,7 @@ def _shared_problems(shared: dict[str, torch.Tensor], like: dict[str, torch.Tens
         for k, v in shared.items()
         if k in like and (v.shape != like[k].shape or v.dtype != like[k].dtype)
     ][:3]
-    problems += [
-        f"{k}: NaN or inf" for k, v in shared.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
-    ][:3]
+    problems += [f"{k}: NaN or inf" for k in non_finite(shared)][:3]
     return problems
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "check_arrays",
     "evaluate_schema",
     "from_arrays",
+    "non_finite",
     "screen_reply",
     "to_arrays",
     "train_schema",
@@ -145,6 +146,11 @@ def _read_arrays(
         else:
             out[key] = array
     return out
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys, sorted, of the floating-point tensors that hold a NaN or an infinity."""
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
 
 
 def check_arrays(record: ArrayRecord, expected: Mapping[str, tuple[int, ...]]) -> list[str]:

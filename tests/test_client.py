@@ -216,3 +216,17 @@ def test_client_refuses_non_finite_or_missing_shared_weights(task_identity, dama
         del shared[key]
     with pytest.raises(ValueError, match=f"server sent invalid shared weights: .*{message}"):
         make_client_app()(_message(cfg, to_arrays(shared)), _context(0))
+
+
+def test_diverged_training_keeps_the_private_state_of_before_and_sends_nothing(task_identity):
+    """A client whose local training goes non-finite neither keeps the NaN private part nor sends it:
+    its next round starts from what it held before, and the error names the divergence and the knob."""
+    cfg, model, split = _setup()
+    app, ctx = make_client_app(), _context(1)
+    r1 = app(_message(cfg, to_arrays(split.shared_state(model))), ctx)
+    kept = load_private(ctx, split.private_state(model))
+    hot = tiny_config(personalization={"policy": "fedse"}, train={"lr": 1e30})
+    with pytest.raises(FloatingPointError, match=r"local training diverged in round 2 .*train\.lr \(now 1e\+30\)"):
+        app(_message(hot, r1.content["arrays"], **{"server-round": 2}), ctx)  # Flower's runtime replies with it
+    after = load_private(ctx, split.private_state(model))
+    assert all(torch.equal(after[k], kept[k]) for k in kept)  # bit for bit what round 1 left

@@ -53,6 +53,7 @@ from ..records import (
     TRAINED_BEFORE,
     check_arrays,
     from_arrays,
+    non_finite,
     to_arrays,
 )
 from ..split import Split
@@ -185,7 +186,17 @@ def handle_train(msg: Message, context: Context, state_root: str | None = None) 
     private_out = s.split.private_state(s.model)
     extra_out = s.policy.after_update(s.run, s.model, extra, s.received)
     if dp is not None:
-        save_accountant(context, dp.state())
+        save_accountant(context, dp.state())  # the steps were taken: their privacy cost counts, whatever follows
+    if diverged := non_finite({**private_out, **extra_out, **s.split.shared_state(s.model)}):
+        # Kept, a NaN private part would break every later round of this client: the client keeps what it
+        # held before this round and replies with an error (the round counts it as a failure).
+        raise FloatingPointError(
+            f"client {s.client_id}: local training diverged in round {msg.content[CONFIG].get(SERVER_ROUND, 0)} "
+            f"(non-finite {', '.join(diverged[:3])}{', ...' if len(diverged) > 3 else ''}); its private state stays as "
+            f"it was before the round and it sends no update; allowed: a train.lr (now {s.cfg.train.lr}) and "
+            f"train.momentum (now {s.cfg.train.momentum}) at which training stays finite (models without "
+            "normalisation layers, the cnn family, need lower ones)"
+        )
     persist(context, {**private_out, **extra_out}, _round_store(state_root, s.client_id, msg))
     client = {CLIENT_ID: s.client_id}
     if s.cfg.evaluate.private_digest:
