@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -52,17 +51,20 @@ def main() -> None:
         supernode_command,
         write_connection,
     )
-    from fedse.deployment.launch import LocalProcesses, free_port, register_supernode
+    from fedse.deployment.launch import (
+        LocalProcesses,
+        flower_env,
+        free_port,
+        register_supernode,
+        run_rounds,
+        start_run,
+        start_superlink,
+        start_supernodes,
+    )
 
-    flwr = str(Path(sys.executable).with_name("flwr"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        env = {
-            **os.environ,
-            "FLWR_HOME": str(tmp / "flwr_home"),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        }
+        env = flower_env(tmp / "flwr_home")
         procs = LocalProcesses(env, tmp / "logs", ROOT)
         certs = make_test_certs(tmp / "certs")
         keys = [make_node_key(tmp / "keys" / f"node{i}") for i in range(NODES)]
@@ -76,30 +78,28 @@ def main() -> None:
         out = tmp / "runs"
         started = time.perf_counter()
         try:
-            procs.start(
-                "superlink",
-                superlink_command(certs=certs, port=port, database=tmp / "state.db" if args.database else None),
+            start_superlink(
+                procs, superlink_command(certs=certs, port=port, database=tmp / "state.db" if args.database else None)
             )
-            procs.wait_log("superlink", lambda log: "Uvicorn running" in log, 120, "the SuperLink")
             for i in range(NODES):
                 reg = register_supernode(keys[i], f"node{i}", connection="tls", env=env, cwd=ROOT)
                 if reg.returncode != 0:
                     sys.exit(f"registering node {i} failed:\n{reg.stdout}{reg.stderr}")
-            for i in range(NODES):
-                cmd = supernode_command(
-                    superlink=address,
-                    ca=certs.ca,
-                    key=keys[i].with_suffix(""),
-                    port=free_port(),
-                    node_config={"partition-id": i, "num-partitions": NODES, "state-dir": str(tmp / f"state{i}")},
-                )
-                procs.start(f"node{i}", cmd)
-            procs.wait_log(
-                "superlink", lambda log: log.count("Activated node_id") >= NODES, 300, f"{NODES} SuperNodes to join"
+            start_supernodes(
+                procs,
+                [
+                    supernode_command(
+                        superlink=address,
+                        ca=certs.ca,
+                        key=keys[i].with_suffix(""),
+                        port=free_port(),
+                        node_config={"partition-id": i, "num-partitions": NODES, "state-dir": str(tmp / f"state{i}")},
+                    )
+                    for i in range(NODES)
+                ],
             )
-            config = f'overrides="{overrides}" output-dir="{out}"'
             run_started = time.perf_counter()
-            run = procs.start("run", [flwr, "run", str(ROOT), "tls", "--run-config", config, "--stream"])
+            run = start_run(procs, "run", "tls", {"overrides": overrides, "output-dir": str(out)})
             procs.wait_log("run", lambda log: "[ROUND 2/3]" in log, 900, "round 2", alive=("superlink",))
             for i in range(KILLED):
                 procs.kill(f"node{NODES - 1 - i}")
@@ -112,8 +112,7 @@ def main() -> None:
         finally:
             procs.stop_all()
         left = procs.running()
-        folder = next(p for p in out.iterdir() if p.is_dir())
-        rounds = json.loads((folder / "rounds.json").read_text())
+        rounds = run_rounds(out)
     from fedse.analysis.report import COL_CLIENTS, COL_FAILED, COL_ROUND, COL_SECONDS
 
     figures = {

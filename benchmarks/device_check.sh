@@ -3,17 +3,22 @@
 # CUDA PyTorch, pytest and pytest-xdist, but no flwr, Ray or Opacus, and no network).
 #
 # Here, once: download the wheels it lacks into .whl/ (ignored by git; Ray's wheel is too big to
-# travel, so nothing that starts Flower's simulation engine runs there):
+# travel, so nothing that starts Flower's simulation engine runs there; Flower's Deployment Engine
+# needs no Ray, and uvicorn, prompt_toolkit and wcwidth are what its SuperLink and the flwr CLI add):
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
 #     flwr==1.42.0 opacus==1.6.0 alembic Mako SQLAlchemy cryptography fastapi starlette pydantic \
 #     pydantic_core annotated-types typing-inspection grpcio grpcio-health-checking protobuf \
 #     pycryptodome iterators tomli tomli_w typing_extensions cffi pycparser \
-#     dp-accounting dm-tree
-# There (device tool, carry [".whl"]):  bash benchmarks/device_check.sh
+#     dp-accounting dm-tree uvicorn==0.49.0 prompt_toolkit wcwidth
+# and copy CIFAR-10 into .data/ (step 5 reads it): only the checkout travels, with a shared/ inside
+# it, never the ../shared/data beside it:
+#   echo /.data/ >> .git/info/exclude; mkdir -p .data && cp -r ../shared/data/cifar10 .data/
+# There (device tool, carry [".whl", ".data"]):  bash benchmarks/device_check.sh
 #
-# Writes to $OUT: env.txt, cuda_tests.log, gpu_fp32.json, gpu_bf16.json, suite.log, suite.xml.
+# Writes to $OUT: env.txt, cuda_tests.log, gpu_fp32.json, gpu_bf16.json, suite.log, suite.xml,
+# gpu_deployment.json.
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
@@ -39,4 +44,8 @@ tail -40 "$OUT/suite.log"
 
 echo "== 4. the same ladder in bf16"
 timeout 100 python3 benchmarks/gpu.py --concurrency 1 2 4 8 16 --bf16 --json "$OUT/gpu_bf16.json" 2>&1 | tail -8
+
+echo "== 5. the Deployment Engine: a SuperLink, K SuperNodes and flwr run, the clients on the GPU (no Ray)"
+timeout 200 python3 benchmarks/gpu.py --mode plain deployment --data cifar10 --data-root .data --concurrency 1 4 \
+  --json "$OUT/gpu_deployment.json" 2>&1 | tail -8
 echo "device_check: done"
