@@ -87,7 +87,7 @@ def _interrupt(args: list[str], cwd: Path, after: float, signum: int) -> tuple[i
             out, _ = proc.communicate(timeout=after)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signum)
-            out, _ = proc.communicate(timeout=120)
+            out, _ = proc.communicate(timeout=300)  # a hang guard: a stop under load can take minutes
     finally:
         _stop_session(proc.pid)
     return proc.returncode, out
