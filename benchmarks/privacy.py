@@ -6,12 +6,13 @@
    whole run (delta 1e-5) and without DP. Personalized accuracy is the mean
    over clients of the accuracy on their own test part after the last round.
 2. Step time: the same model and batch, one plain SGD step against one DP-SGD
-   step (fedse's DP phase: per-sample gradients by torch.func, Opacus's
-   clipping, noise, Poisson sampling and accountant) and, for reference, one
-   DP-SGD step with per-sample gradients from Opacus's hooks (Opacus's own
-   GradSampleModule), interleaved, median of repeats; at 28x28, batch 64, and at the
-   quickstart's scale (8x8, batch 32) side by side. Results keep the ratios
-   to the plain step only.
+   step (fedse's DP phase: per-sample gradients by layer, :mod:`fedse.per_sample`;
+   Opacus's clipping, noise, Poisson sampling and accountant) and, for
+   reference, the same DP step with per-sample gradients by torch.func's vmap
+   (what any other model gets) and with Opacus's hooks (Opacus's own
+   GradSampleModule), interleaved, median of repeats; se_resnet8 at 28x28
+   (batch 64) and at the quickstart's scale (8x8, batch 32), and se_cnn at
+   28x28 (batch 64), side by side. Results keep the ratios to the plain step only.
 
     python benchmarks/privacy.py                     # both, writes benchmarks/results/privacy.*
     python benchmarks/privacy.py --only steps        # just the step-time ratios (keeps the accuracy table)
@@ -87,8 +88,13 @@ def accuracy_vs_epsilon(config: str, overrides: list[str]) -> list[dict]:
 # (28x28, Fashion-MNIST-sized) and the quickstart's (digits 8x8, batch 32, a typical
 # 160-image client: 5 steps per epoch).
 STEP_SCALES = {
-    "28x28": {"image": 28, "batch": 64, "steps": 10},
-    "quickstart": {"image": 8, "batch": 32, "steps": 5},
+    "28x28": {"model": "se_resnet8", "image": 28, "batch": 64, "steps": 10},
+    "quickstart": {"model": "se_resnet8", "image": 8, "batch": 32, "steps": 5},
+    "28x28 se_cnn": {"model": "se_cnn", "image": 28, "batch": 64, "steps": 10},
+}
+MODEL_NAMES = {
+    "se_resnet8": "se_resnet8 width 16 (GroupNorm)",
+    "se_cnn": "se_cnn width 32 (no norm layers)",
 }
 
 
@@ -138,16 +144,19 @@ class OpacusHooksDP(SampleDP):
             dp_model.del_grad_sample()
 
 
+# kind: (its DP, per-sample gradients by layer where the model allows)
 STEP_KINDS = {
-    "plain": lambda: None,
-    "dp": lambda: SampleDP(noise_multiplier=1.0, max_grad_norm=1.0),
-    "dp_opacus_hooks": lambda: OpacusHooksDP(noise_multiplier=1.0, max_grad_norm=1.0),
+    "plain": (lambda: None, True),
+    "dp": (lambda: SampleDP(noise_multiplier=1.0, max_grad_norm=1.0), True),
+    "dp_vmap": (lambda: SampleDP(noise_multiplier=1.0, max_grad_norm=1.0), False),
+    "dp_opacus_hooks": (lambda: OpacusHooksDP(noise_multiplier=1.0, max_grad_norm=1.0), True),
 }
 
 
 def step_times(repeats: int = 10) -> dict:
     """Seconds per optimizer step over one epoch of :func:`fedse.train.train`: plain SGD, fedse's
-    DP-SGD and, for reference, DP-SGD with Opacus's hooks (:class:`OpacusHooksDP`), at every
+    DP-SGD and, for reference, the same with per-sample gradients by torch.func's vmap and by
+    Opacus's hooks (:class:`OpacusHooksDP`), at every
     :data:`STEP_SCALES` entry; every scale and kind interleaved, median of ``repeats`` after two
     warm-ups. The DP sides include the DP phase's set-up (Poisson loader, DP optimizer), amortized
     over the epoch, as every client round pays it. The ratios to the plain step are the figures
@@ -164,8 +173,11 @@ def step_times(repeats: int = 10) -> dict:
         for i in range(repeats + 2):
             for scale, c in STEP_SCALES.items():
                 x, y = data[scale]
-                for kind, make_dp in STEP_KINDS.items():
-                    model = create_model("se_resnet8", num_classes=10, in_channels=1, norm="groupnorm")
+                for kind, (make_dp, by_layer) in STEP_KINDS.items():
+                    norm = {"norm": "groupnorm"} if c["model"] == "se_resnet8" else {"image_size": c["image"]}
+                    model = create_model(c["model"], num_classes=10, in_channels=1, **norm)
+                    # The instance's own declaration: False sends this model to torch.func's vmap.
+                    model.per_sample_gradients_by_layer = by_layer
                     dp = make_dp()
                     start = time.perf_counter()
                     result = train(
@@ -181,9 +193,10 @@ def step_times(repeats: int = 10) -> dict:
     for scale, c in STEP_SCALES.items():
         ms = {kind: 1000 * statistics.median(times[scale, kind]) for kind in STEP_KINDS}
         out["scales"][scale] = {
-            "model": f"se_resnet8 width 16 (GroupNorm), 1x{c['image']}x{c['image']}, batch {c['batch']}, "
+            "model": f"{MODEL_NAMES[c['model']]}, 1x{c['image']}x{c['image']}, batch {c['batch']}, "
             f"{c['steps']} steps per epoch",
             "ratio": round(ms["dp"] / ms["plain"], 3),
+            "ratio_vmap": round(ms["dp_vmap"] / ms["plain"], 3),
             "ratio_opacus_hooks": round(ms["dp_opacus_hooks"] / ms["plain"], 3),
             "ms": {kind: round(v, 2) for kind, v in ms.items()},
         }
@@ -232,7 +245,8 @@ def markdown(results: dict) -> str:
                 "scale": k,
                 "model": v["model"],
                 "dp_step / plain_step": v["ratio"],
-                "with Opacus hooks (before)": v["ratio_opacus_hooks"],
+                "by torch.func vmap": v["ratio_vmap"],
+                "by Opacus hooks": v["ratio_opacus_hooks"],
             }
             for k, v in scales
         ]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -156,6 +156,10 @@ class BasicBlock(nn.Module):
 class SEResNet(nn.Module):
     """Stem -> stages of :class:`BasicBlock` -> global average pool -> ``fc``."""
 
+    # Every parameter is used only in its own module's forward and no module mixes examples
+    # (GroupNorm; BatchNorm is refused under DP): per-sample gradients by layer (fedse.per_sample).
+    per_sample_gradients_by_layer: ClassVar[bool] = True
+
     def __init__(
         self,
         blocks_per_stage: tuple[int, ...],
@@ -218,6 +222,10 @@ class CNN(nn.Module):
     classes. With ``reduction``, a squeeze-and-excitation block follows each stage (``se_cnn``), so
     private excitation can be measured on the reference architecture itself. It has no
     normalisation layers."""
+
+    # Every parameter is used only in its own module's forward and no module mixes examples
+    # (GroupNorm; BatchNorm is refused under DP): per-sample gradients by layer (fedse.per_sample).
+    per_sample_gradients_by_layer: ClassVar[bool] = True
 
     def __init__(
         self, *, num_classes: int, in_channels: int, image_size: int, width: int = 32, reduction: int | None = None

@@ -4,11 +4,12 @@ Sample level (``privacy.mode: sample``): each client trains with DP-SGD:
 Poisson sampling, per-sample clipping of the gradient of *every* parameter
 that trains (private excitation included), Gaussian noise. The per-sample
 gradients are exact autodiff of each example's own loss through the whole
-model (``torch.func``: ``vmap`` over ``grad`` of a ``functional_call``,
-:func:`per_sample_gradients`); Opacus does the rest with its public pieces:
-``DPDataLoader`` (Poisson sampling), ``DPOptimizer`` (clipping, noise,
-averaging) and its accountant, whose hook counts every step. No Opacus hooks
-sit on the model. The accountant's state is kept per client across rounds,
+model, clipped by Opacus's rule (:mod:`fedse.per_sample`: layer by layer from
+one batched backward for fedse's models, ``torch.func``'s ``vmap`` for any
+other); Opacus does the rest with its public pieces: ``DPDataLoader``
+(Poisson sampling), ``DPOptimizerFastGradientClipping`` (noise, averaging)
+and its accountant, whose hook counts every step. No Opacus hooks sit on the
+model. The accountant's state is kept per client across rounds,
 so the epsilon a client reports covers every DP step it ever took.
 
 Client level (``privacy.mode: client``): Flower's own wrappers around the
@@ -47,14 +48,14 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import Config, ConfigError
+from .per_sample import Criterion, clipped_sum
 
 # Importing Opacus calls logging.basicConfig (opacus/utils/module_utils.py): where nothing had set up
 # logging, the root logger gets a stderr handler of Opacus's format, and every line Flower's own
@@ -75,15 +76,11 @@ __all__ = [
     "client_noise_multiplier",
     "make_client_dp",
     "epsilon_of",
-    "per_sample_gradients",
     "poisson_rate",
     "sample_noise_multiplier",
 ]
 
 
-# (model output, labels) -> (mean loss, the logits that loss saw): the training objective, which
-# the plain step applies to a batch and the DP step to each example alone.
-Criterion = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # (inputs, labels) -> (mean loss, logits), both detached (None, None for an empty batch): one step.
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]
 
@@ -123,28 +120,6 @@ def check_config(cfg: Config) -> None:
                 "import here (pip install torchcsprng); allowed: false, where DP noise comes from a "
                 "generator seeded from os.urandom (unpredictable, not cryptographically secure)"
             ) from None
-
-
-def per_sample_gradients(
-    model: nn.Module, names: Sequence[str], x: torch.Tensor, y: torch.Tensor, criterion: Criterion
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Per-sample gradients of the parameters ``names``: for each example ``i``, the gradient of
-    ``criterion(model(x[i:i+1]), y[i:i+1])``, exact autodiff through the whole model
-    (``vmap`` over ``grad`` of a ``functional_call``; every other parameter and buffer is the
-    module's own, held fixed). Returns ``({name: (batch, *shape)}, mean loss, logits)``, the
-    last two detached. The model must have no cross-sample statistics (no BatchNorm in training
-    mode: :func:`check_dp_model`), so each example's forward is the batch's row for it."""
-    params = dict(model.named_parameters())
-    trained = {n: params[n].detach() for n in names}
-
-    def sample_loss(
-        trained: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        loss, logits = criterion(functional_call(model, trained, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-        return loss, (loss.detach(), logits.detach().squeeze(0))
-
-    grads, (losses, logits) = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))(trained, x, y)
-    return grads, losses.mean(), logits
 
 
 class SampleDP:
@@ -194,12 +169,13 @@ class SampleDP:
         train): yields ``(step, loader)``, Opacus's Poisson loader over (images, labels) and the
         DP step, which takes a batch of it and returns its mean loss and logits.
 
-        The step fills each trained parameter's ``grad_sample`` with its per-sample gradients
-        (:func:`per_sample_gradients` of ``criterion``) and calls Opacus's ``DPOptimizer``, which
-        clips each example's gradient over all of them to ``max_grad_norm``, adds the noise,
-        divides by the expected batch size and steps ``optimizer``; its step hook adds the step to
-        this client's accountant. An empty Poisson batch is a noise-only step, counted like any
-        other. Everything Opacus puts on the parameters is removed on exit.
+        The step sets each trained parameter's ``grad`` to the sum of the batch's gradients, each
+        example's clipped over all trained parameters to ``max_grad_norm`` by Opacus's rule
+        (:func:`fedse.per_sample.clipped_sum` of ``criterion``), and calls Opacus's
+        ``DPOptimizerFastGradientClipping`` (the optimizer of Opacus's own ghost clipping), which
+        adds the noise, divides by the expected batch size and steps ``optimizer``; its step hook
+        adds the step to this client's accountant. An empty Poisson batch is a noise-only step,
+        counted like any other. Everything Opacus puts on the parameters is removed on exit.
 
         Poisson sampling (on the host) and noise (on the parameters' device) draw from generators
         seeded from ``os.urandom``, never from the run's seed: noise or batches predictable from
@@ -220,12 +196,12 @@ class SampleDP:
             noise_generator = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little"))
         # What PrivacyEngine.make_private sets up, without wrapping the model (no hooks): the Poisson
         # loader (each example in each of ceil(n / batch) steps with probability 1 / that), the
-        # optimizer that clips, noises and averages over the expected batch size, the accountant.
+        # optimizer that noises and averages the clipped sum over the expected batch size, the accountant.
         loader = DPDataLoader.from_data_loader(
             DataLoader(TensorDataset(images, labels), batch_size=batch_size), generator=generator
         )
         sample_rate = 1 / len(loader)
-        dp_optimizer = DPOptimizer(
+        dp_optimizer = DPOptimizerFastGradientClipping(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
@@ -239,23 +215,24 @@ class SampleDP:
 
         def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             dp_optimizer.zero_grad(set_to_none=True)
-            loss = logits = None
-            if len(y):
-                grads, loss, logits = per_sample_gradients(model, names, x, y, criterion)
-            else:
-                grads = {n: p.new_zeros((0, *p.shape)) for n, p in zip(names, trained, strict=True)}
+            if not len(y):
+                for p in trained:
+                    p.grad = torch.zeros_like(p)
+                dp_optimizer.step()
+                return None, None
+            batch = clipped_sum(model, names, x, y, criterion, self.max_grad_norm)
             for n, p in zip(names, trained, strict=True):
-                p.grad_sample = grads[n]  # what DPOptimizer clips (Opacus's per-sample gradient slot)
+                p.grad = batch.grads[n]  # what the optimizer noises (Opacus's clipped-sum slot)
             dp_optimizer.step()
-            return loss, logits
+            return batch.loss, batch.logits
 
         try:
             yield step, loader
         finally:
             for p in trained:
-                for attr in ("grad_sample", "summed_grad"):
-                    if hasattr(p, attr):
-                        delattr(p, attr)
+                p.grad = None
+                if hasattr(p, "summed_grad"):
+                    del p.summed_grad
 
 
 def _names_of(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[list[str]] = [
     ["fedse.config", "fedse.io", "fedse.interrupt"],
-    ["fedse.models", "fedse.records", "fedse.identity"],
+    ["fedse.models", "fedse.records", "fedse.identity", "fedse.per_sample"],
     ["fedse.split", "fedse.prior", "fedse.privacy"],
     ["fedse.data"],  # readers, transforms, partition, feature_skew, federated
     ["fedse.train", "fedse.state", "fedse.fingerprint"],

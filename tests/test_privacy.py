@@ -1,5 +1,5 @@
-"""Differential privacy: per-sample gradients == Opacus's, DP step == plain step without noise,
-model check, cumulative epsilon, pinned epsilon, client-level clipping bound, no private key leaves."""
+"""Differential privacy: DP step == plain step without noise, model check, cumulative epsilon,
+pinned epsilon, client-level clipping bound, no private key leaves."""
 
 import json
 import math
@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from conftest import cpu_state, tiny_config
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
 from fedse.config import ConfigError, config_to_dict
@@ -23,7 +22,6 @@ from fedse.privacy import (
     check_dp_model,
     client_level_epsilon,
     epsilon_of,
-    per_sample_gradients,
     poisson_rate,
     sample_noise_multiplier,
 )
@@ -67,35 +65,6 @@ def test_dp_step_without_noise_and_with_loose_clipping_equals_plain_step():
         models.append(cpu_state(model))
     for key in models[0]:
         torch.testing.assert_close(models[0][key], models[1][key], **CLOSE)
-
-
-def test_per_sample_gradients_equal_opacus_grad_sample_module():
-    # torch.func (vmap over grad of each example's own loss) against Opacus's hooks, on a GroupNorm
-    # se_resnet8 with a frozen subset and a logit bias in the loss.
-    x, y = _data(n=16)
-    x = normalize(x, MEAN, STD)
-    torch.manual_seed(0)
-    model = create_model("se_resnet8", num_classes=3, in_channels=1, width=8, norm="groupnorm")
-    for name, p in model.named_parameters():
-        p.requires_grad_(not _frozen(name))
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert 0 < len(names) < len(list(model.parameters()))
-    grads, loss, logits = per_sample_gradients(model, names, x, y, _criterion)
-    gsm = GradSampleModule(model)  # loss_reduction="mean": grad_sample is each example's own gradient
-    ref_loss, ref_logits = _criterion(gsm(x), y)
-    ref_loss.backward()
-    worst = 0.0
-    for name, p in model.named_parameters():
-        if name not in grads:
-            assert getattr(p, "grad_sample", None) is None
-            continue
-        assert grads[name].shape == (16, *p.shape)
-        torch.testing.assert_close(grads[name], p.grad_sample, rtol=1e-5, atol=1e-6)
-        worst = max(worst, (grads[name] - p.grad_sample).abs().max().item())
-    assert worst < 1e-6
-    torch.testing.assert_close(logits, ref_logits.detach())
-    torch.testing.assert_close(loss, ref_loss.detach())
-    gsm.remove_hooks()
 
 
 def test_dp_step_equals_plain_step_with_frozen_subset_lr_groups_momentum_and_logit_bias():

@@ -1,0 +1,289 @@
+"""Per-sample gradients: for each example of a batch, the gradient of its own loss.
+
+DP-SGD clips each example's gradient, so it needs them one by one. Two exact ways:
+
+* **By layer** (:func:`by_layer`), for models that declare
+  ``per_sample_gradients_by_layer = True``: every parameter is used only inside the forward of
+  the module that holds it, and no module mixes examples. One batched forward records each
+  trained module's input; one batched backward gives the gradient of the summed loss at each
+  module's output, which is each example's own gradient there (no cross-sample terms), computing
+  input gradients only. Each module's rule then turns (input, output gradient) into per-sample
+  parameter gradients: a convolution's by one grouped convolution backward (the batch as groups),
+  a linear layer's by one ``einsum``, a GroupNorm's from its normalised input. This costs about a
+  plain step plus the per-sample weight gradients; Opacus's hooks compute the same from unfolded
+  inputs, several times slower on CPU (``benchmarks/privacy.py``).
+* **By torch.func** (:func:`by_vmap`), for any other model, or a trained parameter held by a
+  module without a rule here: ``vmap`` over ``grad`` of a ``functional_call`` on one example.
+
+Both give the gradient of each example's loss alone, to float rounding; which one runs depends
+only on the model's declaration and its module types, never on a failure.
+
+DP-SGD needs only each example's gradient norm and the sum of the clipped gradients
+(:func:`clipped_sum`). A linear layer on one vector per example has a rank-one per-sample weight
+gradient ``g_i a_i^T``: its norm is ``|g_i| |a_i|`` and the clipped sum is one matrix product
+``(c * g)^T a``, so by layer it is never materialised (ghost clipping, Li et al. 2022; Bu et al.
+2023's book-keeping). That matters where a wide linear layer holds most of the weights (the
+reference CNN's ``fc1``: 64 examples x 524k weights each).
+
+Both pad the batch with zero images to a multiple of :data:`PAD_MULTIPLE`. Poisson sampling gives
+every step a batch of a different size, and every new size makes oneDNN (CPU) or cuDNN (CUDA) build
+new convolution kernels, which costs more than the step itself; padded, a run sees a handful of
+sizes. The padded rows are left out of the loss and their gradients dropped, so the real rows'
+per-sample gradients, loss and logits are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+# (model output, labels) -> (mean loss, the logits that loss saw): the training objective, a mean
+# of per-example terms (by_layer scales it by the batch size to get each example's own gradient).
+Criterion = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# The model's declaration that makes by_layer exact for it (see the module docstring).
+DECLARATION = "per_sample_gradients_by_layer"
+# Batches are padded to a multiple of this many rows (see the module docstring).
+PAD_MULTIPLE = 8
+
+# (module, its input, the gradient at its output, {parameter short name}) -> {short name: (batch, *shape)}
+Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor, set[str]], dict[str, torch.Tensor]]
+
+
+def _conv2d(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, want: set[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    if "weight" in want:
+        b, w = a.shape[0], m.weight
+        # The batch as convolution groups: input (1, B*C_in, H, W), output gradient (1, B*C_out, H', W')
+        # give the weight gradient of B independent convolutions, (B*C_out, C_in/groups, kh, kw).
+        per_sample = torch.ops.aten.convolution_backward(
+            g.reshape(1, b * m.out_channels, *g.shape[2:]),
+            a.reshape(1, b * m.in_channels, *a.shape[2:]),
+            w.new_empty(b * w.shape[0], *w.shape[1:]),  # only its shape is read
+            None,
+            m.stride,
+            m.padding,
+            m.dilation,
+            False,
+            [0, 0],
+            b * m.groups,
+            [False, True, False],
+        )[1]
+        out["weight"] = per_sample.view(b, *w.shape)
+    if "bias" in want:
+        out["bias"] = g.sum((2, 3))
+    return out
+
+
+def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor, want: set[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    if "weight" in want:
+        out["weight"] = torch.einsum("b...o,b...i->boi", g, a)
+    if "bias" in want:
+        out["bias"] = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
+    return out
+
+
+def _group_norm(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, want: set[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    if "weight" in want:
+        out["weight"] = (F.group_norm(a, m.num_groups, eps=m.eps) * g).flatten(2).sum(2)
+    if "bias" in want:
+        out["bias"] = g.flatten(2).sum(2)
+    return out
+
+
+def _conv2d_ok(m: nn.Module) -> bool:
+    return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+# Exact module types (a subclass may change forward); each with the condition its rule needs.
+RULES: dict[type[nn.Module], tuple[Rule, Callable[[nn.Module], bool]]] = {
+    nn.Conv2d: (_conv2d, _conv2d_ok),
+    nn.Linear: (_linear, lambda m: True),
+    nn.GroupNorm: (_group_norm, lambda m: True),
+}
+
+
+def layer_plan(model: nn.Module, names: Sequence[str]) -> dict[nn.Module, dict[str, str]] | None:
+    """``{module: {short name: full name}}`` for the parameters ``names`` when :func:`by_layer`
+    applies to ``model`` (it declares :data:`DECLARATION` and every module holding one of them has
+    a rule), else None."""
+    if not getattr(model, DECLARATION, False):
+        return None
+    wanted, plan = set(names), {}
+    for prefix, module in model.named_modules():
+        for short, _ in module.named_parameters(recurse=False):
+            full = f"{prefix}.{short}" if prefix else short
+            if full not in wanted:
+                continue
+            rule = RULES.get(type(module))
+            if rule is None or not rule[1](module):
+                return None
+            plan.setdefault(module, {})[short] = full
+    return plan
+
+
+def per_sample_gradients(
+    model: nn.Module, names: Sequence[str], x: torch.Tensor, y: torch.Tensor, criterion: Criterion
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of the parameters ``names``: for each example ``i``, the gradient of
+    ``criterion(model(x[i:i+1]), y[i:i+1])``; every other parameter and buffer is held fixed, and
+    no ``.grad`` is touched. Returns ``({name: (batch, *shape)}, mean loss, logits)``, the last two
+    detached. The model must have no cross-sample statistics (no BatchNorm in training mode), so
+    each example's forward is the batch's row for it. :func:`by_layer` where :func:`layer_plan`
+    allows, else :func:`by_vmap`."""
+    plan = layer_plan(model, names)
+    if plan is None:
+        return by_vmap(model, names, x, y, criterion)
+    return by_layer(model, plan, names, x, y, criterion)
+
+
+class Ghost(NamedTuple):
+    """A linear layer's per-sample weight gradients ``g_i a_i^T``, kept as their two factors."""
+
+    a: torch.Tensor  # (batch, in)
+    g: torch.Tensor  # (batch, out)
+
+    def full(self) -> torch.Tensor:
+        return torch.einsum("bo,bi->boi", self.g, self.a)
+
+
+@dataclass(frozen=True)
+class ClippedSum:
+    """One DP-SGD batch before the noise: ``grads``, per parameter, the sum over examples of each
+    example's gradient times its clip factor; ``norms``, each example's gradient norm over every
+    trained parameter, before clipping; the mean ``loss`` and the ``logits`` (detached)."""
+
+    grads: dict[str, torch.Tensor]
+    norms: torch.Tensor
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+def clipped_sum(
+    model: nn.Module,
+    names: Sequence[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: Criterion,
+    max_grad_norm: float,
+) -> ClippedSum:
+    """DP-SGD's clipping of the parameters ``names`` on a non-empty batch, as Opacus's
+    ``DPOptimizer`` clips: each example's gradient over all of them jointly is scaled by
+    ``min(1, max_grad_norm / (norm + 1e-6))``, then summed over the examples. The per-sample
+    gradients are :func:`per_sample_gradients`', except that a linear layer's is kept as its two
+    factors where it is rank one (by layer, one call): same norms and sums, exactly."""
+    plan = layer_plan(model, names)
+    if plan is None:
+        parts, loss, logits = by_vmap(model, names, x, y, criterion)
+    else:
+        parts, loss, logits = by_layer(model, plan, names, x, y, criterion, ghost=True)
+    squares = [
+        p.a.square().sum(1) * p.g.square().sum(1) if isinstance(p, Ghost) else p.reshape(len(p), -1).square().sum(1)
+        for p in parts.values()
+    ]
+    norms = torch.stack(squares, 1).sum(1).sqrt()
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    grads = {
+        name: (p.g * factor[:, None]).T @ p.a if isinstance(p, Ghost) else torch.einsum("i,i...->...", factor, p)
+        for name, p in parts.items()
+    }
+    return ClippedSum(grads, norms, loss, logits)
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """``x`` followed by zero rows up to a multiple of :data:`PAD_MULTIPLE` rows."""
+    pad = -len(x) % PAD_MULTIPLE
+    return torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
+
+
+def by_vmap(
+    model: nn.Module, names: Sequence[str], x: torch.Tensor, y: torch.Tensor, criterion: Criterion
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``vmap`` over ``grad`` of a ``functional_call`` on one example: any model."""
+    params = dict(model.named_parameters())
+    trained = {n: params[n].detach() for n in names}
+
+    def sample_loss(
+        trained: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        loss, logits = criterion(functional_call(model, trained, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+        return loss, (loss.detach(), logits.detach().squeeze(0))
+
+    n = len(y)
+    grads, (losses, logits) = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))(
+        trained, _padded(x), _padded(y)
+    )
+    return {k: g[:n] for k, g in grads.items()}, losses[:n].mean(), logits[:n]
+
+
+def by_layer(
+    model: nn.Module,
+    plan: Mapping[nn.Module, Mapping[str, str]],
+    names: Sequence[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: Criterion,
+    *,
+    ghost: bool = False,
+) -> tuple[dict[str, torch.Tensor | Ghost], torch.Tensor, torch.Tensor]:
+    """One batched forward and backward; each module's rule runs in the backward as soon as the
+    gradient at its output is known, while it is in cache (see the module docstring). ``plan`` is
+    :func:`layer_plan`'s. The forward runs on detached parameters and an input that requires grad,
+    so autograd computes input gradients only; a module called more than once adds up its calls.
+    With ``ghost``, a linear layer's weight on one vector per example, called once, is a
+    :class:`Ghost`."""
+    n = len(y)
+    grads: dict[str, torch.Tensor | Ghost] = {}
+
+    def add(name: str, t: torch.Tensor | Ghost) -> None:
+        if name in grads:  # a second call: the sum of two rank-one gradients is not rank one
+            before = grads[name]
+            grads[name] = (before.full() if isinstance(before, Ghost) else before) + (
+                t.full() if isinstance(t, Ghost) else t
+            )
+        else:
+            grads[name] = t
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        a, version = args[0].detach(), args[0]._version
+
+        def rule(g: torch.Tensor) -> None:
+            if a._version != version:
+                raise RuntimeError(
+                    f"{type(module).__name__}'s input was changed in place after the call, so its per-sample "
+                    f"gradients cannot be computed by layer; remove {DECLARATION} from {type(model).__name__}"
+                )
+            shorts, want = plan[module], set(plan[module])
+            if ghost and type(module) is nn.Linear and a.dim() == 2 and "weight" in want:
+                add(shorts["weight"], Ghost(a[:n], g[:n]))
+                want.discard("weight")
+            for short, t in RULES[type(module)][0](module, a, g, want).items():
+                add(shorts[short], t[:n])
+
+        # Registered now, the hook sees the gradient at this output even if it is changed in place later.
+        output.register_hook(rule)
+
+    handles = [module.register_forward_hook(record) for module in plan]
+    try:
+        detached = {k: p.detach() for k, p in model.named_parameters()}
+        xg = _padded(x.detach()).requires_grad_(True)
+        loss, logits = criterion(functional_call(model, detached, (xg,))[:n], y)
+        # The mean loss times the batch size: the gradient at each output row is that example's own
+        # (zero at the padded rows, which the loss leaves out).
+        torch.autograd.grad(loss * n, xg)
+    finally:
+        for handle in handles:
+            handle.remove()
+    params = dict(model.named_parameters())
+    for name in names:  # a trained parameter whose module never reached the loss: zero for every example
+        if name not in grads:
+            grads[name] = params[name].new_zeros((n, *params[name].shape))
+    return grads, loss.detach(), logits.detach()
