@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import cpu_state
 
+from fedse.data.transforms import normalize
 from fedse.models import create_model
+from fedse.per_sample import layer_plan, per_sample_gradients
 from fedse.privacy import SampleDP
 from fedse.train import TrainSpec, train
 
@@ -78,3 +80,26 @@ def test_dp_sgd_trains_on_cuda_with_fresh_noise_on_the_device():
         dps.append(dp)
     assert all(sum(step[2] for step in dp.accountant.history) == 4 for dp in dps)
     assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_per_sample_gradients_by_layer_on_cuda_match_the_cpu():
+    # The grouped convolution backward that gives each example's weight gradient runs on cuDNN
+    # there; TF32 is off for the comparison (float32 on both sides).
+    x, y = _data(12)
+    x = normalize(x, MEAN, STD)
+    model = _model("groupnorm")
+    names = [n for n, _ in model.named_parameters()]
+    assert layer_plan(model, names) is not None
+
+    def criterion(out, labels):
+        return torch.nn.functional.cross_entropy(out, labels), out
+
+    on_cpu, _, _ = per_sample_gradients(model, names, x, y, criterion)
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        on_cuda, _, _ = per_sample_gradients(model.to(CUDA), names, x.to(CUDA), y.to(CUDA), criterion)
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    for n in names:
+        torch.testing.assert_close(on_cuda[n].cpu(), on_cpu[n], rtol=1e-4, atol=1e-6)
