@@ -212,7 +212,7 @@ def plain(args: argparse.Namespace, k: int) -> dict:
         "concurrent": k,
         "clients": clients,
         "seconds": round(wall, 3),
-        "clients_per_second": round(clients / wall, 3),
+        "clients_per_second": _rate(clients, wall),
         "device_memory_mb": mb(used),
         "device_memory_per_client_mb": mb(used / k),
         "slot_max_allocated_mb": mb(max(r["max_allocated"] for r in reports)),
@@ -232,7 +232,7 @@ def flower(args: argparse.Namespace, k: int) -> dict:
         "concurrent": k,
         "clients": n,
         "seconds": round(seconds, 3),
-        "clients_per_second": round(n / seconds, 3),
+        "clients_per_second": _rate(n, seconds),
     }
 
 
@@ -300,11 +300,16 @@ def deployment(args: argparse.Namespace, k: int) -> dict:
         "concurrent": k,
         "clients": k,
         "seconds": round(seconds, 3),
-        "clients_per_second": round(k / seconds, 3),
+        "clients_per_second": _rate(k, seconds),
         "clients_per_round": [r[COL_CLIENTS] for r in rounds],
         "failed_replies_per_round": [r.get(COL_FAILED, 0) for r in rounds],
         "processes_left_running": procs.running(),
     }
+
+
+def _rate(clients: int, seconds: float) -> float:
+    """Clients per second to 4 significant figures (a slow run's rate is a small number)."""
+    return float(f"{clients / seconds:.4g}")
 
 
 def _ratio_to_plain(row: dict, base: dict) -> float:
