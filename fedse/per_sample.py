@@ -11,7 +11,7 @@ DP-SGD clips each example's gradient, so it needs them one by one. Two exact way
   parameter gradients: a convolution's by one grouped convolution backward (the batch as groups),
   a linear layer's by one ``einsum``, a GroupNorm's from its normalised input. This costs about a
   plain step plus the per-sample weight gradients; Opacus's hooks compute the same from unfolded
-  inputs, several times slower on CPU (``benchmarks/privacy.py``).
+  inputs, which makes a slower DP step on CPU (measured side by side in ``benchmarks/privacy.py``).
 * **By torch.func** (:func:`by_vmap`), for any other model, or a trained parameter held by a
   module without a rule here: ``vmap`` over ``grad`` of a ``functional_call`` on one example.
 
