@@ -266,6 +266,10 @@ class PersonalizationConfig:
     # Ditto's lambda: the personal model's pull toward the received global model, lambda/2 ||v - w||^2
     # (Li et al. 2021 tune it in {0.01, 0.1, 1, 2}; 0 makes the personal model local-only training).
     ditto_lambda: float = field(default=0.1, metadata=_range(0, None))
+    # FedALA's start phase: the first time a client learns its mixing weights it repeats the pass until
+    # the standard deviation of the last 10 pass losses is below this (the paper's and PFLlib's 0.1;
+    # at most 100 passes); 0: one pass, as in every later round (fedse/policies/fedala.py).
+    ala_start_threshold: float = field(default=0.1, metadata=_range(0, None))
     # Offset logits by the client's own label prior (fedse.prior): 'train' (logit adjustment in training
     # and prediction), 'predict' (at prediction only, weight fitted on the client's train part), 'off';
     # null: the policy's own. Off under privacy.mode=sample.

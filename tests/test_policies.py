@@ -45,10 +45,11 @@ def test_only_fedala_refuses_sample_level_dp():
 
 
 def test_the_settings_a_resolved_policy_reads():
-    assert settings() == {"prior_smoothing", "ditto_lambda"}
+    assert settings() == {"prior_smoothing", "ditto_lambda", "ala_start_threshold"}
     assert resolve(tiny_config(personalization={"policy": "fedavg"})).reads() == set()
     assert resolve(tiny_config(personalization={"policy": "fedse-la"})).reads() == {"prior_smoothing"}
     assert resolve(tiny_config(personalization={"policy": "ditto"})).reads() == {"ditto_lambda"}
+    assert resolve(tiny_config(personalization={"policy": "fedala"})).reads() == {"ala_start_threshold"}
     # a setting turns the prior on: prior_smoothing is read then
     on = tiny_config(personalization={"policy": "ditto", "label_prior": "train"})
     assert resolve(on).reads() == {"ditto_lambda", "prior_smoothing"}
@@ -152,3 +153,69 @@ def test_fedala_under_pfllibs_protocol_learns_w_on_the_received_model_before_eva
         assert all(torch.equal(evaluated[k].cpu(), v.cpu()) for k, v in expected.state_dict().items())
         results[protocol] = evaluated
     assert any(not torch.equal(results["fedse"][k], results["pfllib"][k]) for k in results["fedse"])
+
+
+def _fedala_learning(threshold: float):
+    """fedala's inputs for one client whose local head differs from the received one."""
+    from fedse.policies.fedala import LOCAL
+
+    cfg = tiny_config(personalization={"policy": "fedala", "ala_start_threshold": threshold})
+    fed = build_federated_data(cfg)
+    shard, ds = fed.shard(1), fed.dataset
+    model = build_model(cfg, ds.num_classes, ds.channels, ds.image_size)
+    policy = resolve(cfg)
+    g = torch.Generator().manual_seed(0)
+    extra = policy.extra_state(model)
+    extra = {k: v + 0.3 * torch.randn(v.shape, generator=g) if k.startswith(LOCAL) else v for k, v in extra.items()}
+    return policy, ClientRun(cfg, policy, shard, ds.mean, ds.std, seed=3), model, extra
+
+
+def _passes(threshold: float, extra: dict, passes: int) -> dict:
+    """``extra`` after ``passes`` calls that each make one pass (threshold 0)."""
+    policy, run, model, _ = _fedala_learning(threshold)
+    for _ in range(passes):
+        extra = policy.adaptive_mixing(run, copy.deepcopy(model), extra)
+    return extra
+
+
+def test_fedala_start_phase_repeats_the_first_pass_until_the_loss_settles(monkeypatch):
+    # The paper's and PFLlib's start phase: the first time a client learns W, the pass over the same
+    # batches repeats until the std of the last 10 pass losses is below the threshold; later rounds
+    # make one pass. Each pass starts from the W the last one left, so N passes in one call equal N
+    # calls of one pass each.
+    from fedse.policies import fedala
+
+    policy, run, model, extra = _fedala_learning(1e9)  # any 10 losses settle: the fewest passes, 11
+    assert int(extra[fedala.STARTED]) == 0
+    first = policy.adaptive_mixing(run, copy.deepcopy(model), extra)
+    assert int(first[fedala.STARTED]) == 1
+    eleven = _passes(0.0, extra, fedala.START_WINDOW + 1)
+    ten = _passes(0.0, extra, fedala.START_WINDOW)
+    mixing = [k for k in extra if k.startswith(fedala.MIXING)]
+    assert all(torch.equal(first[k], eleven[k]) for k in mixing)
+    assert any(not torch.equal(first[k], ten[k]) for k in mixing)
+    # Once started, one pass whatever the threshold.
+    second = policy.adaptive_mixing(run, copy.deepcopy(model), first)
+    twelve = _passes(0.0, extra, fedala.START_WINDOW + 2)
+    assert all(torch.equal(second[k], twelve[k]) for k in mixing)
+    # Threshold 0: no start phase, one pass (and the start is marked done).
+    _, run0, _, _ = _fedala_learning(0.0)
+    one = policy.adaptive_mixing(run0, copy.deepcopy(model), extra)
+    assert int(one[fedala.STARTED]) == 1
+    assert all(torch.equal(one[k], _passes(0.0, extra, 1)[k]) for k in mixing)
+    # Losses that never settle stop at the cap.
+    monkeypatch.setattr(fedala, "MAX_START_PASSES", 3)
+    policy, run, model, _ = _fedala_learning(1e-12)
+    capped = policy.adaptive_mixing(run, copy.deepcopy(model), extra)
+    assert all(torch.equal(capped[k], _passes(0.0, extra, 3)[k]) for k in mixing)
+
+
+def test_fedala_start_phase_waits_for_a_model_to_learn_from():
+    # Round 1: the client's local model is the received one, W has no gradient, the start is not spent.
+    from fedse.policies import fedala
+
+    policy, run, model, _ = _fedala_learning(0.1)
+    extra = policy.extra_state(model)
+    out = policy.adaptive_mixing(run, copy.deepcopy(model), extra)
+    assert int(out[fedala.STARTED]) == 0
+    assert all(bool((out[k] == 1).all()) for k in out if k.startswith(fedala.MIXING))
