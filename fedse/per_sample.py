@@ -8,8 +8,10 @@ DP-SGD clips each example's gradient, so it needs them one by one. Two exact way
   trained module's input; one batched backward gives the gradient of the summed loss at each
   module's output, which is each example's own gradient there (no cross-sample terms), computing
   input gradients only. Each module's rule then turns (input, output gradient) into per-sample
-  parameter gradients: a convolution's by one grouped convolution backward (the batch as groups),
-  a linear layer's by one ``einsum``, a GroupNorm's from its normalised input. This costs about a
+  parameter gradients: a convolution's by one grouped convolution backward (the batch as groups;
+  a 1x1 or one-input-channel convolution's by one product with its input's windows),
+  a linear layer's by one ``einsum``, a GroupNorm's by one fused GroupNorm backward (again the
+  batch as groups). This costs about a
   plain step plus the per-sample weight gradients; Opacus's hooks compute the same from unfolded
   inputs, which makes a slower DP step on CPU (measured side by side in ``benchmarks/privacy.py``).
 * **By torch.func** (:func:`by_vmap`), for any other model, or a trained parameter held by a
@@ -59,26 +61,45 @@ Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor, set[str]], dict[str, tor
 def _conv2d(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, want: set[str]) -> dict[str, torch.Tensor]:
     out = {}
     if "weight" in want:
-        b, w = a.shape[0], m.weight
-        # The batch as convolution groups: input (1, B*C_in, H, W), output gradient (1, B*C_out, H', W')
-        # give the weight gradient of B independent convolutions, (B*C_out, C_in/groups, kh, kw).
-        per_sample = torch.ops.aten.convolution_backward(
-            g.reshape(1, b * m.out_channels, *g.shape[2:]),
-            a.reshape(1, b * m.in_channels, *a.shape[2:]),
-            w.new_empty(b * w.shape[0], *w.shape[1:]),  # only its shape is read
-            None,
-            m.stride,
-            m.padding,
-            m.dilation,
-            False,
-            [0, 0],
-            b * m.groups,
-            [False, True, False],
-        )[1]
-        out["weight"] = per_sample.view(b, *w.shape)
+        w = m.weight
+        if m.groups == 1 and m.dilation == (1, 1) and (w.shape[1] == 1 or w.shape[2:] == (1, 1)):
+            per_sample = _conv2d_by_windows(m, a, g)
+        else:
+            b = a.shape[0]
+            # The batch as convolution groups: input (1, B*C_in, H, W), output gradient (1, B*C_out, H', W')
+            # give the weight gradient of B independent convolutions, (B*C_out, C_in/groups, kh, kw).
+            per_sample = torch.ops.aten.convolution_backward(
+                g.reshape(1, b * m.out_channels, *g.shape[2:]),
+                a.reshape(1, b * m.in_channels, *a.shape[2:]),
+                w.new_empty(b * w.shape[0], *w.shape[1:]),  # only its shape is read
+                None,
+                m.stride,
+                m.padding,
+                m.dilation,
+                False,
+                [0, 0],
+                b * m.groups,
+                [False, True, False],
+            )[1].view(b, *w.shape)
+        out["weight"] = per_sample
     if "bias" in want:
         out["bias"] = g.sum((2, 3))
     return out
+
+
+def _conv2d_by_windows(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients of an ungrouped, undilated convolution as one product of the
+    output gradient with a strided view of the padded input's windows, ``(B, C_out, C_in, kh, kw)``.
+    Used where that view is small, a 1x1 kernel or one input channel, which oneDNN's grouped
+    convolution backward (the batch as groups) handles slowly."""
+    b, c = a.shape[:2]
+    (kh, kw), (sh, sw), (ph, pw) = m.kernel_size, m.stride, m.padding
+    oh, ow = g.shape[2:]
+    padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    s_b, s_c, s_h, s_w = padded.stride()
+    windows = padded.as_strided((b, c, kh, kw, oh, ow), (s_b, s_c, s_h, s_w, sh * s_h, sw * s_w))
+    grads = torch.einsum("bot,bckt->bock", g.flatten(2), windows.reshape(b, c, kh * kw, oh * ow))
+    return grads.reshape(b, m.out_channels, c, kh, kw)
 
 
 def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor, want: set[str]) -> dict[str, torch.Tensor]:
@@ -91,11 +112,30 @@ def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor, want: set[str]) -> d
 
 
 def _group_norm(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, want: set[str]) -> dict[str, torch.Tensor]:
+    # The batch as groups: input (1, B*C, S) in B*num_groups groups normalises each example's groups
+    # as the module did, and the affine gradients of that one "example" are (B*C,), each example's
+    # own, from GroupNorm's fused backward kernel (one pass over input and output gradient).
+    b, c = a.shape[:2]
+    size = a[0, 0].numel()
+    flat = a.reshape(1, b * c, size)
+    _, mean, rstd = torch.ops.aten.native_group_norm(flat, None, None, 1, b * c, size, b * m.num_groups, m.eps)
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, b * c, size),
+        flat,
+        mean,
+        rstd,
+        a.new_ones(b * c),  # only read for the input gradient, which is not asked for
+        1,
+        b * c,
+        size,
+        b * m.num_groups,
+        [False, "weight" in want, "bias" in want],
+    )
     out = {}
     if "weight" in want:
-        out["weight"] = (F.group_norm(a, m.num_groups, eps=m.eps) * g).flatten(2).sum(2)
+        out["weight"] = weight.view(b, c)
     if "bias" in want:
-        out["bias"] = g.flatten(2).sum(2)
+        out["bias"] = bias.view(b, c)
     return out
 
 

@@ -6,9 +6,9 @@ that trains (private excitation included), Gaussian noise. The per-sample
 gradients are exact autodiff of each example's own loss through the whole
 model, clipped by Opacus's rule (:mod:`fedse.per_sample`: layer by layer from
 one batched backward for fedse's models, ``torch.func``'s ``vmap`` for any
-other); Opacus does the rest with its public pieces: ``DPDataLoader``
-(Poisson sampling), ``DPOptimizerFastGradientClipping`` (noise, averaging)
-and its accountant, whose hook counts every step. No Opacus hooks sit on the
+other); Opacus does the rest with its public pieces: the sampler of its
+``DPDataLoader`` (Poisson sampling), ``DPOptimizerFastGradientClipping``
+(noise, averaging) and its accountant, whose hook counts every step. No Opacus hooks sit on the
 model. The accountant's state is kept per client across rounds,
 so the epsilon a client reports covers every DP step it ever took.
 
@@ -47,12 +47,11 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, TensorDataset
 
 from .config import Config, ConfigError
 from .per_sample import Criterion, clipped_sum
@@ -164,10 +163,10 @@ class SampleDP:
         labels: torch.Tensor,
         batch_size: int,
         criterion: Criterion,
-    ) -> Iterator[tuple[Step, DataLoader]]:
+    ) -> Iterator[tuple[Step, PoissonBatches]]:
         """One DP-SGD phase of ``model`` under ``optimizer`` (whose parameters are the ones that
-        train): yields ``(step, loader)``, Opacus's Poisson loader over (images, labels) and the
-        DP step, which takes a batch of it and returns its mean loss and logits.
+        train): yields ``(step, loader)``, Opacus's Poisson batches of (images, labels)
+        (:class:`PoissonBatches`) and the DP step, which takes a batch of it and returns its mean loss and logits.
 
         The step sets each trained parameter's ``grad`` to the sum of the batch's gradients, each
         example's clipped over all trained parameters to ``max_grad_norm`` by Opacus's rule
@@ -195,17 +194,15 @@ class SampleDP:
             generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
             noise_generator = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little"))
         # What PrivacyEngine.make_private sets up, without wrapping the model (no hooks): the Poisson
-        # loader (each example in each of ceil(n / batch) steps with probability 1 / that), the
-        # optimizer that noises and averages the clipped sum over the expected batch size, the accountant.
-        loader = DPDataLoader.from_data_loader(
-            DataLoader(TensorDataset(images, labels), batch_size=batch_size), generator=generator
-        )
-        sample_rate = 1 / len(loader)
+        # batches, the optimizer that noises and averages the clipped sum over the expected batch
+        # size, the accountant.
+        loader = PoissonBatches(images, labels, batch_size, generator)
+        sample_rate = loader.sample_rate
         dp_optimizer = DPOptimizerFastGradientClipping(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
-            expected_batch_size=int(len(loader.dataset) * sample_rate),
+            expected_batch_size=int(len(labels) * sample_rate),
             generator=noise_generator,
             secure_mode=self.secure_mode,
         )
@@ -233,6 +230,31 @@ class SampleDP:
                 p.grad = None
                 if hasattr(p, "summed_grad"):
                     del p.summed_grad
+
+
+class PoissonBatches:
+    """Opacus's Poisson sampling over (images, labels), as its ``DPDataLoader`` samples: each of
+    ``ceil(n / batch_size)`` steps an epoch takes every example with probability 1 / that, by
+    Opacus's ``UniformWithReplacementSampler``. A batch is the tensors indexed at once (the
+    loader collates example by example, which costs about a millisecond a step); an empty batch
+    keeps the tensors' other dimensions."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.sample_rate, self.steps = poisson_rate(len(labels), batch_size)
+        self.sampler = UniformWithReplacementSampler(
+            num_samples=len(labels), sample_rate=self.sample_rate, generator=generator, steps=self.steps
+        )
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for indices in self.sampler:
+            index = torch.tensor(indices, dtype=torch.long)
+            yield self.images[index], self.labels[index]
 
 
 def _names_of(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:

@@ -122,6 +122,38 @@ def test_a_module_called_twice_adds_up_both_calls():
         torch.testing.assert_close(grads[n], looped[n], rtol=1e-4, atol=1e-6)
 
 
+class _Convs(nn.Module):
+    """Every convolution shape the rules tell apart: one input channel (5x5, stride 2, uneven),
+    1x1 with stride, grouped, dilated, and plain 3x3; fed a channels-last input."""
+
+    per_sample_gradients_by_layer = True
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 5, stride=2, padding=1)
+        self.point = nn.Conv2d(4, 6, 1, stride=2, bias=False)
+        self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=3)
+        self.dilated = nn.Conv2d(6, 4, 3, padding=2, dilation=2)
+        self.plain = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.point(torch.tanh(self.stem(x)))
+        h = self.plain(torch.tanh(self.dilated(torch.tanh(self.grouped(h)))))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_every_convolution_rule_equals_the_loop_over_examples():
+    torch.manual_seed(0)
+    model = _Convs()
+    names = [n for n, _ in model.named_parameters()]
+    x, y = _data(5, 13)
+    grads, _, _ = per_sample_gradients(model, names, x.to(memory_format=torch.channels_last), y, _criterion)
+    looped = _looped(model, names, x, y)
+    for n in names:
+        torch.testing.assert_close(grads[n], looped[n], rtol=1e-4, atol=1e-6)
+
+
 def test_an_undeclared_model_or_a_module_without_a_rule_takes_torch_func():
     torch.manual_seed(0)
     undeclared = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Flatten(), nn.Linear(18, 3))

@@ -18,6 +18,7 @@ from fedse.federation.client import make_client_app
 from fedse.models import build_model, create_model
 from fedse.policies import create_policy
 from fedse.privacy import (
+    PoissonBatches,
     SampleDP,
     check_dp_model,
     client_level_epsilon,
@@ -104,6 +105,29 @@ def test_dp_phase_puts_no_hooks_on_the_model_and_takes_a_noise_step_on_an_empty_
         assert logits.shape == (len(y), 3) and loss.ndim == 0
     assert dp.state()["history"] == [[1.0, 1 / 3, 2]]
     assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in model.parameters())
+
+
+def test_poisson_batches_sample_as_opacus_dp_data_loader():
+    # Opacus's DPDataLoader's rate and step count, and its sampler's draws, batch for batch (the
+    # loader itself also draws a worker seed from the generator each epoch, so its stream is
+    # shifted): the same examples in the same order, empty batches included, with the tensors'
+    # other dimensions.
+    from opacus.data_loader import DPDataLoader
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _data(n=10)
+    ours = PoissonBatches(x, y, 3, torch.Generator().manual_seed(5))
+    loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(x, y), batch_size=3))
+    assert (len(ours), ours.sample_rate) == (len(loader), loader.sample_rate) == (4, 0.25)
+    sampler = UniformWithReplacementSampler(num_samples=10, sample_rate=0.25, generator=torch.Generator().manual_seed(5))
+    sizes = []
+    for _ in range(5):
+        for (xa, ya), index in zip(ours, sampler, strict=True):
+            assert torch.equal(xa, x[index]) and torch.equal(ya, y[index])
+            assert xa.shape[1:] == x.shape[1:] and xa.dtype == x.dtype and ya.dtype == y.dtype
+            sizes.append(len(ya))
+    assert 0 in sizes and max(sizes) > 3
 
 
 def test_dp_with_tight_clipping_differs_from_plain():
