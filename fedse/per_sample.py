@@ -225,11 +225,12 @@ def clipped_sum(
         parts, loss, logits = by_vmap(model, names, x, y, criterion)
     else:
         parts, loss, logits = by_layer(model, plan, names, x, y, criterion, ghost=True)
-    squares = [
-        p.a.square().sum(1) * p.g.square().sum(1) if isinstance(p, Ghost) else p.reshape(len(p), -1).square().sum(1)
+    # Each parameter's per-sample norms, then their norm over parameters, as Opacus computes them.
+    per_param = [
+        p.a.norm(dim=1) * p.g.norm(dim=1) if isinstance(p, Ghost) else p.reshape(len(p), -1).norm(dim=1)
         for p in parts.values()
     ]
-    norms = torch.stack(squares, 1).sum(1).sqrt()
+    norms = torch.stack(per_param, 1).norm(dim=1)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     grads = {
         name: (p.g * factor[:, None]).T @ p.a if isinstance(p, Ghost) else torch.einsum("i,i...->...", factor, p)
