@@ -159,6 +159,9 @@ class SEResNet(nn.Module):
     # Every parameter is used only in its own module's forward and no module mixes examples
     # (GroupNorm; BatchNorm is refused under DP): per-sample gradients by layer (fedse.per_sample).
     per_sample_gradients_by_layer: ClassVar[bool] = True
+    # forward(x) is get_classifier()(forward_features(x)), nothing else: a step that changes only
+    # the head may reuse the features (fedse.policies.fedala).
+    forward_is_classifier_on_features: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -226,6 +229,9 @@ class CNN(nn.Module):
     # Every parameter is used only in its own module's forward and no module mixes examples
     # (GroupNorm; BatchNorm is refused under DP): per-sample gradients by layer (fedse.per_sample).
     per_sample_gradients_by_layer: ClassVar[bool] = True
+    # forward(x) is get_classifier()(forward_features(x)), nothing else: a step that changes only
+    # the head may reuse the features (fedse.policies.fedala).
+    forward_is_classifier_on_features: ClassVar[bool] = True
 
     def __init__(
         self, *, num_classes: int, in_channels: int, image_size: int, width: int = 32, reduction: int | None = None

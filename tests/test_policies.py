@@ -219,3 +219,25 @@ def test_fedala_start_phase_waits_for_a_model_to_learn_from():
     out = policy.adaptive_mixing(run, copy.deepcopy(model), extra)
     assert int(out[fedala.STARTED]) == 0
     assert all(bool((out[k] == 1).all()) for k in out if k.startswith(fedala.MIXING))
+
+
+def test_fedala_learns_w_on_cached_features_exactly_as_on_the_whole_model():
+    # Only the head moves while W is learnt: fedse's models declare forward = head(features), and
+    # the features of each batch, computed in the first pass, serve every later one. The same W,
+    # bit for bit, as the whole model run every step.
+    from fedse.policies.fedala import MIXING
+
+    policy, run, model, extra = _fedala_learning(1e9)  # the start phase: 11 passes over the same batches
+    assert model.forward_is_classifier_on_features
+    cached, calls = copy.deepcopy(model), []
+    features = cached.forward_features
+    cached.forward_features = lambda x: calls.append(len(x)) or features(x)
+    fast = policy.adaptive_mixing(run, cached, extra)
+    whole = copy.deepcopy(model)
+    whole.forward_is_classifier_on_features = False
+    slow = policy.adaptive_mixing(run, whole, extra)
+    mixing = [k for k in extra if k.startswith(MIXING)]
+    assert any(not bool((fast[k] == 1).all()) for k in mixing)
+    assert all(torch.equal(fast[k], slow[k]) for k in mixing)
+    # one forward of the body per batch of the sample, not one per pass
+    assert sum(calls) == int(len(run.shard.train_labels) * policy.sample)

@@ -101,6 +101,11 @@ class FedALA(Policy):
         batches) is below ``personalization.ala_start_threshold`` (0: one pass), at most
         :data:`MAX_START_PASSES` passes. Every later call makes one pass.
 
+        Only the head changes while ``W`` is learnt, so for a model that declares its forward is
+        ``get_classifier()(forward_features(x))`` (fedse's), each batch's features are computed
+        once, in the first pass, and every step runs the head alone: the same numbers as the
+        whole forward, for a pass or a start phase that costs about one forward.
+
         Returns ``extra`` with the new ``W`` and the start phase marked done (the local model is
         unchanged)."""
         keys = head_keys(model)
@@ -114,6 +119,7 @@ class FedALA(Policy):
         bias = None if offset is None else offset.to(device)
         shard = run.shard
         started = bool(extra[STARTED])
+        head = _head_on_features(model, keys)
         if any(bool((glob[k] != local[k]).any()) for k in keys):  # else W has no gradient: nothing to learn
             model.eval()
             generator = torch.Generator().manual_seed(run.seed_of("mixing"))
@@ -121,15 +127,23 @@ class FedALA(Policy):
             chosen = torch.randperm(n, generator=generator)[: max(1, int(n * self.sample))]
             picks = [chosen[index] for index in batches(len(chosen), run.cfg.train.batch_size, generator)]
             threshold = 0.0 if started else run.cfg.personalization.ala_start_threshold
+            features: list[torch.Tensor] = []  # each batch's input to the head, from the first pass
             losses: list[float] = []
             while True:
                 total = 0.0
-                for pick in picks:
+                for j, pick in enumerate(picks):
                     with torch.no_grad():
                         for k in keys:
                             params[k].copy_(local[k] + (glob[k] - local[k]) * weights[k])
-                    x = normalize(shard.train_images[pick].to(device), run.mean, run.std)
-                    logits = model(x) if bias is None else model(x) + bias
+                    if head is None:
+                        logits = model(normalize(shard.train_images[pick].to(device), run.mean, run.std))
+                    else:
+                        if j == len(features):
+                            with torch.no_grad():
+                                x = normalize(shard.train_images[pick].to(device), run.mean, run.std)
+                                features.append(model.forward_features(x))
+                        logits = head(features[j])
+                    logits = logits if bias is None else logits + bias
                     loss = torch.nn.functional.cross_entropy(logits, shard.train_labels[pick].to(device))
                     grads = torch.autograd.grad(loss, [params[k] for k in keys])
                     for k, g in zip(keys, grads, strict=True):
@@ -148,3 +162,16 @@ class FedALA(Policy):
         model.cpu()
         learnt = {f"{MIXING}{k}": weights[k].detach().cpu().clone() for k in keys}
         return extra | learnt | {STARTED: torch.tensor(int(started))}
+
+
+def _head_on_features(model: nn.Module, keys: tuple[str, ...]) -> nn.Module | None:
+    """The classifier, where the model declares ``forward_is_classifier_on_features`` (its forward
+    is ``get_classifier()(forward_features(x))``, as fedse's models) and the classifier holds exactly
+    the head ``keys``; else None (the whole model runs every step)."""
+    if not getattr(model, "forward_is_classifier_on_features", False):
+        return None
+    head = model.get_classifier()
+    named = dict(model.named_parameters())
+    if {id(p) for p in head.parameters()} != {id(named[k]) for k in keys}:
+        return None
+    return head
