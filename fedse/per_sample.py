@@ -53,6 +53,8 @@ Criterion = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 DECLARATION = "per_sample_gradients_by_layer"
 # Batches are padded to a multiple of this many rows (see the module docstring).
 PAD_MULTIPLE = 8
+# Per-sample gradients of at most this many numbers are clipped side by side (clipped_sum).
+SMALL = 4096
 
 # (module, its input, the gradient at its output, {parameter short name}) -> {short name: (batch, *shape)}
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor, set[str]], dict[str, torch.Tensor]]
@@ -111,14 +113,25 @@ def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor, want: set[str]) -> d
     return out
 
 
-def _group_norm(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, want: set[str]) -> dict[str, torch.Tensor]:
+def _group_norm(
+    m: nn.GroupNorm,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    want: set[str],
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     # The batch as groups: input (1, B*C, S) in B*num_groups groups normalises each example's groups
     # as the module did, and the affine gradients of that one "example" are (B*C,), each example's
     # own, from GroupNorm's fused backward kernel (one pass over input and output gradient).
+    # ``stats``: the forward's group means and inverse deviations, (B, num_groups) each, else
+    # computed again here.
     b, c = a.shape[:2]
     size = a[0, 0].numel()
     flat = a.reshape(1, b * c, size)
-    _, mean, rstd = torch.ops.aten.native_group_norm(flat, None, None, 1, b * c, size, b * m.num_groups, m.eps)
+    if stats is None:
+        _, mean, rstd = torch.ops.aten.native_group_norm(flat, None, None, 1, b * c, size, b * m.num_groups, m.eps)
+    else:
+        mean, rstd = (t.reshape(1, b * m.num_groups) for t in stats)
     _, weight, bias = torch.ops.aten.native_group_norm_backward(
         g.reshape(1, b * c, size),
         flat,
@@ -137,6 +150,15 @@ def _group_norm(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, want: set[str
     if "bias" in want:
         out["bias"] = bias.view(b, c)
     return out
+
+
+def _saved_group_norm_stats(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The group means and inverse deviations GroupNorm's forward computed and autograd saved for
+    its backward (``native_group_norm``'s), or None where the output came from another op."""
+    node = output.grad_fn
+    if type(node).__name__ != "NativeGroupNormBackward0":
+        return None
+    return node._saved_result1.detach(), node._saved_result2.detach()
 
 
 def _conv2d_ok(m: nn.Module) -> bool:
@@ -225,17 +247,23 @@ def clipped_sum(
         parts, loss, logits = by_vmap(model, names, x, y, criterion)
     else:
         parts, loss, logits = by_layer(model, plan, names, x, y, criterion, ghost=True)
-    # Each parameter's per-sample norms, then their norm over parameters, as Opacus computes them.
-    per_param = [
-        p.a.norm(dim=1) * p.g.norm(dim=1) if isinstance(p, Ghost) else p.reshape(len(p), -1).norm(dim=1)
-        for p in parts.values()
-    ]
+    # Each parameter's per-sample norms, then their norm over parameters, as Opacus computes them;
+    # the small parameters (norms, biases) side by side in one row per example, one call for all.
+    rows = {name: p.reshape(len(p), -1) for name, p in parts.items() if not isinstance(p, Ghost)}
+    small = [name for name, r in rows.items() if r.shape[1] <= SMALL]
+    joined = torch.cat([rows[name] for name in small], 1) if small else None
+    per_param = [p.a.norm(dim=1) * p.g.norm(dim=1) for p in parts.values() if isinstance(p, Ghost)]
+    per_param += [r.norm(dim=1) for name, r in rows.items() if r.shape[1] > SMALL]
+    if joined is not None:
+        per_param.append(joined.norm(dim=1))
     norms = torch.stack(per_param, 1).norm(dim=1)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    grads = {
-        name: (p.g * factor[:, None]).T @ p.a if isinstance(p, Ghost) else torch.einsum("i,i...->...", factor, p)
-        for name, p in parts.items()
-    }
+    grads = {name: (p.g * factor[:, None]).T @ p.a for name, p in parts.items() if isinstance(p, Ghost)}
+    grads |= {name: (factor @ r).view(parts[name].shape[1:]) for name, r in rows.items() if r.shape[1] > SMALL}
+    if joined is not None:
+        sums = (factor @ joined).split([rows[name].shape[1] for name in small])
+        grads |= {name: t.view(parts[name].shape[1:]) for name, t in zip(small, sums, strict=True)}
+    grads = {name: grads[name] for name in parts}  # the parameters' order
     return ClippedSum(grads, norms, loss, logits)
 
 
@@ -295,6 +323,9 @@ def by_layer(
 
     def record(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         a, version = args[0].detach(), args[0]._version
+        rule_of, extra = RULES[type(module)][0], {}
+        if rule_of is _group_norm and (stats := _saved_group_norm_stats(output)) is not None:
+            extra["stats"] = stats
 
         def rule(g: torch.Tensor) -> None:
             if a._version != version:
@@ -306,7 +337,7 @@ def by_layer(
             if ghost and type(module) is nn.Linear and a.dim() == 2 and "weight" in want:
                 add(shorts["weight"], Ghost(a[:n], g[:n]))
                 want.discard("weight")
-            for short, t in RULES[type(module)][0](module, a, g, want).items():
+            for short, t in rule_of(module, a, g, want, **extra).items():
                 add(shorts[short], t[:n])
 
         # Registered now, the hook sees the gradient at this output even if it is changed in place later.

@@ -249,3 +249,24 @@ def test_clipped_sum_equals_opacus_dpoptimizer_clipping(name):
         parts, _, _ = by_layer(model, layer_plan(model, names), names, x, y, _criterion, ghost=True)
         assert isinstance(parts["fc1.0.weight"], Ghost) and isinstance(parts["fc.weight"], Ghost)
         assert not isinstance(parts["conv1.0.weight"], Ghost)
+
+
+def test_group_norm_rule_reads_the_forwards_saved_statistics():
+    # The rule takes GroupNorm's group means and inverse deviations from what autograd saved in
+    # the forward; recomputed or saved, the same per-sample gradients.
+    from fedse.per_sample import _group_norm, _saved_group_norm_stats
+
+    torch.manual_seed(0)
+    m = nn.GroupNorm(2, 4)
+    a = torch.randn(3, 4, 5, 5)
+    out = m(a.clone().requires_grad_(True))
+    stats = _saved_group_norm_stats(out)
+    assert stats is not None and stats[0].shape == stats[1].shape == (3, 2)
+    _, mean, rstd = torch.ops.aten.native_group_norm(a, None, None, 3, 4, 25, 2, m.eps)
+    assert torch.equal(stats[0], mean) and torch.equal(stats[1], rstd)
+    with torch.no_grad():
+        assert _saved_group_norm_stats(m(a)) is None
+    g = torch.randn(3, 4, 5, 5)
+    saved, again = _group_norm(m, a, g, {"weight", "bias"}, stats), _group_norm(m, a, g, {"weight", "bias"})
+    for k in ("weight", "bias"):
+        torch.testing.assert_close(saved[k], again[k])
