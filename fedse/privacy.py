@@ -239,9 +239,7 @@ class PoissonBatches:
     loader collates example by example, which costs about a millisecond a step); an empty batch
     keeps the tensors' other dimensions."""
 
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
-    ) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
         self.images, self.labels = images, labels
         self.sample_rate, self.steps = poisson_rate(len(labels), batch_size)
         self.sampler = UniformWithReplacementSampler(

@@ -120,7 +120,9 @@ def test_poisson_batches_sample_as_opacus_dp_data_loader():
     ours = PoissonBatches(x, y, 3, torch.Generator().manual_seed(5))
     loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(x, y), batch_size=3))
     assert (len(ours), ours.sample_rate) == (len(loader), loader.sample_rate) == (4, 0.25)
-    sampler = UniformWithReplacementSampler(num_samples=10, sample_rate=0.25, generator=torch.Generator().manual_seed(5))
+    sampler = UniformWithReplacementSampler(
+        num_samples=10, sample_rate=0.25, generator=torch.Generator().manual_seed(5)
+    )
     sizes = []
     for _ in range(5):
         for (xa, ya), index in zip(ours, sampler, strict=True):
