@@ -130,7 +130,7 @@ class FedALA(Policy):
             features: list[torch.Tensor] = []  # each batch's input to the head, from the first pass
             losses: list[float] = []
             while True:
-                total = 0.0
+                total = torch.zeros((), dtype=torch.float64, device=device)  # read once a pass, not every batch
                 for j, pick in enumerate(picks):
                     with torch.no_grad():
                         for k in keys:
@@ -148,9 +148,11 @@ class FedALA(Policy):
                     grads = torch.autograd.grad(loss, [params[k] for k in keys])
                     for k, g in zip(keys, grads, strict=True):
                         weights[k] = (weights[k] - self.eta * g * (glob[k] - local[k])).clamp_(0.0, 1.0)
-                    total += float(loss.detach())
-                losses.append(total / max(1, len(picks)))
-                if threshold == 0 or len(losses) >= MAX_START_PASSES:
+                    total += loss.detach()
+                if threshold == 0:
+                    break
+                losses.append(float(total) / max(1, len(picks)))
+                if len(losses) >= MAX_START_PASSES:
                     break
                 if len(losses) > START_WINDOW and float(np.std(losses[-START_WINDOW:])) < threshold:
                     break
